@@ -1,0 +1,1 @@
+"""Flower ClientApp and the client tasks (classical now; quantum and edge later)."""

@@ -1,0 +1,83 @@
+"""The classical (PyTorch) client task: its data shard, local training, evaluation.
+
+Client ``p`` of ``n`` holds shard ``p`` of the training split, cut by IID or
+Dirichlet(α) over labels from the run's seed, so every process that computes a
+shard gets the same one. A seeded ``local_val_fraction`` of the shard is kept
+out of training for federated evaluation, which therefore measures the global
+model on each client's own (possibly skewed) distribution; the central test
+split is never seen by clients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qfl.config import RunConfig
+
+from .datasets import Dataset, load_dataset
+from .models import build_model, get_weights, set_weights
+from .partition import partition_dirichlet, partition_iid
+from .training import evaluate, train
+
+
+def dataset_for(cfg: RunConfig) -> Dataset:
+    return load_dataset(cfg.dataset, cfg.data_dir, cfg.test_fraction, cfg.seed)
+
+
+def shard(cfg: RunConfig, labels: np.ndarray, partition_id: int, num_partitions: int, salt: int) -> np.ndarray:
+    """Indices of client ``partition_id``'s share of ``labels``."""
+    seed = cfg.seed * 7919 + salt
+    if cfg.alpha is None:
+        parts = partition_iid(len(labels), num_partitions, seed)
+    else:
+        parts = partition_dirichlet(labels, num_partitions, cfg.alpha, seed)
+    return parts[partition_id]
+
+
+def local_split(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, local validation indices) of one client's shard."""
+    data = dataset_for(cfg)
+    idx = shard(cfg, data.y_train, partition_id, num_partitions, salt=0)
+    rng = np.random.default_rng([cfg.seed, partition_id, 1])
+    idx = rng.permutation(idx)
+    n_val = int(round(len(idx) * cfg.local_val_fraction)) if len(idx) > 1 else 0
+    return np.sort(idx[n_val:]), np.sort(idx[:n_val])
+
+
+def task_seed(cfg: RunConfig, server_round: int, partition_id: int) -> int:
+    """The seed of one client's training in one round (independent of process)."""
+    return int(np.random.SeedSequence([cfg.seed, server_round, partition_id]).generate_state(1)[0])
+
+
+def local_update(
+    cfg: RunConfig, global_weights: dict[str, np.ndarray], partition_id: int, num_partitions: int, server_round: int
+) -> tuple[dict[str, np.ndarray], int, float]:
+    """Train from ``global_weights`` on this client's shard.
+
+    Returns (Δ = w_local − w_global per tensor, number of training examples, last-epoch loss).
+    """
+    data = dataset_for(cfg)
+    idx, _ = local_split(cfg, partition_id, num_partitions)
+    seed = task_seed(cfg, server_round, partition_id)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.seed)
+    set_weights(model, global_weights)
+    torch.manual_seed(seed)
+    loss = train(model, data.x_train[idx], data.y_train[idx], cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum, seed)
+    local = get_weights(model)
+    delta = {k: local[k] - global_weights[k] for k in global_weights}
+    return delta, len(idx), loss
+
+
+def local_evaluate(
+    cfg: RunConfig, global_weights: dict[str, np.ndarray], partition_id: int, num_partitions: int
+) -> tuple[float, float, int]:
+    """Evaluate the global model on this client's validation share: (loss, accuracy, examples)."""
+    data = dataset_for(cfg)
+    _, idx = local_split(cfg, partition_id, num_partitions)
+    if len(idx) == 0:
+        return 0.0, 0.0, 0
+    model = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.seed)
+    set_weights(model, global_weights)
+    loss, acc = evaluate(model, data.x_train[idx], data.y_train[idx])
+    return loss, acc, len(idx)

@@ -1,0 +1,64 @@
+"""The codec interface.
+
+A codec maps a float32 tensor ``x`` to bytes and back. It declares its algebra
+up front (after TensorFlow Federated's ``tensor_encoding`` stages) so that the
+security layer can refuse combinations that cannot work, before a round runs:
+
+- ``unbiased``: E[decode(encode(x))] = x.
+- ``contractive``: ||decode(encode(x)) - x||² <= (1 - δ)||x||² for some δ > 0;
+  such a codec needs error feedback to converge.
+- ``commutes_with_sum``: given parameters shared by every client of a round,
+  the sum of encodings decodes to the sum of inputs (what masked sums need).
+- ``stateful``: keeps a per-client residual between rounds.
+- ``lossless``: decode(encode(x)) == x bit for bit.
+
+Every codec writes the common wire header (``wire.py``) so a payload names its
+codec, dtype and shape; ``decode`` checks them and raises :class:`CodecError`
+on any malformed, truncated or foreign byte string.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+
+class CodecError(ValueError):
+    """A payload cannot be decoded (malformed, truncated, tampered or foreign)."""
+
+
+@dataclass(frozen=True)
+class CodecTraits:
+    """The algebra a codec declares."""
+
+    unbiased: bool
+    contractive: bool
+    commutes_with_sum: bool
+    stateful: bool
+    lossless: bool
+
+
+class Codec(ABC):
+    """Turns one float32 tensor into bytes and back.
+
+    Subclasses set ``name`` (the config value), ``codec_id`` (the byte in the
+    wire header, unique and never reused) and ``traits``.
+    """
+
+    name: ClassVar[str]
+    codec_id: ClassVar[int]
+    traits: ClassVar[CodecTraits]
+
+    @abstractmethod
+    def encode(self, x: np.ndarray) -> bytes:
+        """Encode a float32 tensor of any shape into a self-describing payload."""
+
+    @abstractmethod
+    def decode(self, payload: bytes) -> np.ndarray:
+        """Decode a payload made by :meth:`encode`; raise CodecError if malformed."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

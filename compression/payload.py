@@ -1,0 +1,80 @@
+"""A whole model update to and from a Flower ``ArrayRecord``.
+
+Each named tensor travels as one Flower ``Array`` whose ``data`` is the codec's
+payload, with ``stype`` = :data:`PAYLOAD_STYPE`, ``dtype`` = ``"uint8"`` and
+``shape`` = ``(len(payload),)``. Flower's own numpy arrays are never used for
+updates, so the bytes counted are exactly the bytes the codec produced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from .codec import Codec, CodecError
+
+PAYLOAD_STYPE = "qfl.codec/v1"
+
+
+class PayloadError(ValueError):
+    """An update record is missing tensors, has foreign arrays, or non-finite values."""
+
+
+def encode_update(update: Mapping[str, np.ndarray], codec: Codec) -> ArrayRecord:
+    """Encode every tensor of ``update`` with ``codec`` into an ArrayRecord."""
+    record = ArrayRecord()
+    for name, tensor in update.items():
+        payload = codec.encode(np.asarray(tensor, dtype=np.float32))
+        record[name] = Array(dtype="uint8", shape=(len(payload),), stype=PAYLOAD_STYPE, data=payload)
+    return record
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    """Bytes of array data a record puts into a Flower message."""
+    return sum(len(array.data) for array in record.values())
+
+
+def decode_update(
+    record: ArrayRecord, codec: Codec, expected_shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, np.ndarray]:
+    """Decode and validate an update record against the model's tensor shapes.
+
+    Raises PayloadError naming the first problem: missing or unexpected tensor
+    names, a foreign ``stype``, a shape mismatch, undecodable bytes, or NaN/Inf.
+    """
+    missing = sorted(set(expected_shapes) - set(record.keys()))
+    extra = sorted(set(record.keys()) - set(expected_shapes))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if extra:
+            parts.append(f"unexpected {extra}")
+        raise PayloadError(
+            f"update tensors do not match the model ({'; '.join(parts)}); "
+            "client and server must build the same model"
+        )
+    decoded: dict[str, np.ndarray] = {}
+    for name, shape in expected_shapes.items():
+        array = record[name]
+        if array.stype != PAYLOAD_STYPE:
+            raise PayloadError(
+                f"tensor {name!r} has stype {array.stype!r}, expected {PAYLOAD_STYPE!r}; "
+                "updates must be made by qfl.compression.encode_update"
+            )
+        try:
+            tensor = codec.decode(array.data)
+        except CodecError as err:
+            raise PayloadError(f"tensor {name!r} cannot be decoded: {err}") from err
+        if tensor.shape != tuple(shape):
+            raise PayloadError(f"tensor {name!r} has shape {tensor.shape}, the model expects {tuple(shape)}")
+        bad = int(np.count_nonzero(~np.isfinite(tensor)))
+        if bad:
+            raise PayloadError(
+                f"tensor {name!r} holds {bad} NaN/Inf values; the client diverged "
+                "(lower `lr` or check its data)"
+            )
+        decoded[name] = tensor
+    return decoded

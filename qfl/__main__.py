@@ -1,0 +1,3 @@
+from qfl.cli import main
+
+raise SystemExit(main())

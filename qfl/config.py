@@ -1,0 +1,227 @@
+"""The run configuration: one schema, its defaults, and its validation.
+
+A run is configured by a TOML file, ``--set key=value`` overrides, or Flower's
+``run_config`` (for ``flwr run .``); all three go through :func:`resolve_config`,
+which rejects unknown keys and bad values before any round starts, with a
+message that names the key and the fix. Keys of the form ``codec.NAME`` are
+codec parameters and land in :attr:`RunConfig.codec_params`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+MODELS = ("cnn", "mlp")
+DATASETS = ("digits", "mnist", "cifar10")
+SECURITY_MODES = ("none",)
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
+_PARAM_TABLES = {"codec": "codec_params"}
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one federated run needs. Defaults are the `make demo` run."""
+
+    rounds: int = 20
+    clients: int = 10
+    fraction: float = 1.0  # share of clients sampled for training each round
+    alpha: float | None = None  # Dirichlet concentration over labels; None = IID
+    seed: int = 0
+    model: str = "cnn"
+    dataset: str = "digits"
+    data_dir: str = "data"  # where MNIST / CIFAR-10 files are looked for
+    test_fraction: float = 0.2  # held-out share of digits for central evaluation
+    local_val_fraction: float = 0.1  # share of each client's data kept for federated evaluation
+    codec: str = "fp32"
+    codec_params: dict[str, Any] = field(default_factory=dict)
+    security: str = "none"
+    server_opt: str = "fedavg"
+    server_lr: float = 1.0
+    server_momentum: float = 0.9  # FedAvgM
+    adam_beta1: float = 0.9  # FedAdam
+    adam_beta2: float = 0.99
+    adam_tau: float = 1e-3
+    local_epochs: int = 3
+    batch_size: int = 32
+    lr: float = 0.1  # client SGD learning rate
+    momentum: float = 0.9  # client SGD momentum
+    fed_eval: bool = True  # also evaluate on the clients' local data each round
+    timeout_s: float = 600.0  # how long the server waits for replies per round
+    client_cpus: float = 1.0  # Ray CPUs per simulated client
+
+    def to_flat(self) -> dict[str, Any]:
+        """Flat key/value view (codec params as ``codec.NAME``), None values left out."""
+        flat: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in _PARAM_TABLES.values():
+                prefix = next(k for k, v in _PARAM_TABLES.items() if v == f.name)
+                flat.update({f"{prefix}.{k}": v for k, v in value.items()})
+            elif value is not None:
+                flat[f.name] = value
+        return flat
+
+    def to_toml(self) -> str:
+        """The resolved configuration as TOML, readable by :func:`load_config_file`."""
+        top = {k: v for k, v in self.to_flat().items() if "." not in k}
+        for prefix, name in _PARAM_TABLES.items():
+            if getattr(self, name):
+                top[prefix + "_params"] = dict(getattr(self, name))
+        return tomli_w.dumps(top)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name not in _PARAM_TABLES.values()}
+_TYPES = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    kind = _TYPES[key]
+    if key == "alpha":
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "iid", "")):
+            return None
+        kind = "float"
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind == "str":
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key {key!r} must be {kind}, got {value!r}")
+
+
+def _check(cfg: RunConfig) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(
+        0.0 <= cfg.local_val_fraction < 1.0,
+        f"local_val_fraction must be in [0, 1), got {cfg.local_val_fraction}",
+    )
+    need(cfg.rounds >= 1, f"rounds must be >= 1, got {cfg.rounds}")
+    need(cfg.clients >= 1, f"clients must be >= 1, got {cfg.clients}; set e.g. clients=10")
+    need(0.0 < cfg.fraction <= 1.0, f"fraction must be in (0, 1], got {cfg.fraction}")
+    need(
+        cfg.alpha is None or cfg.alpha > 0,
+        f"alpha must be > 0 (smaller = more label skew), got {cfg.alpha}; leave it out for IID",
+    )
+    need(cfg.model in MODELS, f"unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}")
+    need(cfg.dataset in DATASETS, f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
+    need(0.0 < cfg.test_fraction < 1.0, f"test_fraction must be in (0, 1), got {cfg.test_fraction}")
+    need(
+        cfg.security in SECURITY_MODES,
+        f"unknown security mode {cfg.security!r}; this version supports {', '.join(SECURITY_MODES)}",
+    )
+    need(
+        cfg.server_opt in SERVER_OPTIMIZERS,
+        f"unknown server_opt {cfg.server_opt!r}; choose one of {', '.join(SERVER_OPTIMIZERS)}",
+    )
+    need(cfg.server_lr > 0, f"server_lr must be > 0, got {cfg.server_lr}")
+    need(0 <= cfg.server_momentum < 1, f"server_momentum must be in [0, 1), got {cfg.server_momentum}")
+    need(0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1, "adam_beta1 and adam_beta2 must be in [0, 1)")
+    need(cfg.adam_tau > 0, f"adam_tau must be > 0, got {cfg.adam_tau}")
+    need(cfg.local_epochs >= 1, f"local_epochs must be >= 1, got {cfg.local_epochs}")
+    need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
+    need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
+    need(0 <= cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum}")
+    need(cfg.timeout_s > 0, f"timeout_s must be > 0, got {cfg.timeout_s}")
+    need(cfg.client_cpus > 0, f"client_cpus must be > 0, got {cfg.client_cpus}")
+    # The codec name and its parameters are checked by the codec registry.
+    from qfl.compression import make_codec
+
+    try:
+        make_codec(cfg.codec, cfg.codec_params)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def resolve_config(values: Mapping[str, Any]) -> RunConfig:
+    """Build a checked RunConfig from flat keys (``codec.bits`` style allowed)."""
+    kwargs: dict[str, Any] = {}
+    tables: dict[str, dict[str, Any]] = {name: {} for name in _PARAM_TABLES.values()}
+    for key, value in values.items():
+        prefix, dot, rest = key.partition(".")
+        if dot and prefix in _PARAM_TABLES:
+            tables[_PARAM_TABLES[prefix]][rest] = value
+        elif key.endswith("_params") and key[: -len("_params")] in _PARAM_TABLES and isinstance(value, Mapping):
+            tables[key].update(value)
+        elif key in _FIELDS:
+            kwargs[key] = _coerce(key, value)
+        else:
+            close = difflib.get_close_matches(key, list(_FIELDS) + [p + ".NAME" for p in _PARAM_TABLES], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"unknown config key {key!r}{hint} (valid keys: {', '.join(sorted(_FIELDS))}, codec.NAME)"
+            )
+    cfg = RunConfig(**kwargs, **tables)
+    _check(cfg)
+    return cfg
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping) and (prefix + key) in _PARAM_TABLES:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, Mapping) and key.endswith("_params"):
+            flat.update(_flatten(value, f"{prefix}{key[: -len('_params')]}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file into flat keys; raise ConfigError if unreadable."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        return _flatten(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+
+
+def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
+    """Parse ``key=value`` strings; values are TOML literals or bare strings."""
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, raw = pair.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        try:
+            values[key] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[key] = raw.strip()
+    return values
+
+
+def build_config(config_file: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Defaults, then the file, then ``--set`` overrides; checked."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(load_config_file(config_file))
+    values.update(parse_overrides(overrides))
+    return resolve_config(values)

@@ -1,0 +1,1 @@
+"""QKD protocol simulation, the quantum network, VQC models and quantum datasets."""

@@ -1,0 +1,1 @@
+"""Flower ServerApp, the QflFedAvg strategy, server optimizers and checkpoints."""

@@ -1,0 +1,186 @@
+"""The round loop: train, aggregate, evaluate, checkpoint, record.
+
+``run_federation`` drives any Flower ``Grid`` (simulation or deployment
+engine). After every round it writes, atomically, the checkpoint (weights,
+optimizer state, round, history) and then ``metrics.json``; a resumed run
+reloads the checkpoint and continues at the next round, so its weights equal
+an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+
+from qfl.clients.classical import dataset_for
+from qfl.clients.models import build_model, get_weights, set_weights
+from qfl.clients.training import evaluate
+from qfl.compression import make_codec
+from qfl.config import RunConfig, resolve_config
+
+from .checkpoint import Checkpoint, atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
+from .optimizers import make_server_optimizer
+from .strategy import QflFedAvg, record_to_weights, weights_to_record
+
+CONFIG_NAME = "config.toml"
+METRICS_NAME = "metrics.json"
+SUMMARY_NAME = "summary.json"
+
+
+class Reporter(Protocol):
+    """Receives progress; the console reporter and plots live in qfl.simulations."""
+
+    def start(self, cfg: RunConfig, run_dir: Path, first_round: int) -> None: ...
+    def round(self, record: dict[str, Any]) -> None: ...
+    def finish(self, summary: dict[str, Any], history: list[dict[str, Any]]) -> None: ...
+
+
+class ResumeError(RuntimeError):
+    """A run directory cannot be resumed."""
+
+
+@dataclass
+class CentralEvaluator:
+    """Evaluates global weights on the held-out test split."""
+
+    cfg: RunConfig
+
+    def __post_init__(self) -> None:
+        self.data = dataset_for(self.cfg)
+        self.model = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes, seed=self.cfg.seed)
+
+    def initial_weights(self) -> dict[str, np.ndarray]:
+        return get_weights(self.model)
+
+    def __call__(self, weights: dict[str, np.ndarray]) -> tuple[float, float]:
+        set_weights(self.model, weights)
+        return evaluate(self.model, self.data.x_test, self.data.y_test)
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The resolved configuration a run directory was started with."""
+    from qfl.config import load_config_file
+
+    path = Path(run_dir) / CONFIG_NAME
+    if not path.exists():
+        raise ResumeError(f"{run_dir} has no {CONFIG_NAME}; pass the directory a `qfl run` wrote")
+    return resolve_config(load_config_file(path))
+
+
+def run_federation(
+    grid: Grid, cfg: RunConfig, run_dir: Path, reporter: Reporter | None = None, resume: bool = False
+) -> dict[str, Any]:
+    """Run (or continue) ``cfg.rounds`` rounds on ``grid``; return the summary."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    evaluator = CentralEvaluator(cfg)
+    weights = evaluator.initial_weights()
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    num_params = int(sum(v.size for v in weights.values()))
+    optimizer = make_server_optimizer(cfg)
+    history: list[dict[str, Any]] = []
+    first_round = 1
+    checkpoint = load_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        if {k: tuple(v.shape) for k, v in checkpoint.weights.items()} != shapes:
+            raise ResumeError(f"checkpoint in {run_dir} does not match the model {cfg.model!r}")
+        weights, history, first_round = checkpoint.weights, checkpoint.history, checkpoint.round + 1
+        optimizer.load_state_arrays(checkpoint.optimizer_state)
+    else:
+        atomic_write_bytes(run_dir / CONFIG_NAME, cfg.to_toml().encode())
+    initial_loss, initial_acc = evaluator(evaluator.initial_weights())
+
+    strategy = QflFedAvg(
+        codec=make_codec(cfg.codec, cfg.codec_params),
+        shapes=shapes,
+        optimizer=optimizer,
+        min_nodes=cfg.clients,
+        fraction_train=cfg.fraction,
+        seed=cfg.seed,
+        fed_eval=cfg.fed_eval,
+        wait_timeout=cfg.timeout_s,
+    )
+    flat_config = cfg.to_flat()
+    if reporter:
+        reporter.start(cfg, run_dir, first_round)
+    elapsed = history[-1]["elapsed_s"] if history else 0.0
+
+    for rnd in range(first_round, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        messages = strategy.configure_train(rnd, weights_to_record(weights), ConfigRecord(dict(flat_config)), grid)
+        replies = grid.send_and_receive(messages, timeout=cfg.timeout_s)
+        new_record, train = strategy.aggregate_train(rnd, replies)
+        if new_record is not None:
+            weights = record_to_weights(new_record)
+        fed: dict[str, Any] = {}
+        if cfg.fed_eval:
+            messages = strategy.configure_evaluate(rnd, weights_to_record(weights), ConfigRecord(dict(flat_config)), grid)
+            fed = dict(strategy.aggregate_evaluate(rnd, grid.send_and_receive(messages, timeout=cfg.timeout_s)) or {})
+        loss, accuracy = evaluator(weights)
+        wall = time.perf_counter() - t0
+        elapsed += wall
+        uploads = int(train["uploads"])
+        record = {
+            "round": rnd,
+            "accuracy": accuracy,
+            "loss": loss,
+            "fed_accuracy": fed.get("fed-accuracy"),
+            "fed_loss": fed.get("fed-loss"),
+            "train_loss": train.get("train-loss"),
+            "uplink_bytes": int(train["uplink-bytes"]),
+            "downlink_bytes": int(train["downlink-bytes"]),
+            "eval_downlink_bytes": strategy.eval_downlink_bytes,
+            "bits_per_param_up": 8.0 * int(train["uplink-bytes"]) / (num_params * uploads) if uploads else None,
+            "key_bits_used": int(train["key-bits-used"]),
+            "clients": int(train["clients"]),
+            "sampled": int(train["sampled"]),
+            "dropped": int(train["dropped"]),
+            "drop_reasons": list(strategy.drop_reasons),
+            "wall_s": wall,
+            "elapsed_s": elapsed,
+        }
+        history.append(record)
+        save_checkpoint(run_dir, Checkpoint(rnd, weights, optimizer.state_arrays(), history))
+        atomic_write_json(run_dir / METRICS_NAME, history)
+        if reporter:
+            reporter.round(record)
+
+    summary = summarize(cfg, history, num_params, initial_acc, initial_loss)
+    atomic_write_json(run_dir / SUMMARY_NAME, summary)
+    if reporter:
+        reporter.finish(summary, history)
+    return summary
+
+
+def summarize(
+    cfg: RunConfig, history: list[dict[str, Any]], num_params: int, initial_acc: float, initial_loss: float
+) -> dict[str, Any]:
+    last = history[-1] if history else {}
+    return {
+        "rounds": len(history),
+        "clients": cfg.clients,
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "codec": cfg.codec,
+        "security": cfg.security,
+        "server_opt": cfg.server_opt,
+        "num_params": num_params,
+        "initial_accuracy": initial_acc,
+        "initial_loss": initial_loss,
+        "final_accuracy": last.get("accuracy"),
+        "final_loss": last.get("loss"),
+        "best_accuracy": max((r["accuracy"] for r in history), default=None),
+        "total_uplink_bytes": sum(r["uplink_bytes"] for r in history),
+        "total_downlink_bytes": sum(r["downlink_bytes"] for r in history),
+        "total_key_bits_used": sum(r["key_bits_used"] for r in history),
+        "total_dropped": sum(r["dropped"] for r in history),
+        "wall_s": last.get("elapsed_s", 0.0),
+    }

@@ -1,0 +1,1 @@
+"""Runners, reports and plots for experiments on the Flower simulation engine."""

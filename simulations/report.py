@@ -1,0 +1,130 @@
+"""What a run shows and leaves behind: a live progress bar, a per-round table,
+and PNG plots (accuracy per round, cumulative uplink bytes per round)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from qfl.config import RunConfig
+
+COLUMNS = (
+    ("round", "round", "{}"),
+    ("accuracy", "acc", "{:.4f}"),
+    ("loss", "loss", "{:.4f}"),
+    ("fed_accuracy", "fed acc", "{:.4f}"),
+    ("uplink_bytes", "up B", "{:,}"),
+    ("downlink_bytes", "down B", "{:,}"),
+    ("bits_per_param_up", "bits/param", "{:.2f}"),
+    ("key_bits_used", "key bits", "{:,}"),
+    ("clients", "clients", "{}"),
+    ("dropped", "dropped", "{}"),
+    ("wall_s", "wall s", "{:.2f}"),
+)
+
+
+def _cell(fmt: str, value: Any) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def round_table(history: list[dict[str, Any]]) -> Table:
+    table = Table(title="per-round results")
+    for _, header, _ in COLUMNS:
+        table.add_column(header, justify="right")
+    for record in history:
+        table.add_row(*(_cell(fmt, record.get(key)) for key, _, fmt in COLUMNS))
+    return table
+
+
+def markdown_table(history: list[dict[str, Any]]) -> str:
+    """The per-round table as GitHub markdown (for the README and reports)."""
+    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---:|" * len(COLUMNS)]
+    for record in history:
+        lines.append("| " + " | ".join(_cell(fmt, record.get(key)) for key, _, fmt in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def write_plots(run_dir: Path, history: list[dict[str, Any]]) -> list[Path]:
+    """accuracy.png and uplink.png in ``run_dir``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qfl.server.checkpoint import atomic_write_bytes
+
+    rounds = [r["round"] for r in history]
+    cumulative, total = [], 0
+    for r in history:
+        total += r["uplink_bytes"]
+        cumulative.append(total)
+    paths = []
+    for name, ys, label in (
+        ("accuracy.png", [r["accuracy"] for r in history], "test accuracy (central)"),
+        ("uplink.png", cumulative, "cumulative uplink bytes"),
+    ):
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
+        ax.plot(rounds, ys, marker="o")
+        ax.set_xlabel("round")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        import io
+
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        plt.close(fig)
+        atomic_write_bytes(run_dir / name, buffer.getvalue())
+        paths.append(run_dir / name)
+    return paths
+
+
+class ConsoleReporter:
+    """Progress bar while rounds run; one table row per round; plots at the end."""
+
+    def __init__(self, console: Console | None = None, live: bool = True) -> None:
+        self.console = console or Console(width=None if sys.stdout.isatty() else 140)
+        self.live = live and self.console.is_terminal
+        self.progress: Progress | None = None
+        self.task = None
+        self.run_dir = Path(".")
+
+    def start(self, cfg: RunConfig, run_dir: Path, first_round: int) -> None:
+        self.run_dir = Path(run_dir)
+        alpha = "IID" if cfg.alpha is None else f"Dirichlet alpha={cfg.alpha}"
+        self.console.print(
+            f"[bold]qfl[/] {cfg.dataset}/{cfg.model}, {cfg.clients} clients ({alpha}), codec={cfg.codec}, "
+            f"security={cfg.security}, server_opt={cfg.server_opt}, rounds {first_round}..{cfg.rounds} -> {run_dir}"
+        )
+        self.progress = Progress(
+            TextColumn("rounds"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=self.console,
+            disable=not self.live,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("rounds", total=cfg.rounds, completed=first_round - 1, status="")
+
+    def round(self, record: dict[str, Any]) -> None:
+        line = "  ".join(f"{h}={_cell(fmt, record.get(k))}" for k, h, fmt in COLUMNS)
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, status=f"acc {record['accuracy']:.3f}")
+            self.progress.console.print(line)
+
+    def finish(self, summary: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        self.console.print(round_table(history))
+        write_plots(self.run_dir, history)
+        self.console.print(
+            f"final accuracy {summary['final_accuracy']:.4f}, uplink {summary['total_uplink_bytes']:,} B, "
+            f"{summary['wall_s']:.1f} s -> {self.run_dir}"
+        )

@@ -1,0 +1,80 @@
+"""`qfl run`: one federated run on Flower's simulation engine (Ray backend).
+
+Every check a user can fail (config, dataset files, partition feasibility)
+runs here, before Ray starts. The run writes into its directory:
+``config.toml``, ``checkpoint.npz`` and ``metrics.json`` after every round,
+then ``summary.json``, ``accuracy.png`` and ``uplink.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from qfl.clients.classical import dataset_for, shard
+from qfl.config import ConfigError, RunConfig
+from qfl.server.app import make_server_app
+from qfl.server.checkpoint import load_checkpoint
+from qfl.server.federation import SUMMARY_NAME, Reporter
+
+from .report import ConsoleReporter
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Fail fast, with the fix named, on anything that would break round 1."""
+    data = dataset_for(cfg)  # raises DatasetNotFound with the expected paths
+    if cfg.clients > len(data.y_train):
+        raise ConfigError(
+            f"clients={cfg.clients} exceeds the {len(data.y_train)} training samples of {cfg.dataset}; "
+            "use fewer clients"
+        )
+    try:
+        shard(cfg, data.y_train, 0, cfg.clients, salt=0)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def run_simulation_job(
+    cfg: RunConfig, run_dir: Path, resume: bool = False, reporter: Reporter | None = None, verbose: bool = False
+) -> dict[str, Any]:
+    """Run ``cfg`` on the simulation engine; return the summary dict."""
+    preflight(cfg)
+    run_dir = Path(run_dir)
+    if resume:
+        checkpoint = load_checkpoint(run_dir)
+        if checkpoint is not None and checkpoint.round >= cfg.rounds and (run_dir / SUMMARY_NAME).exists():
+            import json
+
+            return json.loads((run_dir / SUMMARY_NAME).read_text())
+
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from flwr.simulation import run_simulation
+
+    from qfl.clients.app import app as client_app
+
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+    errors: list[BaseException] = []
+    server_app = make_server_app(cfg, run_dir, reporter or ConsoleReporter(), resume, errors)
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
+        "init_args": {"logging_level": "ERROR", "log_to_driver": verbose, "include_dashboard": False},
+    }
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=cfg.clients,
+        backend_config=backend_config,
+        verbose_logging=verbose,
+    )
+    if errors:
+        raise errors[0]
+    summary_path = run_dir / SUMMARY_NAME
+    if not summary_path.exists():
+        raise RuntimeError(f"the simulation ended without finishing the run; see the log above ({run_dir})")
+    import json
+
+    return json.loads(summary_path.read_text())
