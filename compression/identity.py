@@ -21,8 +21,8 @@ class Fp32Codec(Codec):
     )
 
     def encode(self, x: np.ndarray) -> bytes:
-        x = np.ascontiguousarray(x, dtype="<f4")
-        return pack_header(self.codec_id, x.dtype, x.shape) + x.tobytes()
+        x = np.asarray(x, dtype="<f4")  # keeps 0-d tensors 0-d
+        return pack_header(self.codec_id, x.dtype, x.shape) + x.tobytes(order="C")
 
     def decode(self, payload: bytes) -> np.ndarray:
         header = unpack_header(payload, self.codec_id)

@@ -44,11 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from qfl.clients.datasets import DatasetNotFound
     from qfl.config import ConfigError
+    from qfl.server.federation import ResumeError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DatasetNotFound) as err:
+    except (ConfigError, DatasetNotFound, ResumeError) as err:
         print(f"qfl {args.command}: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,37 @@
+"""Shared helpers for tests that run whole simulations in child processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+QFL = [sys.executable, "-m", "qfl"]
+
+
+def run_qfl(args: list[str], timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `qfl ARGS` in its own process group; kill the whole group on timeout."""
+    proc = subprocess.Popen(
+        QFL + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd or REPO,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, _ = proc.communicate()
+        raise AssertionError(f"qfl {' '.join(args)} timed out after {timeout}s:\n{out[-4000:]}")
+    finally:
+        kill_group(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group of ``proc`` (Ray workers included), if any is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,82 @@
+"""A run where some clients send NaN, truncated or missing updates goes on.
+
+The faulty ClientApp lives in a script run as __main__, so Ray ships it to its
+workers by value; it wraps qfl's real client and breaks partitions 0 and 1 in
+round 1 only.
+"""
+
+import json
+import textwrap
+
+from helpers import REPO
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from flwr.app import Array, Message, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.simulation import run_simulation
+
+    from qfl.clients import app as real
+    from qfl.compression import PAYLOAD_STYPE
+    from qfl.config import resolve_config
+    from qfl.server.app import make_server_app
+
+    faulty = ClientApp()
+
+    @faulty.train()
+    def train(msg, context):
+        reply = real.train(msg, context)
+        pid = int(context.node_config["partition-id"])
+        if int(msg.content["config"]["server-round"]) != 1 or pid > 2:
+            return reply
+        update = reply.content["update"]
+        name = next(iter(update.keys()))
+        if pid == 0:  # NaN in the update
+            data = bytearray(update[name].data)
+            data[-4:] = np.array([np.nan], dtype="<f4").tobytes()
+            update[name] = Array(dtype="uint8", shape=(len(data),), stype=PAYLOAD_STYPE, data=bytes(data))
+        elif pid == 1:  # truncated payload
+            update[name] = Array(dtype="uint8", shape=(7,), stype=PAYLOAD_STYPE, data=update[name].data[:7])
+        else:  # no update at all
+            return Message(RecordDict({"metrics": reply.content["metrics"]}), reply_to=msg)
+        return Message(RecordDict({"update": update, "metrics": reply.content["metrics"]}), reply_to=msg)
+
+    faulty.evaluate()(real.evaluate)
+
+    cfg = resolve_config({"rounds": 3, "clients": 5})
+    errors = []
+    run_simulation(
+        server_app=make_server_app(cfg, Path(sys.argv[1]), None, False, errors),
+        client_app=faulty,
+        num_supernodes=cfg.clients,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+    if errors:
+        raise errors[0]
+    """
+)
+
+
+def test_bad_replies_are_dropped_and_the_run_goes_on(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "faulty_run.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(script), str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, start_new_session=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    history = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in history] == [1, 2, 3]
+    first = history[0]
+    assert first["dropped"] == 3 and first["clients"] == 2
+    reasons = " | ".join(first["drop_reasons"])
+    assert "NaN/Inf" in reasons and "cannot be decoded" in reasons and "lacks the 'update'" in reasons
+    assert all(r["dropped"] == 0 and r["clients"] == 5 for r in history[1:])
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in history)
+    assert history[-1]["accuracy"] > 0.3  # the model kept learning from the good updates

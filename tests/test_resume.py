@@ -1,0 +1,56 @@
+"""kill -9 in the middle of a run, then `qfl run --resume`: same weights as a run never killed."""
+
+import json
+import subprocess
+import time
+
+import numpy as np
+
+from helpers import QFL, REPO, kill_group, run_qfl
+from qfl.server.checkpoint import load_checkpoint
+
+SETTINGS = ["--set", "rounds=8", "--set", "clients=3", "--set", "server_opt=fedadam", "--set", "server_lr=0.01",
+            "--set", "alpha=1.0", "--set", "seed=7"]
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    result = run_qfl(["run", "--out", str(straight), *SETTINGS])
+    assert result.returncode == 0, result.stdout[-4000:]
+
+    proc = subprocess.Popen(QFL + ["run", "--out", str(killed), *SETTINGS], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            ckpt = load_checkpoint(killed) if (killed / "checkpoint.npz").exists() else None
+            if ckpt is not None and ckpt.round >= 2:
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.05)
+        kill_group(proc)  # SIGKILL: the qfl process and its Ray workers
+        proc.wait(timeout=30)
+    finally:
+        kill_group(proc)
+    interrupted_at = load_checkpoint(killed).round
+    assert 2 <= interrupted_at < 8, f"kill landed after round {interrupted_at}"
+    assert not (killed / "summary.json").exists()
+
+    result = run_qfl(["run", "--resume", str(killed)])
+    assert result.returncode == 0, result.stdout[-4000:]
+    a, b = load_checkpoint(straight), load_checkpoint(killed)
+    assert a.round == b.round == 8
+    for name in a.weights:
+        assert np.array_equal(a.weights[name], b.weights[name]), name
+    for name in a.optimizer_state:
+        assert np.array_equal(a.optimizer_state[name], b.optimizer_state[name]), name
+    history = json.loads((killed / "metrics.json").read_text())
+    assert [r["round"] for r in history] == list(range(1, 9))
+    assert [r["accuracy"] for r in history] == [r["accuracy"] for r in a.history]
+
+
+def test_resume_refuses_config_changes(tmp_path):
+    result = run_qfl(["run", "--resume", str(tmp_path), "--set", "rounds=3"])
+    assert result.returncode != 0 and "drop --config/--set" in result.stdout
+    result = run_qfl(["run", "--resume", str(tmp_path / "none")])
+    assert result.returncode == 2 and "no config.toml" in result.stdout
