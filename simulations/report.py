@@ -3,6 +3,7 @@ and PNG plots (accuracy per round, cumulative uplink bytes per round)."""
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ def write_plots(run_dir: Path, history: list[dict[str, Any]]) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from qfl.server.checkpoint import atomic_write_bytes
 
@@ -71,11 +73,10 @@ def write_plots(run_dir: Path, history: list[dict[str, Any]]) -> list[Path]:
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
         ax.plot(rounds, ys, marker="o")
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        import io
-
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png")
         plt.close(fig)
