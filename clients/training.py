@@ -33,7 +33,7 @@ def train(
             loss = loss_fn(model(xs[idx]), ys[idx])
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
             count += len(idx)
         last = total / max(count, 1)
     return last

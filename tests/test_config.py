@@ -75,3 +75,14 @@ def test_bad_config_file_is_named(tmp_path):
     bad.write_text("rounds = = 3")
     with pytest.raises(ConfigError, match="not valid TOML"):
         build_config(bad)
+
+
+def test_flwr_app_config_in_pyproject_is_valid():
+    """`flwr run .` reads [tool.flwr.app.config]; every key there must pass qfl's schema."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    values = pyproject["tool"]["flwr"]["app"]["config"]
+    cfg = resolve_config(values)
+    assert cfg.alpha is None and cfg.rounds == values["rounds"]
