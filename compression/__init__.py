@@ -8,7 +8,7 @@ Public interface (what other folders may import):
   (``payload.py``): a whole model update to and from a Flower ``ArrayRecord``.
 """
 
-from .codec import Codec, CodecError, CodecTraits
+from .codec import Codec, CodecError, CodecTraits, EncodeContext
 from .payload import PAYLOAD_STYPE, PayloadError, decode_update, encode_update, payload_bytes
 from .registry import codec_names, make_codec
 
@@ -16,6 +16,7 @@ __all__ = [
     "Codec",
     "CodecError",
     "CodecTraits",
+    "EncodeContext",
     "PAYLOAD_STYPE",
     "PayloadError",
     "codec_names",

@@ -20,7 +20,7 @@ on any malformed, truncated or foreign byte string.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -41,11 +41,27 @@ class CodecTraits:
     lossless: bool
 
 
+@dataclass
+class EncodeContext:
+    """What an encoder may use besides the tensor.
+
+    ``seed``: the same for every client of a round for a given tensor (rand-k
+    draws its coordinates from it, so all clients pick the same support).
+    ``state``: this client's persistent arrays for this tensor, kept between
+    rounds by the caller (error-feedback residual, PowerSGD's warm-start Q).
+    """
+
+    seed: int = 0
+    state: dict[str, np.ndarray] = field(default_factory=dict)
+
+
 class Codec(ABC):
     """Turns one float32 tensor into bytes and back.
 
     Subclasses set ``name`` (the config value), ``codec_id`` (the byte in the
-    wire header, unique and never reused) and ``traits``.
+    wire header, unique and never reused) and ``traits``. ``decode`` needs
+    nothing but the payload: whatever the decoder must know (scale, seed,
+    shape) travels in it.
     """
 
     name: ClassVar[str]
@@ -53,7 +69,7 @@ class Codec(ABC):
     traits: ClassVar[CodecTraits]
 
     @abstractmethod
-    def encode(self, x: np.ndarray) -> bytes:
+    def encode(self, x: np.ndarray, ctx: EncodeContext | None = None) -> bytes:
         """Encode a float32 tensor of any shape into a self-describing payload."""
 
     @abstractmethod

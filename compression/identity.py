@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .codec import Codec, CodecError, CodecTraits
+from .codec import Codec, CodecError, CodecTraits, EncodeContext
 from .wire import pack_header, unpack_header
 
 
@@ -20,7 +20,7 @@ class Fp32Codec(Codec):
         unbiased=True, contractive=True, commutes_with_sum=True, stateful=False, lossless=True
     )
 
-    def encode(self, x: np.ndarray) -> bytes:
+    def encode(self, x: np.ndarray, ctx: EncodeContext | None = None) -> bytes:
         x = np.asarray(x, dtype="<f4")  # keeps 0-d tensors 0-d
         return pack_header(self.codec_id, x.dtype, x.shape) + x.tobytes(order="C")
 
