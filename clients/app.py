@@ -1,9 +1,15 @@
 """The Flower ClientApp (Message API).
 
-A train message carries ``arrays`` (the global weights, plain numpy Arrays)
-and ``config`` (the flat run configuration plus ``server-round``). The reply
-carries ``update`` (Δ encoded by the run's codec, see qfl.compression.payload)
-and ``metrics`` (``num-examples``, ``train-loss``, ``partition-id``).
+A train message carries ``arrays`` (the global weights, encoded by the run's
+``downlink_codec``) and ``config`` (the flat run configuration plus
+``server-round``). The reply carries ``update`` (Δ encoded by the run's
+``codec``, see qfl.compression.payload) and ``metrics`` (``num-examples``,
+``train-loss``, ``partition-id``).
+
+Stateful codecs (error feedback residuals, PowerSGD's warm start) keep their
+per-tensor state in the node's ``context.state`` under ``codec-state``, which
+Flower keeps for the node across rounds (the simulation engine's ClientApps are
+short-lived; the context is not).
 
 The node's ``partition-id`` and ``num-partitions`` come from its node config:
 the simulation engine sets them; on the deployment engine pass them with
@@ -12,14 +18,17 @@ the simulation engine sets them; on the deployment engine pass them with
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from qfl.compression import encode_update, make_codec
-from qfl.config import resolve_config
+from qfl.compression import decode_update, encode_update, make_codec
+from qfl.config import RunConfig, resolve_config
 
-from .classical import local_evaluate, local_update
+from .classical import local_evaluate, local_update, model_shapes, task_seed
+
+CODEC_STATE = "codec-state"
 
 app = ClientApp()
 
@@ -39,8 +48,29 @@ def _partition(context: Context) -> tuple[int, int]:
         ) from None
 
 
-def _global_weights(msg: Message) -> dict:
-    return {k: a.numpy() for k, a in msg.content["arrays"].items()}
+def _global_weights(msg: Message, cfg: RunConfig) -> dict[str, np.ndarray]:
+    codec = make_codec(cfg.downlink_codec, cfg.downlink_codec_params)
+    return decode_update(msg.content["arrays"], codec, model_shapes(cfg))
+
+
+def round_seed(cfg: RunConfig, server_round: int) -> int:
+    """Shared by every client of a round (rand-k's common support)."""
+    return int(np.random.SeedSequence([cfg.seed, server_round, 2]).generate_state(1)[0])
+
+
+def load_codec_state(context: Context) -> dict[str, dict[str, np.ndarray]]:
+    states: dict[str, dict[str, np.ndarray]] = {}
+    record = context.state.array_records.get(CODEC_STATE)
+    for key, array in (record or {}).items():
+        tensor, _, slot = key.rpartition("/")
+        states.setdefault(tensor, {})[slot] = array.numpy()
+    return states
+
+
+def save_codec_state(context: Context, states: dict[str, dict[str, np.ndarray]]) -> None:
+    context.state[CODEC_STATE] = ArrayRecord(
+        {f"{tensor}/{slot}": Array(np.ascontiguousarray(arr)) for tensor, slots in states.items() for slot, arr in slots.items()}
+    )
 
 
 @app.train()
@@ -48,8 +78,12 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     cfg, server_round = _run_config(msg.content["config"])
     partition_id, num_partitions = _partition(context)
-    delta, num_examples, loss = local_update(cfg, _global_weights(msg), partition_id, num_partitions, server_round)
-    update = encode_update(delta, make_codec(cfg.codec, cfg.codec_params))
+    delta, num_examples, loss = local_update(cfg, _global_weights(msg, cfg), partition_id, num_partitions, server_round)
+    codec = make_codec(cfg.codec, cfg.codec_params, seed=task_seed(cfg, server_round, partition_id))
+    states = load_codec_state(context) if codec.traits.stateful else None
+    update = encode_update(delta, codec, round_seed(cfg, server_round), states)
+    if states is not None:
+        save_codec_state(context, states)
     metrics = MetricRecord({"num-examples": num_examples, "train-loss": loss, "partition-id": partition_id})
     return Message(RecordDict({"update": update, "metrics": metrics}), reply_to=msg)
 
@@ -59,6 +93,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     cfg, _ = _run_config(msg.content["config"])
     partition_id, num_partitions = _partition(context)
-    loss, accuracy, n = local_evaluate(cfg, _global_weights(msg), partition_id, num_partitions)
+    loss, accuracy, n = local_evaluate(cfg, _global_weights(msg, cfg), partition_id, num_partitions)
     metrics = MetricRecord({"num-examples": n, "eval-loss": loss, "eval-accuracy": accuracy, "partition-id": partition_id})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -35,6 +35,13 @@ def shard(cfg: RunConfig, labels: np.ndarray, partition_id: int, num_partitions:
     return parts[partition_id]
 
 
+def model_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of the run's model."""
+    data = dataset_for(cfg)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.seed)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def local_split(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[np.ndarray, np.ndarray]:
     """(training indices, local validation indices) of one client's shard."""
     data = dataset_for(cfg)

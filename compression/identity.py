@@ -22,7 +22,8 @@ class Fp32Codec(Codec):
 
     def encode(self, x: np.ndarray, ctx: EncodeContext | None = None) -> bytes:
         x = np.asarray(x, dtype="<f4")  # keeps 0-d tensors 0-d
-        return pack_header(self.codec_id, x.dtype, x.shape) + x.tobytes(order="C")
+        flat = np.ascontiguousarray(x).reshape(-1)  # one copy at most; 0-d keeps its header shape
+        return pack_header(self.codec_id, x.dtype, x.shape) + memoryview(flat).cast("B")
 
     def decode(self, payload: bytes) -> np.ndarray:
         header = unpack_header(payload, self.codec_id)

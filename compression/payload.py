@@ -8,12 +8,14 @@ updates, so the bytes counted are exactly the bytes the codec produced.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import zlib
+from collections.abc import Mapping, MutableMapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from .codec import Codec, CodecError
+from .codec import Codec, CodecError, EncodeContext
+from .wire import unpack_header
 
 PAYLOAD_STYPE = "qfl.codec/v1"
 
@@ -22,11 +24,27 @@ class PayloadError(ValueError):
     """An update record is missing tensors, has foreign arrays, or non-finite values."""
 
 
-def encode_update(update: Mapping[str, np.ndarray], codec: Codec) -> ArrayRecord:
-    """Encode every tensor of ``update`` with ``codec`` into an ArrayRecord."""
+def tensor_seed(round_seed: int, name: str) -> int:
+    """The seed every client uses for tensor ``name`` in a round (shared support)."""
+    return int(np.random.SeedSequence([round_seed, zlib.crc32(name.encode())]).generate_state(1, np.uint64)[0])
+
+
+def encode_update(
+    update: Mapping[str, np.ndarray],
+    codec: Codec,
+    round_seed: int = 0,
+    states: MutableMapping[str, dict[str, np.ndarray]] | None = None,
+) -> ArrayRecord:
+    """Encode every tensor of ``update`` with ``codec`` into an ArrayRecord.
+
+    ``round_seed`` is shared by all clients of the round; ``states`` holds this
+    client's per-tensor codec state and is updated in place (stateful codecs).
+    """
     record = ArrayRecord()
     for name, tensor in update.items():
-        payload = codec.encode(np.asarray(tensor, dtype=np.float32))
+        state = states.setdefault(name, {}) if states is not None else {}
+        ctx = EncodeContext(seed=tensor_seed(round_seed, name), state=state)
+        payload = codec.encode(np.asarray(tensor, dtype=np.float32), ctx)
         record[name] = Array(dtype="uint8", shape=(len(payload),), stype=PAYLOAD_STYPE, data=payload)
     return record
 
@@ -65,6 +83,9 @@ def decode_update(
                 "updates must be made by qfl.compression.encode_update"
             )
         try:
+            claimed = unpack_header(array.data, codec.codec_id).shape
+            if claimed != tuple(shape):  # refuse before decode allocates the claimed size
+                raise PayloadError(f"tensor {name!r} has shape {claimed}, the model expects {tuple(shape)}")
             tensor = codec.decode(array.data)
         except CodecError as err:
             raise PayloadError(f"tensor {name!r} cannot be decoded: {err}") from err

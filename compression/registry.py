@@ -1,4 +1,21 @@
-"""Codec names from the config to codec objects."""
+"""Codec names and parameters from the config to codec objects.
+
+``make_codec(name, params)`` is the one place a codec is built. Parameters
+(``codec.NAME`` keys in the config) are checked here, so a bad value stops a
+run before round 1:
+
+    fp32, fp16, bf16, ternary     no parameters
+    qsgd       bits (1..8, default 4), bucket (>= 1, default 512)
+    sign       —                          error feedback on by default
+    topk       ratio (0 < ratio <= 1), values (fp16|fp32)   error feedback on
+    randk      ratio (0 < ratio <= 1)
+    powersgd   rank (>= 1)                error feedback on by default
+    every codec: entropy (none|zstd|zlib), feedback (true|false)
+
+Stochastic codecs (qsgd, ternary) draw their rounding noise from ``seed``;
+callers pass one per client and round so runs are reproducible and clients'
+noise is independent.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +23,64 @@ from collections.abc import Mapping
 from typing import Any
 
 from .codec import Codec
+from .entropy import EntropyCodec
+from .feedback import ErrorFeedback
 from .identity import Fp32Codec
+from .lowrank import PowerSGDCodec
+from .quantizers import Bf16Codec, Fp16Codec, QsgdCodec, SignCodec, TernaryCodec
+from .sparsify import RandKCodec, TopKCodec
 
-_CODECS: dict[str, type[Codec]] = {cls.name: cls for cls in (Fp32Codec,)}
+# name -> (class, {parameter: type}, error feedback by default)
+_CODECS: dict[str, tuple[type[Codec], dict[str, type], bool]] = {
+    "fp32": (Fp32Codec, {}, False),
+    "fp16": (Fp16Codec, {}, False),
+    "bf16": (Bf16Codec, {}, False),
+    "qsgd": (QsgdCodec, {"bits": int, "bucket": int}, False),
+    "ternary": (TernaryCodec, {}, False),
+    "sign": (SignCodec, {}, True),
+    "topk": (TopKCodec, {"ratio": float, "values": str}, True),
+    "randk": (RandKCodec, {"ratio": float}, False),
+    "powersgd": (PowerSGDCodec, {"rank": int}, True),
+}
+_COMMON = {"entropy": str, "feedback": bool}
+_STOCHASTIC = {"qsgd", "ternary"}
+ENTROPY_METHODS = ("none", "zstd", "zlib")
 
 
 def codec_names() -> list[str]:
     """Names accepted by the ``codec`` config key."""
-    return sorted(_CODECS)
+    return list(_CODECS)
 
 
-def make_codec(name: str, params: Mapping[str, Any] | None = None) -> Codec:
+def _typed(codec: str, key: str, value: Any, kind: type) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"codec.{key} for {codec} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def make_codec(name: str, params: Mapping[str, Any] | None = None, seed: int | None = None) -> Codec:
     """Build the codec called ``name``; raise ValueError naming the valid choices."""
-    cls = _CODECS.get(name)
-    if cls is None:
+    if name not in _CODECS:
         raise ValueError(f"unknown codec {name!r}; choose one of: {', '.join(codec_names())}")
-    if params:
-        raise ValueError(f"codec {name!r} takes no parameters, got: {', '.join(sorted(params))}")
-    return cls()
+    cls, accepted, feedback_default = _CODECS[name]
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(accepted) - set(_COMMON))
+    if unknown:
+        valid = ", ".join(f"codec.{k}" for k in [*accepted, *_COMMON])
+        raise ValueError(f"codec {name!r} does not take {', '.join('codec.' + k for k in unknown)}; it takes {valid}")
+    kwargs = {k: _typed(name, k, v, accepted[k]) for k, v in params.items() if k in accepted}
+    if name in _STOCHASTIC:
+        kwargs["seed"] = seed
+    codec: Codec = cls(**kwargs)
+    if _typed(name, "feedback", params.get("feedback", feedback_default), bool):
+        codec = ErrorFeedback(codec)
+    entropy = _typed(name, "entropy", params.get("entropy", "none"), str)
+    if entropy not in ENTROPY_METHODS:
+        raise ValueError(f"codec.entropy must be one of {', '.join(ENTROPY_METHODS)}, got {entropy!r}")
+    if entropy != "none":
+        codec = EntropyCodec(codec, entropy)
+    return codec

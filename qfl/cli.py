@@ -27,6 +27,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_codecs(args: argparse.Namespace) -> int:
+    import json
+
+    from qfl.benchmarks.codecs import bench_codecs, format_table
+
+    if args.device != "cpu":
+        raise SystemExit(
+            "qfl bench codecs: --device cuda needs GPU codec kernels, which qfl does not have yet; use --device cpu"
+        )
+    rows = bench_codecs(size=args.size, repeats=args.repeats, only=args.codec or None)
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 0
+
+
+def _cmd_experiment_compression(args: argparse.Namespace) -> int:
+    from qfl.simulations.experiments import format_rows, run_compression_experiment
+
+    out = Path(args.out) if args.out else Path("runs") / "experiment-compression"
+    rows = run_compression_experiment(out, rounds=args.rounds, arms=args.arm or None)
+    print(format_rows(rows))
+    print(f"table, rows and plot in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qfl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="DIR", help="continue a killed run from its last complete round")
     run.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
     run.set_defaults(func=_cmd_run)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    codecs = bench.add_parser("codecs", help="encode/decode time of every codec, as ratios to numpy.copyto")
+    codecs.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    codecs.add_argument("--size", type=int, default=1 << 24, help="float32 values (default 2^24)")
+    codecs.add_argument("--repeats", type=int, default=3, help="best of this many timings")
+    codecs.add_argument("--codec", action="append", help="only this codec (label or name); repeatable")
+    codecs.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    codecs.set_defaults(func=_cmd_bench_codecs)
+
+    experiment = sub.add_parser("experiment", help="experiments").add_subparsers(dest="experiment", required=True)
+    comp = experiment.add_parser("compression", help="digits, 20 clients, α=0.5: every codec against fp32")
+    comp.add_argument("--rounds", type=int, default=30)
+    comp.add_argument("--out", metavar="DIR", help="default runs/experiment-compression")
+    comp.add_argument("--arm", action="append", help="only this arm (e.g. topk-1%%+ef); repeatable")
+    comp.set_defaults(func=_cmd_experiment_compression)
     return parser
 
 

@@ -23,7 +23,7 @@ MODELS = ("cnn", "mlp")
 DATASETS = ("digits", "mnist", "cifar10")
 SECURITY_MODES = ("none",)
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
-_PARAM_TABLES = {"codec": "codec_params"}
+_PARAM_TABLES = {"codec": "codec_params", "downlink_codec": "downlink_codec_params"}
 
 
 class ConfigError(ValueError):
@@ -46,6 +46,8 @@ class RunConfig:
     local_val_fraction: float = 0.1  # share of each client's data kept for federated evaluation
     codec: str = "fp32"
     codec_params: dict[str, Any] = field(default_factory=dict)
+    downlink_codec: str = "fp32"  # how the global model travels to clients (stateless codecs only)
+    downlink_codec_params: dict[str, Any] = field(default_factory=dict)
     security: str = "none"
     server_opt: str = "fedavg"
     server_lr: float = 1.0
@@ -146,13 +148,20 @@ def _check(cfg: RunConfig) -> None:
     need(0 <= cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum}")
     need(cfg.timeout_s > 0, f"timeout_s must be > 0, got {cfg.timeout_s}")
     need(cfg.client_cpus > 0, f"client_cpus must be > 0, got {cfg.client_cpus}")
-    # The codec name and its parameters are checked by the codec registry.
+    # Codec names and parameters are checked by the codec registry.
     from qfl.compression import make_codec
 
     try:
         make_codec(cfg.codec, cfg.codec_params)
+        downlink = make_codec(cfg.downlink_codec, cfg.downlink_codec_params)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    need(
+        not downlink.traits.stateful,
+        f"downlink_codec {cfg.downlink_codec!r} keeps state (error feedback / warm start), but the server "
+        "broadcasts one model to clients that were not all there last round; set downlink_codec.feedback=false "
+        "or pick a stateless codec (fp32, fp16, bf16, qsgd, ternary, randk)",
+    )
 
 
 def resolve_config(values: Mapping[str, Any]) -> RunConfig:
@@ -163,6 +172,8 @@ def resolve_config(values: Mapping[str, Any]) -> RunConfig:
         prefix, dot, rest = key.partition(".")
         if dot and prefix in _PARAM_TABLES:
             tables[_PARAM_TABLES[prefix]][rest] = value
+        elif dot and prefix in tables:  # codec_params.bits (a flattened [codec_params] table)
+            tables[prefix][rest] = value
         elif key.endswith("_params") and key[: -len("_params")] in _PARAM_TABLES and isinstance(value, Mapping):
             tables[key].update(value)
         elif key in _FIELDS:
@@ -170,9 +181,8 @@ def resolve_config(values: Mapping[str, Any]) -> RunConfig:
         else:
             close = difflib.get_close_matches(key, list(_FIELDS) + [p + ".NAME" for p in _PARAM_TABLES], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"unknown config key {key!r}{hint} (valid keys: {', '.join(sorted(_FIELDS))}, codec.NAME)"
-            )
+            tables = ", ".join(f"{p}.NAME" for p in _PARAM_TABLES)
+            raise ConfigError(f"unknown config key {key!r}{hint} (valid keys: {', '.join(sorted(_FIELDS))}, {tables})")
     cfg = RunConfig(**kwargs, **tables)
     _check(cfg)
     return cfg

@@ -100,6 +100,7 @@ def run_federation(
 
     strategy = QflFedAvg(
         codec=make_codec(cfg.codec, cfg.codec_params),
+        downlink_codec=make_codec(cfg.downlink_codec, cfg.downlink_codec_params),
         shapes=shapes,
         optimizer=optimizer,
         min_nodes=cfg.clients,

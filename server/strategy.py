@@ -3,7 +3,8 @@
 Clients reply with Δ (not weights), encoded by the run's codec. The strategy
 
 1. samples ``fraction`` of the connected nodes with a RNG seeded by
-   (seed, round), and sends each the global ``arrays`` and the run ``config``;
+   (seed, round), and sends each the global model (encoded by the downlink
+   codec) and the run ``config``;
 2. checks every reply: an error reply, missing records, an undecodable or
    mis-shaped payload, NaN/Inf, or a bad example count drops that client from
    the round (counted in ``dropped``, the reason logged), and a node that never
@@ -30,7 +31,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from qfl.compression import Codec, PayloadError, decode_update, payload_bytes
+from qfl.compression import Codec, PayloadError, decode_update, encode_update, payload_bytes
 
 from .optimizers import ServerOptimizer
 
@@ -54,6 +55,9 @@ class QflFedAvg(FedAvg):
     ----------
     codec : Codec
         Decodes the ``update`` ArrayRecord of each reply.
+    downlink_codec : Codec
+        Encodes the global model sent to clients (stateless; the server keeps
+        the exact float32 weights and applies updates to them).
     shapes : dict[str, tuple[int, ...]]
         The model's tensor names and shapes; replies must match exactly.
     optimizer : ServerOptimizer
@@ -73,6 +77,7 @@ class QflFedAvg(FedAvg):
     def __init__(
         self,
         codec: Codec,
+        downlink_codec: Codec,
         shapes: dict[str, tuple[int, ...]],
         optimizer: ServerOptimizer,
         min_nodes: int,
@@ -89,6 +94,7 @@ class QflFedAvg(FedAvg):
             min_available_nodes=min_nodes,
         )
         self.codec = codec
+        self.downlink_codec = downlink_codec
         self.shapes = shapes
         self.optimizer = optimizer
         self.seed = seed
@@ -123,9 +129,10 @@ class QflFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self.current_weights = record_to_weights(arrays)
         self.sampled = self._sample(grid, server_round, self.fraction_train)
-        self.downlink_bytes = payload_bytes(arrays) * len(self.sampled)
+        model = encode_update(self.current_weights, self.downlink_codec)
+        self.downlink_bytes = payload_bytes(model) * len(self.sampled)
         config["server-round"] = server_round
-        record = RecordDict({"arrays": arrays, "config": config})
+        record = RecordDict({"arrays": model, "config": config})
         return self._construct_messages(record, self.sampled, MessageType.TRAIN)
 
     def configure_evaluate(
@@ -135,9 +142,10 @@ class QflFedAvg(FedAvg):
             self.eval_downlink_bytes = 0
             return []
         nodes = self._wait_for_nodes(grid)
-        self.eval_downlink_bytes = payload_bytes(arrays) * len(nodes)
+        model = encode_update(record_to_weights(arrays), self.downlink_codec)
+        self.eval_downlink_bytes = payload_bytes(model) * len(nodes)
         config["server-round"] = server_round
-        record = RecordDict({"arrays": arrays, "config": config})
+        record = RecordDict({"arrays": model, "config": config})
         return self._construct_messages(record, nodes, MessageType.EVALUATE)
 
     # -- aggregation ------------------------------------------------------

@@ -24,6 +24,7 @@ class FakeGrid:
 def _strategy(fraction=1.0, seed=0):
     return QflFedAvg(
         codec=make_codec("fp32"),
+        downlink_codec=make_codec("fp32"),
         shapes=SHAPES,
         optimizer=make_server_optimizer(RunConfig()),
         min_nodes=len(NODES),
@@ -61,7 +62,7 @@ def test_weighted_mean_of_updates(task_identity):
     assert np.allclose(record_to_weights(new)["w"], expected)
     assert metrics["clients"] == 4 and metrics["dropped"] == 0
     assert metrics["uplink-bytes"] == sum(sum(len(a.data) for a in r.content["update"].values()) for r in replies)
-    assert metrics["downlink-bytes"] == 4 * sum(len(a.data) for a in weights_to_record(_weights()).values())
+    assert metrics["downlink-bytes"] == 4 * sum(len(make_codec("fp32").encode(v)) for v in _weights().values())
 
 
 def test_bad_replies_are_dropped_and_counted(task_identity):

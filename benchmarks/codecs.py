@@ -1,0 +1,88 @@
+"""`qfl bench codecs`: encode/decode throughput of every codec, as ratios.
+
+Each codec's time is divided by the time of ``numpy.copyto`` on the same
+float32 array, measured in the same run (best of ``repeats``), so the ratios
+hold on a noisy machine. Codecs run raw (no error feedback): the EF wrapper
+adds one decode and one subtraction per encode, reported separately as
+``sign+ef`` and ``topk+ef``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from qfl.compression import EncodeContext, make_codec
+
+# (label, codec name, params); the matrix codecs see the array as 4096 × (N/4096).
+BENCH_CODECS: list[tuple[str, str, dict[str, Any]]] = [
+    ("fp32", "fp32", {}),
+    ("fp16", "fp16", {}),
+    ("bf16", "bf16", {}),
+    ("qsgd-4bit", "qsgd", {"bits": 4}),
+    ("qsgd-1bit", "qsgd", {"bits": 1}),
+    ("ternary", "ternary", {}),
+    ("sign", "sign", {"feedback": False}),
+    ("sign+ef", "sign", {}),
+    ("topk-1%", "topk", {"ratio": 0.01, "feedback": False}),
+    ("topk-1%+ef", "topk", {"ratio": 0.01}),
+    ("randk-1%", "randk", {"ratio": 0.01}),
+    ("powersgd-r4", "powersgd", {"rank": 4, "feedback": False}),
+    ("fp32+zstd", "fp32", {"entropy": "zstd"}),
+    ("topk-1%+zstd", "topk", {"ratio": 0.01, "feedback": False, "entropy": "zstd"}),
+]
+
+
+def _best(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def bench_codecs(size: int = 1 << 24, repeats: int = 3, seed: int = 0, only: list[str] | None = None) -> list[dict]:
+    """One row per codec: bits_per_param, encode/decode ratios to copyto, GB/s."""
+    if size < 4096 or size % 4096:
+        raise ValueError(f"--size must be a positive multiple of 4096, got {size}")
+    x = np.random.default_rng(seed).standard_normal(size, dtype=np.float32)
+    dst = np.empty_like(x)
+    copy_s, _ = _best(lambda: np.copyto(dst, x), max(repeats, 5))
+    rows = []
+    for label, name, params in BENCH_CODECS:
+        if only and label not in only and name not in only:
+            continue
+        codec = make_codec(name, params)
+        tensor = x.reshape(4096, -1) if name == "powersgd" else x
+        state: dict[str, np.ndarray] = {}
+        enc_s, payload = _best(lambda: codec.encode(tensor, EncodeContext(seed=seed, state=state)), repeats)
+        dec_s, _ = _best(lambda: codec.decode(payload), repeats)
+        rows.append(
+            {
+                "codec": label,
+                "bits_per_param": 8 * len(payload) / size,
+                "encode_ratio": enc_s / copy_s,
+                "decode_ratio": dec_s / copy_s,
+                "encode_gbps": x.nbytes / enc_s / 1e9,
+                "decode_gbps": x.nbytes / dec_s / 1e9,
+                "encode_s": enc_s,
+                "decode_s": dec_s,
+                "copy_s": copy_s,
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = "| codec | bits/param | encode ÷ copy | decode ÷ copy | encode GB/s | decode GB/s |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['codec']} | {r['bits_per_param']:.3f} | {r['encode_ratio']:.1f} | {r['decode_ratio']:.1f} "
+            f"| {r['encode_gbps']:.2f} | {r['decode_gbps']:.2f} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,618 @@
+"""Quantizers: fewer bits per coordinate, no coordinate dropped.
+
+=========  ==  =====================================  ========  ===========
+codec      id  bits per coordinate (d coordinates)    unbiased  contractive
+=========  ==  =====================================  ========  ===========
+fp16        2  16                                     no        yes
+bf16        3  16                                     no        yes
+qsgd        4  bits + 32/bucket (+40 bits a tensor)   yes       no
+ternary     5  2                (+32 bits a tensor)   yes       no
+sign        6  1                (+32 bits a tensor)   no        yes
+=========  ==  =====================================  ========  ===========
+
+Every payload is the wire header (``wire.py``, 6 + 4·ndim bytes) followed by
+the body described in each class; numbers are little-endian, scales are
+float32, and packed integers use :mod:`bitpack`'s little-endian bit order.
+
+Non-finite inputs stay visible: a NaN or ±Inf anywhere in what a codec
+summarises by one scale (the tensor, or a qsgd bucket) decodes to NaN or Inf,
+so the server's NaN/Inf check (``payload.decode_update``) still sees a
+diverged client. Decoders therefore accept NaN/Inf scales, but reject
+negative scales, impossible codes and wrong lengths with :class:`CodecError`.
+
+Speed: each codec walks the tensor in blocks of :data:`bitpack.BLOCK`
+coordinates with preallocated scratch, so that temporaries stay in cache and
+no block allocates (allocations above glibc's mmap threshold page-fault on
+every call); all work is whole-block numpy operations. fp16 and bf16 are
+converted on the float32 bit patterns with integer operations: exact IEEE
+round-to-nearest-even (tests check it against numpy's cast), and faster than
+numpy's float16 cast, which is scalar code.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+import numpy as np
+
+from .bitpack import BLOCK, _pack_into, _unpack_into, packed_size
+from .codec import Codec, CodecError, CodecTraits, EncodeContext
+from .wire import Header, pack_header, unpack_header
+
+__all__ = ["Bf16Codec", "Fp16Codec", "QsgdCodec", "SignCodec", "TernaryCodec"]
+
+_F32 = np.dtype("<f4")
+_U32 = np.dtype("<u4")
+_U16 = np.dtype("<u2")
+_U64 = np.dtype("<u8")
+_SCALE = struct.Struct("<f")
+_F32_INF = 0x7F800000  # float32 pattern of +Inf; larger |x| patterns are NaN
+
+
+def _flatten(x: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+    """``x`` as a flat C-contiguous float32 array (copied only if needed), and its shape."""
+    a = np.asarray(x, dtype=_F32, order="C")
+    return a.reshape(-1), a.shape
+
+
+def _open(payload: bytes, codec: Codec) -> tuple[Header, np.ndarray]:
+    """Check the header; return it and the body as a read-only uint8 array."""
+    header = unpack_header(payload, codec.codec_id)
+    body = np.frombuffer(memoryview(payload)[header.size :], dtype=np.uint8)
+    return header, body
+
+
+def _expect(codec: Codec, header: Header, body: np.ndarray, expected: int) -> None:
+    if body.size != expected:
+        raise CodecError(
+            f"{codec.name} payload for shape {header.shape} needs {expected} body bytes, got {body.size}"
+        )
+
+
+def _join(header: bytes, *parts: np.ndarray | bytes) -> bytes:
+    return b"".join((header, *parts))
+
+
+# -------------------------------------------------------------- randomness
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_RANDOM_PIECE = 1 << 15  # coordinates per piece (two per 64-bit lane: 128 KiB of lanes)
+_STEPS = np.arange(1, _RANDOM_PIECE // 2 + 1, dtype=_U64) * _GOLDEN  # wraps mod 2**64
+
+
+class _Uniforms:
+    """Float32 uniforms on [1, 2) for one encode call.
+
+    The codec's ``np.random.Generator`` draws one 64-bit key per call; the
+    stream is SplitMix64 (Steele, Lea & Flood 2014; Java's SplittableRandom)
+    from that key, computed for a whole piece at once with numpy: lane i is
+    mix(key + i·golden). Each 64-bit output gives two coordinates 23 random
+    mantissa bits under exponent 0. This is about 1.7× faster than
+    ``Generator.random(dtype=np.float32)``, which makes one C call per number.
+    """
+
+    def __init__(self, rng: np.random.Generator, capacity: int) -> None:
+        self.key = int(rng.integers(0, 2**64, dtype=np.uint64))
+        self.used = 0  # lanes drawn so far
+        lanes = max(1, min(_RANDOM_PIECE, capacity + 1) // 2)
+        self.z = np.empty(lanes, _U64)
+        self.w = np.empty(lanes, _U64)
+
+    def pieces(self, n: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yield (lo, hi, r) covering coordinates 0..n, r uniform on [1, 2)."""
+        for lo in range(0, n, _RANDOM_PIECE):
+            hi = min(lo + _RANDOM_PIECE, n)
+            lanes = (hi - lo + 1) // 2
+            z, w = self.z[:lanes], self.w[:lanes]
+            base = np.uint64((self.key + self.used * int(_GOLDEN)) & (2**64 - 1))
+            self.used += lanes
+            np.add(_STEPS[:lanes], base, out=z)
+            np.right_shift(z, np.uint64(30), out=w)
+            z ^= w
+            z *= _MIX1
+            np.right_shift(z, np.uint64(27), out=w)
+            z ^= w
+            z *= _MIX2
+            np.right_shift(z, np.uint64(31), out=w)
+            z ^= w
+            r = z.view(_U32)[: hi - lo]
+            r >>= np.uint32(9)
+            r |= np.uint32(0x3F800000)
+            yield lo, hi, r.view(_F32)
+
+
+def _generator(seed: int | None) -> np.random.Generator:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    return np.random.default_rng(seed)
+
+
+# --------------------------------------------------------------------- fp16
+
+_F16_MIN_NORMAL = np.uint32(0x38800000)  # float32 pattern of 2**-14, the smallest normal fp16
+_F16_MAX = np.uint32(0x477FE000)  # float32 pattern of 65504, the largest finite fp16
+# (pattern - 2**-14 pattern + 0xFFF + odd) >> 13 is the fp16 pattern minus 0x400.
+_F16_BIAS = np.uint32((0xFFF - 0x38800000) & 0xFFFFFFFF)
+
+
+def _f32_to_f16_bits(x: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
+    """fp16 patterns (round to nearest even) of float32 ``x`` into uint16 ``out``.
+
+    ``scratch``: uint32, shape (3, x.size). Finite values beyond ±65504 become
+    ±65504; ±Inf and NaN are kept. Normal results: round the float32 pattern
+    at bit 13 after rebasing the exponent. Subnormal results: |x| + 0.5 in
+    float32 rounds |x| to a multiple of 2**-24, whose count is the low bits of
+    the sum's pattern. Each path saturates at 2**-14 (fp16 pattern 0x400), so
+    the sum of the two less 0x400 is the answer.
+    """
+    u = x.view(_U32)
+    a, t, w = scratch
+    np.bitwise_and(u, np.uint32(0x7FFFFFFF), out=a)
+    top = int(a.max())
+    np.clip(a, _F16_MIN_NORMAL, _F16_MAX, out=t)
+    np.right_shift(t, np.uint32(13), out=w)
+    w &= np.uint32(1)
+    t += w
+    t += _F16_BIAS
+    t >>= np.uint32(13)  # fp16 pattern - 0x400 (normal), 0 (subnormal)
+    np.clip(a, np.uint32(0), _F16_MIN_NORMAL, out=w)
+    sub = w.view(_F32)
+    sub += np.float32(0.5)  # pattern 0x3F000000 + subnormal count (0x400 if normal)
+    t += w  # low 16 bits: the fp16 pattern of |x|
+    np.right_shift(u, np.uint32(16), out=w)
+    w &= np.uint32(0x8000)
+    t |= w
+    np.copyto(out, t, casting="unsafe")  # keeps the low 16 bits
+    if top >= _F32_INF:  # Inf or NaN somewhere: restore them
+        bad = a >= _F32_INF
+        out[bad] = np.where(a[bad] > _F32_INF, 0x7E00, 0x7C00) | ((u[bad] >> 16) & 0x8000)
+
+
+def _f16_bits_to_f32(h: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
+    """Exact float32 values of fp16 patterns ``h`` into ``out``; ``scratch``: uint32 like ``h``.
+
+    The pattern, sign-extended and shifted to float32's mantissa position, is
+    the fp16 value times 2**-112 (subnormals included); multiplying by 2**112
+    is exact.
+    """
+    np.copyto(scratch.view(np.int32), h.view("<i2"))  # sign-extends
+    scratch <<= np.uint32(13)
+    scratch &= np.uint32(0x8FFFFFFF)  # sign at bit 31, exponent and mantissa at bits 13..27
+    np.multiply(scratch.view(_F32), np.float32(2.0**112), out=out)
+    if not -65536 < out.min() <= out.max() < 65536:  # exponent 31 (Inf, NaN) lands on ±2**16..2**17
+        bad = (h & 0x7C00) == 0x7C00
+        values = np.where(h[bad] & 0x3FF, np.float32(np.nan), np.float32(np.inf))
+        out[bad] = np.where(h[bad] & 0x8000, -values, values)
+
+
+class Fp16Codec(Codec):
+    """IEEE half precision, round to nearest even, clipped to ±65504.
+
+    Bits: 16·d + 8·(6 + 4·ndim). Body: d little-endian fp16 values.
+    Deterministic (Var = 0); the bias is the rounding error,
+    |x̂ᵢ − xᵢ| ≤ 2⁻¹¹·|xᵢ| for 2⁻¹⁴ ≤ |xᵢ| ≤ 65504 and ≤ 2⁻²⁵ below (subnormals).
+    Finite |xᵢ| > 65504 is sent as ±65504 (clipped, never turned into Inf);
+    ±Inf and NaN stay Inf and NaN. Contractive: |x̂ᵢ − xᵢ| < |xᵢ| for xᵢ ≠ 0,
+    with δ ≥ 1 − 2⁻²² when every |xᵢ| is in the normal range (δ → 0 only for
+    tensors entirely below 2⁻²⁵ in magnitude, which flush to zero).
+    """
+
+    name = "fp16"
+    codec_id = 2
+    traits = CodecTraits(
+        unbiased=False, contractive=True, commutes_with_sum=False, stateful=False, lossless=False
+    )
+
+    def encode(self, x: np.ndarray, ctx: EncodeContext | None = None) -> bytes:
+        flat, shape = _flatten(x)
+        out = np.empty(flat.size, _U16)
+        scratch = np.empty((3, min(flat.size, BLOCK)), _U32)
+        for lo in range(0, flat.size, BLOCK):
+            hi = min(lo + BLOCK, flat.size)
+            _f32_to_f16_bits(flat[lo:hi], out[lo:hi], scratch[:, : hi - lo])
+        return _join(pack_header(self.codec_id, _F32, shape), out)
+
+    def decode(self, payload: bytes) -> np.ndarray:
+        header, body = _open(payload, self)
+        _expect(self, header, body, 2 * header.numel)
+        h = body.view(_U16)
+        out = np.empty(h.size, np.float32)
+        scratch = np.empty(min(h.size, BLOCK), _U32)
+        for lo in range(0, h.size, BLOCK):
+            hi = min(lo + BLOCK, h.size)
+            _f16_bits_to_f32(h[lo:hi], out[lo:hi], scratch[: hi - lo])
+        return out.reshape(header.shape)
+
+
+# --------------------------------------------------------------------- bf16
+
+_BF16_OVERFLOW = 0x7F7F8000  # |x| patterns from here (below Inf) round up to Inf
+_BF16_MAX = 0x7F7F  # largest finite bf16 pattern, 3.3895e38
+
+
+class Bf16Codec(Codec):
+    """bfloat16: the upper 16 bits of the float32, rounded to nearest even.
+
+    Bits: 16·d + 8·(6 + 4·ndim). Body: d little-endian bf16 patterns.
+    Deterministic (Var = 0); the bias is the rounding error,
+    |x̂ᵢ − xᵢ| ≤ 2⁻⁸·|xᵢ| for normal float32 values (8 significant bits; same
+    exponent range as float32). As for fp16, finite values that would round
+    up to Inf (|xᵢ| ≥ (2 − 2⁻⁸)·2¹²⁷) are clipped to ±3.3895e38, while ±Inf stay
+    Inf and NaN stays NaN. Contractive like fp16 (δ ≥ 1 − 2⁻¹⁶ for normal values).
+    """
+
+    name = "bf16"
+    codec_id = 3
+    traits = CodecTraits(
+        unbiased=False, contractive=True, commutes_with_sum=False, stateful=False, lossless=False
+    )
+
+    def encode(self, x: np.ndarray, ctx: EncodeContext | None = None) -> bytes:
+        flat, shape = _flatten(x)
+        out = np.empty(flat.size, _U16)
+        scratch = np.empty(min(flat.size, BLOCK), _U32)
+        for lo in range(0, flat.size, BLOCK):
+            hi = min(lo + BLOCK, flat.size)
+            chunk, w = flat[lo:hi], scratch[: hi - lo]
+            u = chunk.view(_U32)
+            np.right_shift(u, np.uint32(16), out=w)
+            w &= np.uint32(1)
+            w += u
+            w += np.uint32(0x7FFF)  # + 0x7FFF + odd, then drop 16 bits: round to nearest even
+            w >>= np.uint32(16)
+            np.copyto(out[lo:hi], w, casting="unsafe")
+            if not -3.3e38 < chunk.min() <= chunk.max() < 3.3e38:  # NaN, Inf or near overflow
+                self._fix_specials(u, out[lo:hi])
+        return _join(pack_header(self.codec_id, _F32, shape), out)
+
+    @staticmethod
+    def _fix_specials(u: np.ndarray, dest: np.ndarray) -> None:
+        """NaN (whose rounding can carry into Inf or the sign) and finite overflow."""
+        a = u & 0x7FFFFFFF
+        sign = ((u >> 16) & 0x8000).astype(_U16)
+        nan = a > _F32_INF
+        dest[nan] = sign[nan] | 0x7FC0
+        big = (a >= _BF16_OVERFLOW) & (a < _F32_INF)
+        dest[big] = sign[big] | _BF16_MAX
+
+    def decode(self, payload: bytes) -> np.ndarray:
+        header, body = _open(payload, self)
+        _expect(self, header, body, 2 * header.numel)
+        h = body.view(_U16)
+        out = np.empty(h.size, _U32)
+        for lo in range(0, h.size, BLOCK):
+            block = out[lo : lo + BLOCK]
+            np.copyto(block, h[lo : lo + BLOCK])
+            block <<= np.uint32(16)
+        return out.view(_F32).reshape(header.shape)
+
+
+# --------------------------------------------------------------------- qsgd
+
+_QSGD_PARAMS = struct.Struct("<BI")  # bits, bucket
+_MAGIC = 1.5 * 2.0**23  # float32 sums in [2**23, 2**24) are integers: adding it rounds
+
+
+class QsgdCodec(Codec):
+    """QSGD (Alistarh et al. 2017) with per-bucket max scaling and stochastic rounding.
+
+    Scheme: the flattened (C order) tensor is cut into buckets of ``bucket``
+    coordinates (the last may be shorter). Bucket j with m = max |xᵢ|
+    (float32) uses the 2**bits grid points −m + kΔ, k = 0..s, with
+    s = 2**bits − 1 and Δ = 2m/s (zero is not a grid point unless m = 0;
+    bits=1 is a stochastic sign scaled by m). Coordinate i, at grid position
+    t = (xᵢ + m)/Δ ∈ [0, s], is sent as k = ⌊t⌋ + 1 with probability t − ⌊t⌋
+    and as ⌊t⌋ otherwise; the decoder returns k·Δ − m. So
+
+        E[x̂ᵢ] = xᵢ,    Var[x̂ᵢ] = Δ²·f(1 − f) ≤ Δ²/4 = m²/s²,   f = t − ⌊t⌋,
+
+    up to float32 rounding (23-bit uniforms; t is formed in float32, within
+    2⁻¹⁶·Δ for bits=8 and less for fewer bits).
+
+    Body: uint8 bits, uint32 bucket, then ⌈d/bucket⌉ float32 scales m, then
+    the d indices k packed at ``bits`` bits each. Bits: bits·d +
+    32·⌈d/bucket⌉ + 40 + 8·(6 + 4·ndim), ≈ bits + 32/bucket per coordinate.
+    The decoder takes bits and bucket from the payload, not from itself.
+
+    Randomness: each instance owns a ``np.random.Generator`` seeded with
+    ``seed`` (None: fresh OS entropy) that keys a SplitMix64 stream per
+    encode (see ``_Uniforms``). Clients must not share an instance or a seed,
+    or their rounding noise is correlated; ``ctx.seed`` (shared by all clients
+    of a round) is therefore not used.
+
+    Not commutes_with_sum: every client picks its own scales. With one scale
+    per bucket shared by the clients of a round (and the index sums widened),
+    the summed indices would decode to the sum of the quantized tensors.
+    """
+
+    name = "qsgd"
+    codec_id = 4
+    traits = CodecTraits(
+        unbiased=True, contractive=False, commutes_with_sum=False, stateful=False, lossless=False
+    )
+
+    def __init__(self, bits: int = 4, bucket: int = 512, seed: int | None = None) -> None:
+        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
+            raise ValueError(f"qsgd bits must be in 1..8, got {bits!r}")
+        if isinstance(bucket, bool) or not isinstance(bucket, (int, np.integer)) or not 1 <= bucket < 2**32:
+            raise ValueError(f"qsgd bucket must be an integer in 1..2**32-1, got {bucket!r}")
+        self.bits = int(bits)
+        self.bucket = int(bucket)
+        self.rng = _generator(seed)
+
+    def __repr__(self) -> str:
+        return f"QsgdCodec(bits={self.bits}, bucket={self.bucket})"
+
+    @staticmethod
+    def _block_length(bucket: int) -> int:
+        """Coordinates per block: a multiple of 8 and, when a bucket fits in BLOCK, of the bucket."""
+        if bucket > BLOCK:
+            return BLOCK
+        align = 8 // int(np.gcd(bucket, 8))
+        per = BLOCK // bucket
+        return max(align, per - per % align) * bucket
+
+    @classmethod
+    def _blocks(cls, n: int, bucket: int) -> Iterator[tuple[int, int, list[tuple[int, int, int, int]]]]:
+        """Yield (lo, hi, pieces) per block; a piece (start, stop, rows, first)
+        is ``rows`` whole buckets from bucket ``first`` on, or (rows=1) part of
+        bucket ``first``."""
+        length = cls._block_length(bucket)
+        for lo in range(0, n, length):
+            hi = min(lo + length, n)
+            pieces = []
+            if bucket <= BLOCK:
+                whole = (hi - lo) // bucket
+                if whole:
+                    pieces.append((lo, lo + whole * bucket, whole, lo // bucket))
+                if lo + whole * bucket < hi:
+                    pieces.append((lo + whole * bucket, hi, 1, lo // bucket + whole))
+            else:
+                start = lo
+                while start < hi:
+                    stop = min(hi, (start // bucket + 1) * bucket)
+                    pieces.append((start, stop, 1, start // bucket))
+                    start = stop
+            yield lo, hi, pieces
+
+    @staticmethod
+    def _absmax(rows: np.ndarray) -> np.ndarray:
+        """max |x| of each row (NaN if the row has one); reductions only, so rows stay in cache."""
+        return np.maximum(rows.max(axis=1), -rows.min(axis=1))
+
+    def encode(self, x: np.ndarray, ctx: EncodeContext | None = None) -> bytes:
+        flat, shape = _flatten(x)
+        n, bits, bucket = flat.size, self.bits, self.bucket
+        s = (1 << bits) - 1
+        half = np.float32(s / 2)
+        # t + r (r uniform on [0, 1)) is formed as x·s/2m + (r + 1) + offset
+        # with offset = _MAGIC + s/2 - 1 - 1/2: float32 rounds the sum to the
+        # integer _MAGIC + ⌊t + r⌋ (ties, of probability ~2⁻²³, go to even),
+        # whose pattern's low byte is the index.
+        offset = np.float32(_MAGIC + 2 ** (bits - 1) - 2)
+        lowest = np.float32(_MAGIC).view(_U32)  # patterns of _MAGIC + 0 and _MAGIC + s
+        highest = np.float32(_MAGIC + s).view(_U32)
+        nbuckets = -(-n // bucket)
+        scales = np.empty(nbuckets, _F32)
+        length = min(n, self._block_length(bucket))
+        work = np.empty(length, _F32)
+        idx = np.empty(length, np.uint8)
+        packed = np.empty(packed_size(n, bits), np.uint8)
+        if bucket > BLOCK:  # a bucket spans blocks: scales first
+            for j in range(nbuckets):
+                end = min(n, (j + 1) * bucket)
+                parts = [
+                    self._absmax(flat[lo : min(lo + BLOCK, end)].reshape(1, -1))[0]
+                    for lo in range(j * bucket, end, BLOCK)
+                ]
+                scales[j] = np.max(parts)  # NaN if any part is NaN
+        uniforms = _Uniforms(self.rng, length)
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            for lo, hi, pieces in self._blocks(n, bucket):
+                for start, stop, rows, first in pieces:
+                    xv = flat[start:stop].reshape(rows, -1)
+                    if bucket <= BLOCK:
+                        scales[first : first + rows] = self._absmax(xv)
+                    m = scales[first : first + rows]
+                    a = half / m
+                    uv = work[start - lo : stop - lo].reshape(rows, -1)
+                    if np.isfinite(a).all():
+                        np.multiply(xv, a[:, None], out=uv)
+                    else:  # m = 0 (a = Inf), NaN or Inf (indices do not matter), or subnormal
+                        tiny = ~np.isfinite(a) & (m > 0) & np.isfinite(m)
+                        a[~np.isfinite(a)] = 0
+                        np.multiply(xv, a[:, None], out=uv)
+                        uv[tiny] = xv[tiny] / m[tiny, None] * half
+                u = work[: hi - lo]
+                for r0, r1, r in uniforms.pieces(hi - lo):
+                    u[r0:r1] += r
+                u += offset
+                pattern = u.view(_U32)
+                np.clip(pattern, lowest, highest, out=pattern)  # float32 rounding can reach -1 or s + 1
+                k = idx[: hi - lo]
+                np.copyto(k, pattern, casting="unsafe")  # low byte = index
+                _pack_into(k, bits, packed[lo * bits // 8 : packed_size(hi, bits)])
+        params = _QSGD_PARAMS.pack(bits, bucket)
+        return _join(pack_header(self.codec_id, _F32, shape), params, scales, packed)
+
+    def decode(self, payload: bytes) -> np.ndarray:
+        header, body = _open(payload, self)
+        n = header.numel
+        if body.size < _QSGD_PARAMS.size:
+            raise CodecError(f"qsgd payload body of {body.size} bytes is shorter than its parameters")
+        bits, bucket = _QSGD_PARAMS.unpack_from(body, 0)
+        if not 1 <= bits <= 8 or bucket < 1:
+            raise CodecError(f"qsgd payload has bits={bits}, bucket={bucket}; need bits in 1..8, bucket >= 1")
+        nbuckets = -(-n // bucket)
+        _expect(self, header, body, _QSGD_PARAMS.size + 4 * nbuckets + packed_size(n, bits))
+        scales = body[_QSGD_PARAMS.size : _QSGD_PARAMS.size + 4 * nbuckets].view(_F32)
+        if np.any(scales < 0):
+            raise CodecError("qsgd payload has a negative bucket scale")
+        packed = body[_QSGD_PARAMS.size + 4 * nbuckets :]
+        ratio = np.float32(2 / ((1 << bits) - 1))
+        with np.errstate(over="ignore", invalid="ignore"):
+            steps = scales * ratio  # Δ = 2m/s
+        # Δ overflows (m > float32 max·s/2) or is subnormal: (k·2/s − 1)·m for those buckets
+        awkward = np.isfinite(scales) & (np.isinf(steps) | (scales < np.finfo(np.float32).tiny))
+        out = np.empty(n, np.float32)
+        idx = np.empty(min(n, self._block_length(bucket)), np.uint8)
+        with np.errstate(invalid="ignore"):
+            for lo, hi, pieces in self._blocks(n, bucket):
+                k = idx[: hi - lo]
+                _unpack_into(packed[lo * bits // 8 : packed_size(hi, bits)], bits, k)
+                np.copyto(out[lo:hi], k)
+                for start, stop, rows, first in pieces:
+                    view = out[start:stop].reshape(rows, -1)
+                    view *= steps[first : first + rows, None]  # k·Δ - m
+                    view -= scales[first : first + rows, None]
+                    odd = awkward[first : first + rows]
+                    if odd.any():
+                        kv = k[start - lo : stop - lo].reshape(rows, -1)[odd] * ratio - np.float32(1)
+                        view[odd] = kv * scales[first : first + rows, None][odd]
+        return out.reshape(header.shape)
+
+
+# ------------------------------------------------------------------ ternary
+
+
+class TernaryCodec(Codec):
+    """TernGrad (Wen et al. 2017): x̂ᵢ = s·sign(xᵢ)·bᵢ, bᵢ ~ Bernoulli(|xᵢ|/s), s = max |x|.
+
+        E[x̂ᵢ] = xᵢ,    Var[x̂ᵢ] = |xᵢ|·(s − |xᵢ|) ≤ s²/4,
+
+    up to float32 rounding (the Bernoulli draws compare 23-bit uniforms with
+    |xᵢ|/s rounded to float32). Body: float32 s, then one 2-bit code per
+    coordinate: 0 = −s, 1 = 0, 2 = +s (3 is invalid). Bits: 2·d + 32 +
+    8·(6 + 4·ndim). Randomness as :class:`QsgdCodec`: an instance-owned
+    generator seeded with ``seed`` (None: OS entropy).
+    """
+
+    name = "ternary"
+    codec_id = 5
+    traits = CodecTraits(
+        unbiased=True, contractive=False, commutes_with_sum=False, stateful=False, lossless=False
+    )
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.rng = _generator(seed)
+
+    def encode(self, x: np.ndarray, ctx: EncodeContext | None = None) -> bytes:
+        flat, shape = _flatten(x)
+        n = flat.size
+        scale = np.maximum(flat.max(), -flat.min()) if n else np.float32(0)  # NaN if any NaN
+        packed = np.empty(packed_size(n, 2), np.uint8)
+        if not 0 < scale < np.inf:  # all zero (decodes to 0) or non-finite (decodes to NaN)
+            packed[:] = 0b01010101  # code 1 (zero) everywhere
+            if n % 4:
+                packed[-1] &= (1 << 2 * (n % 4)) - 1
+        else:
+            with np.errstate(over="ignore"):
+                inv = np.float32(1) / scale  # Inf if the scale is subnormal
+            length = min(n, BLOCK)
+            p = np.empty(length, _F32)
+            keep = np.empty(length, np.bool_)
+            neg = np.empty(length, np.bool_)
+            code = np.empty(length, np.uint8)
+            uniforms = _Uniforms(self.rng, length)
+            for lo in range(0, n, BLOCK):
+                hi = min(lo + BLOCK, n)
+                chunk = flat[lo:hi]
+                pv, kv, nv, cv = p[: hi - lo], keep[: hi - lo], neg[: hi - lo], code[: hi - lo]
+                np.abs(chunk, out=pv)
+                if np.isfinite(inv):
+                    pv *= inv
+                else:
+                    pv /= scale
+                pv += np.float32(1)  # 1 + |x|/s in [1, 2]
+                for r0, r1, r in uniforms.pieces(hi - lo):
+                    np.less(r, pv[r0:r1], out=kv[r0:r1])  # probability |x|/s
+                np.less(chunk, np.float32(0), out=nv)
+                nv &= kv
+                np.add(kv.view(np.uint8), np.uint8(1), out=cv)  # 1 (zero) or 2 (+s)
+                shifted = nv.view(np.uint8)
+                shifted <<= np.uint8(1)
+                cv ^= shifted  # 2 -> 0 (-s) where negative
+                _pack_into(cv, 2, packed[lo // 4 : packed_size(hi, 2)])
+        return _join(pack_header(self.codec_id, _F32, shape), _SCALE.pack(scale), packed)
+
+    def decode(self, payload: bytes) -> np.ndarray:
+        header, body = _open(payload, self)
+        n = header.numel
+        _expect(self, header, body, 4 + packed_size(n, 2))
+        scale = body[:4].view(_F32)[0]
+        if scale < 0:
+            raise CodecError(f"ternary payload has a negative scale {scale}")
+        packed = body[4:]
+        out = np.empty(n, np.float32)
+        code = np.empty(min(n, BLOCK), np.uint8)
+        with np.errstate(invalid="ignore"):
+            for lo in range(0, n, BLOCK):
+                hi = min(lo + BLOCK, n)
+                k = code[: hi - lo]
+                _unpack_into(packed[lo // 4 : packed_size(hi, 2)], 2, k)
+                if k.max() > 2:
+                    raise CodecError("ternary payload holds the invalid code 3")
+                block = out[lo:hi]
+                np.copyto(block, k)
+                block -= np.float32(1)
+                block *= scale
+        return out.reshape(header.shape)
+
+
+# --------------------------------------------------------------------- sign
+
+
+class SignCodec(Codec):
+    """Scaled sign (as in EF-signSGD, Karimireddy et al. 2019): x̂ = (‖x‖₁/d)·sign(x), sign(0) = +1.
+
+    Deterministic and biased: ‖x̂ − x‖² = ‖x‖² − ‖x‖₁²/d ≤ (1 − 1/d)‖x‖², so it
+    is contractive with δ = ‖x‖₁²/(d‖x‖²) ≥ 1/d; it needs error feedback to
+    converge, which the generic ``feedback.ErrorFeedback`` wrapper adds (this
+    class keeps no state). Body: float32 scale ‖x‖₁/d, then one bit per
+    coordinate, 1 = + (x ≥ 0, −0 included), 0 = −. Bits: d + 32 + 8·(6 + 4·ndim).
+    """
+
+    name = "sign"
+    codec_id = 6
+    traits = CodecTraits(
+        unbiased=False, contractive=True, commutes_with_sum=False, stateful=False, lossless=False
+    )
+
+    def encode(self, x: np.ndarray, ctx: EncodeContext | None = None) -> bytes:
+        flat, shape = _flatten(x)
+        n = flat.size
+        packed = np.empty(packed_size(n, 1), np.uint8)
+        total = 0.0
+        work = np.empty(min(n, BLOCK), _F32)
+        positive = np.empty(min(n, BLOCK), np.bool_)
+        for lo in range(0, n, BLOCK):
+            hi = min(lo + BLOCK, n)
+            chunk = flat[lo:hi]
+            total += float(np.abs(chunk, out=work[: hi - lo]).sum())
+            np.greater_equal(chunk, np.float32(0), out=positive[: hi - lo])
+            packed[lo // 8 : packed_size(hi, 1)] = np.packbits(positive[: hi - lo], bitorder="little")
+        scale = np.float32(total / n) if n else np.float32(0)
+        return _join(pack_header(self.codec_id, _F32, shape), _SCALE.pack(scale), packed)
+
+    def decode(self, payload: bytes) -> np.ndarray:
+        header, body = _open(payload, self)
+        n = header.numel
+        _expect(self, header, body, 4 + packed_size(n, 1))
+        scale = body[:4].view(_F32)[0]
+        if scale < 0:
+            raise CodecError(f"sign payload has a negative scale {scale}")
+        packed = body[4:]
+        out = np.empty(n, _U32)  # built as float32 patterns: the scale's, with the sign bit set for -
+        pattern = body[:4].view(_U32)[0]
+        for lo in range(0, n, BLOCK):
+            hi = min(lo + BLOCK, n)
+            block = out[lo:hi]
+            signs = np.unpackbits(packed[lo // 8 : packed_size(hi, 1)], count=hi - lo, bitorder="little")
+            np.copyto(block, signs)
+            block ^= np.uint32(1)
+            block <<= np.uint32(31)
+            block |= pattern
+        return out.view(_F32).reshape(header.shape)

@@ -1,0 +1,295 @@
+"""Sparsifying codecs: top-k (largest magnitudes) and rand-k (shared random support).
+
+Both keep ``k = max(1, ceil(ratio·d))`` of the ``d`` coordinates of a tensor
+(all of them when ``d`` is 0 or ``ratio`` is 1) and send zeros for the rest.
+Neither keeps state: error feedback, which top-k needs to converge, is a
+generic wrapper around any biased codec, not part of this module.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import struct
+from functools import lru_cache
+
+import numpy as np
+
+from .codec import Codec, CodecError, CodecTraits, EncodeContext
+from .golomb import MAX_RICE_PARAMETER, best_rice_parameter, rice_decode, rice_encode
+from .wire import pack_header, unpack_header
+
+_FP16_MAX = float(np.finfo(np.float16).max)
+_VALUE_DTYPES = {"fp16": np.dtype("<f2"), "fp32": np.dtype("<f4")}
+_U64 = (1 << 64) - 1
+
+
+def _check_ratio(name: str, ratio: object) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+        raise ValueError(f"{name} ratio must be a number in (0, 1], got {ratio!r}")
+    value = float(ratio)
+    if not (0.0 < value <= 1.0):  # also rejects NaN
+        raise ValueError(
+            f"{name} ratio must be in (0, 1], got {ratio}: k = ratio·d must satisfy 0 < k ≤ d"
+        )
+    return value
+
+
+def support_size(ratio: float, d: int) -> int:
+    """``k = max(1, ceil(ratio·d))``, at most ``d`` (0 for an empty tensor).
+
+    The product is rounded down by a relative 1e-12 before the ceiling so that
+    a ratio that is not exact in binary (0.07·100 = 7.000000000000001) gives
+    the k a person expects (7, not 8).
+    """
+    if d == 0:
+        return 0
+    return min(d, max(1, math.ceil(ratio * d * (1.0 - 1e-12))))
+
+
+def _flat_f32(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The tensor as little-endian float32 and its flat view (a copy only if not contiguous)."""
+    x = np.asarray(x, dtype="<f4")
+    return x, x.reshape(-1)
+
+
+def _check_k_fits(name: str, k: int) -> None:
+    if k > 0xFFFFFFFF:
+        raise ValueError(f"{name} keeps {k} coordinates; the wire format counts at most 2**32 - 1")
+
+
+class TopKCodec(Codec):
+    """Keeps the ``k = max(1, ceil(ratio·d))`` largest-magnitude coordinates.
+
+    Positions are sorted and sent as Rice-coded gaps (``golomb.py``): the first
+    gap is the first index, each next gap is ``index_i - index_{i-1} - 1``.
+    Values are sent at fp16 (clipped to ±65504, the largest finite fp16; Inf and
+    NaN pass through so the payload check still sees them) or fp32. Ties at the
+    threshold magnitude keep the lowest indices.
+
+    Wire body after the header (little-endian)::
+
+        uint32  k
+        uint8   Rice parameter b (0..63)
+        bytes   Rice code of the k gaps (exactly ceil(bits/8) bytes)
+        k × fp16 | fp32   the kept values, in index order
+
+    The value width is this codec's ``values`` parameter, not a payload field:
+    the decoder must be built with the same ``values`` as the encoder.
+
+    Bits per coordinate ≈ k·(b + 1 + gap/2**b + 16)/d with fp16 values
+    (``+ 32`` with fp32), where with b ≈ log2(ln2·d/k) the Rice part is about
+    b + 2.44 bits, plus 8·(5 + 6 + 4·ndim)/d for the body fields and header.
+    At ratio 0.01 that is about 0.01·(8.2 + 16) ≈ 0.25 bits per coordinate.
+
+    Algebra: biased; contractive with δ = k/d (||x - C(x)||² ≤ (1 - k/d)||x||²
+    up to the fp16 rounding of the kept values); does not commute with sum
+    (each client keeps its own support); stateless.
+    """
+
+    name = "topk"
+    codec_id = 7
+    traits = CodecTraits(
+        unbiased=False, contractive=True, commutes_with_sum=False, stateful=False, lossless=False
+    )
+
+    def __init__(self, ratio: float = 0.01, values: str = "fp16") -> None:
+        self.ratio = _check_ratio("topk", ratio)
+        if values not in _VALUE_DTYPES:
+            raise ValueError(f"topk values must be 'fp16' or 'fp32', got {values!r}")
+        self.values = values
+        self._vdtype = _VALUE_DTYPES[values]
+
+    def __repr__(self) -> str:
+        return f"TopKCodec(ratio={self.ratio!r}, values={self.values!r})"
+
+    def _select(self, flat: np.ndarray, k: int) -> np.ndarray:
+        d = flat.size
+        if k == d:
+            return np.arange(d, dtype=np.int64)
+        magnitude = np.abs(flat)
+        top = np.partition(magnitude, d - k)[d - k :]
+        threshold = top[0]
+        if np.isnan(top).any():
+            # NaN sorts above every number: keep it among the k so that the
+            # server's NaN/Inf check still sees the diverged client.
+            return np.sort(np.argpartition(magnitude, d - k)[d - k :]).astype(np.int64)
+        idx = np.flatnonzero(magnitude > threshold)
+        if idx.size < k:
+            ties = np.flatnonzero(magnitude == threshold)[: k - idx.size]
+            idx = np.sort(np.concatenate([idx, ties]))
+        return idx.astype(np.int64, copy=False)
+
+    def encode(self, x: np.ndarray, ctx: EncodeContext | None = None) -> bytes:
+        x, flat = _flat_f32(x)
+        d = flat.size
+        k = support_size(self.ratio, d)
+        _check_k_fits("topk", k)
+        idx = self._select(flat, k)
+        gaps = np.diff(idx, prepend=-1) - 1
+        b = best_rice_parameter(gaps)
+        values = flat[idx]
+        if self.values == "fp16":
+            values = np.where(np.isfinite(values), np.clip(values, -_FP16_MAX, _FP16_MAX), values)
+        return b"".join(
+            (
+                pack_header(self.codec_id, x.dtype, x.shape),
+                struct.pack("<IB", k, b),
+                rice_encode(gaps, b),
+                values.astype(self._vdtype).tobytes(),
+            )
+        )
+
+    def decode(self, payload: bytes) -> np.ndarray:
+        header = unpack_header(payload, self.codec_id)
+        body = memoryview(payload)[header.size :]
+        d = header.numel
+        if len(body) < 5:
+            raise CodecError(f"topk body of {len(body)} bytes is shorter than its 5-byte k/Rice fields")
+        k, b = struct.unpack_from("<IB", body)
+        if k > d or (k == 0 and d > 0):
+            raise CodecError(f"topk payload keeps k={k} coordinates of a {d}-element tensor; need 0 < k ≤ d")
+        if b > MAX_RICE_PARAMETER:
+            raise CodecError(f"topk payload has Rice parameter {b}; at most {MAX_RICE_PARAMETER} is valid")
+        value_bytes = k * self._vdtype.itemsize
+        positions_end = len(body) - value_bytes
+        if positions_end < 5:
+            raise CodecError(
+                f"topk payload is truncated: {k} {self.values} values need {value_bytes} bytes "
+                f"after the positions, the body has {len(body) - 5}"
+            )
+        gaps = rice_decode(body[5:positions_end], b, k)
+        if k and (int(gaps.max()) >= d or float(gaps.sum(dtype=np.float64)) + k > d):
+            raise CodecError(f"topk positions run past the end of the {d}-element tensor")
+        idx = np.cumsum(gaps.astype(np.int64) + 1) - 1
+        out = np.zeros(d, dtype=np.float32)
+        out[idx] = np.frombuffer(body[positions_end:], dtype=self._vdtype)
+        return out.reshape(header.shape)
+
+
+# ---------------------------------------------------------------------------
+# rand-k
+
+
+def _distinct_prefix(bitgen: np.random.PCG64, d: int, m: int) -> np.ndarray:
+    """The first ``m`` distinct values of a uniform stream over [0, d), sorted.
+
+    The stream takes the top ``ceil(log2 d)`` bits of each raw 64-bit PCG64
+    output and rejects values ≥ d, so it is exactly uniform; the first ``m``
+    distinct values of an i.i.d. uniform stream are a uniform ``m``-subset.
+    Batch sizes depend on (d, m) only, so the result depends on the seed only.
+    """
+    bits = max(1, (d - 1).bit_length())
+    shift = np.uint64(64 - bits)
+    accept = d / float(1 << bits)
+    expected = -d * math.log1p(-m / d)  # accepted draws until m distinct
+    batch = int((expected + 4.0 * math.sqrt(expected) + 32.0) / accept)
+    stream = np.zeros(0, dtype=np.uint64)
+    while True:
+        raw = bitgen.random_raw(batch) >> shift
+        stream = np.concatenate([stream, raw[raw < np.uint64(d)]])
+        unique, first = np.unique(stream, return_index=True)
+        if unique.size >= m:
+            # first-occurrence indices are distinct: exactly m pass the cut
+            cut = np.partition(first, m - 1)[m - 1]
+            return unique[first <= cut].astype(np.int64)
+        batch = max(batch // 4, 1024)
+
+
+def _smallest_keys(bitgen: np.random.PCG64, d: int, k: int) -> np.ndarray:
+    """The ``k`` coordinates with the smallest i.i.d. 64-bit keys, sorted (ties: lowest index)."""
+    keys = bitgen.random_raw(d)
+    threshold = np.partition(keys, k - 1)[k - 1]
+    idx = np.flatnonzero(keys < threshold)
+    if idx.size < k:
+        ties = np.flatnonzero(keys == threshold)[: k - idx.size]
+        idx = np.sort(np.concatenate([idx, ties]))
+    return idx.astype(np.int64, copy=False)
+
+
+@lru_cache(maxsize=64)
+def randk_support(seed: int, d: int, k: int) -> np.ndarray:
+    """The sorted, read-only support rand-k uses for ``(seed, d, k)``.
+
+    A uniformly random ``k``-subset of ``range(d)`` that depends on nothing but
+    its arguments: it is built from the raw output of ``numpy.random.PCG64(seed)``
+    (whose stream NumPy keeps stable across versions, unlike the methods of
+    ``Generator``), so clients and a server on different NumPy versions agree.
+    Sparse supports (k ≤ d/16) take the first k distinct values of a uniform
+    stream (≈ 15 ms for d = 2**24, k = d/100); denser ones keep the k smallest
+    of d random keys (O(d)). Cached, since every client of a round and the
+    server ask for the same supports.
+    """
+    if not 0 <= k <= d:
+        raise ValueError(f"rand-k support needs 0 ≤ k ≤ d, got k={k}, d={d}")
+    if k == d:
+        idx = np.arange(d, dtype=np.int64)
+    else:
+        bitgen = np.random.PCG64(seed)
+        idx = _distinct_prefix(bitgen, d, k) if 16 * k <= d else _smallest_keys(bitgen, d, k)
+    idx.flags.writeable = False
+    return idx
+
+
+class RandKCodec(Codec):
+    """Keeps ``k = max(1, ceil(ratio·d))`` coordinates drawn from the round's seed.
+
+    The support is a uniformly random k-subset of the coordinates, drawn
+    without replacement from ``ctx.seed`` (see :func:`randk_support`), so every
+    client of a round picks the same coordinates for the same tensor; the kept
+    values are multiplied by d/k, so E_seed[decode(encode(x))] = x. The seed
+    is reduced mod 2**64 and travels in the payload: decoding needs nothing else.
+
+    Wire body after the header (little-endian)::
+
+        uint64  seed
+        uint32  k
+        k × float32   x[support]·(d/k), support in increasing order
+
+    Bits per coordinate: 32·k/d + 8·(12 + 6 + 4·ndim)/d (≈ 0.32 at ratio 0.01).
+    Variance: E||C(x) - x||² = (d/k - 1)·||x||².
+
+    Algebra: unbiased (over the seed); commutes with sum (with a shared seed
+    the supports match, so the sum of the value vectors is the encoding of the
+    sum); not contractive (the d/k scaling expands); stateless.
+    """
+
+    name = "randk"
+    codec_id = 8
+    traits = CodecTraits(
+        unbiased=True, contractive=False, commutes_with_sum=True, stateful=False, lossless=False
+    )
+
+    def __init__(self, ratio: float = 0.01) -> None:
+        self.ratio = _check_ratio("randk", ratio)
+
+    def __repr__(self) -> str:
+        return f"RandKCodec(ratio={self.ratio!r})"
+
+    def encode(self, x: np.ndarray, ctx: EncodeContext | None = None) -> bytes:
+        x, flat = _flat_f32(x)
+        d = flat.size
+        k = support_size(self.ratio, d)
+        _check_k_fits("randk", k)
+        seed = int(ctx.seed if ctx is not None else 0) & _U64
+        support = randk_support(seed, d, k)
+        scale = d / k if k else 1.0
+        values = (flat[support].astype(np.float64) * scale).astype("<f4")
+        return b"".join(
+            (pack_header(self.codec_id, x.dtype, x.shape), struct.pack("<QI", seed, k), values.tobytes())
+        )
+
+    def decode(self, payload: bytes) -> np.ndarray:
+        header = unpack_header(payload, self.codec_id)
+        body = memoryview(payload)[header.size :]
+        d = header.numel
+        if len(body) < 12:
+            raise CodecError(f"randk body of {len(body)} bytes is shorter than its 12-byte seed/k fields")
+        seed, k = struct.unpack_from("<QI", body)
+        if k > d or (k == 0 and d > 0):
+            raise CodecError(f"randk payload keeps k={k} coordinates of a {d}-element tensor; need 0 < k ≤ d")
+        if len(body) != 12 + 4 * k:
+            raise CodecError(f"randk payload with k={k} needs a {12 + 4 * k}-byte body, got {len(body)}")
+        out = np.zeros(d, dtype=np.float32)
+        out[randk_support(seed, d, k)] = np.frombuffer(body[12:], dtype="<f4")
+        return out.reshape(header.shape)
