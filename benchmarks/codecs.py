@@ -4,7 +4,9 @@ Each codec's time is divided by the time of ``numpy.copyto`` on the same
 float32 array, measured in the same run (best of ``repeats``), so the ratios
 hold on a noisy machine. Codecs run raw (no error feedback): the EF wrapper
 adds one decode and one subtraction per encode, reported separately as
-``sign+ef`` and ``topk+ef``.
+``sign+ef`` and ``topk+ef``. Each encode timing gets a new round seed, so
+rand-k pays for drawing its support; its decode reuses the support the encode
+just drew (as the server does for every client after the first).
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def bench_codecs(size: int = 1 << 24, repeats: int = 3, seed: int = 0, only: lis
         codec = make_codec(name, params)
         tensor = x.reshape(4096, -1) if name == "powersgd" else x
         state: dict[str, np.ndarray] = {}
-        enc_s, payload = _best(lambda: codec.encode(tensor, EncodeContext(seed=seed, state=state)), repeats)
+        seeds = iter(range(seed, seed + repeats))  # a fresh round seed per timing: rand-k draws a new support
+        enc_s, payload = _best(lambda: codec.encode(tensor, EncodeContext(seed=next(seeds), state=state)), repeats)
         dec_s, _ = _best(lambda: codec.decode(payload), repeats)
         rows.append(
             {
