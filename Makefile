@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qfl-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean bench-codecs experiment-compression
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Slower work, kept out of `make test`.
+bench-codecs: $(STAMP)
+	$(BIN)/qfl bench codecs
+
+experiment-compression: $(STAMP)
+	$(BIN)/qfl experiment compression --out runs/experiment-compression
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -86,3 +86,33 @@ def test_flwr_app_config_in_pyproject_is_valid():
     values = pyproject["tool"]["flwr"]["app"]["config"]
     cfg = resolve_config(values)
     assert cfg.alpha is None and cfg.rounds == values["rounds"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["codec=qsgd", "codec.bits=0"], r"qsgd bits must be in 1\.\.8, got 0"),
+        (["codec=qsgd", "codec.bits=9"], r"qsgd bits must be in 1\.\.8, got 9"),
+        (["codec=topk", "codec.ratio=0"], r"topk ratio must be in \(0, 1\].*0 < k ≤ d"),
+        (["codec=topk", "codec.ratio=1.5"], r"topk ratio must be in \(0, 1\]"),
+        (["codec=randk", "codec.ratio=-0.1"], r"randk ratio must be in \(0, 1\]"),
+        (["codec=powersgd", "codec.rank=0"], r"powersgd rank must be >= 1, got 0"),
+        (["codec=sign", "codec.bits=2"], r"codec 'sign' does not take codec\.bits"),
+        (["codec=fp32", "codec.entropy=lzma"], r"codec\.entropy must be one of none, zstd, zlib"),
+        (["downlink_codec=sign"], r"downlink_codec 'sign' keeps state"),
+        (["codec.bits=3"], r"codec 'fp32' does not take codec\.bits"),
+    ],
+)
+def test_codec_config_errors_stop_before_any_round(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(overrides=overrides)
+
+
+def test_codec_params_round_trip_through_toml(tmp_path):
+    cfg = build_config(overrides=["codec=topk", "codec.ratio=0.02", "codec.entropy=zstd", "downlink_codec=fp16"])
+    assert cfg.codec_params == {"ratio": 0.02, "entropy": "zstd"} and cfg.downlink_codec == "fp16"
+    path = tmp_path / "config.toml"
+    path.write_text(cfg.to_toml())
+    assert resolve_config(load_config_file(path)) == cfg
+    assert resolve_config({"codec": "topk", "codec_params.ratio": 0.02, "codec_params.entropy": "zstd",
+                           "downlink_codec": "fp16"}) == cfg

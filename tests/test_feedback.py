@@ -52,3 +52,30 @@ def test_client_state_round_trips_through_the_flower_context():
     assert set(loaded) == set(states)
     assert np.array_equal(loaded["conv.weight"][RESIDUAL], states["conv.weight"][RESIDUAL])
     assert np.array_equal(loaded["fc/bias"]["q"], states["fc/bias"]["q"])
+
+
+def test_client_app_keeps_error_feedback_between_rounds(task_identity):
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+    from qfl.clients import app as client
+    from qfl.clients.classical import model_shapes
+    from qfl.config import resolve_config
+    from qfl.server.federation import CentralEvaluator
+
+    cfg = resolve_config({"codec": "topk", "codec.ratio": 0.05, "clients": 4, "local_epochs": 1})
+    weights = CentralEvaluator(cfg).initial_weights()
+    context = Context(run_id=1, node_id=2, node_config={"partition-id": 1, "num-partitions": 4},
+                      state=RecordDict(), run_config={})
+    residuals = []
+    for rnd in (1, 2):
+        config = ConfigRecord({**cfg.to_flat(), "server-round": rnd})
+        arrays = encode_update(weights, make_codec("fp32"))
+        msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=2, message_type=MessageType.TRAIN)
+        reply = client.train(msg, context)
+        decoded = decode_update(reply.content["update"], make_codec("topk", {"ratio": 0.05}), model_shapes(cfg))
+        states = client.load_codec_state(context)
+        assert set(states) == set(weights)
+        residuals.append({k: s[RESIDUAL].copy() for k, s in states.items()})
+        # what was sent plus what is kept equals the residual carried in plus this round's update
+        assert all(np.count_nonzero(v) <= max(1, int(np.ceil(0.05 * v.size))) for v in decoded.values())
+    assert any(not np.array_equal(residuals[0][k], residuals[1][k]) for k in weights)

@@ -51,3 +51,15 @@ def test_missing_dataset_names_the_path(tmp_path):
     result = run_qfl(["run", "--set", "dataset=mnist", "--set", f"data_dir='{tmp_path}'"])
     assert result.returncode == 2
     assert "MNIST not found" in result.stdout and str(tmp_path) in result.stdout
+
+
+def test_topk_with_error_feedback_runs_end_to_end(tmp_path):
+    out = tmp_path / "topk"
+    result = run_qfl(["run", "--out", str(out), "--set", "rounds=3", "--set", "clients=4",
+                      "--set", "codec=topk", "--set", "codec.ratio=0.02", "--set", "downlink_codec=fp16"])
+    assert result.returncode == 0, result.stdout[-4000:]
+    history = json.loads((out / "metrics.json").read_text())
+    assert all(r["bits_per_param_up"] < 1.0 and r["dropped"] == 0 for r in history)
+    fp16_model = history[0]["downlink_bytes"] / 4
+    assert 2 * 38282 < fp16_model < 2 * 38282 + 200  # 16 bits per parameter plus headers
+    assert history[-1]["accuracy"] > history[0]["accuracy"] or history[-1]["loss"] < history[0]["loss"]
