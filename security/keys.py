@@ -1,0 +1,71 @@
+"""The key interface shared by the in-process key store and the KMS client.
+
+Vocabulary (after ETSI GS QKD 014): a *link* joins two SAEs (secure
+application entities: clients, the server). Key made on a link is deposited in
+that link's pool. The *master* SAE asks for keys (``enc_keys``) and gets key
+containers, each with a ``key_id``; it tells the *slave* the ids; the slave
+fetches the same keys by id (``dec_keys``), once. A key is then gone: no bit is
+ever handed out twice.
+
+Both :class:`qfl.security.keystore.KeyStore` (SQLite, in-process) and
+:class:`qfl.security.kms_client.KmsKeySource` (HTTPS + mTLS to ``qfl kms
+serve``) implement :class:`KeySource`, so a run can switch between them by
+config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class KeyLayerError(Exception):
+    """Base class of key-layer errors."""
+
+
+class KeyExhausted(KeyLayerError):
+    """A link's pool holds fewer bits than requested; nothing was taken."""
+
+    def __init__(self, link: str, requested_bits: int, available_bits: int) -> None:
+        self.link, self.requested_bits, self.available_bits = link, requested_bits, available_bits
+        super().__init__(
+            f"link {link!r} has {available_bits} key bits left, {requested_bits} requested; "
+            "wait for the link to make more key, lower the key cost (a smaller codec), or change the exhaustion policy"
+        )
+
+
+class UnknownKey(KeyLayerError):
+    """A key_id that does not exist, belongs to another link/SAE, or was already delivered."""
+
+
+class UnknownLink(KeyLayerError):
+    """No link joins the two SAEs named."""
+
+
+@dataclass(frozen=True)
+class KeyContainer:
+    key_id: str  # a UUID string, as in ETSI GS QKD 014
+    key: bytes
+
+
+@dataclass(frozen=True)
+class LinkStatus:
+    link: str
+    master: str
+    slave: str
+    made_bits: int
+    used_bits: int  # reserved by enc_keys (delivered to the master), never reused
+    left_bits: int  # made − used
+
+
+class KeySource(Protocol):
+    """What the platform needs from a key provider."""
+
+    def enc_keys(self, master: str, slave: str, number: int, size_bits: int) -> list[KeyContainer]:
+        """Take ``number`` fresh keys of ``size_bits`` (multiple of 8) for master→slave; raise KeyExhausted."""
+
+    def dec_keys(self, slave: str, master: str, key_ids: list[str]) -> list[KeyContainer]:
+        """The keys with these ids, each exactly once; raise UnknownKey otherwise."""
+
+    def status(self, master: str, slave: str) -> LinkStatus:
+        """Counters of the link joining master and slave."""
