@@ -89,3 +89,68 @@ def format_table(rows: list[dict]) -> str:
             f"| {r['encode_gbps']:.2f} | {r['decode_gbps']:.2f} |"
         )
     return "\n".join(lines)
+
+
+TORCH_CODECS = [("fp16", "fp16", {}), ("bf16", "bf16", {}), ("sign", "sign", {}),
+                ("qsgd-4bit", "qsgd", {"bits": 4, "bucket": 512}), ("qsgd-1bit", "qsgd", {"bits": 1, "bucket": 512})]
+
+
+def bench_codecs_torch(device: str = "cuda", size: int = 1 << 24, repeats: int = 5, seed: int = 0) -> list[dict]:
+    """The torch kernels (``compression/torch_kernels.py``) on ``device``.
+
+    ``encode_*``/``decode_*`` fields time the on-device kernels (payload body
+    left on the device), as ratios to ``dst.copy_(x)`` on the same device;
+    ``encode_to_host_gbps`` adds the copy of the body to host bytes.
+    """
+    import torch
+
+    from qfl.compression import torch_kernels as tk
+
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.randn(size, generator=gen, device=dev, dtype=torch.float32)
+    dst = torch.empty_like(x)
+
+    def timed(fn: Callable[[], Any], n: int) -> tuple[float, Any]:
+        def run() -> Any:
+            out = fn()
+            sync()
+            return out
+
+        run()  # warm-up (kernel compilation, allocator)
+        return _best(run, n)
+
+    copy_s, _ = timed(lambda: dst.copy_(x), max(repeats, 5))
+    encoders = {
+        "fp16": lambda: tk.encode_fp16(x),
+        "bf16": lambda: tk.encode_bf16(x),
+        "sign": lambda: tk.encode_sign(x),
+    }
+    rows = []
+    for label, name, params in TORCH_CODECS:
+        if name == "qsgd":
+            encode = lambda p=params: tk.encode_qsgd(x, p["bits"], p["bucket"], gen)  # noqa: E731
+            decode = lambda body: tk.decode_qsgd(body, size)  # noqa: E731
+        elif name == "sign":
+            encode, decode = encoders[name], (lambda body: tk.decode_sign(body, size))
+        else:
+            half = torch.float16 if name == "fp16" else torch.bfloat16
+            encode, decode = encoders[name], (lambda body, h=half: body.view(h).float())
+        enc_s, body = timed(encode, repeats)
+        dec_s, _ = timed(lambda: decode(body), repeats)
+        host_s, payload = timed(lambda: tk.to_payload(name, x, encode()), repeats)
+        rows.append(
+            {
+                "codec": label,
+                "device": str(dev),
+                "bits_per_param": 8 * len(payload) / size,
+                "encode_ratio": enc_s / copy_s,
+                "decode_ratio": dec_s / copy_s,
+                "encode_gbps": 4 * size / enc_s / 1e9,
+                "decode_gbps": 4 * size / dec_s / 1e9,
+                "encode_to_host_gbps": 4 * size / host_s / 1e9,
+                "copy_s": copy_s,
+            }
+        )
+    return rows

@@ -30,13 +30,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_bench_codecs(args: argparse.Namespace) -> int:
     import json
 
-    from qfl.benchmarks.codecs import bench_codecs, format_table
+    from qfl.benchmarks.codecs import bench_codecs, bench_codecs_torch, format_table
 
-    if args.device != "cpu":
-        raise SystemExit(
-            "qfl bench codecs: --device cuda needs GPU codec kernels, which qfl does not have yet; use --device cpu"
-        )
-    rows = bench_codecs(size=args.size, repeats=args.repeats, only=args.codec or None)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("qfl bench codecs: --device cuda, but torch sees no CUDA device here; use --device cpu")
+        rows = bench_codecs_torch("cuda", size=args.size, repeats=max(args.repeats, 5))
+    else:
+        rows = bench_codecs(size=args.size, repeats=args.repeats, only=args.codec or None)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return 0
 
