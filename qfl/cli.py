@@ -54,6 +54,29 @@ def _cmd_experiment_compression(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_qkd_rate(args: argparse.Namespace) -> int:
+    import json
+
+    from qfl.quantum.keyrate import LinkParams, format_report, link_report
+
+    try:
+        params = LinkParams(
+            distance_km=args.distance_km,
+            mu=args.mu,
+            fiber_loss_db_per_km=args.loss_db_per_km,
+            detector_efficiency=args.detector_efficiency,
+            dark_count_yield=args.dark_count_yield,
+            misalignment=args.misalignment,
+            ec_efficiency=args.ec_efficiency,
+            pulse_rate_hz=args.pulse_rate_hz,
+        )
+        report = link_report(params, method=args.method)
+    except ValueError as err:
+        raise SystemExit(f"qfl qkd rate: {err}") from None
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qfl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     codecs.add_argument("--codec", action="append", help="only this codec (label or name); repeatable")
     codecs.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     codecs.set_defaults(func=_cmd_bench_codecs)
+
+    qkd = sub.add_parser("qkd", help="QKD link models").add_subparsers(dest="qkd", required=True)
+    rate = qkd.add_parser("rate", help="decoy-state BB84 key rate of one fiber link (GLLP, Ma et al. 2005)")
+    rate.add_argument("--distance-km", type=float, required=True)
+    rate.add_argument("--mu", type=float, default=None, help="signal intensity (default: optimised)")
+    rate.add_argument("--method", choices=("vacuum_weak", "infinite"), default="vacuum_weak",
+                      help="decoy estimate: vacuum + weak decoy, or the infinite-decoy limit")
+    rate.add_argument("--loss-db-per-km", type=float, default=0.21)
+    rate.add_argument("--detector-efficiency", type=float, default=0.045)
+    rate.add_argument("--dark-count-yield", type=float, default=1.7e-6)
+    rate.add_argument("--misalignment", type=float, default=0.033)
+    rate.add_argument("--ec-efficiency", type=float, default=1.22)
+    rate.add_argument("--pulse-rate-hz", type=float, default=1e9)
+    rate.add_argument("--json", action="store_true")
+    rate.set_defaults(func=_cmd_qkd_rate)
 
     experiment = sub.add_parser("experiment", help="experiments").add_subparsers(dest="experiment", required=True)
     comp = experiment.add_parser("compression", help="digits, 20 clients, α=0.5: every codec against fp32")
