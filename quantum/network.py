@@ -1,0 +1,444 @@
+"""A network of QKD links on a simulated clock, filling the pools of a :class:`KeyStore`.
+
+Nodes are SAEs (the server, clients). A *direct* link is a physical QKD link
+with its own distance and key rate; on :meth:`QuantumNetwork.advance` it makes
+``floor(rate · t)`` new bits (fractions of a bit carry over to the next tick)
+and deposits them into the link's pool in the store. Two topologies:
+
+- ``mesh``: a direct link between every pair of nodes.
+- ``star``: a direct link between a hub (a trusted node; in federated learning
+  usually the server) and every leaf. Two leaves share key through a *relayed*
+  link: hop-by-hop XOR key relay through the hub.
+
+Relay (trusted-node key relay, as in the SECOQC / Tokyo QKD networks). To make
+``n`` bits for the leaves A and B through hub R:
+
+1. A and R take ``k1`` (n bits) from the pool of the direct link A–R;
+2. R and B take ``k2`` (n bits) from the pool of the direct link R–B;
+3. R publishes ``m = k1 ⊕ k2`` on the public (authenticated) classical channel;
+4. B computes ``m ⊕ k2 = k1``; A already holds ``k1``. ``k1`` goes into the
+   pool of the relayed link A~B.
+
+``m`` alone says nothing about ``k1`` (it is one-time-padded by ``k2``), so an
+eavesdropper on the classical channel learns nothing. **The relay learns the
+key**: R holds both ``k1`` and ``k2``. Relayed key is only as secret as the
+relay is trustworthy — the defining assumption of trusted-node networks. In a
+star whose hub is the FL server, the server can read every pairwise mask made
+this way, so masked-sum aggregation over relayed pairwise keys hides updates
+from outsiders but not from the server; a mesh (or an untrusted-relay
+technology such as MDI-QKD) is needed for that.
+
+Every relayed bit costs one bit of key on *each* hop; the ledgers of the direct
+links record the intervals consumed (state ``relayed``), and
+:meth:`QuantumNetwork.stats` counts them. A relay is one store transaction:
+either every hop gives its key and the relayed pool receives it, or nothing
+changes (a hop short of key raises KeyExhausted). Paths with several relays
+(``via=[r1, r2, …]``) work the same way: each relay publishes the XOR of its
+two hop keys, B XORs everything published with its own hop key.
+
+Relayed pools are filled on demand — :meth:`relay`, or :meth:`supply`, which
+:func:`qfl.security.keystore.take_with_policy` calls — never automatically on
+a tick, so the direct links' key is not spent on pairs that never ask.
+
+Rates. ``bits_per_s`` is a number of secret-key bits per second, a function
+``f(distance_km) -> bits/s``, a :class:`qfl.quantum.keyrate.LinkParams`, or
+None — then the analytic decoy-BB84 model of :mod:`qfl.quantum.keyrate` (its
+default, GYS-experiment parameters) gives the asymptotic rate at the link's
+``distance_km``. The rate is fixed when the link is added.
+
+Randomness. By default key bits come from ``os.urandom``. With ``seed`` they
+come from a NumPy generator seeded by (seed, link name): reproducible, for
+tests and simulations only — such key is *not* secret.
+
+State. The clock, the fractional carries and the counters live in this Python
+object (one process drives the clock, typically the server of a simulation);
+the pools live in the store, which every process can read and take from.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qfl.security.keys import KeyExhausted, UnknownLink
+from qfl.security.keystore import KeyStore, link_name
+
+__all__ = ["DirectLink", "QuantumNetwork", "RelayedLink", "RelayRecord", "resolve_rate"]
+
+RateSpec = float | int | Callable[[float], float]
+_EPS_BITS = 1e-6  # float slack when flooring rate·t (a tick never makes more than 1e-6 bit extra)
+DEFAULT_DISTANCE_KM = 10.0
+
+
+def resolve_rate(bits_per_s: RateSpec | object | None, distance_km: float) -> float:
+    """Secret-key bits per second of a link of ``distance_km``.
+
+    ``bits_per_s`` is a number, a function ``f(distance_km) -> bits/s``, a
+    :class:`qfl.quantum.keyrate.LinkParams` (the analytic decoy-BB84 model,
+    evaluated at ``distance_km``), or ``None``: the analytic model with its
+    default parameters (the GYS experiment, 1 GHz source) at ``distance_km``.
+    """
+    if bits_per_s is None or _is_link_params(bits_per_s):
+        return _keyrate_bits_per_s(bits_per_s, distance_km)
+    if isinstance(bits_per_s, bool):
+        raise ValueError(f"bits_per_s must be a number, got {bits_per_s!r}")
+    if isinstance(bits_per_s, (int, float)):
+        rate = float(bits_per_s)
+    elif callable(bits_per_s):
+        rate = float(bits_per_s(distance_km))
+    else:
+        raise ValueError(
+            f"bits_per_s must be a number, a function of distance_km, a keyrate.LinkParams or None, got {bits_per_s!r}"
+        )
+    if not math.isfinite(rate) or rate < 0:
+        raise ValueError(f"a key rate is a finite number of bits/s >= 0, got {rate!r}")
+    return rate
+
+
+def _is_link_params(obj: object) -> bool:
+    return type(obj).__name__ == "LinkParams" and hasattr(obj, "with_distance")
+
+
+def _keyrate_bits_per_s(params: object | None, distance_km: float) -> float:
+    """Adapter to :mod:`qfl.quantum.keyrate`: asymptotic secret-key bits/s at ``distance_km``."""
+    try:
+        from qfl.quantum import keyrate
+    except ImportError as exc:
+        raise ValueError(
+            "no bits_per_s given and the analytic key-rate model (qfl.quantum.keyrate) is not available; "
+            "pass bits_per_s= (a number or a function of distance_km)"
+        ) from exc
+    p = keyrate.LinkParams(distance_km=distance_km) if params is None else params.with_distance(distance_km)
+    return float(keyrate.evaluate(p).bits_per_s)
+
+
+@dataclass
+class DirectLink:
+    """A physical QKD link and its clock-side counters."""
+
+    name: str
+    a: str
+    b: str
+    distance_km: float
+    bits_per_s: float
+    made_bits: int = 0  # exact whole bits made by the clock
+    deposited_bits: int = 0  # bits deposited into the store (made_bits − pending_bits)
+    pending_bits: int = 0  # < 8 bits made but not yet a whole byte; deposited with the next tick
+    carry: float = 0.0  # fraction of a bit made, carried to the next tick
+    relay_bits: int = 0  # bits of this link's pool consumed by relays
+    rng: np.random.Generator | None = field(default=None, repr=False)
+
+
+@dataclass
+class RelayedLink:
+    """A leaf–leaf link whose pool is filled by XOR key relay along ``path`` (both ends included)."""
+
+    name: str
+    a: str
+    b: str
+    path: tuple[str, ...]
+    relayed_bits: int = 0
+
+    @property
+    def hops(self) -> list[tuple[str, str]]:
+        return list(itertools.pairwise(self.path))
+
+
+@dataclass(frozen=True)
+class RelayRecord:
+    """What one relay did: the bits made for a~b, and what each relay published (public)."""
+
+    link: str
+    bits: int
+    published: tuple[bytes, ...]
+
+
+def _xor(x: bytes, y: bytes) -> bytes:
+    return np.bitwise_xor(np.frombuffer(x, np.uint8), np.frombuffer(y, np.uint8)).tobytes()
+
+
+class QuantumNetwork:
+    """QKD links between nodes, on a simulated clock, depositing into ``store``."""
+
+    def __init__(self, store: KeyStore, *, seed: int | None = None) -> None:
+        self.store = store
+        self.seed = seed
+        self.now = 0.0
+        self.nodes: list[str] = []
+        self.direct: dict[str, DirectLink] = {}
+        self.relayed: dict[str, RelayedLink] = {}
+
+    # -- building ---------------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        store: KeyStore,
+        nodes: Sequence[str],
+        topology: str = "mesh",
+        *,
+        hub: str | None = None,
+        bits_per_s: RateSpec | object | None = None,
+        distance_km: float | None = None,
+        overrides: Mapping[tuple[str, str], Mapping[str, object]] | None = None,
+        seed: int | None = None,
+    ) -> QuantumNetwork:
+        """A ``mesh`` over ``nodes``, or a ``star`` around ``hub`` (one of ``nodes`` or a node of its own).
+
+        ``bits_per_s`` / ``distance_km`` apply to every direct link;
+        ``overrides[(a, b)] = {"distance_km": …, "bits_per_s": …}`` changes one.
+        """
+        nodes = list(dict.fromkeys(nodes))
+        net = cls(store, seed=seed)
+        overrides = {frozenset(k): dict(v) for k, v in (overrides or {}).items()}
+
+        def params(a: str, b: str) -> dict[str, object]:
+            p = {"bits_per_s": bits_per_s, "distance_km": distance_km}
+            p.update(overrides.get(frozenset((a, b)), {}))
+            return p
+
+        if topology == "mesh":
+            if hub is not None:
+                raise ValueError("hub is for topology 'star'; a mesh has a direct link per pair")
+            for a, b in itertools.combinations(nodes, 2):
+                net.add_link(a, b, **params(a, b))
+        elif topology == "star":
+            if hub is None:
+                raise ValueError("topology 'star' needs hub= (the trusted relay node, e.g. the server)")
+            leaves = [n for n in nodes if n != hub]
+            for leaf in leaves:
+                net.add_link(hub, leaf, **params(hub, leaf))
+            for a, b in itertools.combinations(leaves, 2):
+                net.add_relayed_link(a, b, via=hub)
+        else:
+            raise ValueError(f"topology must be 'mesh' or 'star', got {topology!r}")
+        return net
+
+    @classmethod
+    def mesh(cls, store: KeyStore, nodes: Sequence[str], **kwargs: object) -> QuantumNetwork:
+        return cls.build(store, nodes, "mesh", **kwargs)
+
+    @classmethod
+    def star(cls, store: KeyStore, nodes: Sequence[str], hub: str, **kwargs: object) -> QuantumNetwork:
+        return cls.build(store, nodes, "star", hub=hub, **kwargs)
+
+    def add_node(self, name: str) -> None:
+        link_name(name, name + "'")  # validates the SAE name
+        if name not in self.nodes:
+            self.nodes.append(name)
+
+    def add_link(
+        self, a: str, b: str, *, bits_per_s: RateSpec | object | None = None,
+        distance_km: float | None = None,
+    ) -> str:
+        """A direct QKD link a–b (its pool is created in the store); return its name.
+
+        ``bits_per_s``: see :func:`resolve_rate` (None: the analytic model).
+        ``distance_km``: the fibre length; if None, that of a ``LinkParams``
+        given as ``bits_per_s``, else 10 km.
+        """
+        name = link_name(a, b)
+        if name in self.direct or name in self.relayed:
+            raise ValueError(f"link {name!r} exists already")
+        if distance_km is None:
+            distance_km = float(bits_per_s.distance_km) if _is_link_params(bits_per_s) else DEFAULT_DISTANCE_KM
+        if not (math.isfinite(distance_km) and distance_km >= 0):
+            raise ValueError(f"distance_km must be a finite number >= 0, got {distance_km!r}")
+        rate = resolve_rate(bits_per_s, distance_km)
+        self.add_node(a)
+        self.add_node(b)
+        self.store.add_link(a, b)
+        rng = None
+        if self.seed is not None:
+            rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+        lo, hi = sorted((a, b))
+        self.direct[name] = DirectLink(name, lo, hi, float(distance_km), rate, rng=rng)
+        return name
+
+    def add_relayed_link(self, a: str, b: str, via: str | Sequence[str]) -> str:
+        """A link a~b made by XOR relay through ``via`` (one trusted node or a path of them)."""
+        name = link_name(a, b)
+        if name in self.direct or name in self.relayed:
+            raise ValueError(f"link {name!r} exists already")
+        path = (a, *([via] if isinstance(via, str) else list(via)), b)
+        if len(set(path)) != len(path):
+            raise ValueError(f"a relay path visits a node twice: {path}")
+        for x, y in itertools.pairwise(path):
+            if link_name(x, y) not in self.direct:
+                raise UnknownLink(f"relay path {path} needs a direct link {x}–{y}")
+        self.store.add_link(a, b)
+        self.relayed[name] = RelayedLink(name, a, b, path)
+        return name
+
+    def link(self, a: str, b: str) -> DirectLink | RelayedLink:
+        name = link_name(a, b)
+        found = self.direct.get(name) or self.relayed.get(name)
+        if found is None:
+            raise UnknownLink(f"no link joins {a!r} and {b!r} in this network")
+        return found
+
+    def _by_name(self, link: str) -> DirectLink | RelayedLink:
+        found = self.direct.get(link) or self.relayed.get(link)
+        if found is None:
+            raise UnknownLink(f"no link named {link!r} in this network")
+        return found
+
+    # -- the clock --------------------------------------------------------------------------------
+
+    def _random(self, link: DirectLink, nbytes: int) -> bytes:
+        return link.rng.bytes(nbytes) if link.rng is not None else os.urandom(nbytes)
+
+    def advance(self, seconds: float) -> dict[str, int]:
+        """Move the clock; every direct link deposits the key it made. Returns bits deposited per link.
+
+        All deposits of one tick are one store transaction.
+        """
+        seconds = float(seconds)
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"advance() takes a finite number of seconds >= 0, got {seconds!r}")
+        plan = []
+        for link in self.direct.values():
+            acc = link.carry + link.bits_per_s * seconds
+            new = math.floor(acc + _EPS_BITS)
+            carry = max(acc - new, 0.0)
+            whole = link.pending_bits + new
+            plan.append((link, new, carry, whole // 8, whole % 8))
+        material = {link.name: self._random(link, nbytes) for link, _, _, nbytes, _ in plan if nbytes}
+        with self.store.transaction() as tx:
+            for link, _, _, nbytes, _ in plan:
+                if nbytes:
+                    tx.deposit(link.a, link.b, material[link.name])
+        deposited = {}
+        for link, new, carry, nbytes, pending in plan:  # only after the commit
+            link.made_bits += new
+            link.carry = carry
+            link.pending_bits = pending
+            link.deposited_bits += 8 * nbytes
+            deposited[link.name] = 8 * nbytes
+        self.now += seconds
+        return deposited
+
+    def time_to_make(self, link: str, bits: int) -> float:
+        """Simulated seconds until ``link`` has deposited ``bits`` more bits (math.inf at rate 0).
+
+        For a relayed link: until every hop has deposited ``bits`` more bits.
+        Key already in the pools is not counted (see :meth:`supply` for that).
+        """
+        found = self._by_name(link)
+        if isinstance(found, RelayedLink):
+            return max(self.time_to_make(link_name(x, y), bits) for x, y in found.hops)
+        if bits <= 0:
+            return 0.0
+        need = 8 * -(-int(bits) // 8) - found.pending_bits  # whole bits to make for that many whole bytes
+        if need <= 0:
+            return 0.0
+        if found.bits_per_s == 0:
+            return math.inf
+        return max(need - found.carry, 0.0) / found.bits_per_s
+
+    # -- relay ------------------------------------------------------------------------------------
+
+    def relay(self, a: str, b: str, bits: int) -> RelayRecord:
+        """Make ``bits`` (a multiple of 8) of key for the relayed link a~b, hop by hop (one transaction).
+
+        Raises KeyExhausted, changing nothing, when a hop holds too little key.
+        """
+        found = self.link(a, b)
+        if not isinstance(found, RelayedLink):
+            raise ValueError(f"{found.name} is a direct link; only relayed links are filled by relay")
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits < 8 or bits % 8:
+            raise ValueError(f"relay bits must be a positive multiple of 8, got {bits!r}")
+        nbytes = bits // 8
+        with self.store.transaction() as tx:
+            # Hop i is the direct link path[i]–path[i+1]; both its ends now hold hop_keys[i].
+            hop_keys = [tx.take_relayed(x, y, nbytes, purpose=found.name) for x, y in found.hops]
+            # Each relay path[i+1] holds hop_keys[i] and hop_keys[i+1] and publishes their XOR.
+            published = [_xor(k, k_next) for k, k_next in itertools.pairwise(hop_keys)]
+            at_a = hop_keys[0]
+            at_b = hop_keys[-1]  # b XORs its own hop key with everything published: the k's telescope to k1
+            for m in reversed(published):
+                at_b = _xor(at_b, m)
+            if at_a != at_b:  # cannot happen; a guard against editing mistakes
+                raise AssertionError("relay: the two ends disagree")
+            tx.deposit(found.a, found.b, at_a)
+        for x, y in found.hops:
+            self.direct[link_name(x, y)].relay_bits += bits
+        found.relayed_bits += bits
+        return RelayRecord(found.name, bits, tuple(published))
+
+    def supply(self, master: str, slave: str, bits: int, *, wait: bool) -> float:
+        """Add ``bits`` (rounded up to bytes) to the pool of master~slave; return simulated seconds advanced.
+
+        Direct link: with ``wait``, advance the clock until it has made them;
+        without, nothing can be done (returns 0). Relayed link: relay from key
+        already on the hops; with ``wait``, first advance the clock until every
+        hop holds enough, without, relay only what the hops hold now. Raises
+        KeyExhausted when the key can never come (a link of rate 0). This is
+        the :class:`qfl.security.keystore.KeySupplier` protocol.
+        """
+        found = self.link(master, slave)
+        nbytes = -(-int(bits) // 8)
+        if nbytes <= 0:
+            return 0.0
+        if isinstance(found, DirectLink):
+            if not wait:
+                return 0.0
+            waited = self.time_to_make(found.name, 8 * nbytes)
+            if math.isinf(waited):
+                left = self.store.status(master, slave).left_bits
+                raise KeyExhausted(found.name, left + 8 * nbytes, left)
+            self.advance(waited)
+            return waited
+        waited = 0.0
+        lefts = {(x, y): self.store.status(x, y).left_bits for x, y in found.hops}
+        if wait:
+            waited = max(
+                self.time_to_make(link_name(x, y), max(0, 8 * nbytes - left)) for (x, y), left in lefts.items()
+            )
+            if math.isinf(waited):
+                raise KeyExhausted(found.name, 8 * nbytes, min(lefts.values()))
+            if waited > 0:
+                self.advance(waited)
+        else:
+            nbytes = min(nbytes, min(lefts.values()) // 8)
+        if nbytes > 0:
+            try:
+                self.relay(found.a, found.b, 8 * nbytes)
+            except KeyExhausted:  # another process took hop key meanwhile; the caller retries
+                pass
+        return waited
+
+    # -- reporting --------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, dict[str, object]]:
+        """Per link: kind, parameters, bits made/relayed, and the store's made/used/left counters."""
+        out: dict[str, dict[str, object]] = {}
+        for link in self.direct.values():
+            st = self.store.status(link.a, link.b)
+            out[link.name] = {
+                "kind": "direct", "distance_km": link.distance_km, "bits_per_s": link.bits_per_s,
+                "made_bits": link.made_bits, "pending_bits": link.pending_bits, "relay_bits": link.relay_bits,
+                "pool_made_bits": st.made_bits, "pool_used_bits": st.used_bits, "pool_left_bits": st.left_bits,
+            }
+        for link in self.relayed.values():
+            st = self.store.status(link.a, link.b)
+            out[link.name] = {
+                "kind": "relayed", "path": list(link.path), "relayed_bits": link.relayed_bits,
+                "pool_made_bits": st.made_bits, "pool_used_bits": st.used_bits, "pool_left_bits": st.left_bits,
+            }
+        return out
+
+    def links(self) -> list[str]:
+        return sorted([*self.direct, *self.relayed])
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantumNetwork(nodes={self.nodes}, direct={list(self.direct)}, "
+            f"relayed={list(self.relayed)}, now={self.now})"
+        )

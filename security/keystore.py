@@ -1,0 +1,585 @@
+"""Durable key pools, one per link, in one SQLite file.
+
+:class:`KeyStore` implements :class:`qfl.security.keys.KeySource` for the
+simulation engine: every process (the ServerApp, Ray workers running
+ClientApps, the KMS server's request threads) opens the same file and sees the
+same pools. Nothing about the pools lives in a Python object.
+
+Schema (``schema_version`` 1)::
+
+    meta(k TEXT PRIMARY KEY, v TEXT)                 -- schema_version
+    links(id INTEGER PRIMARY KEY, name TEXT UNIQUE,  -- name = "a~b", a < b
+          a TEXT, b TEXT, made_bits INT, used_bits INT)
+    chunks(seq INTEGER PRIMARY KEY, link_id INT, data BLOB)
+          -- the unused key of a link, in deposit order (ORDER BY seq), each
+          -- chunk at most CHUNK_BYTES; the first byte of the first chunk is
+          -- the link's bit offset used_bits
+    keys(key_id TEXT PRIMARY KEY, link_id INT, master TEXT, slave TEXT,
+         offset_bits INT, size_bits INT, state TEXT, material BLOB,
+         created_at REAL, delivered_at REAL, UNIQUE(link_id, offset_bits))
+          -- one row per interval ever taken from a pool (the ledger);
+          -- material is kept only while state = 'delivered-to-master'
+
+A link's key is a stream of bits; ``made_bits`` counts what was deposited,
+``used_bits`` what was taken. The pool holds exactly the bits
+``[used_bits, made_bits)``. Taking ``n`` bits copies them out of the first
+chunks, deletes the chunks that were used up, rewrites the one that was partly
+used (its tail only), records the interval ``[used_bits, used_bits + n)`` in
+``keys`` and sets ``used_bits += n``. The cost is O(n + CHUNK_BYTES), never
+O(pool).
+
+Atomicity. Every public operation is one ``BEGIN IMMEDIATE … COMMIT``
+transaction: BEGIN IMMEDIATE takes the database's write lock before the first
+read, so two takers (threads or processes) are serialised and the second one
+reads the ``used_bits`` the first one committed. The journal is a WAL with
+``synchronous=FULL``, so a transaction whose COMMIT returned is on disk (the WAL
+is fsync'd at every commit) and one that did not commit leaves no trace after a
+crash (kill -9 or power loss): the pointer move, the chunk deletions and the
+ledger row commit together or not at all. ``enc_keys`` returns key material
+only after its COMMIT returned, so every key a caller ever saw is durably
+recorded as used, and the next take — in any process, after any crash — starts
+after it. ``UNIQUE(link_id, offset_bits)`` guards the same property in the
+schema itself.
+
+Deletion. ``dec_keys`` sets the material of a delivered key to NULL in the same
+transaction that marks it consumed; taking from the pool deletes or rewrites
+the chunks it used. ``PRAGMA secure_delete=ON`` makes SQLite overwrite the freed
+bytes with zeros in the database file. Old page images may remain in the WAL
+file until the next checkpoint; :meth:`KeyStore.scrub` checkpoints and truncates
+it. (Bits left on the physical medium by the file system are out of reach.)
+
+Connections. One connection per (process, thread), made on first use; a
+``KeyStore`` object may be shared by threads, pickled to other processes (only
+the path travels) and used after ``fork``. A thread's connection is closed when
+the thread ends (its thread-local storage is freed) or by :meth:`close`.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+from qfl.security.keys import KeyContainer, KeyExhausted, KeyLayerError, LinkStatus, UnknownKey, UnknownLink
+
+__all__ = [
+    "CHUNK_BYTES",
+    "KeyStore",
+    "KeySupplier",
+    "LedgerEntry",
+    "StoreCorrupt",
+    "StoreTransaction",
+    "link_name",
+    "take_with_policy",
+]
+
+SCHEMA_VERSION = 1
+CHUNK_BYTES = 1024  # largest pool chunk; a take rewrites at most one partly used chunk
+LINK_SEP = "~"
+BUSY_TIMEOUT_MS = 60_000
+_INHERITED: list[sqlite3.Connection] = []  # connections a forked child got from its parent (never touched)
+
+STATE_DELIVERED = "delivered-to-master"
+STATE_CONSUMED = "consumed"
+STATE_RELAYED = "relayed"  # taken by a trusted relay to make key on another link; never delivered
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS links (
+    id        INTEGER PRIMARY KEY,
+    name      TEXT NOT NULL UNIQUE,
+    a         TEXT NOT NULL,
+    b         TEXT NOT NULL,
+    made_bits INTEGER NOT NULL DEFAULT 0 CHECK (made_bits >= 0),
+    used_bits INTEGER NOT NULL DEFAULT 0 CHECK (used_bits >= 0 AND used_bits <= made_bits),
+    CHECK (a < b)
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    seq     INTEGER PRIMARY KEY,
+    link_id INTEGER NOT NULL REFERENCES links(id),
+    data    BLOB NOT NULL CHECK (length(data) > 0)
+);
+CREATE INDEX IF NOT EXISTS chunks_by_link ON chunks (link_id, seq);
+CREATE TABLE IF NOT EXISTS keys (
+    key_id       TEXT PRIMARY KEY,
+    link_id      INTEGER NOT NULL REFERENCES links(id),
+    master       TEXT NOT NULL,
+    slave        TEXT NOT NULL,
+    offset_bits  INTEGER NOT NULL CHECK (offset_bits >= 0),
+    size_bits    INTEGER NOT NULL CHECK (size_bits > 0),
+    state        TEXT NOT NULL CHECK (state IN ('{STATE_DELIVERED}', '{STATE_CONSUMED}', '{STATE_RELAYED}')),
+    material     BLOB,
+    created_at   REAL NOT NULL,
+    delivered_at REAL,
+    UNIQUE (link_id, offset_bits)
+);
+"""
+
+
+class StoreCorrupt(KeyLayerError):
+    """The store's counters and its pool content disagree (never expected; the file was edited or damaged)."""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """An interval of a link's key stream taken from the pool (bits ``[offset, offset + length)``)."""
+
+    offset: int
+    length: int
+    key_id: str
+    state: str
+
+
+def link_name(a: str, b: str) -> str:
+    """The name of the link joining SAEs ``a`` and ``b``: the two names sorted, joined by ``~``."""
+    _check_sae(a)
+    _check_sae(b)
+    if a == b:
+        raise ValueError(f"a link joins two different SAEs, got {a!r} twice")
+    lo, hi = sorted((a, b))
+    return f"{lo}{LINK_SEP}{hi}"
+
+
+def _check_sae(name: str) -> None:
+    if not isinstance(name, str) or not name or LINK_SEP in name:
+        raise ValueError(f"an SAE name is a non-empty string without {LINK_SEP!r}, got {name!r}")
+
+
+def _check_request(number: int, size_bits: int) -> None:
+    for label, value in (("number", number), ("size_bits", size_bits)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{label} must be an int, got {value!r}")
+    if number < 1:
+        raise ValueError(f"number must be at least 1, got {number}")
+    if size_bits < 8 or size_bits % 8:
+        raise ValueError(f"size_bits must be a positive multiple of 8, got {size_bits}")
+
+
+class StoreTransaction:
+    """Pool operations inside one open transaction (see :meth:`KeyStore.transaction`)."""
+
+    def __init__(self, con: sqlite3.Connection) -> None:
+        self._con = con
+
+    def link_row(self, a: str, b: str) -> tuple[int, str, int, int]:
+        """(id, name, made_bits, used_bits) of the link joining a and b; UnknownLink if none."""
+        name = link_name(a, b)
+        row = self._con.execute("SELECT id, name, made_bits, used_bits FROM links WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise UnknownLink(f"no link joins {a!r} and {b!r} (link {name!r} was never added)")
+        return row
+
+    def deposit(self, a: str, b: str, key: bytes) -> int:
+        """Append ``key`` to the pool of link a~b; return the link's made_bits afterwards."""
+        key = bytes(key)
+        link_id, _, made, _ = self.link_row(a, b)
+        if not key:
+            return made
+        con = self._con
+        last = con.execute(
+            "SELECT seq, data FROM chunks WHERE link_id = ? ORDER BY seq DESC LIMIT 1", (link_id,)
+        ).fetchone()
+        pos = 0
+        if last is not None and len(last[1]) < CHUNK_BYTES:  # top up the last chunk first
+            pos = CHUNK_BYTES - len(last[1])
+            con.execute("UPDATE chunks SET data = ? WHERE seq = ?", (last[1] + key[:pos], last[0]))
+        for start in range(pos, len(key), CHUNK_BYTES):
+            con.execute("INSERT INTO chunks (link_id, data) VALUES (?, ?)", (link_id, key[start : start + CHUNK_BYTES]))
+        made += 8 * len(key)
+        con.execute("UPDATE links SET made_bits = ? WHERE id = ?", (made, link_id))
+        return made
+
+    def take(self, a: str, b: str, nbytes: int) -> tuple[int, bytes]:
+        """Remove the next ``nbytes`` bytes from the pool of a~b; return (offset_bits, material).
+
+        Raises KeyExhausted (taking nothing) when the pool holds fewer bits.
+        The caller must record the interval in the ledger (:meth:`record`).
+        """
+        link_id, name, made, used = self.link_row(a, b)
+        if 8 * nbytes > made - used:
+            raise KeyExhausted(name, 8 * nbytes, made - used)
+        out = bytearray()
+        used_up: list[int] = []
+        partial: tuple[int, bytes] | None = None
+        cur = self._con.execute("SELECT seq, data FROM chunks WHERE link_id = ? ORDER BY seq", (link_id,))
+        try:
+            for seq, data in cur:
+                need = nbytes - len(out)
+                if len(data) <= need:
+                    out += data
+                    used_up.append(seq)
+                else:
+                    out += data[:need]
+                    partial = (seq, data[need:])
+                if len(out) == nbytes:
+                    break
+        finally:
+            cur.close()
+        if len(out) != nbytes:
+            raise StoreCorrupt(f"link {name!r}: counters say {made - used} bits left, the pool holds {8 * len(out)}")
+        self._con.executemany("DELETE FROM chunks WHERE seq = ?", [(s,) for s in used_up])
+        if partial is not None:
+            self._con.execute("UPDATE chunks SET data = ? WHERE seq = ?", (partial[1], partial[0]))
+        self._con.execute("UPDATE links SET used_bits = ? WHERE id = ?", (used + 8 * nbytes, link_id))
+        return used, bytes(out)
+
+    def record(
+        self, link_id: int, key_id: str, master: str, slave: str, offset_bits: int, size_bits: int,
+        state: str, material: bytes | None,
+    ) -> None:
+        """Write one ledger row (a key, or an interval consumed by a relay) of the link with ``link_id``."""
+        self._con.execute(
+            "INSERT INTO keys (key_id, link_id, master, slave, offset_bits, size_bits, state, material, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key_id, link_id, master, slave, offset_bits, size_bits, state, material, time.time()),
+        )
+
+    def take_keys(self, master: str, slave: str, number: int, size_bits: int) -> list[KeyContainer]:
+        """The body of :meth:`KeyStore.enc_keys`, inside this transaction."""
+        _check_request(number, size_bits)
+        size = size_bits // 8
+        link_id = self.link_row(master, slave)[0]
+        offset, material = self.take(master, slave, number * size)
+        keys = []
+        for i in range(number):
+            key = KeyContainer(str(uuid.uuid4()), material[i * size : (i + 1) * size])
+            self.record(link_id, key.key_id, master, slave, offset + i * size_bits, size_bits,
+                        STATE_DELIVERED, key.key)
+            keys.append(key)
+        return keys
+
+    def take_relayed(self, a: str, b: str, nbytes: int, purpose: str) -> bytes:
+        """Take ``nbytes`` from a~b for a relay (recorded in the ledger as 'relayed', no material kept).
+
+        The ledger row's key_id is ``relay:<purpose>:<uuid>`` (purpose: the relayed link's name).
+        """
+        link_id = self.link_row(a, b)[0]
+        offset, material = self.take(a, b, nbytes)
+        self.record(link_id, f"relay:{purpose}:{uuid.uuid4()}", a, b, offset, 8 * nbytes, STATE_RELAYED, None)
+        return material
+
+    def status(self, master: str, slave: str) -> LinkStatus:
+        _, name, made, used = self.link_row(master, slave)
+        return LinkStatus(name, master, slave, made, used, made - used)
+
+
+class KeyStore:
+    """Key pools of QKD links in one SQLite file (see the module docstring for schema and guarantees)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
+        self.path = Path(path)
+        self._busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._tx() as tx:  # (executescript would COMMIT on its own; run the statements one by one)
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    tx._con.execute(statement)
+            row = tx._con.execute("SELECT v FROM meta WHERE k = 'schema_version'").fetchone()
+            if row is None:
+                tx._con.execute("INSERT INTO meta (k, v) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif row[0] != str(SCHEMA_VERSION):
+                raise StoreCorrupt(f"{self.path}: schema_version {row[0]}, this code reads {SCHEMA_VERSION}")
+
+    # -- connections -----------------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        pid = os.getpid()
+        held = getattr(self._local, "con", None)
+        if held is not None:
+            if held[0] == pid:
+                return held[1]
+            # Inherited through fork: the parent's connection. Never use or close it in the child
+            # (SQLite forbids both); keep it referenced so that it is never finalised here.
+            _INHERITED.append(held[1])
+        con = sqlite3.connect(self.path, timeout=self._busy_timeout_ms / 1000, isolation_level=None,
+                              check_same_thread=True)
+        con.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+        mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            con.close()
+            raise StoreCorrupt(f"{self.path}: could not switch to WAL mode (got {mode!r})")
+        con.execute("PRAGMA synchronous = FULL")
+        con.execute("PRAGMA secure_delete = ON")
+        con.execute("PRAGMA foreign_keys = ON")
+        self._local.con = (pid, con)
+        return con
+
+    def close(self) -> None:
+        """Close the calling thread's connection (a later call opens a new one)."""
+        held = getattr(self._local, "con", None)
+        self._local.con = None
+        if held is not None and held[0] == os.getpid():
+            held[1].close()
+
+    def __enter__(self) -> KeyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        return {"path": str(self.path), "busy_timeout_ms": self._busy_timeout_ms}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path = Path(state["path"])
+        self._busy_timeout_ms = state["busy_timeout_ms"]
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"KeyStore({str(self.path)!r})"
+
+    @contextmanager
+    def _tx(self, *, write: bool = True) -> Iterator[StoreTransaction]:
+        """One transaction: BEGIN IMMEDIATE (the write lock, taken before the first read) or, for
+        ``write=False``, a deferred BEGIN (a consistent read snapshot that blocks no writer)."""
+        con = self._connection()
+        con.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield StoreTransaction(con)
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+        try:
+            con.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+
+    def transaction(self) -> AbstractContextManager[StoreTransaction]:
+        """``with store.transaction() as tx:`` — several pool operations as one atomic transaction.
+
+        Used by :mod:`qfl.quantum.network` (a clock tick deposits into every
+        link at once; a relay takes from two links and deposits into a third).
+        An exception inside the block rolls everything back.
+        """
+        return self._tx()
+
+    # -- links -----------------------------------------------------------------------------------
+
+    def add_link(self, a: str, b: str) -> str:
+        """Create the link joining a and b (idempotent); return its name."""
+        name = link_name(a, b)
+        lo, hi = sorted((a, b))
+        with self._tx() as tx:
+            tx._con.execute("INSERT OR IGNORE INTO links (name, a, b) VALUES (?, ?, ?)", (name, lo, hi))
+        return name
+
+    def links(self) -> list[str]:
+        """Names of all links, sorted."""
+        rows = self._connection().execute("SELECT name FROM links ORDER BY name").fetchall()
+        return [r[0] for r in rows]
+
+    def has_link(self, a: str, b: str) -> bool:
+        name = link_name(a, b)
+        return self._connection().execute("SELECT 1 FROM links WHERE name = ?", (name,)).fetchone() is not None
+
+    # -- pools -----------------------------------------------------------------------------------
+
+    def deposit(self, a: str, b: str, key: bytes) -> int:
+        """Append key made on link a~b to its pool; return the link's made_bits afterwards."""
+        with self._tx() as tx:
+            return tx.deposit(a, b, key)
+
+    def enc_keys(self, master: str, slave: str, number: int, size_bits: int) -> list[KeyContainer]:
+        """Take ``number`` fresh keys of ``size_bits`` for master→slave, atomically.
+
+        Raises ValueError for a bad request, UnknownLink if no link joins the
+        two, KeyExhausted (taking nothing) if the pool holds fewer than
+        ``number · size_bits`` bits.
+        """
+        _check_request(number, size_bits)
+        with self._tx() as tx:
+            return tx.take_keys(master, slave, number, size_bits)
+
+    def dec_keys(self, slave: str, master: str, key_ids: list[str]) -> list[KeyContainer]:
+        """The keys with these ids, for the slave they were made for, each exactly once (all or nothing).
+
+        UnknownKey if any id does not exist, was already delivered, was made
+        for another master/slave pair, or repeats within the request; then
+        nothing is delivered. UnknownLink if no link joins the two SAEs.
+        """
+        if isinstance(key_ids, str):
+            raise TypeError("key_ids is a list of key_id strings, not one string")
+        key_ids = list(key_ids)
+        if len(set(key_ids)) != len(key_ids):
+            raise UnknownKey("a key_id appears twice in one request; each key is delivered once")
+        with self._tx() as tx:
+            link_id = tx.link_row(slave, master)[0]
+            out = []
+            now = time.time()
+            for key_id in key_ids:
+                row = tx._con.execute(
+                    "SELECT link_id, master, slave, state, material FROM keys WHERE key_id = ?", (str(key_id),)
+                ).fetchone()
+                if (
+                    row is None
+                    or row[0] != link_id
+                    or row[1] != master
+                    or row[2] != slave
+                    or row[3] != STATE_DELIVERED
+                    or row[4] is None
+                ):
+                    # Same message for every case: do not tell a prober which ids exist.
+                    raise UnknownKey(f"no key {key_id!r} is waiting for slave {slave!r} from master {master!r}")
+                tx._con.execute(
+                    "UPDATE keys SET state = ?, material = NULL, delivered_at = ? WHERE key_id = ?",
+                    (STATE_CONSUMED, now, key_id),
+                )
+                out.append(KeyContainer(key_id, row[4]))
+            return out
+
+    def status(self, master: str, slave: str) -> LinkStatus:
+        """made/used/left bits of the link joining master and slave (UnknownLink if none)."""
+        # One SELECT is its own read transaction (a consistent snapshot); no write lock needed.
+        return StoreTransaction(self._connection()).status(master, slave)
+
+    def ledger(self, link: str) -> list[LedgerEntry]:
+        """Every interval ever taken from ``link``'s pool (keys and relay takes), sorted by offset."""
+        with self._tx(write=False) as tx:
+            con = tx._con
+            row = con.execute("SELECT id FROM links WHERE name = ?", (link,)).fetchone()
+            if row is None:
+                raise UnknownLink(f"no link named {link!r}")
+            rows = con.execute(
+                "SELECT offset_bits, size_bits, key_id, state FROM keys WHERE link_id = ? ORDER BY offset_bits",
+                (row[0],),
+            ).fetchall()
+        return [LedgerEntry(*r) for r in rows]
+
+    def pending_keys(self, master: str, slave: str) -> int:
+        """How many keys master took for slave that the slave has not fetched yet."""
+        con = self._connection()
+        row = con.execute("SELECT id FROM links WHERE name = ?", (link_name(master, slave),)).fetchone()
+        if row is None:
+            raise UnknownLink(f"no link joins {master!r} and {slave!r}")
+        return con.execute(
+            "SELECT count(*) FROM keys WHERE link_id = ? AND master = ? AND slave = ? AND state = ?",
+            (row[0], master, slave, STATE_DELIVERED),
+        ).fetchone()[0]
+
+    def verify(self) -> list[str]:
+        """Check the invariants of every link; return a list of problems (empty when consistent).
+
+        Per link: the ledger intervals tile ``[0, used_bits)`` exactly (no
+        overlap, no gap), the pool holds ``made_bits − used_bits`` bits, and
+        only undelivered keys keep material.
+        """
+        problems = []
+        with self._tx(write=False) as tx:
+            con = tx._con
+            if con.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
+                problems.append("sqlite integrity_check failed")
+            for link_id, name, made, used in con.execute("SELECT id, name, made_bits, used_bits FROM links").fetchall():
+                pool = con.execute(
+                    "SELECT coalesce(sum(length(data)), 0) FROM chunks WHERE link_id = ?", (link_id,)
+                ).fetchone()[0]
+                if 8 * pool != made - used:
+                    problems.append(f"{name}: pool holds {8 * pool} bits, counters say {made - used}")
+                end = 0
+                for off, size, key_id in con.execute(
+                    "SELECT offset_bits, size_bits, key_id FROM keys WHERE link_id = ? ORDER BY offset_bits", (link_id,)
+                ):
+                    if off != end:
+                        problems.append(f"{name}: ledger {'overlap' if off < end else 'gap'} at bit {off} ({key_id})")
+                    end = max(end, off + size)
+                if end != used:
+                    problems.append(f"{name}: ledger ends at bit {end}, used_bits is {used}")
+            bad = con.execute(
+                "SELECT count(*) FROM keys WHERE (state = ?) != (material IS NOT NULL)", (STATE_DELIVERED,)
+            ).fetchone()[0]
+            if bad:
+                problems.append(f"{bad} keys keep material they should not (or lack material they should have)")
+        return problems
+
+    def scrub(self) -> None:
+        """Checkpoint and truncate the WAL, so page images of deleted key material leave the WAL file."""
+        self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+
+    def take_with_policy(
+        self, master: str, slave: str, number: int, size_bits: int, policy: Policy,
+        clock: KeySupplier | None = None, **kwargs: object,
+    ) -> list[KeyContainer] | None:
+        """:func:`take_with_policy` on this store."""
+        return take_with_policy(self, master, slave, number, size_bits, policy, clock, **kwargs)
+
+
+# -- exhaustion policy ---------------------------------------------------------------------------
+
+Policy = Literal["wait", "skip", "abort"]
+POLICIES: tuple[str, ...] = ("wait", "skip", "abort")
+
+
+@runtime_checkable
+class KeySupplier(Protocol):
+    """Something that can make more key for a pair, e.g. :class:`qfl.quantum.network.QuantumNetwork`."""
+
+    def supply(self, master: str, slave: str, bits: int, *, wait: bool) -> float:
+        """Try to add ``bits`` bits to the pool of master~slave.
+
+        With ``wait=False`` only what needs no simulated time (a relay from key
+        already made on the physical links); with ``wait=True`` the simulated
+        clock may advance until the link has made the key. Returns the
+        simulated seconds advanced; raises KeyExhausted if the key can never
+        come (a link with rate 0).
+        """
+
+
+def take_with_policy(
+    source: object,
+    master: str,
+    slave: str,
+    number: int,
+    size_bits: int,
+    policy: Policy,
+    clock: KeySupplier | Callable[..., float] | None = None,
+    *,
+    max_tries: int = 64,
+) -> list[KeyContainer] | None:
+    """``source.enc_keys(...)`` with an exhaustion policy.
+
+    - ``"abort"``: raise :class:`KeyExhausted` (the default behaviour of ``enc_keys``).
+    - ``"skip"``: return ``None``; the caller drops this client/pair for the round.
+    - ``"wait"``: ask ``clock.supply(master, slave, missing_bits, wait=True)``
+      to advance the simulated clock until the link has made the missing key,
+      then take. Needs ``clock``. Retries (another process may have taken the
+      new key first) up to ``max_tries`` times, then raises KeyExhausted.
+
+    With a ``clock``, "skip" and "abort" first try ``supply(..., wait=False)``
+    once (a trusted relay can fill a leaf–leaf pool from key already made, in
+    zero simulated time). ``source`` is any KeySource (the store or a KMS
+    client). ``clock`` may also be a plain function with ``supply``'s signature.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"exhaustion policy must be one of {POLICIES}, got {policy!r}")
+    if policy == "wait" and clock is None:
+        raise ValueError("policy 'wait' needs a clock (a KeySupplier such as QuantumNetwork) that makes more key")
+    supply = None if clock is None else (clock.supply if isinstance(clock, KeySupplier) else clock)
+    _check_request(number, size_bits)
+    tried_instant = False
+    for _ in range(max_tries):
+        try:
+            return source.enc_keys(master, slave, number, size_bits)
+        except KeyExhausted as exc:
+            missing = exc.requested_bits - exc.available_bits
+            if policy == "wait":
+                supply(master, slave, missing, wait=True)
+                continue
+            if supply is not None and not tried_instant:
+                tried_instant = True
+                supply(master, slave, missing, wait=False)
+                continue
+            if policy == "skip":
+                return None
+            raise
+    raise KeyExhausted(link_name(master, slave), number * size_bits, source.status(master, slave).left_bits)
+
