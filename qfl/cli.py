@@ -77,6 +77,22 @@ def _cmd_qkd_rate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_qkd_simulate(args: argparse.Namespace) -> int:
+    import json
+
+    from qfl.quantum.bb84 import format_result, result_json, simulate_bb84
+
+    try:
+        result = simulate_bb84(
+            args.pulses, args.distance_km, eve_fraction=args.eve, seed=args.seed, mu=args.mu,
+            qber_threshold=args.qber_threshold,
+        )
+    except ValueError as err:
+        raise SystemExit(f"qfl qkd simulate: {err}") from None
+    print(json.dumps(result_json(result), indent=2) if args.json else format_result(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qfl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     rate.add_argument("--pulse-rate-hz", type=float, default=1e9)
     rate.add_argument("--json", action="store_true")
     rate.set_defaults(func=_cmd_qkd_rate)
+    sim = qkd.add_parser("simulate", help="Monte-Carlo of decoy BB84: sifting, QBER, Cascade, privacy amplification")
+    sim.add_argument("--distance-km", type=float, required=True)
+    sim.add_argument("--pulses", type=int, required=True)
+    sim.add_argument("--eve", type=float, default=0.0, metavar="P", help="intercept-resend on a fraction P of pulses")
+    sim.add_argument("--mu", type=float, default=0.5, help="signal intensity")
+    sim.add_argument("--qber-threshold", type=float, default=0.11)
+    sim.add_argument("--seed", type=int, default=None)
+    sim.add_argument("--json", action="store_true")
+    sim.set_defaults(func=_cmd_qkd_simulate)
 
     experiment = sub.add_parser("experiment", help="experiments").add_subparsers(dest="experiment", required=True)
     comp = experiment.add_parser("compression", help="digits, 20 clients, α=0.5: every codec against fp32")

@@ -1,0 +1,252 @@
+"""BB84 Monte-Carlo (qfl.quantum.bb84) and its Qiskit Aer cross-check (qfl.quantum.bb84_circuits)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from qfl.quantum.bb84 import (
+    bench_bb84,
+    binary_entropy,
+    cascade_correct,
+    expected_qber,
+    format_result,
+    gllp_secure_length,
+    result_json,
+    secure_length,
+    simulate_bb84,
+    toeplitz_hash,
+    toeplitz_seed,
+)
+
+E_D = 0.033
+
+
+def _sigma(p, n):
+    return math.sqrt(p * (1 - p) / n)
+
+
+@pytest.fixture(scope="module")
+def run_10km():
+    return simulate_bb84(2_000_000, 10.0, seed=11)
+
+
+@pytest.fixture(scope="module")
+def run_0km():
+    return simulate_bb84(1_000_000, 0.0, seed=12)
+
+
+# ----------------------------------------------------------------- the protocol
+
+
+def test_both_ends_get_the_same_key(run_10km):
+    r = run_10km
+    assert not r.aborted, r.abort_reason
+    assert r.key_bits > 1000
+    assert r.alice_key.dtype == np.uint8 and r.alice_key.size == r.key_bits
+    assert set(np.unique(r.alice_key)) <= {0, 1}
+    assert np.array_equal(r.alice_key, r.bob_key)
+    assert r.corrected_errors > 0  # the raw keys did differ before Cascade
+
+
+def test_key_length_respects_sampling_and_leakage(run_10km):
+    r = run_10km
+    remaining = r.sifted_bits - r.sampled_bits
+    assert r.sampled_bits == round(0.1 * r.sifted_bits)
+    assert r.leaked_bits > 64
+    assert r.key_bits <= remaining - r.leaked_bits
+    d = r.decoy
+    s1 = d["Q1_lower"] / d["gain"]["signal"]
+    assert 0 < s1 < 1 and d["e1_upper"] >= 0
+    assert r.key_bits == gllp_secure_length(remaining, s1, d["e1_upper"], r.leaked_bits, 1e-10)
+    assert r.key_bits == math.floor(
+        remaining * s1 * (1 - binary_entropy(d["e1_upper"])) - r.leaked_bits - 2 * math.log2(1e10)
+    )
+    # the photon-number split makes the key strictly shorter than the PNS-blind formula
+    assert r.key_bits < secure_length(remaining, r.qber, r.leaked_bits, 1e-10)
+
+
+def test_same_seed_same_run():
+    a = simulate_bb84(300_000, 5.0, seed=3)
+    b = simulate_bb84(300_000, 5.0, seed=3)
+    assert result_json(a) == result_json(b) and np.array_equal(a.alice_key, b.alice_key)
+
+
+def test_qber_without_eve_is_the_misalignment(run_0km):
+    r = run_0km
+    assert not r.aborted
+    # dark counts add ~Y0/(2 Q) ~ 4e-5 at 0 km
+    assert abs(r.qber_true - E_D) < 4 * _sigma(E_D, r.sifted_bits)
+    assert abs(r.qber - E_D) < 4 * _sigma(E_D, r.sampled_bits)
+
+
+def test_full_intercept_resend_gives_a_quarter_and_aborts():
+    r = simulate_bb84(1_000_000, 0.0, eve_fraction=1.0, seed=13)
+    expected = expected_qber(E_D, 1.0)  # 1/4 + e_d/2
+    assert abs(r.qber_true - expected) < 4 * _sigma(expected, r.sifted_bits)
+    assert abs(r.qber_true - 0.25) < 0.03
+    assert r.aborted and "QBER" in r.abort_reason
+    assert r.key_bits == 0 and r.alice_key.size == 0 and r.leaked_bits == 0
+
+
+def test_partial_intercept_resend_raises_the_qber_by_about_p_over_4():
+    r = simulate_bb84(2_000_000, 0.0, eve_fraction=0.4, seed=14)
+    expected = expected_qber(E_D, 0.4)  # e_d + 0.4 (1/4 - e_d/2) = 0.126
+    assert abs(r.qber_true - expected) < 4 * _sigma(expected, r.sifted_bits)
+    assert abs(r.qber_true - (E_D + 0.1)) < 0.015
+
+
+def test_decoy_estimates_bound_the_single_photon_yield():
+    r = simulate_bb84(5_000_000, 10.0, seed=15)
+    d = r.decoy
+    eta = 0.045 * 10 ** (-0.21)
+    assert d["Y1_true"] == pytest.approx(eta, rel=0.03)
+    assert d["Y1_lower"] == pytest.approx(d["Y1_true"], rel=0.2)  # ~4.5 sigma: 1.4k decoy clicks
+    assert d["gain"]["signal"] == pytest.approx(1 - (1 - 1.7e-6) * math.exp(-eta * 0.5), rel=0.02)
+    assert d["gllp_key_bits"] > 0 and r.key_bits > 0  # the whole-run GLLP rate and the key cut agree in sign
+    json.dumps(d)
+
+
+def test_long_fiber_aborts_cleanly():
+    r = simulate_bb84(20_000, 150.0, seed=16)
+    assert r.aborted and r.key_bits == 0
+    assert json.loads(json.dumps(result_json(r)))["aborted"] is True
+
+
+def test_json_and_text_report(run_10km):
+    out = result_json(run_10km)
+    assert list(out) == ["pulses", "sifted_bits", "qber", "leaked_bits", "key_bits", "aborted"]
+    assert out["pulses"] == 2_000_000 and out["aborted"] is False
+    json.dumps(out)
+    text = format_result(run_10km)
+    assert "key bits" in text and "ABORTED" not in text
+    assert "ABORTED" in format_result(simulate_bb84(200_000, 0.0, eve_fraction=1.0, seed=1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"pulses": 0}, "pulses"),
+        ({"pulses": -10}, "pulses"),
+        ({"pulses": 1.5}, "pulses"),
+        ({"distance_km": -1.0}, "distance_km"),
+        ({"distance_km": float("nan")}, "distance_km"),
+        ({"eve_fraction": -0.1}, "eve_fraction"),
+        ({"eve_fraction": 1.5}, "eve_fraction"),
+        ({"nu": 0.6}, "nu"),
+        ({"sample_fraction": 1.0}, "sample_fraction"),
+    ],
+)
+def test_bad_input_is_rejected_with_the_fix(kwargs, word):
+    args = {"pulses": 1000, "distance_km": 1.0} | kwargs
+    with pytest.raises(ValueError, match=word):
+        simulate_bb84(args.pop("pulses"), args.pop("distance_km"), **args)
+
+
+# ----------------------------------------------------------------- Cascade
+
+
+@pytest.mark.parametrize("e", [0.01, 0.02, 0.04, 0.08])
+def test_cascade_corrects_everything_near_the_shannon_limit(e):
+    rng = np.random.default_rng(int(e * 1000))
+    n = 50_000
+    alice = rng.integers(0, 2, n, dtype=np.uint8)
+    bob = alice ^ (rng.random(n) < e).astype(np.uint8)
+    errors = int(np.count_nonzero(alice != bob))
+    res = cascade_correct(alice, bob, errors / n, seed=1)
+    assert np.array_equal(res.corrected, alice)
+    assert res.corrected_errors == errors  # every bisection ends on a real error
+    ratio = res.leaked_bits / (n * binary_entropy(errors / n))
+    # measured: 1.13 (1%), 1.15 (2%), 1.18 (4%), 1.21 (8%)
+    assert 1.05 < ratio < 1.35, ratio
+    assert res.block_sizes[0] == math.ceil(0.73 / (errors / n))
+    assert not np.array_equal(bob, alice)  # the input was not modified
+
+
+def test_cascade_on_identical_strings_only_discloses_block_parities():
+    a = np.random.default_rng(0).integers(0, 2, 1000, dtype=np.uint8)
+    res = cascade_correct(a, a.copy(), 0.05, seed=0)
+    assert res.corrected_errors == 0
+    assert res.leaked_bits == sum(-(-1000 // k) for k in res.block_sizes)
+
+
+# ----------------------------------------------------------------- Toeplitz
+
+
+def _toeplitz_matrix(seed_bits, n, m):
+    return np.array([[seed_bits[i - j + n - 1] for j in range(n)] for i in range(m)], dtype=np.int64)
+
+
+@pytest.mark.parametrize("n, m", [(1, 1), (9, 4), (64, 64), (257, 100), (1000, 1)])
+def test_toeplitz_matches_the_matrix_product(n, m):
+    rng = np.random.default_rng(n * 1000 + m)
+    x = rng.integers(0, 2, n, dtype=np.uint8)
+    s = toeplitz_seed(rng, n, m)
+    assert s.size == n + m - 1
+    out = toeplitz_hash(x, m, s)
+    assert out.dtype == np.uint8 and out.size == m
+    assert np.array_equal(out, (_toeplitz_matrix(s, n, m) @ x) % 2)
+
+
+def test_toeplitz_is_linear_and_deterministic():
+    rng = np.random.default_rng(5)
+    n, m = 200_000, 120_000
+    s = toeplitz_seed(rng, n, m)
+    a = rng.integers(0, 2, n, dtype=np.uint8)
+    b = rng.integers(0, 2, n, dtype=np.uint8)
+    ta, tb = toeplitz_hash(a, m, s), toeplitz_hash(b, m, s)
+    assert ta.size == m
+    assert np.array_equal(toeplitz_hash(a ^ b, m, s), ta ^ tb)
+    assert np.array_equal(toeplitz_hash(a.copy(), m, s), ta)
+    assert not np.array_equal(toeplitz_hash(a, m, toeplitz_seed(rng, n, m)), ta)
+    with pytest.raises(ValueError, match="seed_bits"):
+        toeplitz_hash(a, m, s[:-1])
+
+
+def test_throughput_targets():
+    b = bench_bb84(2_000_000, cascade_bits=1 << 18, toeplitz_bits=1 << 18)
+    assert b["pulses_per_s"] > 1e6, b
+    assert b["cascade_bits_per_s"] > 1e5, b
+    assert b["cascade_residual_errors"] == 0
+    assert b["toeplitz_bits_per_s"] > 1e5, b
+
+
+# ----------------------------------------------------------------- Qiskit Aer cross-check
+
+
+def test_aer_qber_with_misalignment_noise_agrees_with_the_monte_carlo(run_0km):
+    from qfl.quantum.bb84_circuits import simulate_bb84_circuits
+
+    mc = run_0km
+    for noise in ("depolarizing", "bitflip"):
+        aer = simulate_bb84_circuits(4000, e_d=E_D, noise=noise, seed=21)
+        assert aer.sifted_bits > 1800
+        tol = 4 * math.hypot(_sigma(E_D, aer.sifted_bits), _sigma(E_D, mc.sifted_bits))
+        assert abs(aer.qber - mc.qber_true) < tol, (noise, aer.qber, mc.qber_true)
+    clean = simulate_bb84_circuits(500, noise=None, seed=22)
+    assert clean.errors == 0
+
+
+def test_aer_intercept_resend_agrees_with_the_monte_carlo():
+    from qfl.quantum.bb84_circuits import simulate_bb84_circuits
+
+    mc = simulate_bb84(1_000_000, 0.0, eve_fraction=1.0, seed=23)
+    aer = simulate_bb84_circuits(4000, e_d=E_D, eve_fraction=1.0, seed=24)
+    p = expected_qber(E_D, 1.0)
+    assert abs(aer.qber - mc.qber_true) < 4 * math.hypot(_sigma(p, aer.sifted_bits), _sigma(p, mc.sifted_bits))
+    assert abs(aer.eve_agreement - 0.75) < 4 * _sigma(0.75, aer.sifted_bits)
+    # the mid-circuit measure + reset + if_test re-preparation gives the same statistics
+    mid = simulate_bb84_circuits(600, e_d=E_D, eve_fraction=1.0, seed=25, eve_mode="mid-circuit")
+    assert abs(mid.qber - p) < 4 * _sigma(p, mid.sifted_bits)
+
+
+def test_aer_bad_input():
+    from qfl.quantum.bb84_circuits import simulate_bb84_circuits
+
+    with pytest.raises(ValueError, match="qubits"):
+        simulate_bb84_circuits(0)
+    with pytest.raises(ValueError, match="eve_fraction"):
+        simulate_bb84_circuits(10, eve_fraction=2.0)
+    with pytest.raises(ValueError, match="noise"):
+        simulate_bb84_circuits(10, e_d=0.1, noise="amplitude")
