@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qfl-installed
 
-.PHONY: demo test install clean bench-codecs experiment-compression
+.PHONY: demo test install clean bench-codecs bench-qkd bench-kms experiment-compression
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ test: $(STAMP)
 # Slower work, kept out of `make test`.
 bench-codecs: $(STAMP)
 	$(BIN)/qfl bench codecs
+
+bench-qkd: $(STAMP)
+	$(BIN)/qfl bench qkd
+
+bench-kms: $(STAMP)
+	$(BIN)/qfl bench kms
 
 experiment-compression: $(STAMP)
 	$(BIN)/qfl experiment compression --out runs/experiment-compression

@@ -44,6 +44,31 @@ def _cmd_bench_codecs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_qkd(args: argparse.Namespace) -> int:
+    import json
+
+    from qfl.quantum.bb84 import bench_bb84
+
+    result = bench_bb84(args.pulses, distance_km=args.distance_km)
+    figures = {k: result[k] for k in ("pulses_per_s", "cascade_bits_per_s", "toeplitz_bits_per_s")}
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    else:
+        print(f"BB84 Monte-Carlo, steps 1-4 (source to estimation): {figures['pulses_per_s']:.3g} pulses/s")
+        print(f"Cascade error correction: {figures['cascade_bits_per_s']:.3g} corrected bits/s")
+        print(f"Toeplitz privacy amplification: {figures['toeplitz_bits_per_s']:.3g} input bits/s")
+    return 0
+
+
+def _cmd_bench_kms(args: argparse.Namespace) -> int:
+    from qfl.benchmarks.kms import bench_kms
+
+    for op in args.op or ["enc_keys", "pair", "status"]:
+        rps = bench_kms(args.clients, args.requests, op=op)
+        print(f"KMS {op}: {rps:.0f} requests/s with {args.clients} concurrent mTLS clients on loopback")
+    return 0
+
+
 def _cmd_experiment_compression(args: argparse.Namespace) -> int:
     from qfl.simulations.experiments import format_rows, run_compression_experiment
 
@@ -93,6 +118,59 @@ def _cmd_qkd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from qfl.security.certs import make_pki
+
+    try:
+        pki = make_pki(args.out, args.sae, kme_host=args.host)
+    except ValueError as err:
+        raise SystemExit(f"qfl certs: {err}") from None
+    print(f"CA, KME certificate and {len(args.sae)} SAE certificates in {args.out}")
+    del pki  # the CA key lives in memory only
+    return 0
+
+
+def _parse_link(text: str) -> tuple[str, str]:
+    a, sep, b = text.partition(":")
+    if not sep or not a or not b or a == b:
+        raise SystemExit(f"qfl kms serve: --link expects SAE_A:SAE_B, got {text!r}")
+    return a, b
+
+
+def _cmd_kms_serve(args: argparse.Namespace) -> int:
+    import threading
+    import time
+
+    from qfl.quantum.network import QuantumNetwork
+    from qfl.security.keystore import KeyStore
+    from qfl.security.kms import serve
+
+    stop = threading.Event()
+    feeder_store = KeyStore(args.store)
+    network = QuantumNetwork(feeder_store)
+    for a, b in map(_parse_link, args.link):
+        network.add_link(a, b, distance_km=args.distance_km, bits_per_s=args.bits_per_s)
+
+    def feed() -> None:  # links make key in real time at their rate
+        last = time.monotonic()
+        while not stop.wait(args.tick):
+            now = time.monotonic()
+            network.advance(now - last)
+            last = now
+
+    def ready(server) -> None:
+        print(f"KME listening on {server.url}", flush=True)
+        if network.direct:
+            threading.Thread(target=feed, name="qkd-links", daemon=True).start()
+
+    try:
+        serve(args.store, args.certs, host=args.host, port=args.port, ready_callback=ready)
+    finally:
+        stop.set()
+        feeder_store.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qfl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     codecs.add_argument("--codec", action="append", help="only this codec (label or name); repeatable")
     codecs.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     codecs.set_defaults(func=_cmd_bench_codecs)
+    bqkd = bench.add_parser("qkd", help="BB84 Monte-Carlo, Cascade and Toeplitz throughput (one core)")
+    bqkd.add_argument("--pulses", type=int, default=10**7)
+    bqkd.add_argument("--distance-km", type=float, default=10.0)
+    bqkd.add_argument("--json", action="store_true")
+    bqkd.set_defaults(func=_cmd_bench_qkd)
+    bkms = bench.add_parser("kms", help="KMS requests/s with concurrent mTLS clients on loopback")
+    bkms.add_argument("--clients", type=int, default=8)
+    bkms.add_argument("--requests", type=int, default=500, help="per client")
+    bkms.add_argument("--op", action="append", choices=("enc_keys", "pair", "status"))
+    bkms.set_defaults(func=_cmd_bench_kms)
 
     qkd = sub.add_parser("qkd", help="QKD link models").add_subparsers(dest="qkd", required=True)
     rate = qkd.add_parser("rate", help="decoy-state BB84 key rate of one fiber link (GLLP, Ma et al. 2005)")
@@ -137,6 +225,26 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=None)
     sim.add_argument("--json", action="store_true")
     sim.set_defaults(func=_cmd_qkd_simulate)
+
+    certs = sub.add_parser("certs", help="make a CA, the KME certificate and one client certificate per SAE")
+    certs.add_argument("--out", required=True, metavar="DIR")
+    certs.add_argument("--sae", action="append", required=True, metavar="ID", help="an SAE ID; repeatable")
+    certs.add_argument("--host", default="127.0.0.1", help="the KME's address, put in its certificate")
+    certs.set_defaults(func=_cmd_certs)
+
+    kms = sub.add_parser("kms", help="key management service").add_subparsers(dest="kms", required=True)
+    kserve = kms.add_parser("serve", help="ETSI GS QKD 014 KME over HTTPS with mutual TLS")
+    kserve.add_argument("--store", required=True, metavar="FILE", help="SQLite key store")
+    kserve.add_argument("--certs", required=True, metavar="DIR", help="made by `qfl certs`")
+    kserve.add_argument("--host", default="127.0.0.1")
+    kserve.add_argument("--port", type=int, default=8443, help="0 picks a free port (printed)")
+    kserve.add_argument("--link", action="append", default=[], metavar="A:B",
+                        help="a simulated QKD link feeding the store in real time; repeatable")
+    kserve.add_argument("--distance-km", type=float, default=10.0, help="fibre length of every --link")
+    kserve.add_argument("--bits-per-s", type=float, default=None,
+                        help="key rate of every --link (default: the decoy-BB84 model at --distance-km)")
+    kserve.add_argument("--tick", type=float, default=0.5, help="seconds between deposits")
+    kserve.set_defaults(func=_cmd_kms_serve)
 
     experiment = sub.add_parser("experiment", help="experiments").add_subparsers(dest="experiment", required=True)
     comp = experiment.add_parser("compression", help="digits, 20 clients, α=0.5: every codec against fp32")

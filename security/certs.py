@@ -1,0 +1,284 @@
+"""A small PKI for the KMS: one CA, a server certificate for the KME, a client certificate per SAE.
+
+ETSI GS QKD 014 (clause 5.1) has SAEs and the KME authenticate each other over
+HTTPS with mutual TLS. :func:`make_pki` writes everything ``qfl kms serve`` and
+its clients need into one folder:
+
+==================  ==========================================================
+``ca.pem``          the CA certificate (self-signed); both sides trust only it
+``kme.pem/.key``    the KME's server certificate and key; SAN = IP 127.0.0.1,
+                    DNS localhost, plus ``kme_host`` when it is another name
+``<SAE>.pem/.key``  one client certificate and key per SAE; subject CN = SAE ID
+==================  ==========================================================
+
+Keys are EC P-256 in unencrypted PKCS#8 PEM, written with mode 0600;
+certificates with 0644. Every file is written atomically (temporary file in the
+same folder, fsync, rename), so a crash never leaves a half-written key.
+
+The CA's private key is *not* written: nobody can mint further identities from
+the folder. :func:`make_pki` returns it in memory (:attr:`Pki.ca_key`) so a
+caller, a test for instance, can issue more certificates with
+:func:`issue_certificate` in the same process.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import ipaddress
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_FILE = "ca.pem"
+KME_CERT_FILE = "kme.pem"
+KME_KEY_FILE = "kme.key"
+_RESERVED = {"ca", "kme"}
+# SAE IDs become file names and certificate CNs: keep them to a safe alphabet.
+_SAE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Pki:
+    """Where :func:`make_pki` put its files, and the CA key it kept in memory."""
+
+    dir: Path
+    ca_cert: Path
+    kme_cert: Path
+    kme_key: Path
+    sae: dict[str, tuple[Path, Path]]  # SAE ID -> (certificate, key)
+    ca_key: ec.EllipticCurvePrivateKey = field(repr=False)
+
+    def sae_cert(self, sae_id: str) -> Path:
+        return self.sae[sae_id][0]
+
+    def sae_key(self, sae_id: str) -> Path:
+        return self.sae[sae_id][1]
+
+
+def check_sae_id(sae_id: str) -> str:
+    """Return ``sae_id`` if it is usable as a CN and a file name; raise ValueError otherwise."""
+    if not isinstance(sae_id, str) or not _SAE_ID.match(sae_id):
+        raise ValueError(
+            f"SAE ID {sae_id!r}: use 1-64 characters from A-Z a-z 0-9 . _ - , starting with a letter or digit"
+        )
+    if sae_id.lower() in _RESERVED:
+        raise ValueError(f"SAE ID {sae_id!r} is reserved (its files would clash with {sae_id.lower()}.pem)")
+    return sae_id
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _name(common_name: str | None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "qfl")]
+    if common_name is not None:
+        attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    return x509.Name(attrs)
+
+
+def _validity(days: int) -> tuple[_dt.datetime, _dt.datetime]:
+    now = _dt.datetime.now(_dt.timezone.utc)
+    # A little back-dating tolerates clock skew between machines.
+    return now - _dt.timedelta(minutes=5), now + _dt.timedelta(days=days)
+
+
+def make_ca(common_name: str = "qfl QKD CA", days: int = 3650) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed CA certificate and its key (in memory)."""
+    key = _new_key()
+    not_before, not_after = _validity(days)
+    name = _name(common_name)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def issue_certificate(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    common_name: str | None,
+    *,
+    server_names: list[str] | None = None,
+    client: bool = True,
+    days: int = 825,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A leaf certificate signed by the CA.
+
+    ``client=True`` gives a TLS client certificate (EKU clientAuth) whose subject
+    CN is ``common_name`` (``None``: no CN at all, which the KMS answers with 401).
+    ``server_names`` (IP addresses or DNS names) makes it a server certificate
+    (EKU serverAuth) with those names as subjectAltName.
+    """
+    key = _new_key()
+    not_before, not_after = _validity(days)
+    ekus = []
+    if client:
+        ekus.append(ExtendedKeyUsageOID.CLIENT_AUTH)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    if server_names:
+        ekus.append(ExtendedKeyUsageOID.SERVER_AUTH)
+        sans: list[x509.GeneralName] = []
+        for name in dict.fromkeys(server_names):  # keep order, drop repeats
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                sans.append(x509.DNSName(name))
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    if not ekus:
+        raise ValueError("a certificate needs client=True or server_names")
+    builder = builder.add_extension(x509.ExtendedKeyUsage(ekus), critical=False)
+    return builder.sign(ca_key, hashes.SHA256()), key
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)  # before any byte of a key lands on disk
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def write_pair(out_dir: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+    """Write ``<stem>.pem`` (0644) and ``<stem>.key`` (0600) atomically; return their paths."""
+    out_dir = Path(out_dir)
+    cert_path, key_path = out_dir / f"{stem}.pem", out_dir / f"{stem}.key"
+    _write_atomic(key_path, _key_pem(key), 0o600)
+    _write_atomic(cert_path, _cert_pem(cert), 0o644)
+    return cert_path, key_path
+
+
+def make_pki(out_dir: str | os.PathLike, sae_ids: list[str], kme_host: str = "127.0.0.1", *, days: int = 825) -> Pki:
+    """Create the CA, the KME's server certificate and one client certificate per SAE in ``out_dir``.
+
+    Existing files of the same names are replaced (each atomically). Returns a
+    :class:`Pki` with the paths and the CA key (kept in memory only).
+    """
+    ids = [check_sae_id(s) for s in sae_ids]
+    if not ids:
+        raise ValueError("make_pki needs at least one SAE ID")
+    dupes = sorted({s for s in ids if ids.count(s) > 1})
+    if dupes:
+        raise ValueError(f"SAE IDs given more than once: {', '.join(dupes)}")
+    if not kme_host:
+        raise ValueError("kme_host must be an IP address or a DNS name")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    ca_cert, ca_key = make_ca(days=max(days, 1) * 2)
+    kme_cert, kme_key = issue_certificate(
+        ca_cert, ca_key, "qfl-kme", server_names=["127.0.0.1", "localhost", kme_host], client=False, days=days
+    )
+    kme_cert_path, kme_key_path = write_pair(out, "kme", kme_cert, kme_key)
+    sae: dict[str, tuple[Path, Path]] = {}
+    for sae_id in ids:
+        cert, key = issue_certificate(ca_cert, ca_key, sae_id, days=days)
+        sae[sae_id] = write_pair(out, sae_id, cert, key)
+    # The CA certificate goes last: a folder with a ca.pem is a complete one.
+    ca_path = out / CA_FILE
+    _write_atomic(ca_path, _cert_pem(ca_cert), 0o644)
+    _fsync_dir(out)
+    return Pki(dir=out, ca_cert=ca_path, kme_cert=kme_cert_path, kme_key=kme_key_path, sae=sae, ca_key=ca_key)
+
+
+def certificate_common_name(cert_path: str | os.PathLike) -> str:
+    """The subject CN of a PEM certificate (the SAE ID of a client certificate)."""
+    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(cns) != 1:
+        raise ValueError(f"{cert_path}: expected exactly one subject CN, found {len(cns)}")
+    value = cns[0].value
+    return value if isinstance(value, str) else value.decode()
