@@ -27,7 +27,6 @@ import datetime as _dt
 import ipaddress
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +34,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from qfl.files import atomic_write_bytes
 
 CA_FILE = "ca.pem"
 KME_CERT_FILE = "kme.pem"
@@ -191,37 +192,6 @@ def issue_certificate(
     return builder.sign(ca_key, hashes.SHA256()), key
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)  # before any byte of a key lands on disk
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -236,8 +206,8 @@ def write_pair(out_dir: Path, stem: str, cert: x509.Certificate, key: ec.Ellipti
     """Write ``<stem>.pem`` (0644) and ``<stem>.key`` (0600) atomically; return their paths."""
     out_dir = Path(out_dir)
     cert_path, key_path = out_dir / f"{stem}.pem", out_dir / f"{stem}.key"
-    _write_atomic(key_path, _key_pem(key), 0o600)
-    _write_atomic(cert_path, _cert_pem(cert), 0o644)
+    atomic_write_bytes(key_path, _key_pem(key), 0o600)
+    atomic_write_bytes(cert_path, _cert_pem(cert), 0o644)
     return cert_path, key_path
 
 
@@ -269,8 +239,7 @@ def make_pki(out_dir: str | os.PathLike, sae_ids: list[str], kme_host: str = "12
         sae[sae_id] = write_pair(out, sae_id, cert, key)
     # The CA certificate goes last: a folder with a ca.pem is a complete one.
     ca_path = out / CA_FILE
-    _write_atomic(ca_path, _cert_pem(ca_cert), 0o644)
-    _fsync_dir(out)
+    atomic_write_bytes(ca_path, _cert_pem(ca_cert), 0o644)
     return Pki(dir=out, ca_cert=ca_path, kme_cert=kme_cert_path, kme_key=kme_key_path, sae=sae, ca_key=ca_key)
 
 

@@ -1,8 +1,5 @@
-"""Atomic files: checkpoints and JSON, written whole or not at all.
-
-Each write goes to a temporary file in the same folder, is flushed and
-fsync'd, then renamed over the target (``os.replace`` is atomic on POSIX), so
-a kill -9 at any instant leaves either the old file or the new one.
+"""Checkpoints, written atomically (``qfl.files``): a kill -9 at any instant
+leaves the previous checkpoint or the new one.
 
 A checkpoint (``checkpoint.npz``) holds the global weights (``w/NAME``), the
 server optimizer state (``opt/SLOT/NAME``) and a JSON ``meta`` blob with the
@@ -13,39 +10,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from qfl.files import atomic_write_bytes
+
 CHECKPOINT_NAME = "checkpoint.npz"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 @dataclass

@@ -25,7 +25,9 @@ from qfl.clients.training import evaluate
 from qfl.compression import make_codec
 from qfl.config import RunConfig, resolve_config
 
-from .checkpoint import Checkpoint, atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
+from qfl.files import atomic_write_bytes, atomic_write_json
+
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .optimizers import make_server_optimizer
 from .strategy import QflFedAvg, record_to_weights, weights_to_record
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qfl.config import resolve_config
-from qfl.server.checkpoint import atomic_write_bytes, atomic_write_json
+from qfl.files import atomic_write_bytes, atomic_write_json
 
 from .runner import run_simulation_job
 

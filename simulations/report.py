@@ -58,7 +58,7 @@ def write_plots(run_dir: Path, history: list[dict[str, Any]]) -> list[Path]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from qfl.server.checkpoint import atomic_write_bytes
+    from qfl.files import atomic_write_bytes
 
     rounds = [r["round"] for r in history]
     cumulative, total = [], 0

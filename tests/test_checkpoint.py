@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qfl import files
 from qfl.server import checkpoint as ck
 
 
@@ -23,13 +24,13 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporaries(tmp_path, monkeypatch):
     target = tmp_path / "metrics.json"
-    ck.atomic_write_json(target, [1])
+    files.atomic_write_json(target, [1])
 
     def broken_replace(src, dst):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
-        ck.atomic_write_json(target, [1, 2])
+        files.atomic_write_json(target, [1, 2])
     assert json.loads(target.read_text()) == [1]
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["metrics.json"]
