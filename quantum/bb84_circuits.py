@@ -116,6 +116,17 @@ def eve_circuit(alice_bits: np.ndarray, alice_bases: np.ndarray, eve_bases: np.n
     return qc
 
 
+def _channel_and_bob(qc, w: int, bob_bases: np.ndarray, noise: str | None) -> None:
+    """The channel's noise slot (an identity the noise model attaches to), Bob's bases, his measurement."""
+    if noise == "depolarizing":
+        qc.id(range(w))
+    if bob_bases.any():
+        qc.h([int(q) for q in np.flatnonzero(bob_bases)])
+    if noise == "bitflip":
+        qc.id(range(w))
+    qc.measure(range(w), range(w))
+
+
 def bob_circuit(bits: np.ndarray, bases: np.ndarray, bob_bases: np.ndarray, noise: str | None):
     """States (bits, bases) sent through the noisy channel and measured by Bob in ``bob_bases``.
 
@@ -127,13 +138,7 @@ def bob_circuit(bits: np.ndarray, bases: np.ndarray, bob_bases: np.ndarray, nois
     w = len(bits)
     qc = QuantumCircuit(w, w)
     _prepare(qc, bits, bases)
-    if noise == "depolarizing":
-        qc.id(range(w))
-    if bob_bases.any():
-        qc.h([int(q) for q in np.flatnonzero(bob_bases)])
-    if noise == "bitflip":
-        qc.id(range(w))
-    qc.measure(range(w), range(w))
+    _channel_and_bob(qc, w, bob_bases, noise)
     return qc
 
 
@@ -168,13 +173,7 @@ def mid_circuit_eve_circuit(
                 qc.x(q)
         if eve_x:
             qc.h(eve_x)
-    if noise == "depolarizing":
-        qc.id(range(w))
-    if bob_bases.any():
-        qc.h([int(q) for q in np.flatnonzero(bob_bases)])
-    if noise == "bitflip":
-        qc.id(range(w))
-    qc.measure(range(w), range(w))
+    _channel_and_bob(qc, w, bob_bases, noise)
     return qc
 
 
