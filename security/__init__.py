@@ -1,1 +1,1 @@
-"""Key stores, the ETSI GS QKD 014 KMS, one-time-pad masking and MACs (security=none for now)."""
+"""Key sources (in-process pools, the ETSI GS QKD 014 KMS), certificates; secure-aggregation modes come next."""
