@@ -70,6 +70,16 @@ def _expect(codec: Codec, header: Header, body: np.ndarray, expected: int) -> No
         )
 
 
+def _open_scaled(payload: bytes, codec: Codec, bits: int) -> tuple[Header, np.float32, np.ndarray]:
+    """Header, float32 scale (>= 0 or NaN/Inf) and packed ``bits``-bit codes of a scale + codes body."""
+    header, body = _open(payload, codec)
+    _expect(codec, header, body, 4 + packed_size(header.numel, bits))
+    scale = body[:4].view(_F32)[0]
+    if scale < 0:
+        raise CodecError(f"{codec.name} payload has a negative scale {scale}")
+    return header, scale, body[4:]
+
+
 def _join(header: bytes, *parts: np.ndarray | bytes) -> bytes:
     return b"".join((header, *parts))
 
@@ -539,13 +549,8 @@ class TernaryCodec(Codec):
         return _join(pack_header(self.codec_id, _F32, shape), _SCALE.pack(scale), packed)
 
     def decode(self, payload: bytes) -> np.ndarray:
-        header, body = _open(payload, self)
+        header, scale, packed = _open_scaled(payload, self, 2)
         n = header.numel
-        _expect(self, header, body, 4 + packed_size(n, 2))
-        scale = body[:4].view(_F32)[0]
-        if scale < 0:
-            raise CodecError(f"ternary payload has a negative scale {scale}")
-        packed = body[4:]
         out = np.empty(n, np.float32)
         code = np.empty(min(n, BLOCK), np.uint8)
         with np.errstate(invalid="ignore"):
@@ -598,15 +603,10 @@ class SignCodec(Codec):
         return _join(pack_header(self.codec_id, _F32, shape), _SCALE.pack(scale), packed)
 
     def decode(self, payload: bytes) -> np.ndarray:
-        header, body = _open(payload, self)
+        header, scale, packed = _open_scaled(payload, self, 1)
         n = header.numel
-        _expect(self, header, body, 4 + packed_size(n, 1))
-        scale = body[:4].view(_F32)[0]
-        if scale < 0:
-            raise CodecError(f"sign payload has a negative scale {scale}")
-        packed = body[4:]
         out = np.empty(n, _U32)  # built as float32 patterns: the scale's, with the sign bit set for -
-        pattern = body[:4].view(_U32)[0]
+        pattern = np.float32(scale).view(_U32)
         for lo in range(0, n, BLOCK):
             hi = min(lo + BLOCK, n)
             block = out[lo:hi]

@@ -17,7 +17,7 @@ import numpy as np
 
 from .codec import Codec, CodecError, CodecTraits, EncodeContext
 from .golomb import MAX_RICE_PARAMETER, best_rice_parameter, rice_decode, rice_encode
-from .wire import pack_header, unpack_header
+from .wire import Header, pack_header, unpack_header
 
 _FP16_MAX = float(np.finfo(np.float16).max)
 _VALUE_DTYPES = {"fp16": np.dtype("<f2"), "fp32": np.dtype("<f4")}
@@ -56,6 +56,22 @@ def _flat_f32(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _check_k_fits(name: str, k: int) -> None:
     if k > 0xFFFFFFFF:
         raise ValueError(f"{name} keeps {k} coordinates; the wire format counts at most 2**32 - 1")
+
+
+def _open_sparse(
+    payload: bytes, codec: Codec, fields: str, names: str, k_index: int = 0
+) -> tuple[Header, memoryview, tuple[int, ...]]:
+    """Header, body and the leading ``fields`` of a sparse payload; checks 0 < k <= d."""
+    header = unpack_header(payload, codec.codec_id)
+    body = memoryview(payload)[header.size :]
+    size = struct.calcsize(fields)
+    if len(body) < size:
+        raise CodecError(f"{codec.name} body of {len(body)} bytes is shorter than its {size}-byte {names} fields")
+    values = struct.unpack_from(fields, body)
+    k, d = values[k_index], header.numel
+    if k > d or (k == 0 and d > 0):
+        raise CodecError(f"{codec.name} payload keeps k={k} coordinates of a {d}-element tensor; need 0 < k ≤ d")
+    return header, body, values
 
 
 class TopKCodec(Codec):
@@ -141,14 +157,8 @@ class TopKCodec(Codec):
         )
 
     def decode(self, payload: bytes) -> np.ndarray:
-        header = unpack_header(payload, self.codec_id)
-        body = memoryview(payload)[header.size :]
+        header, body, (k, b) = _open_sparse(payload, self, "<IB", "k/Rice")
         d = header.numel
-        if len(body) < 5:
-            raise CodecError(f"topk body of {len(body)} bytes is shorter than its 5-byte k/Rice fields")
-        k, b = struct.unpack_from("<IB", body)
-        if k > d or (k == 0 and d > 0):
-            raise CodecError(f"topk payload keeps k={k} coordinates of a {d}-element tensor; need 0 < k ≤ d")
         if b > MAX_RICE_PARAMETER:
             raise CodecError(f"topk payload has Rice parameter {b}; at most {MAX_RICE_PARAMETER} is valid")
         value_bytes = k * self._vdtype.itemsize
@@ -280,14 +290,8 @@ class RandKCodec(Codec):
         )
 
     def decode(self, payload: bytes) -> np.ndarray:
-        header = unpack_header(payload, self.codec_id)
-        body = memoryview(payload)[header.size :]
+        header, body, (seed, k) = _open_sparse(payload, self, "<QI", "seed/k", k_index=1)
         d = header.numel
-        if len(body) < 12:
-            raise CodecError(f"randk body of {len(body)} bytes is shorter than its 12-byte seed/k fields")
-        seed, k = struct.unpack_from("<QI", body)
-        if k > d or (k == 0 and d > 0):
-            raise CodecError(f"randk payload keeps k={k} coordinates of a {d}-element tensor; need 0 < k ≤ d")
         if len(body) != 12 + 4 * k:
             raise CodecError(f"randk payload with k={k} needs a {12 + 4 * k}-byte body, got {len(body)}")
         out = np.zeros(d, dtype=np.float32)
