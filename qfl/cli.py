@@ -122,11 +122,10 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     from qfl.security.certs import make_pki
 
     try:
-        pki = make_pki(args.out, args.sae, kme_host=args.host)
+        make_pki(args.out, args.sae, kme_host=args.host)  # the CA key is never written to disk
     except ValueError as err:
         raise SystemExit(f"qfl certs: {err}") from None
     print(f"CA, KME certificate and {len(args.sae)} SAE certificates in {args.out}")
-    del pki  # the CA key lives in memory only
     return 0
 
 
