@@ -26,7 +26,8 @@ from flwr.clientapp import ClientApp
 from qfl.compression import decode_update, encode_update, make_codec
 from qfl.config import RunConfig, resolve_config
 
-from .classical import local_evaluate, local_update, model_shapes, task_seed
+from .classical import task_seed
+from .tasks import task_for
 
 CODEC_STATE = "codec-state"
 
@@ -50,7 +51,7 @@ def _partition(context: Context) -> tuple[int, int]:
 
 def _global_weights(msg: Message, cfg: RunConfig) -> dict[str, np.ndarray]:
     codec = make_codec(cfg.downlink_codec, cfg.downlink_codec_params)
-    return decode_update(msg.content["arrays"], codec, model_shapes(cfg))
+    return decode_update(msg.content["arrays"], codec, task_for(cfg).shapes())
 
 
 def round_seed(cfg: RunConfig, server_round: int) -> int:
@@ -78,7 +79,7 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     cfg, server_round = _run_config(msg.content["config"])
     partition_id, num_partitions = _partition(context)
-    delta, num_examples, loss = local_update(cfg, _global_weights(msg, cfg), partition_id, num_partitions, server_round)
+    delta, num_examples, loss = task_for(cfg).local_update(_global_weights(msg, cfg), partition_id, num_partitions, server_round)
     codec = make_codec(cfg.codec, cfg.codec_params, seed=task_seed(cfg, server_round, partition_id))
     states = load_codec_state(context) if codec.traits.stateful else None
     update = encode_update(delta, codec, round_seed(cfg, server_round), states)
@@ -93,6 +94,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     cfg, _ = _run_config(msg.content["config"])
     partition_id, num_partitions = _partition(context)
-    loss, accuracy, n = local_evaluate(cfg, _global_weights(msg, cfg), partition_id, num_partitions)
+    loss, accuracy, n = task_for(cfg).local_evaluate(_global_weights(msg, cfg), partition_id, num_partitions)
     metrics = MetricRecord({"num-examples": n, "eval-loss": loss, "eval-accuracy": accuracy, "partition-id": partition_id})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

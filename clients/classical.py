@@ -88,3 +88,41 @@ def local_evaluate(
     set_weights(model, global_weights)
     loss, acc = evaluate(model, data.x_train[idx], data.y_train[idx])
     return loss, acc, len(idx)
+
+
+class ClassicalTask:
+    """:class:`qfl.clients.tasks.ClientTask` for the PyTorch models (cnn, mlp)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.data = dataset_for(cfg)
+        self._model = None
+
+    def _central_model(self):
+        if self._model is None:
+            self._model = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes, seed=self.cfg.seed)
+        return self._model
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return model_shapes(self.cfg)
+
+    def initial_weights(self) -> dict[str, np.ndarray]:
+        model = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes, seed=self.cfg.seed)
+        return get_weights(model)
+
+    def local_update(self, weights, partition_id, num_partitions, server_round):
+        return local_update(self.cfg, weights, partition_id, num_partitions, server_round)
+
+    def local_evaluate(self, weights, partition_id, num_partitions):
+        return local_evaluate(self.cfg, weights, partition_id, num_partitions)
+
+    def central_evaluate(self, weights: dict[str, np.ndarray]) -> tuple[float, float]:
+        model = self._central_model()
+        set_weights(model, weights)
+        return evaluate(model, self.data.x_test, self.data.y_test)
+
+    def train_size(self) -> int:
+        return len(self.data.y_train)
+
+    def check_partition(self, num_partitions: int) -> None:
+        shard(self.cfg, self.data.y_train, 0, num_partitions, salt=0)

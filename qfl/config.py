@@ -19,9 +19,12 @@ from typing import Any
 
 import tomli_w
 
-MODELS = ("cnn", "mlp")
-DATASETS = ("digits", "mnist", "cifar10")
-SECURITY_MODES = ("none",)
+MODELS = ("cnn", "mlp", "vqc", "hybrid")
+DATASETS = ("digits", "mnist", "cifar10", "ntangled", "magic")
+SECURITY_MODES = ("none", "masked-sum", "channel-pad", "expanded")
+KEY_POLICIES = ("wait", "skip", "abort")
+KEY_SOURCES = ("store", "kms")
+QKD_TOPOLOGIES = ("mesh", "star")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
 _PARAM_TABLES = {"codec": "codec_params", "downlink_codec": "downlink_codec_params"}
 
@@ -48,7 +51,22 @@ class RunConfig:
     codec_params: dict[str, Any] = field(default_factory=dict)
     downlink_codec: str = "fp32"  # how the global model travels to clients (stateless codecs only)
     downlink_codec_params: dict[str, Any] = field(default_factory=dict)
-    security: str = "none"
+    # -- secure aggregation (qfl.security.secagg) and the simulated QKD network (qfl.quantum.network)
+    security: str = "none"  # none | masked-sum | channel-pad | expanded
+    key_policy: str = "wait"  # a link short of key: wait (simulated clock) | skip (leave clients out) | abort
+    key_source: str = "store"  # store (SQLite pools, simulations) | kms (ETSI GS QKD 014 service)
+    key_store: str = ""  # SQLite key store path; empty = <run dir>/keys.db
+    kms_url: str = ""  # https://host:port for key_source = "kms"
+    kms_certs: str = ""  # a `qfl certs` directory for key_source = "kms"
+    qkd_topology: str = "mesh"  # mesh (a link per pair) | star (the server relays; it can read relayed masks)
+    qkd_distance_km: float = 10.0  # fibre length of every direct link
+    qkd_links: str = ""  # per-link distances, e.g. "client-0~client-1=50, client-2~server=80"
+    qkd_eavesdropped: str = ""  # links with an intercept-resend eavesdropper, e.g. "client-1~client-2"
+    qkd_rate: float = 0.0  # secret-key bits/s of every link; 0 = the decoy-BB84 model at the distance
+    qkd_round_s: float = 1.0  # simulated seconds of key generation per round
+    qkd_check_pulses: int = 200_000  # pulses of the BB84 Monte-Carlo run that admits each link (0 = skip)
+    secure_clip: float = 0.25  # first round's shared clip bound |Δ| <= C of masked sums (adapted per tensor)
+    secure_min_clients: int = 2  # fewest surviving uploads a masked sum may reveal
     server_opt: str = "fedavg"
     server_lr: float = 1.0
     server_momentum: float = 0.9  # FedAvgM
@@ -62,6 +80,16 @@ class RunConfig:
     fed_eval: bool = True  # also evaluate on the clients' local data each round
     timeout_s: float = 600.0  # how long the server waits for replies per round
     client_cpus: float = 1.0  # Ray CPUs per simulated client
+    # -- quantum clients (qfl.clients.quantum; checked there)
+    qubits: int = 4  # circuit width; quantum datasets have this many qubits
+    layers: int = 2  # variational layers
+    ansatz: str = "hardware-efficient"  # hardware-efficient | strongly-entangling
+    embedding: str = "angle"  # angle | amplitude | state (quantum data fed as states)
+    backend: str = "lightning"  # lightning (adjoint) | default (broadcast) | qiskit (aer estimator)
+    shots: int = 0  # 0 = exact expectations
+    noise: float = 0.0  # depolarizing probability per layer (0 = noiseless)
+    quantum_samples: int = 400  # states generated for ntangled / magic (train + test)
+    client_kinds: str = ""  # mixed federations, e.g. "quantum:1,classical:3" (in partition order)
 
     def to_flat(self) -> dict[str, Any]:
         """Flat key/value view (codec params as ``codec.NAME``), None values left out."""
@@ -132,8 +160,24 @@ def _check(cfg: RunConfig) -> None:
     need(0.0 < cfg.test_fraction < 1.0, f"test_fraction must be in (0, 1), got {cfg.test_fraction}")
     need(
         cfg.security in SECURITY_MODES,
-        f"unknown security mode {cfg.security!r}; this version supports {', '.join(SECURITY_MODES)}",
+        f"unknown security mode {cfg.security!r}; choose one of {', '.join(SECURITY_MODES)}",
     )
+    need(cfg.key_policy in KEY_POLICIES, f"unknown key_policy {cfg.key_policy!r}; choose one of {', '.join(KEY_POLICIES)}")
+    need(cfg.key_source in KEY_SOURCES, f"unknown key_source {cfg.key_source!r}; choose one of {', '.join(KEY_SOURCES)}")
+    need(
+        cfg.key_source != "kms" or (cfg.kms_url.startswith("https://") and cfg.kms_certs),
+        "key_source='kms' needs kms_url='https://host:port' and kms_certs=DIR (made by `qfl certs`)",
+    )
+    need(
+        cfg.qkd_topology in QKD_TOPOLOGIES,
+        f"unknown qkd_topology {cfg.qkd_topology!r}; choose one of {', '.join(QKD_TOPOLOGIES)}",
+    )
+    need(cfg.qkd_distance_km >= 0, f"qkd_distance_km must be >= 0, got {cfg.qkd_distance_km}")
+    need(cfg.qkd_rate >= 0, f"qkd_rate must be >= 0 (0 = the decoy-BB84 model), got {cfg.qkd_rate}")
+    need(cfg.qkd_round_s >= 0, f"qkd_round_s must be >= 0, got {cfg.qkd_round_s}")
+    need(cfg.qkd_check_pulses >= 0, f"qkd_check_pulses must be >= 0, got {cfg.qkd_check_pulses}")
+    need(cfg.secure_clip > 0, f"secure_clip must be > 0, got {cfg.secure_clip}")
+    need(cfg.secure_min_clients >= 2, f"secure_min_clients must be >= 2 (one upload would be revealed), got {cfg.secure_min_clients}")
     need(
         cfg.server_opt in SERVER_OPTIMIZERS,
         f"unknown server_opt {cfg.server_opt!r}; choose one of {', '.join(SERVER_OPTIMIZERS)}",
@@ -162,6 +206,21 @@ def _check(cfg: RunConfig) -> None:
         "broadcasts one model to clients that were not all there last round; set downlink_codec.feedback=false "
         "or pick a stateless codec (fp32, fp16, bf16, qsgd, ternary, randk)",
     )
+    # Which codecs a security mode accepts, and the quantum keys, are checked where they are used.
+    if cfg.security != "none":
+        from qfl.security.secagg import check_security_config
+
+        try:
+            check_security_config(cfg)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if cfg.model not in ("cnn", "mlp") or cfg.dataset in ("ntangled", "magic") or cfg.client_kinds:
+        from qfl.clients.quantum import check_quantum_config
+
+        try:
+            check_quantum_config(cfg)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def resolve_config(values: Mapping[str, Any]) -> RunConfig:

@@ -19,9 +19,7 @@ import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
-from qfl.clients.classical import dataset_for
-from qfl.clients.models import build_model, get_weights, set_weights
-from qfl.clients.training import evaluate
+from qfl.clients.tasks import ClientTask, task_for
 from qfl.compression import make_codec
 from qfl.config import RunConfig, resolve_config
 
@@ -50,20 +48,18 @@ class ResumeError(RuntimeError):
 
 @dataclass
 class CentralEvaluator:
-    """Evaluates global weights on the held-out test split."""
+    """Evaluates global weights on the task's held-out test split."""
 
     cfg: RunConfig
 
     def __post_init__(self) -> None:
-        self.data = dataset_for(self.cfg)
-        self.model = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes, seed=self.cfg.seed)
+        self.task: ClientTask = task_for(self.cfg)
 
     def initial_weights(self) -> dict[str, np.ndarray]:
-        return get_weights(self.model)
+        return self.task.initial_weights()
 
     def __call__(self, weights: dict[str, np.ndarray]) -> tuple[float, float]:
-        set_weights(self.model, weights)
-        return evaluate(self.model, self.data.x_test, self.data.y_test)
+        return self.task.central_evaluate(weights)
 
 
 def load_run_config(run_dir: Path) -> RunConfig:

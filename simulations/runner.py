@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qfl.clients.classical import dataset_for, shard
+from qfl.clients.tasks import task_for
 from qfl.config import ConfigError, RunConfig
 from qfl.server.app import make_server_app
 from qfl.server.checkpoint import load_checkpoint
@@ -24,14 +24,14 @@ from .report import ConsoleReporter
 
 def preflight(cfg: RunConfig) -> None:
     """Fail fast, with the fix named, on anything that would break round 1."""
-    data = dataset_for(cfg)  # raises DatasetNotFound with the expected paths
-    if cfg.clients > len(data.y_train):
+    task = task_for(cfg)  # raises DatasetNotFound with the expected paths
+    if cfg.clients > task.train_size():
         raise ConfigError(
-            f"clients={cfg.clients} exceeds the {len(data.y_train)} training samples of {cfg.dataset}; "
+            f"clients={cfg.clients} exceeds the {task.train_size()} training samples of {cfg.dataset}; "
             "use fewer clients"
         )
     try:
-        shard(cfg, data.y_train, 0, cfg.clients, salt=0)
+        task.check_partition(cfg.clients)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
