@@ -26,7 +26,10 @@ from flwr.clientapp import ClientApp
 from qfl.compression import decode_update, encode_update, make_codec
 from qfl.config import RunConfig, resolve_config
 
-from .classical import task_seed
+from qfl.security.secagg import MASKED_MODES
+
+from . import secure
+from .classical import round_seed, task_seed
 from .tasks import task_for
 
 CODEC_STATE = "codec-state"
@@ -54,11 +57,6 @@ def _global_weights(msg: Message, cfg: RunConfig) -> dict[str, np.ndarray]:
     return decode_update(msg.content["arrays"], codec, task_for(cfg).shapes())
 
 
-def round_seed(cfg: RunConfig, server_round: int) -> int:
-    """Shared by every client of a round (rand-k's common support)."""
-    return int(np.random.SeedSequence([cfg.seed, server_round, 2]).generate_state(1)[0])
-
-
 def load_codec_state(context: Context) -> dict[str, dict[str, np.ndarray]]:
     states: dict[str, dict[str, np.ndarray]] = {}
     record = context.state.array_records.get(CODEC_STATE)
@@ -80,13 +78,40 @@ def train(msg: Message, context: Context) -> Message:
     cfg, server_round = _run_config(msg.content["config"])
     partition_id, num_partitions = _partition(context)
     delta, num_examples, loss = task_for(cfg).local_update(_global_weights(msg, cfg), partition_id, num_partitions, server_round)
-    codec = make_codec(cfg.codec, cfg.codec_params, seed=task_seed(cfg, server_round, partition_id))
+    metrics = MetricRecord({"num-examples": num_examples, "train-loss": loss, "partition-id": partition_id})
+    seed = task_seed(cfg, server_round, partition_id)
+    mode = msg.content["secagg"]["mode"] if "secagg" in msg.content.config_records else "none"
+    if mode in MASKED_MODES:
+        content = secure.masked_reply(msg, context, cfg, partition_id, delta, seed)
+        content["metrics"] = metrics
+        return Message(content, reply_to=msg)
+    codec = make_codec(cfg.codec, cfg.codec_params, seed=seed)
     states = load_codec_state(context) if codec.traits.stateful else None
     update = encode_update(delta, codec, round_seed(cfg, server_round), states)
     if states is not None:
         save_codec_state(context, states)
-    metrics = MetricRecord({"num-examples": num_examples, "train-loss": loss, "partition-id": partition_id})
+    if mode == "channel-pad":
+        content = secure.padded_reply(cfg, partition_id, server_round, update)
+        content["metrics"] = metrics
+        return Message(content, reply_to=msg)
     return Message(RecordDict({"update": update, "metrics": metrics}), reply_to=msg)
+
+
+@app.query("secagg_hello")
+def secagg_hello(msg: Message, context: Context) -> Message:
+    return secure.hello(msg, _partition(context)[0])
+
+
+@app.query("secagg_setup")
+def secagg_setup(msg: Message, context: Context) -> Message:
+    cfg, _ = _run_config(msg.content["config"])
+    return secure.setup(msg, context, cfg, _partition(context)[0])
+
+
+@app.query("secagg_reveal")
+def secagg_reveal(msg: Message, context: Context) -> Message:
+    cfg, _ = _run_config(msg.content["config"])
+    return secure.reveal(msg, context, cfg, _partition(context)[0])
 
 
 @app.evaluate()

@@ -57,6 +57,11 @@ def task_seed(cfg: RunConfig, server_round: int, partition_id: int) -> int:
     return int(np.random.SeedSequence([cfg.seed, server_round, partition_id]).generate_state(1)[0])
 
 
+def round_seed(cfg: RunConfig, server_round: int) -> int:
+    """Shared by every client of a round (rand-k's common support), and known to the server."""
+    return int(np.random.SeedSequence([cfg.seed, server_round, 2]).generate_state(1)[0])
+
+
 def local_update(
     cfg: RunConfig, global_weights: dict[str, np.ndarray], partition_id: int, num_partitions: int, server_round: int
 ) -> tuple[dict[str, np.ndarray], int, float]:

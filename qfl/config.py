@@ -61,10 +61,10 @@ class RunConfig:
     qkd_topology: str = "mesh"  # mesh (a link per pair) | star (the server relays; it can read relayed masks)
     qkd_distance_km: float = 10.0  # fibre length of every direct link
     qkd_links: str = ""  # per-link distances, e.g. "client-0~client-1=50, client-2~server=80"
-    qkd_eavesdropped: str = ""  # links with an intercept-resend eavesdropper, e.g. "client-1~client-2"
+    qkd_eavesdropped: str = ""  # intercept-resend eavesdroppers, e.g. "client-1~client-2" or "client-0~server:0.5"
     qkd_rate: float = 0.0  # secret-key bits/s of every link; 0 = the decoy-BB84 model at the distance
     qkd_round_s: float = 1.0  # simulated seconds of key generation per round
-    qkd_check_pulses: int = 200_000  # pulses of the BB84 Monte-Carlo run that admits each link (0 = skip)
+    qkd_check_pulses: int = 0  # pulses of a BB84 Monte-Carlo run that admits every link (0: only eavesdropped links)
     secure_clip: float = 0.25  # first round's shared clip bound |Δ| <= C of masked sums (adapted per tensor)
     secure_min_clients: int = 2  # fewest surviving uploads a masked sum may reveal
     server_opt: str = "fedavg"

@@ -69,7 +69,7 @@ import numpy as np
 from qfl.security.keys import KeyExhausted, UnknownLink
 from qfl.security.keystore import KeyStore, link_name
 
-__all__ = ["DirectLink", "QuantumNetwork", "RelayedLink", "RelayRecord", "resolve_rate"]
+__all__ = ["DirectLink", "QuantumNetwork", "RelayedLink", "RelayRecord", "parse_link_spec", "resolve_rate"]
 
 RateSpec = float | int | Callable[[float], float]
 _EPS_BITS = 1e-6  # float slack when flooring rate·t (a tick never makes more than 1e-6 bit extra)
@@ -442,3 +442,33 @@ class QuantumNetwork:
             f"QuantumNetwork(nodes={self.nodes}, direct={list(self.direct)}, "
             f"relayed={list(self.relayed)}, now={self.now})"
         )
+
+
+def parse_link_spec(text: str, nodes: Sequence[str], *, default: float | None = None) -> dict[tuple[str, str], float]:
+    """Parse ``"a~b=50, c~d=80"`` (or ``"a~b, c~d:0.5"`` with ``default``) into {(a, b): value}.
+
+    Every name must be one of ``nodes``; ValueError names the bad entry and the valid nodes.
+    ``=`` and ``:`` both separate a link from its value; an entry without a value gets ``default``
+    (ValueError if there is none).
+    """
+    out: dict[tuple[str, str], float] = {}
+    for entry in filter(None, (part.strip() for part in str(text).split(","))):
+        link, sep, value = entry.replace(":", "=").partition("=")
+        a, tilde, b = link.strip().partition("~")
+        a, b = a.strip(), b.strip()
+        if not tilde or a not in nodes or b not in nodes or a == b:
+            raise ValueError(
+                f"bad link {entry!r}: write NODE~NODE with two different nodes of {', '.join(nodes[:4])}"
+                f"{', …' if len(nodes) > 4 else ''}"
+            )
+        if sep:
+            try:
+                number = float(value)
+            except ValueError:
+                raise ValueError(f"bad value in link entry {entry!r}: {value.strip()!r} is not a number") from None
+        elif default is None:
+            raise ValueError(f"link entry {entry!r} needs a value: {link.strip()}=NUMBER")
+        else:
+            number = float(default)
+        out[tuple(sorted((a, b)))] = number
+    return out

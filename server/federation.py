@@ -19,6 +19,7 @@ import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
+from qfl.clients.classical import round_seed
 from qfl.clients.tasks import ClientTask, task_for
 from qfl.compression import make_codec
 from qfl.config import RunConfig, resolve_config
@@ -27,6 +28,8 @@ from qfl.files import atomic_write_bytes, atomic_write_json
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .optimizers import make_server_optimizer
+from .keys import KeyBudget
+from .secure import SecureFedAvg
 from .strategy import QflFedAvg, record_to_weights, weights_to_record
 
 CONFIG_NAME = "config.toml"
@@ -96,7 +99,7 @@ def run_federation(
         atomic_write_bytes(run_dir / CONFIG_NAME, cfg.to_toml().encode())
     initial_loss, initial_acc = evaluator(evaluator.initial_weights())
 
-    strategy = QflFedAvg(
+    common = dict(
         codec=make_codec(cfg.codec, cfg.codec_params),
         downlink_codec=make_codec(cfg.downlink_codec, cfg.downlink_codec_params),
         shapes=shapes,
@@ -108,6 +111,17 @@ def run_federation(
         wait_timeout=cfg.timeout_s,
     )
     flat_config = cfg.to_flat()
+    budget = None
+    if cfg.security == "none":
+        strategy = QflFedAvg(**common)
+    else:
+        last = history[-1] if history else {}
+        budget = KeyBudget(cfg, run_dir, clock_s=last.get("qkd_clock_s") or 0.0)
+        if cfg.key_source == "store":
+            flat_config["key_store"] = str(budget.store_path.resolve())  # where the clients find the pools
+        strategy = SecureFedAvg(
+            **common, cfg=cfg, budget=budget, round_seed=lambda r: round_seed(cfg, r), clips=last.get("secure_clip")
+        )
     if reporter:
         reporter.start(cfg, run_dir, first_round)
     elapsed = history[-1]["elapsed_s"] if history else 0.0
@@ -143,6 +157,7 @@ def run_federation(
             "sampled": int(train["sampled"]),
             "dropped": int(train["dropped"]),
             "drop_reasons": list(strategy.drop_reasons),
+            **(_key_record(strategy, budget) if budget is not None else {}),
             "wall_s": wall,
             "elapsed_s": elapsed,
         }
@@ -157,6 +172,17 @@ def run_federation(
     if reporter:
         reporter.finish(summary, history)
     return summary
+
+
+def _key_record(strategy: SecureFedAvg, budget: KeyBudget) -> dict[str, Any]:
+    """The key layer's figures for one round's metrics.json record."""
+    return {
+        "key_bits_by_link": dict(sorted(strategy.key_links.items())),
+        "key_pools_left": budget.pools(),
+        "key_wait_s": strategy.key_wait_s,
+        "qkd_clock_s": budget.clock_s,
+        "secure_clip": strategy.checkpoint_state(),
+    }
 
 
 def summarize(
@@ -181,5 +207,6 @@ def summarize(
         "total_downlink_bytes": sum(r["downlink_bytes"] for r in history),
         "total_key_bits_used": sum(r["key_bits_used"] for r in history),
         "total_dropped": sum(r["dropped"] for r in history),
+        "qkd_clock_s": last.get("qkd_clock_s"),
         "wall_s": last.get("elapsed_s", 0.0),
     }

@@ -32,6 +32,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from qfl.compression import Codec, PayloadError, decode_update, encode_update, payload_bytes
+from qfl.security.secagg import SecAggError
 
 from .optimizers import ServerOptimizer
 
@@ -104,6 +105,7 @@ class QflFedAvg(FedAvg):
         self.downlink_bytes = 0
         self.eval_downlink_bytes = 0
         self.drop_reasons: list[str] = []
+        self.excluded: set[int] = set()  # sampled nodes not sent a train message (a subclass's choice)
 
     # -- sampling ---------------------------------------------------------
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -128,6 +130,8 @@ class QflFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current_weights = record_to_weights(arrays)
+        self.drop_reasons = []
+        self.excluded = set()
         self.sampled = self._sample(grid, server_round, self.fraction_train)
         model = encode_update(self.current_weights, self.downlink_codec)
         self.downlink_bytes = payload_bytes(model) * len(self.sampled)
@@ -169,26 +173,29 @@ class QflFedAvg(FedAvg):
             self._drop(msg, f"'num-examples' must be a positive number, got {examples!r}")
             return None
         try:
-            delta = decode_update(content["update"], self.codec, self.shapes)
-        except PayloadError as err:
+            delta = decode_update(self._update_record(msg), self.codec, self.shapes)
+        except (PayloadError, SecAggError) as err:
             self._drop(msg, str(err))
             return None
         partition = int(metrics.get("partition-id", msg.metadata.src_node_id))
         loss = float(metrics.get("train-loss", float("nan")))
         return partition, int(examples), loss, delta
 
+    def _update_record(self, msg: Message) -> ArrayRecord:
+        """The codec payloads of a reply (a subclass may first unwrap a channel pad)."""
+        return msg.content["update"]
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        self.drop_reasons = []
         uplink = sum(
             payload_bytes(m.content["update"]) for m in replies if not m.has_error() and "update" in m.content.array_records
         )
         uploads = sum(1 for m in replies if not m.has_error() and "update" in m.content.array_records)
         answered = {m.metadata.src_node_id for m in replies}
         for node in self.sampled:
-            if node not in answered:
+            if node not in answered and node not in self.excluded:
                 self.drop_reasons.append(f"node {node} did not reply in time")
                 log(WARNING, "node %s did not reply in time; dropped from round %s", node, server_round)
         accepted = sorted(filter(None, (self._check_reply(m) for m in replies)), key=lambda r: r[0])
@@ -201,7 +208,7 @@ class QflFedAvg(FedAvg):
                 "clients": len(accepted),
                 "sampled": len(self.sampled),
                 "dropped": dropped,
-                "key-bits-used": 0,
+                "key-bits-used": self._key_bits_used(),
             }
         )
         if not accepted or self.current_weights is None:
@@ -214,6 +221,10 @@ class QflFedAvg(FedAvg):
         metrics["train-loss"] = sum(r[1] * r[2] for r in accepted) / total
         new_weights = self.optimizer.step(self.current_weights, mean_delta)
         return weights_to_record(new_weights), metrics
+
+    def _key_bits_used(self) -> int:
+        """Key bits this round consumed (none without security)."""
+        return 0
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rows = []

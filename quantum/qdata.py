@@ -1,0 +1,422 @@
+"""Quantum datasets generated locally (NTangled-style and stabilizer vs magic) and their measures.
+
+Everything here is plain numpy state-vector code. A batch of ``B`` pure states
+on ``n`` qubits is a complex128 array ``(B, 2**n)``; qubit (wire) 0 is the most
+significant bit of the index, PennyLane's convention.
+
+Measures
+--------
+* **Concentratable entanglement** (Beckey et al., PRL 127, 140501, 2021)::
+
+      CE(ψ) = 1 − 2^{−n} Σ_{α ⊆ {1..n}} Tr ρ_α²
+
+  with ρ_∅ = 1 (purity 1). CE = 0 exactly for product states; GHZ_n has
+  1/2 − 2^{−n}. For a pure state Tr ρ_α² = Tr ρ_ᾱ², so half the subsets suffice.
+* **Stabilizer Rényi entropy** of order 2 (Leone, Oliviero, Hamma, PRL 128,
+  050402, 2022)::
+
+      M₂(ψ) = −log₂( 2^{−n} Σ_{P ∈ {I,X,Y,Z}^{⊗n}} ⟨ψ|P|ψ⟩⁴ )
+
+  M₂ = 0 exactly for stabilizer states (2^n Paulis with ⟨P⟩ = ±1, the rest 0)
+  and M₂ > 0 for every non-stabilizer pure state. All 4^n expectations come
+  from one Walsh–Hadamard transform per shift ``a``:
+  ``⟨X^a Z^b⟩ = Σ_x ψ*(x⊕a) ψ(x) (−1)^{b·x}`` (|⟨P⟩| does not depend on the
+  phase i^{a·b} that makes X^a Z^b Hermitian).
+
+Datasets
+--------
+* **ntangled** (after NTangled, Schatzki et al., arXiv:2109.03400): states of a
+  hardware-efficient ansatz (RY, RZ on every qubit, then a CNOT ring; ``n``
+  layers) at two or more levels of CE. NTangled trains the ansatz parameters
+  to a target CE; here each state walks the path ``θ(t) = t·θ₀`` from |0…0⟩
+  (t = 0, CE = 0) to a random ansatz state θ₀ ~ U(−π, π) (t = 1) and bisection
+  finds the ``t`` where CE reaches the level exactly (draws whose end point
+  stays below the level are redrawn). Label = index of the CE level.
+* **magic**: random Clifford circuits (every qubit gets one of H, S, HS, SH or I,
+  then a brickwork of CNOTs; ``n`` layers) on |0…0⟩. Label 0 = the circuit as
+  drawn (a stabilizer state, M₂ = 0), label 1 = the same kind of circuit with
+  ``t_gates`` T gates inserted after random single-qubit gates; a draw whose T
+  gates happen to act trivially (M₂ below :data:`MAGIC_MIN_M2`) is redrawn,
+  so every label is checked by M₂.
+
+Both are deterministic in ``seed`` and cached per process.
+
+Classical summaries
+-------------------
+:func:`classical_summary` is what a client without quantum memory keeps of a
+state: the single-qubit Pauli expectations ⟨X_i⟩, ⟨Y_i⟩, ⟨Z_i⟩ estimated from
+``shots`` measurements per basis and qubit (a few-shot, product-state
+summary). :func:`product_states` turns a summary into the product state whose
+qubits point along the estimated Bloch directions (the closest pure product
+state; the Bloch-vector *lengths*, i.e. the single-qubit purities, and every
+correlation between qubits are lost).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import combinations
+
+import numpy as np
+
+MIN_QUBITS = 3
+MAX_QUBITS = 8
+QUANTUM_DATASETS = ("ntangled", "magic")
+MAGIC_MIN_M2 = 0.05  # a T-doped state with smaller M₂ is redrawn (its T gates nearly cancelled)
+SUMMARY_SHOTS = 16  # shots per Pauli basis and qubit of a classical summary
+
+_H = np.array([[1, 1], [1, -1]], dtype=np.complex128) / np.sqrt(2)
+_S = np.diag([1, 1j]).astype(np.complex128)
+_T = np.diag([1, np.exp(1j * np.pi / 4)]).astype(np.complex128)
+_I = np.eye(2, dtype=np.complex128)
+_CLIFFORD_1Q = (_I, _H, _S, _H @ _S, _S @ _H)  # matrices; "HS" = apply S then H
+
+
+# ----------------------------------------------------------------------------- state-vector kernels
+
+
+def zero_states(batch: int, qubits: int) -> np.ndarray:
+    """``batch`` copies of |0…0⟩ as ``(batch, 2**qubits)`` complex128."""
+    psi = np.zeros((batch, 2**qubits), dtype=np.complex128)
+    psi[:, 0] = 1.0
+    return psi
+
+
+def apply_1q(psi: np.ndarray, gate: np.ndarray, wire: int, qubits: int) -> np.ndarray:
+    """Apply a single-qubit gate (``(2, 2)`` or per state ``(B, 2, 2)``) to ``wire``."""
+    b = psi.shape[0]
+    view = psi.reshape(b, 2**wire, 2, 2 ** (qubits - wire - 1))
+    g = gate.reshape(-1, 2, 2)[:, :, :, None, None]  # (1 or B, 2, 2, 1, 1)
+    v0, v1 = view[:, :, 0], view[:, :, 1]
+    out = np.stack([g[:, 0, 0] * v0 + g[:, 0, 1] * v1, g[:, 1, 0] * v0 + g[:, 1, 1] * v1], axis=2)
+    return out.reshape(b, -1)
+
+
+def apply_cnot(psi: np.ndarray, control: int, target: int, qubits: int) -> np.ndarray:
+    """Apply CNOT(control → target)."""
+    b = psi.shape[0]
+    out = psi.reshape((b,) + (2,) * qubits).copy()
+    sel: list[slice | int] = [slice(None)] * (qubits + 1)
+    sel[1 + control] = 1
+    sub = out[tuple(sel)]  # the control = 1 half; the target axis shifts left if target > control
+    axis = 1 + target - (1 if target > control else 0)
+    out[tuple(sel)] = np.flip(sub, axis=axis)
+    return out.reshape(b, -1)
+
+
+def ry(theta: np.ndarray) -> np.ndarray:
+    """RY(θ) = exp(−iθY/2) for a vector of angles: ``(B, 2, 2)``."""
+    c, s = np.cos(theta / 2), np.sin(theta / 2)
+    return np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2).astype(np.complex128)
+
+
+def rz(theta: np.ndarray) -> np.ndarray:
+    """RZ(θ) = exp(−iθZ/2) for a vector of angles: ``(B, 2, 2)``."""
+    m = np.zeros(theta.shape + (2, 2), dtype=np.complex128)
+    m[..., 0, 0] = np.exp(-0.5j * theta)
+    m[..., 1, 1] = np.exp(0.5j * theta)
+    return m
+
+
+def ring(qubits: int) -> list[tuple[int, int]]:
+    """The CNOT ring of the hardware-efficient ansatz: (0,1), (1,2), …, (n−1,0)."""
+    return [(i, (i + 1) % qubits) for i in range(qubits)] if qubits > 2 else [(0, 1)]
+
+
+def hea_states(params: np.ndarray, qubits: int) -> np.ndarray:
+    """States of the hardware-efficient ansatz on |0…0⟩; ``params`` is ``(B, layers, qubits, 2)``.
+
+    Each layer: RY(θ[l, i, 0]) then RZ(θ[l, i, 1]) on every qubit i, then the CNOT ring.
+    The same circuit as :func:`qfl.quantum.vqc` builds for ``ansatz="hardware-efficient"``.
+    """
+    psi = zero_states(params.shape[0], qubits)
+    for layer in range(params.shape[1]):
+        for i in range(qubits):
+            psi = apply_1q(psi, rz(params[:, layer, i, 1]) @ ry(params[:, layer, i, 0]), i, qubits)
+        for c, t in ring(qubits):
+            psi = apply_cnot(psi, c, t, qubits)
+    return psi
+
+
+# ----------------------------------------------------------------------------- measures
+
+
+def _qubits_of(states: np.ndarray) -> int:
+    n = int(round(np.log2(states.shape[-1])))
+    if 2**n != states.shape[-1]:
+        raise ValueError(f"a state vector needs 2**n amplitudes, got {states.shape[-1]}")
+    return n
+
+
+def subset_purities(states: np.ndarray) -> dict[tuple[int, ...], np.ndarray]:
+    """Tr ρ_α² of every subset α with |α| <= n/2 that contains its own smaller half (one per {α, ᾱ} pair)."""
+    states = np.atleast_2d(states)
+    n = _qubits_of(states)
+    b = states.shape[0]
+    psi = states.reshape((b,) + (2,) * n)
+    out: dict[tuple[int, ...], np.ndarray] = {}
+    for size in range(1, n // 2 + 1):
+        for alpha in combinations(range(n), size):
+            if 2 * size == n and 0 not in alpha:
+                continue  # its complement (which holds qubit 0) was counted
+            rest = [q for q in range(n) if q not in alpha]
+            m = psi.transpose([0] + [1 + q for q in alpha] + [1 + q for q in rest]).reshape(b, 2**size, -1)
+            rho = m @ np.conj(np.swapaxes(m, 1, 2))
+            out[alpha] = np.sum(np.abs(rho) ** 2, axis=(1, 2))
+    return out
+
+
+def concentratable_entanglement(states: np.ndarray) -> np.ndarray:
+    """CE(ψ) = 1 − 2^{−n} Σ_α Tr ρ_α² for each pure state (rows of ``states``)."""
+    states = np.atleast_2d(states)
+    n = _qubits_of(states)
+    total = np.full(states.shape[0], 2.0)  # α = ∅ and α = all qubits: purity 1
+    for purity in subset_purities(states).values():
+        total += 2 * purity  # α and its complement ᾱ have the same purity
+    return 1.0 - total / 2**n
+
+
+def _walsh_hadamard(x: np.ndarray, qubits: int) -> np.ndarray:
+    """Unnormalised Walsh–Hadamard transform along the last axis (length 2**qubits)."""
+    shape = x.shape
+    y = x.reshape(-1, *(2,) * qubits)
+    for axis in range(1, qubits + 1):
+        a = np.take(y, 0, axis=axis)
+        c = np.take(y, 1, axis=axis)
+        y = np.stack([a + c, a - c], axis=axis)
+    return y.reshape(shape)
+
+
+def pauli_expectations(states: np.ndarray) -> np.ndarray:
+    """|⟨ψ|X^a Z^b|ψ⟩| for all a, b: ``(B, 2**n, 2**n)`` (rows a = X part, columns b = Z part)."""
+    states = np.atleast_2d(states)
+    n = _qubits_of(states)
+    d = 2**n
+    idx = np.arange(d)
+    shifted = states[:, idx[:, None] ^ idx[None, :]]  # ψ(x ⊕ a): (B, a, x)
+    v = np.conj(shifted) * states[:, None, :]
+    return np.abs(_walsh_hadamard(v, n))
+
+
+def stabilizer_renyi_entropy(states: np.ndarray, chunk: int = 16) -> np.ndarray:
+    """M₂(ψ) = −log₂(2^{−n} Σ_P ⟨P⟩⁴) for each pure state (0 for stabilizer states)."""
+    states = np.atleast_2d(states)
+    n = _qubits_of(states)
+    out = np.empty(states.shape[0])
+    for start in range(0, states.shape[0], chunk):
+        e = pauli_expectations(states[start : start + chunk])
+        out[start : start + chunk] = -np.log2(np.sum(e**4, axis=(1, 2)) / 2**n)
+    return np.maximum(out, 0.0)  # round-off can give −1e-16
+
+
+def bloch_vectors(states: np.ndarray) -> np.ndarray:
+    """Exact single-qubit Pauli expectations (⟨X_i⟩, ⟨Y_i⟩, ⟨Z_i⟩): ``(B, n, 3)``."""
+    states = np.atleast_2d(states)
+    n = _qubits_of(states)
+    b = states.shape[0]
+    out = np.empty((b, n, 3))
+    for i in range(n):
+        v = states.reshape(b, 2**i, 2, -1)
+        a0, a1 = v[:, :, 0, :], v[:, :, 1, :]
+        cross = np.sum(np.conj(a0) * a1, axis=(1, 2))  # ρ_01 of qubit i
+        out[:, i, 0] = 2 * cross.real
+        out[:, i, 1] = 2 * cross.imag
+        out[:, i, 2] = np.sum(np.abs(a0) ** 2 - np.abs(a1) ** 2, axis=(1, 2))
+    return out
+
+
+def classical_summary(states: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """Few-shot estimates of ⟨X_i⟩, ⟨Y_i⟩, ⟨Z_i⟩ (``shots`` per basis and qubit): ``(B, n, 3)``.
+
+    Each estimate is ``2k/shots − 1`` with ``k ~ Binomial(shots, (1 + ⟨P⟩)/2)``;
+    ``shots = 0`` returns the exact expectations.
+    """
+    exact = bloch_vectors(states)
+    if shots <= 0:
+        return exact
+    p = np.clip((1.0 + exact) / 2.0, 0.0, 1.0)
+    k = np.random.default_rng(seed).binomial(shots, p)
+    return 2.0 * k / shots - 1.0
+
+
+def product_states(summary: np.ndarray) -> np.ndarray:
+    """The product state whose qubit i points along the Bloch direction of ``summary[:, i]``.
+
+    Qubit i is RZ(φ_i) RY(θ_i)|0⟩ (up to a phase) with θ_i = arccos(z/|r|),
+    φ_i = atan2(y, x); a zero vector gives θ = π/2, φ = 0 (|+⟩).
+    """
+    b, n, _ = summary.shape
+    r = np.linalg.norm(summary, axis=-1)
+    z = np.where(r > 0, summary[..., 2] / np.where(r > 0, r, 1.0), 0.0)
+    theta = np.arccos(np.clip(z, -1.0, 1.0))
+    phi = np.arctan2(summary[..., 1], summary[..., 0])
+    qubit = np.stack([np.cos(theta / 2), np.exp(1j * phi) * np.sin(theta / 2)], axis=-1)  # (B, n, 2)
+    out = qubit[:, 0, :]
+    for i in range(1, n):
+        out = (out[:, :, None] * qubit[:, i, None, :]).reshape(b, -1)
+    return out
+
+
+# ----------------------------------------------------------------------------- generators
+
+
+def haar_ce(qubits: int) -> float:
+    """Average CE of Haar-random states: 1 − 2^{−n} Σ_k C(n,k)(2^k + 2^{n−k})/(2^n + 1) = 1 − 2·3^n / (2^n (2^n + 1))."""
+    d = 2**qubits
+    return 1.0 - 2.0 * 3**qubits / (d * (d + 1))
+
+
+def ntangled_levels(qubits: int) -> tuple[float, float]:
+    """Default CE levels: 0.25 and 0.6 of the Haar-average CE (0.05/0.12 at 3 qubits, 0.20/0.48 at 8)."""
+    h = haar_ce(qubits)
+    return (round(0.25 * h, 4), round(0.6 * h, 4))
+
+
+def make_ntangled(
+    qubits: int, samples: int, seed: int, levels: tuple[float, ...] | None = None, layers: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """NTangled-style states: ``(states, labels, CE)``; label k has CE = ``levels[k]`` (to 1e-6).
+
+    Classes are balanced (``samples`` split round-robin). ``layers`` defaults to ``qubits``.
+    """
+    check_qubits(qubits)
+    levels = tuple(levels) if levels is not None else ntangled_levels(qubits)
+    layers = layers or qubits
+    rng = np.random.default_rng([seed, 0x4E7])
+    labels = np.arange(samples) % len(levels)
+    targets = np.asarray(levels)[labels]
+    theta0 = np.empty((samples, layers, qubits, 2))
+    todo = np.arange(samples)
+    for _ in range(100):  # redraw end points whose CE stays below their level
+        theta0[todo] = rng.uniform(-np.pi, np.pi, (len(todo), layers, qubits, 2))
+        ce_end = concentratable_entanglement(hea_states(theta0[todo], qubits))
+        todo = todo[ce_end <= targets[todo] + 1e-3]
+        if len(todo) == 0:
+            break
+    else:
+        raise RuntimeError(f"CE levels {levels} are out of reach of {layers}-layer ansatz states on {qubits} qubits")
+    lo, hi = np.zeros(samples), np.ones(samples)
+    for _ in range(26):  # CE(0) = 0 < level < CE(1): keep a crossing bracketed
+        mid = (lo + hi) / 2
+        ce = concentratable_entanglement(hea_states(mid[:, None, None, None] * theta0, qubits))
+        below = ce < targets
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    states = hea_states(hi[:, None, None, None] * theta0, qubits)
+    return states, labels.astype(np.int64), concentratable_entanglement(states)
+
+
+def _clifford_circuit(rng: np.random.Generator, qubits: int, layers: int, t_slots: set[tuple[int, int]]) -> np.ndarray:
+    """One random brickwork Clifford circuit on |0…0⟩, with T after the 1-qubit gate at each (layer, qubit) in ``t_slots``."""
+    psi = zero_states(1, qubits)
+    for layer in range(layers):
+        for q in range(qubits):
+            gate = _CLIFFORD_1Q[rng.integers(len(_CLIFFORD_1Q))]
+            if (layer, q) in t_slots:
+                gate = _T @ gate
+            psi = apply_1q(psi, gate, q, qubits)
+        for c in range(layer % 2, qubits - 1, 2):
+            pair = (c, c + 1) if rng.integers(2) == 0 else (c + 1, c)
+            psi = apply_cnot(psi, pair[0], pair[1], qubits)
+    return psi[0]
+
+
+def make_magic(
+    qubits: int, samples: int, seed: int, t_gates: int = 2, layers: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stabilizer (label 0) vs T-doped (label 1) states: ``(states, labels, M₂)``.
+
+    Classes alternate. ``layers`` defaults to ``qubits``; ``t_gates`` T gates go
+    into random (layer, qubit) slots of a magic state's circuit.
+    """
+    check_qubits(qubits)
+    layers = layers or qubits
+    rng = np.random.default_rng([seed, 0x3A6])
+    labels = np.arange(samples) % 2
+    states = np.empty((samples, 2**qubits), dtype=np.complex128)
+    slots_all = [(l, q) for l in range(layers) for q in range(qubits)]
+    for k, label in enumerate(labels):
+        for _ in range(1000):
+            slots: set[tuple[int, int]] = set()
+            if label == 1:
+                pick = rng.choice(len(slots_all), size=min(t_gates, len(slots_all)), replace=False)
+                slots = {slots_all[i] for i in pick}
+            psi = _clifford_circuit(rng, qubits, layers, slots)
+            if label == 0 or stabilizer_renyi_entropy(psi)[0] > MAGIC_MIN_M2:
+                states[k] = psi
+                break
+        else:
+            raise RuntimeError("could not draw a magic state; raise t_gates")
+    return states, labels.astype(np.int64), stabilizer_renyi_entropy(states)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def check_qubits(qubits: int) -> None:
+    """Raise ValueError unless MIN_QUBITS <= qubits <= MAX_QUBITS."""
+    if not MIN_QUBITS <= qubits <= MAX_QUBITS:
+        raise ValueError(
+            f"quantum datasets support {MIN_QUBITS} to {MAX_QUBITS} qubits, got qubits={qubits}; "
+            f"set qubits between {MIN_QUBITS} and {MAX_QUBITS}"
+        )
+
+
+@dataclass(frozen=True)
+class QuantumDataset:
+    """A labelled quantum dataset, split into train and test.
+
+    ``x_*`` are state vectors ``(N, 2**qubits)`` complex128; ``measure_*`` the
+    CE (ntangled) or M₂ (magic) of each state; ``summary_*`` its few-shot
+    classical summary ``(N, qubits, 3)`` (see :func:`classical_summary`).
+    """
+
+    name: str
+    qubits: int
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    measure_train: np.ndarray
+    measure_test: np.ndarray
+    summary_train: np.ndarray
+    summary_test: np.ndarray
+
+
+def load_quantum_dataset(
+    name: str, qubits: int, samples: int, test_fraction: float = 0.2, seed: int = 0, summary_shots: int = SUMMARY_SHOTS
+) -> QuantumDataset:
+    """Generate (or take from the per-process cache) ``samples`` states of ``name``, split stratified."""
+    return _load_cached(name, int(qubits), int(samples), float(test_fraction), int(seed), int(summary_shots))
+
+
+@lru_cache(maxsize=8)
+def _load_cached(name: str, qubits: int, samples: int, test_fraction: float, seed: int, summary_shots: int) -> QuantumDataset:
+    if name == "ntangled":
+        states, labels, measure = make_ntangled(qubits, samples, seed)
+    elif name == "magic":
+        states, labels, measure = make_magic(qubits, samples, seed)
+    else:
+        raise ValueError(f"unknown quantum dataset {name!r}; choose one of {', '.join(QUANTUM_DATASETS)}")
+    rng = np.random.default_rng([seed, 0x5917])
+    test = np.zeros(samples, dtype=bool)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        test[idx[: int(round(len(idx) * test_fraction))]] = True
+    summary = classical_summary(states, summary_shots, seed=int(np.random.SeedSequence([seed, 0x5A]).generate_state(1)[0]))
+    for arr in (states, labels, measure, summary):
+        arr.setflags(write=False)
+    return QuantumDataset(
+        name,
+        qubits,
+        states[~test],
+        labels[~test],
+        states[test],
+        labels[test],
+        int(labels.max()) + 1,
+        measure[~test],
+        measure[test],
+        summary[~test],
+        summary[test],
+    )
