@@ -89,6 +89,7 @@ class RunConfig:
     shots: int = 0  # 0 = exact expectations
     noise: float = 0.0  # depolarizing probability per layer (0 = noiseless)
     quantum_samples: int = 400  # states generated for ntangled / magic (train + test)
+    data_qubits: int = 0  # qubits of the ntangled / magic states; 0 = qubits (a wider circuit adds |0> ancillas)
     client_kinds: str = ""  # mixed federations, e.g. "quantum:1,classical:3" (in partition order)
 
     def to_flat(self) -> dict[str, Any]:

@@ -1,0 +1,77 @@
+"""The server's key budget over the simulated QKD network: policies, dead links, accounting."""
+
+import pytest
+
+from qfl.config import ConfigError, resolve_config
+from qfl.security.secagg import SERVER_SAE, client_sae
+from qfl.server.keys import KeyBudget, KeyBudgetExceeded
+
+
+def _cfg(**values):
+    base = {"security": "masked-sum", "clients": 4, "qkd_rate": 1000.0, "qkd_round_s": 0.0}
+    return resolve_config({**base, **values})
+
+
+def _pair_needs(pids, bits):
+    needs = {tuple(sorted((client_sae(i), SERVER_SAE))): 256 for i in pids}
+    needs.update({tuple(sorted((client_sae(i), client_sae(j)))): bits for i in pids for j in pids if i < j})
+    return needs
+
+
+def test_wait_advances_the_simulated_clock_until_the_links_made_the_key(tmp_path):
+    budget = KeyBudget(_cfg(key_policy="wait"), tmp_path)
+    admission = budget.admit([0, 1, 2, 3], _pair_needs(range(4), 8_000))
+    assert admission.participants == [0, 1, 2, 3] and not admission.left_out
+    # 8,000 bits at 1,000 bits/s: 8 simulated seconds
+    assert admission.waited_s == pytest.approx(8.0, abs=0.01)
+    assert budget.clock_s == pytest.approx(8.0, abs=0.01)
+
+
+def test_skip_leaves_out_the_clients_whose_links_are_short(tmp_path):
+    budget = KeyBudget(_cfg(key_policy="skip", qkd_links="client-3~server=60, client-2~client-3=60"), tmp_path)
+    budget.network.direct["client-3~server"].bits_per_s = 10.0  # a slow link
+    budget.network.advance(10.0)  # 10,000 bits on every link but client-3~server (100)
+    admission = budget.admit([0, 1, 2, 3], _pair_needs(range(4), 8_000))
+    assert admission.participants == [0, 1, 2]
+    assert "client-3~server" in admission.left_out[3] and admission.waited_s == 0
+
+
+def test_abort_stops_with_the_fix_named(tmp_path):
+    budget = KeyBudget(_cfg(key_policy="abort"), tmp_path)
+    with pytest.raises(KeyBudgetExceeded, match="key_policy=abort.*--resume"):
+        budget.admit([0, 1], _pair_needs(range(2), 8_000))
+
+
+def test_an_eavesdropped_link_makes_no_key_and_its_client_sits_out(tmp_path):
+    budget = KeyBudget(_cfg(key_policy="wait", qkd_eavesdropped="client-1~client-2"), tmp_path)
+    assert "client-1~client-2" in budget.dead and "QBER" in budget.dead["client-1~client-2"]
+    admission = budget.admit([0, 1, 2, 3], _pair_needs(range(4), 8_000))
+    assert len(admission.participants) == 3 and set(admission.left_out) <= {1, 2}
+    (reason,) = admission.left_out.values()
+    assert "client-1~client-2 makes no key" in reason and "QBER" in reason
+
+
+def test_star_relays_pair_key_through_the_server(tmp_path):
+    budget = KeyBudget(_cfg(key_policy="wait", qkd_topology="star"), tmp_path)
+    budget.network.advance(20.0)  # 20,000 bits on every client~server link
+    admission = budget.admit([0, 1], _pair_needs(range(2), 8_000))
+    assert admission.participants == [0, 1] and admission.waited_s == 0
+    assert budget.network.stats()["client-0~client-1"]["relayed_bits"] == 8_000
+    usage = budget.usage()
+    assert usage["client-0~server"] == 8_000 and usage["client-1~server"] == 8_000  # one bit per hop
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"qkd_links": "client-0~client-9=5"}, "bad link"),
+        ({"qkd_links": "client-0~server=far"}, "not a number"),
+        ({"qkd_eavesdropped": "client-0~server:1.5"}, r"in \(0, 1\]"),
+        ({"key_policy": "pray"}, "unknown key_policy"),
+        ({"secure_min_clients": 1}, "secure_min_clients must be >= 2"),
+        ({"key_source": "kms"}, "kms_url"),
+    ],
+)
+def test_bad_key_settings_are_config_errors(values, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg(**values)
