@@ -79,6 +79,19 @@ def _cmd_experiment_compression(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment_key_budget(args: argparse.Namespace) -> int:
+    from qfl.simulations.keybudget import format_key_rows, run_key_budget_experiment
+
+    out = Path(args.out) if args.out else Path("runs") / "experiment-key-budget"
+    rows = run_key_budget_experiment(
+        out, rounds=args.rounds, client_counts=tuple(args.clients or (4, 20)), distance_km=args.distance_km,
+        links=args.links, arms=args.arm or None,
+    )
+    print(format_key_rows(rows))
+    print(f"table, rows and plots in {out}")
+    return 0
+
+
 def _cmd_qkd_rate(args: argparse.Namespace) -> int:
     import json
 
@@ -251,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--out", metavar="DIR", help="default runs/experiment-compression")
     comp.add_argument("--arm", action="append", help="only this arm (e.g. topk-1%%+ef); repeatable")
     comp.set_defaults(func=_cmd_experiment_compression)
+    kb = experiment.add_parser("key-budget", help="masked sums over a QKD mesh: key bits and accuracy per codec")
+    kb.add_argument("--rounds", type=int, default=20)
+    kb.add_argument("--clients", type=int, action="append", help="federation size; repeatable (default 4 and 20)")
+    kb.add_argument("--distance-km", type=float, default=10.0, help="fibre length of every QKD link")
+    kb.add_argument("--links", default="", help='per-link lengths, e.g. "client-0~client-1=50, client-2~server=80"')
+    kb.add_argument("--out", metavar="DIR", help="default runs/experiment-key-budget")
+    kb.add_argument("--arm", action="append", help="only this arm (e.g. qsgd-4bit); repeatable")
+    kb.set_defaults(func=_cmd_experiment_key_budget)
     return parser
 
 
@@ -258,11 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     from qfl.clients.datasets import DatasetNotFound
     from qfl.config import ConfigError
     from qfl.server.federation import ResumeError
+    from qfl.server.keys import KeyBudgetExceeded
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DatasetNotFound, ResumeError) as err:
+    except (ConfigError, DatasetNotFound, ResumeError, KeyBudgetExceeded) as err:
         print(f"qfl {args.command}: {err}", file=sys.stderr)
         return 2
 
