@@ -44,6 +44,32 @@ def _cmd_bench_codecs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_secagg(args: argparse.Namespace) -> int:
+    import json
+
+    from qfl.benchmarks.secagg import bench_masking, bench_round_overhead
+
+    rows = bench_masking(d=args.size)
+    result: dict = {"masking": rows}
+    if args.rounds:
+        result["round_overhead"] = [
+            bench_round_overhead("fp32", clients=args.clients, rounds=args.rounds),
+            bench_round_overhead("qsgd", clients=args.clients, rounds=args.rounds, bits=4),
+        ]
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print("| B (bits) | mask / copy | unmask / copy | mask+unmask / copy | mask GB/s | unmask GB/s |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['ring_bits']} | {r['mask_ratio']:.2f} | {r['unmask_ratio']:.2f} | "
+              f"{r['mask_plus_unmask_ratio']:.2f} | {r['mask_gbps']:.2f} | {r['unmask_gbps']:.2f} |")
+    for r in result.get("round_overhead", []):
+        print(f"round time, {r['clients']} clients, codec {r['codec']}: none {r['none_round_s']:.2f} s, "
+              f"masked-sum {r['masked-sum_round_s']:.2f} s, overhead {r['overhead_ratio']:.2f}x")
+    return 0
+
+
 def _cmd_bench_qkd(args: argparse.Namespace) -> int:
     import json
 
@@ -203,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     codecs.add_argument("--codec", action="append", help="only this codec (label or name); repeatable")
     codecs.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     codecs.set_defaults(func=_cmd_bench_codecs)
+    secb = bench.add_parser("secagg", help="masking/unmasking throughput (ratio to numpy.copyto); round overhead")
+    secb.add_argument("--size", type=int, default=1 << 24, help="ring elements per upload (default 2^24)")
+    secb.add_argument("--rounds", type=int, default=4, help="rounds of the overhead runs (0: skip them)")
+    secb.add_argument("--clients", type=int, default=4)
+    secb.add_argument("--json", action="store_true")
+    secb.set_defaults(func=_cmd_bench_secagg)
     bqkd = bench.add_parser("qkd", help="BB84 Monte-Carlo, Cascade and Toeplitz throughput (one core)")
     bqkd.add_argument("--pulses", type=int, default=10**7)
     bqkd.add_argument("--distance-km", type=float, default=10.0)
