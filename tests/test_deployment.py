@@ -36,7 +36,7 @@ BIN_DIR = Path(sys.executable).parent  # the venv's bin/, where flwr's scripts l
 CONNECTION = "qfl-deployment-test"
 # Flower's SuperLink accepts --run-config keys only if [tool.flwr.app.config]
 # declares them; the resolved config.toml of the run is checked below.
-RUN_CONFIG = {"rounds": 2, "clients": 2, "fed_eval": True, "alpha": 1.0}
+RUN_CONFIG = {"rounds": 2, "clients": 2, "fed_eval": True, "alpha": 1.0, "security": "masked-sum"}
 EXPECTED_CONFIG = dict(RUN_CONFIG)
 NUM_SUPERNODES = 2
 OVERALL_TIMEOUT_S = 240.0  # the whole test; a healthy run takes about a minute on 2 cores
@@ -350,6 +350,8 @@ def test_flwr_run_on_local_superlink_and_two_supernodes(tmp_path: Path) -> None:
             assert record["sampled"] == 2, record
             assert record["dropped"] == 0, (record, record.get("drop_reasons"))
             assert record["uplink_bytes"] > 0, record
+            # masked-sum: the pair key and two MAC keys came from the run's QKD pools
+            assert record["key_bits_used"] > 0 and record["key_bits_by_link"]["client-0~client-1"] > 0, record
             assert isinstance(record["accuracy"], float) and math.isfinite(record["accuracy"]), record
             # fed_eval=true: both SuperNodes also evaluated the global model.
             assert isinstance(record["fed_accuracy"], float) and math.isfinite(record["fed_accuracy"]), record
