@@ -23,6 +23,7 @@ from qfl.clients.classical import round_seed
 from qfl.clients.tasks import ClientTask, task_for
 from qfl.compression import make_codec
 from qfl.config import RunConfig, resolve_config
+from qfl.security.secagg import MASKED_MODES
 
 from qfl.files import atomic_write_bytes, atomic_write_json
 
@@ -181,7 +182,7 @@ def _key_record(strategy: SecureFedAvg, budget: KeyBudget) -> dict[str, Any]:
         "key_pools_left": budget.pools(),
         "key_wait_s": strategy.key_wait_s,
         "qkd_clock_s": budget.clock_s,
-        "secure_clip": strategy.checkpoint_state(),
+        **({"secure_clip": strategy.checkpoint_state()} if strategy.mode in MASKED_MODES else {}),
     }
 
 
