@@ -85,7 +85,7 @@ class RunConfig:
     layers: int = 2  # variational layers
     ansatz: str = "hardware-efficient"  # hardware-efficient | strongly-entangling
     embedding: str = "angle"  # angle | amplitude | state (quantum data fed as states)
-    backend: str = "lightning"  # lightning (adjoint) | default (broadcast) | qiskit (aer estimator)
+    backend: str = "default"  # default (default.qubit, broadcast; fastest here) | lightning (adjoint) | qiskit (aer estimator)
     shots: int = 0  # 0 = exact expectations
     noise: float = 0.0  # depolarizing probability per layer (0 = noiseless)
     quantum_samples: int = 400  # states generated for ntangled / magic (train + test)

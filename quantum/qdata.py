@@ -32,12 +32,17 @@ Datasets
   (t = 0, CE = 0) to a random ansatz state θ₀ ~ U(−π, π) (t = 1) and bisection
   finds the ``t`` where CE reaches the level exactly (draws whose end point
   stays below the level are redrawn). Label = index of the CE level.
-* **magic**: random Clifford circuits (every qubit gets one of H, S, HS, SH or I,
-  then a brickwork of CNOTs; ``n`` layers) on |0…0⟩. Label 0 = the circuit as
-  drawn (a stabilizer state, M₂ = 0), label 1 = the same kind of circuit with
-  ``t_gates`` T gates inserted after random single-qubit gates; a draw whose T
-  gates happen to act trivially (M₂ below :data:`MAGIC_MIN_M2`) is redrawn,
-  so every label is checked by M₂.
+* **magic**: random Clifford circuits on |0…0⟩ — per layer every qubit gets
+  one of I, H, S, HS, SH, then a brickwork of CNOTs with random direction
+  (:data:`MAGIC_LAYERS` layers). Label 0 = the circuit as drawn (a stabilizer
+  state, M₂ = 0), label 1 = the same kind of circuit with ``t_gates`` (default
+  n) T gates after random single-qubit gates; a draw whose T gates happen to
+  act trivially (M₂ below :data:`MAGIC_MIN_M2`) is redrawn, so every label is
+  checked by M₂. The circuits are shallow on purpose: a classifier that sees
+  one copy at a time is linear in ρ, and deep random Clifford circuits form a
+  2-design, so both classes average to the same I/2^n and no single-copy model
+  beats chance (a logistic regression on all 4^n Pauli expectations of 4-qubit
+  states: 76% at one layer, 57–59% at two, 51% at three).
 
 Both are deterministic in ``seed`` and cached per process.
 
@@ -63,6 +68,7 @@ import numpy as np
 MIN_QUBITS = 3
 MAX_QUBITS = 8
 QUANTUM_DATASETS = ("ntangled", "magic")
+MAGIC_LAYERS = 1  # brickwork layers of the random Clifford circuits (why one: module docstring)
 MAGIC_MIN_M2 = 0.05  # a T-doped state with smaller M₂ is redrawn (its T gates nearly cancelled)
 SUMMARY_SHOTS = 16  # shots per Pauli basis and qubit of a classical summary
 
@@ -128,7 +134,7 @@ def hea_states(params: np.ndarray, qubits: int) -> np.ndarray:
     """States of the hardware-efficient ansatz on |0…0⟩; ``params`` is ``(B, layers, qubits, 2)``.
 
     Each layer: RY(θ[l, i, 0]) then RZ(θ[l, i, 1]) on every qubit i, then the CNOT ring.
-    The same circuit as :func:`qfl.quantum.vqc` builds for ``ansatz="hardware-efficient"``.
+    The same circuit as :mod:`qfl.quantum.vqc` builds for ``ansatz="hardware-efficient"``.
     """
     psi = zero_states(params.shape[0], qubits)
     for layer in range(params.shape[1]):
@@ -322,15 +328,16 @@ def _clifford_circuit(rng: np.random.Generator, qubits: int, layers: int, t_slot
 
 
 def make_magic(
-    qubits: int, samples: int, seed: int, t_gates: int = 2, layers: int | None = None
+    qubits: int, samples: int, seed: int, t_gates: int | None = None, layers: int = MAGIC_LAYERS
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stabilizer (label 0) vs T-doped (label 1) states: ``(states, labels, M₂)``.
 
-    Classes alternate. ``layers`` defaults to ``qubits``; ``t_gates`` T gates go
-    into random (layer, qubit) slots of a magic state's circuit.
+    Classes alternate. A magic state's circuit gets ``t_gates`` (default:
+    ``qubits``) T gates in random (layer, qubit) slots, right after that slot's
+    single-qubit Clifford.
     """
     check_qubits(qubits)
-    layers = layers or qubits
+    t_gates = qubits if t_gates is None else t_gates
     rng = np.random.default_rng([seed, 0x3A6])
     labels = np.arange(samples) % 2
     states = np.empty((samples, 2**qubits), dtype=np.complex128)

@@ -63,8 +63,6 @@ from torch import nn
 BACKENDS = ("lightning", "default", "qiskit")
 ANSATZE = ("hardware-efficient", "strongly-entangling")
 EMBEDDINGS = ("angle", "amplitude", "state")
-MIN_QUBITS = 1
-MAX_QUBITS = 12  # state vectors up to 4096 amplitudes; batches stay cheap on a laptop
 # The package each backend needs beyond PennyLane, and how to get it.
 _BACKEND_MODULES = {
     "lightning": ("pennylane_lightning", "pip install pennylane-lightning"),
@@ -366,4 +364,4 @@ def expectations(spec: CircuitSpec, backend: str, inputs: np.ndarray, weights: n
     layer = quantum_layer(spec, backend)
     with torch.no_grad():
         layer.weights.copy_(torch.as_tensor(np.asarray(weights, dtype=np.float64)))
-        return layer(torch.as_tensor(np.asarray(inputs, dtype=np.float64))).numpy()
+        return layer(torch.from_numpy(np.array(inputs, dtype=np.float64))).numpy()

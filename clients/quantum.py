@@ -1,0 +1,473 @@
+"""Quantum and hybrid client tasks: a variational circuit trained like any other model.
+
+:class:`QuantumTask` implements :class:`qfl.clients.tasks.ClientTask` for
+``model = "vqc"`` and ``model = "hybrid"``. Its parameters are float32 arrays
+like a CNN's, so compression and secure aggregation treat them the same way:
+
+* ``q.weights`` — the circuit's rotation angles, ``(layers, qubits, 2)``
+  (hardware-efficient) or ``(layers, qubits, 3)`` (strongly entangling), see
+  :mod:`qfl.quantum.vqc`;
+* ``head.weight`` ``(classes, qubits)``, ``head.bias`` ``(classes,)`` — the
+  readout: logits = W·⟨Z⟩ + b from the Pauli expectations ⟨Z_i⟩ of every qubit;
+* ``pre.0.*``, ``pre.2.*`` — only when hybrid clients take part: a small
+  classical network (Linear → tanh → Linear) whose outputs y become the angles
+  π·tanh(y) of the circuit's RY embedding.
+
+Models and data
+---------------
+* ``vqc`` on a quantum dataset (``ntangled``, ``magic``; :mod:`qfl.quantum.qdata`)
+  with ``embedding = "state"``: the dataset's state vectors are prepared
+  exactly. ``data_qubits`` (0 = ``qubits``) is the width of the states; a wider
+  circuit pads them with |0⟩ ancillas.
+* ``vqc`` on classical data (digits …): ``amplitude`` embedding of the
+  flattened image (needs 2^qubits ≥ features) or ``angle`` embedding RY(π x_i)
+  (needs one feature per qubit).
+* ``hybrid`` on classical data: flattened image → Linear(F, 16) → tanh →
+  Linear(16, qubits) → angles → circuit (PennyLane ``TorchLayer``) → head.
+
+Client kinds (``client_kinds``, quantum datasets only)
+------------------------------------------------------
+Clients are listed in partition order, e.g. ``"quantum:1,classical:3"``;
+empty means every client is the model's own kind. All kinds share one
+parameter vector (each sends Δ = 0 for tensors it does not use):
+
+* ``quantum``: feeds the states themselves to the circuit;
+* ``classical``: has no quantum memory, only a classical summary of each state —
+  ⟨X_i⟩, ⟨Y_i⟩, ⟨Z_i⟩ of every qubit estimated from
+  :data:`~qfl.quantum.qdata.SUMMARY_SHOTS` shots per basis — and feeds the
+  closest product state (each qubit along its estimated Bloch direction) to
+  the same circuit;
+* ``hybrid``: feeds the same summary (3 numbers per qubit) through the small
+  classical network into the circuit's angle embedding.
+
+The global model is always evaluated centrally on the true test states.
+
+Training
+--------
+Adam on all parameters (``lr``, ``local_epochs``, ``batch_size``; ``momentum``
+is not used), cross-entropy loss, gradients by torch autograd through the
+circuit (backprop on ``default``, adjoint on ``lightning``, parameter shift on
+``qiskit``). Δ = w_local − w_global per tensor, as for classical clients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qfl.config import RunConfig
+from qfl.quantum import qdata, vqc
+
+from .classical import shard, task_seed
+
+KINDS = ("quantum", "classical", "hybrid")
+QUANTUM_MODELS = ("vqc", "hybrid")
+CLASSICAL_FEATURES = {"digits": 64, "mnist": 784, "cifar10": 3072}
+MIN_CIRCUIT_QUBITS = 2
+MAX_CIRCUIT_QUBITS = 10
+HYBRID_HIDDEN = 16
+INIT_STD = 0.1  # circuit angles start near 0 (the circuit near its CNOT skeleton): no barren start
+MIN_SAMPLES_PER_CLASS = 10
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def data_qubits(cfg: RunConfig) -> int:
+    """Width of the quantum dataset's states (``data_qubits``, or ``qubits`` when 0)."""
+    return cfg.data_qubits or cfg.qubits
+
+
+def natural_kind(cfg: RunConfig) -> str:
+    """The kind of a client when ``client_kinds`` is empty: ``hybrid`` for the hybrid model, else ``quantum``."""
+    return "hybrid" if cfg.model == "hybrid" else "quantum"
+
+
+def parse_client_kinds(text: str, clients: int, natural: str = "quantum") -> list[str]:
+    """``"quantum:1,classical:3"`` → one kind per client in partition order; ``""`` → all ``natural``."""
+    if not text.strip():
+        return [natural] * clients
+    kinds: list[str] = []
+    for item in text.split(","):
+        name, colon, count = item.strip().partition(":")
+        name = name.strip()
+        if name not in KINDS:
+            raise ValueError(f"unknown client kind {name!r} in client_kinds={text!r}; choose among {', '.join(KINDS)}")
+        try:
+            k = int(count) if colon else 1
+        except ValueError:
+            raise ValueError(f"client_kinds item {item.strip()!r} needs an integer count, e.g. '{name}:2'") from None
+        if k < 1:
+            raise ValueError(f"client_kinds item {item.strip()!r} needs a count >= 1")
+        kinds += [name] * k
+    if len(kinds) != clients:
+        raise ValueError(
+            f"client_kinds={text!r} lists {len(kinds)} clients but there are {clients}; make the counts add up to clients"
+        )
+    return kinds
+
+
+def check_quantum_config(cfg: RunConfig) -> None:
+    """Raise ValueError, naming the fix, for a quantum configuration that cannot train."""
+    quantum_data = cfg.dataset in qdata.QUANTUM_DATASETS
+    if cfg.model not in QUANTUM_MODELS:
+        if quantum_data:
+            raise ValueError(f"dataset {cfg.dataset!r} holds quantum states, which model {cfg.model!r} cannot read; set model='vqc'")
+        if cfg.client_kinds:
+            raise ValueError("client_kinds mixes clients of a quantum model; set model='vqc' or leave client_kinds empty")
+        return
+    vqc.check_backend(cfg.backend)
+    if cfg.ansatz not in vqc.ANSATZE:
+        raise ValueError(f"unknown ansatz {cfg.ansatz!r}; choose one of {', '.join(vqc.ANSATZE)}")
+    if cfg.embedding not in vqc.EMBEDDINGS:
+        raise ValueError(f"unknown embedding {cfg.embedding!r}; choose one of {', '.join(vqc.EMBEDDINGS)}")
+    if not MIN_CIRCUIT_QUBITS <= cfg.qubits <= MAX_CIRCUIT_QUBITS:
+        raise ValueError(
+            f"qubits={cfg.qubits} is outside the supported range {MIN_CIRCUIT_QUBITS}..{MAX_CIRCUIT_QUBITS}; "
+            f"set qubits between {MIN_CIRCUIT_QUBITS} and {MAX_CIRCUIT_QUBITS}"
+        )
+    if cfg.layers < 1:
+        raise ValueError(f"layers must be >= 1, got {cfg.layers}")
+    if cfg.shots < 0:
+        raise ValueError(f"shots must be >= 0 (0 = exact expectations), got {cfg.shots}")
+    if not 0.0 <= cfg.noise <= 0.75:
+        raise ValueError(f"noise is a depolarizing probability in [0, 0.75], got {cfg.noise}")
+    if cfg.noise > 0 and cfg.backend == "lightning":
+        raise ValueError("noise needs a mixed-state simulator; lightning.qubit holds pure states: set backend='default' or 'qiskit'")
+    if quantum_data:
+        if cfg.model == "hybrid":
+            raise ValueError(
+                f"model 'hybrid' is for classical data (digits, mnist, cifar10); on {cfg.dataset!r} set model='vqc' "
+                "and add hybrid clients with client_kinds, e.g. 'quantum:1,hybrid:3'"
+            )
+        if cfg.embedding != "state":
+            raise ValueError(f"dataset {cfg.dataset!r} holds quantum states; set embedding='state' to feed them to the circuit")
+        width = data_qubits(cfg)
+        if not qdata.MIN_QUBITS <= width <= qdata.MAX_QUBITS:
+            key = "data_qubits" if cfg.data_qubits else "qubits"
+            raise ValueError(
+                f"dataset {cfg.dataset!r} supports {qdata.MIN_QUBITS} to {qdata.MAX_QUBITS} qubits, got {key}={width}; "
+                f"set {key} between {qdata.MIN_QUBITS} and {qdata.MAX_QUBITS}"
+            )
+        if width > cfg.qubits:
+            raise ValueError(
+                f"the {cfg.dataset} states have data_qubits={width} qubits but the circuit has qubits={cfg.qubits}; "
+                f"set qubits >= {width} (extra qubits start in |0>) or data_qubits <= {cfg.qubits}"
+            )
+        if cfg.quantum_samples < 2 * MIN_SAMPLES_PER_CLASS:
+            raise ValueError(f"quantum_samples={cfg.quantum_samples} is too few; set quantum_samples >= {2 * MIN_SAMPLES_PER_CLASS}")
+        parse_client_kinds(cfg.client_kinds, cfg.clients, natural_kind(cfg))
+        return
+    if cfg.data_qubits:
+        raise ValueError(f"data_qubits sets the width of ntangled / magic states; leave it 0 for dataset {cfg.dataset!r}")
+    features = CLASSICAL_FEATURES.get(cfg.dataset, 0)
+    if cfg.embedding == "state":
+        raise ValueError(f"embedding='state' feeds quantum states; dataset {cfg.dataset!r} is classical: use 'amplitude' or 'angle'")
+    if cfg.model == "hybrid" and cfg.embedding != "angle":
+        raise ValueError("model 'hybrid' feeds its classical network's outputs to the circuit as angles; set embedding='angle'")
+    if cfg.model == "vqc" and cfg.embedding == "angle" and features != cfg.qubits:
+        raise ValueError(
+            f"embedding='angle' needs one feature per qubit, but {cfg.dataset} has {features} features and qubits={cfg.qubits}; "
+            f"use embedding='amplitude' (qubits >= {math.ceil(math.log2(features))}) or model='hybrid'"
+        )
+    if cfg.model == "vqc" and cfg.embedding == "amplitude" and 2**cfg.qubits < features:
+        need = math.ceil(math.log2(features))
+        raise ValueError(
+            f"amplitude embedding of the {features} features of {cfg.dataset} needs qubits >= {need}, got qubits={cfg.qubits}"
+            + (f"; set qubits={need}" if need <= MAX_CIRCUIT_QUBITS else "; use model='hybrid'")
+        )
+    kinds = parse_client_kinds(cfg.client_kinds, cfg.clients, natural_kind(cfg))
+    if any(k != natural_kind(cfg) for k in kinds):
+        raise ValueError(
+            f"client kinds other than {natural_kind(cfg)!r} need a quantum dataset (ntangled, magic); "
+            f"dataset {cfg.dataset!r} is classical: leave client_kinds empty"
+        )
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def quantum_dataset(cfg: RunConfig) -> qdata.QuantumDataset:
+    """The run's quantum dataset (generated once per process)."""
+    return qdata.load_quantum_dataset(cfg.dataset, data_qubits(cfg), cfg.quantum_samples, cfg.test_fraction, cfg.seed)
+
+
+def pad_states(states: np.ndarray, qubits: int) -> np.ndarray:
+    """|ψ⟩ ⊗ |0…0⟩: ``(B, 2^k)`` states widened to ``qubits`` (the new qubits are the last wires)."""
+    k = int(round(math.log2(states.shape[1])))
+    if k == qubits:
+        return states
+    out = np.zeros((len(states), 2**qubits), dtype=states.dtype)
+    out[:, :: 2 ** (qubits - k)] = states
+    return out
+
+
+def _inputs(cfg: RunConfig, kind: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(model inputs, labels) of a split (``train`` or ``test``) as client kind ``kind`` sees it (cached)."""
+    return _inputs_cached(tuple(getattr(cfg, k) for k in _DATA_KEYS), kind, split)
+
+
+_DATA_KEYS = ("dataset", "data_dir", "test_fraction", "seed", "qubits", "data_qubits", "quantum_samples", "embedding")
+
+
+@lru_cache(maxsize=16)
+def _inputs_cached(key: tuple[Any, ...], kind: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    cfg = RunConfig(**dict(zip(_DATA_KEYS, key)))
+    if cfg.dataset in qdata.QUANTUM_DATASETS:
+        data = quantum_dataset(cfg)
+        states, summary, y = (
+            (data.x_train, data.summary_train, data.y_train) if split == "train" else (data.x_test, data.summary_test, data.y_test)
+        )
+        if kind == "quantum":
+            x = vqc.pack_states(pad_states(states, cfg.qubits))
+        elif kind == "classical":
+            x = vqc.pack_states(pad_states(qdata.product_states(summary), cfg.qubits))
+        else:
+            x = summary.reshape(len(summary), -1).astype(np.float64)
+    else:
+        from .classical import dataset_for
+
+        data = dataset_for(cfg)
+        images, y = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
+        flat = images.reshape(len(images), -1).astype(np.float64)
+        if kind == "hybrid":
+            x = flat
+        elif cfg.embedding == "amplitude":
+            x = vqc.pack_states(vqc.amplitude_states(flat, cfg.qubits))
+        else:
+            x = np.pi * flat
+    x.setflags(write=False)
+    return x, np.asarray(y, dtype=np.int64)
+
+
+def num_classes(cfg: RunConfig) -> int:
+    if cfg.dataset in qdata.QUANTUM_DATASETS:
+        return quantum_dataset(cfg).num_classes
+    from .classical import dataset_for
+
+    return dataset_for(cfg).num_classes
+
+
+def train_labels(cfg: RunConfig) -> np.ndarray:
+    return _inputs(cfg, natural_kind(cfg), "train")[1]
+
+
+def local_split(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, local validation indices) of one client's shard (as for classical clients)."""
+    idx = shard(cfg, train_labels(cfg), partition_id, num_partitions, salt=0)
+    idx = np.random.default_rng([cfg.seed, partition_id, 1]).permutation(idx)
+    n_val = int(round(len(idx) * cfg.local_val_fraction)) if len(idx) > 1 else 0
+    return np.sort(idx[n_val:]), np.sort(idx[:n_val])
+
+
+def kind_of(cfg: RunConfig, partition_id: int, num_partitions: int) -> str:
+    """The kind of client ``partition_id`` (``client_kinds`` is read with ``num_partitions`` clients)."""
+    return parse_client_kinds(cfg.client_kinds, num_partitions, natural_kind(cfg))[partition_id]
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def uses_pre(cfg: RunConfig) -> bool:
+    """Whether the parameter vector holds the hybrid pre-network."""
+    return cfg.model == "hybrid" or "hybrid" in parse_client_kinds(cfg.client_kinds, cfg.clients, natural_kind(cfg))
+
+
+def pre_features(cfg: RunConfig) -> int:
+    """Inputs of the hybrid pre-network: 3 summary numbers per data qubit, or the image's features."""
+    if cfg.dataset in qdata.QUANTUM_DATASETS:
+        return 3 * data_qubits(cfg)
+    return CLASSICAL_FEATURES[cfg.dataset]
+
+
+def model_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of the run's parameter vector."""
+    classes = num_classes(cfg)
+    shapes: dict[str, tuple[int, ...]] = {}
+    if uses_pre(cfg):
+        shapes |= {
+            "pre.0.weight": (HYBRID_HIDDEN, pre_features(cfg)),
+            "pre.0.bias": (HYBRID_HIDDEN,),
+            "pre.2.weight": (cfg.qubits, HYBRID_HIDDEN),
+            "pre.2.bias": (cfg.qubits,),
+        }
+    shapes |= {
+        "q.weights": vqc.weight_shape(cfg.qubits, cfg.layers, cfg.ansatz),
+        "head.weight": (classes, cfg.qubits),
+        "head.bias": (classes,),
+    }
+    return shapes
+
+
+class QuantumModel(nn.Module):
+    """[pre-network →] circuit → linear readout of ⟨Z_i⟩; float64 inside."""
+
+    def __init__(self, cfg: RunConfig, kind: str, seed: int) -> None:
+        super().__init__()
+        self.kind = kind
+        embedding = "angle" if kind == "hybrid" else cfg.embedding
+        if kind == "hybrid":
+            self.pre = nn.Sequential(
+                nn.Linear(pre_features(cfg), HYBRID_HIDDEN), nn.Tanh(), nn.Linear(HYBRID_HIDDEN, cfg.qubits)
+            ).double()
+        spec = vqc.CircuitSpec(cfg.qubits, cfg.layers, cfg.ansatz, embedding, cfg.shots, cfg.noise, seed)
+        self.q = vqc.quantum_layer(spec, cfg.backend)
+        self.head = nn.Linear(cfg.qubits, num_classes(cfg)).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "hybrid":
+            x = torch.pi * torch.tanh(self.pre(x))
+        return self.head(self.q(x))
+
+    def load(self, weights: dict[str, np.ndarray]) -> None:
+        own = self.state_dict()
+        self.load_state_dict({k: torch.as_tensor(np.asarray(weights[k], dtype=np.float64)) for k in own})
+
+    def export(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in self.state_dict().items()}
+
+
+def train_model(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, lr: float, seed: int) -> float:
+    """Adam on the cross-entropy; return the mean training loss of the last epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    xs, ys = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    last = float("nan")
+    for _ in range(epochs):
+        order = torch.randperm(len(xs), generator=generator)
+        total = 0.0
+        for start in range(0, len(xs), batch_size):
+            idx = order[start : start + batch_size]
+            optimizer.zero_grad()
+            loss = loss_fn(model(xs[idx]), ys[idx])
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+        last = total / max(len(xs), 1)
+    return last
+
+
+def evaluate_model(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy)."""
+    if len(y) == 0:
+        return 0.0, 0.0
+    loss, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(y), batch_size):
+            xb = torch.from_numpy(np.array(x[start : start + batch_size]))
+            yb = torch.from_numpy(y[start : start + batch_size])
+            logits = model(xb)
+            loss += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+            correct += int((logits.argmax(1) == yb).sum())
+    return loss / len(y), correct / len(y)
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+class QuantumTask:
+    """:class:`qfl.clients.tasks.ClientTask` for the quantum models (vqc, hybrid)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        check_quantum_config(cfg)
+        self.cfg = cfg
+        self._central: QuantumModel | None = None
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return model_shapes(self.cfg)
+
+    def initial_weights(self) -> dict[str, np.ndarray]:
+        """Circuit angles ~ N(0, INIT_STD²); linear layers ~ U(±1/√fan_in) (torch's default); seeded by ``cfg.seed``."""
+        rng = np.random.default_rng([self.cfg.seed, 0x9C])
+        out: dict[str, np.ndarray] = {}
+        for name, shape in self.shapes().items():
+            if name == "q.weights":
+                w = rng.normal(0.0, INIT_STD, shape)
+            else:
+                fan_in = self.shapes()[name.replace("bias", "weight")][1]
+                w = rng.uniform(-1.0, 1.0, shape) / math.sqrt(fan_in)
+            out[name] = w.astype(np.float32)
+        return out
+
+    def local_update(
+        self, weights: dict[str, np.ndarray], partition_id: int, num_partitions: int, server_round: int
+    ) -> tuple[dict[str, np.ndarray], int, float]:
+        cfg = self.cfg
+        kind = kind_of(cfg, partition_id, num_partitions)
+        idx, _ = local_split(cfg, partition_id, num_partitions)
+        x, y = _inputs(cfg, kind, "train")
+        seed = task_seed(cfg, server_round, partition_id)
+        model = QuantumModel(cfg, kind, seed)
+        model.load(weights)
+        torch.manual_seed(seed)
+        loss = train_model(model, x[idx], y[idx], cfg.local_epochs, cfg.batch_size, cfg.lr, seed)
+        local = model.export()
+        delta = {k: (local[k] - weights[k]) if k in local else np.zeros_like(weights[k]) for k in weights}
+        return delta, len(idx), loss
+
+    def local_evaluate(
+        self, weights: dict[str, np.ndarray], partition_id: int, num_partitions: int
+    ) -> tuple[float, float, int]:
+        cfg = self.cfg
+        kind = kind_of(cfg, partition_id, num_partitions)
+        _, idx = local_split(cfg, partition_id, num_partitions)
+        if len(idx) == 0:
+            return 0.0, 0.0, 0
+        x, y = _inputs(cfg, kind, "train")
+        model = QuantumModel(cfg, kind, task_seed(cfg, 0, partition_id))
+        model.load(weights)
+        loss, acc = evaluate_model(model, x[idx], y[idx])
+        return loss, acc, len(idx)
+
+    def central_evaluate(self, weights: dict[str, np.ndarray]) -> tuple[float, float]:
+        """On the test split; quantum data are fed as the true states whatever the clients' kinds."""
+        if self._central is None:
+            self._central = QuantumModel(self.cfg, natural_kind(self.cfg), self.cfg.seed)
+        self._central.load(weights)
+        x, y = _inputs(self.cfg, natural_kind(self.cfg), "test")
+        return evaluate_model(self._central, x, y)
+
+    def train_size(self) -> int:
+        return len(train_labels(self.cfg))
+
+    def check_partition(self, num_partitions: int) -> None:
+        shard(self.cfg, train_labels(self.cfg), 0, num_partitions, salt=0)
+        if self.cfg.client_kinds:
+            parse_client_kinds(self.cfg.client_kinds, num_partitions, natural_kind(self.cfg))
+
+
+# ----------------------------------------------------------------------------- FedAvg without Flower
+
+
+def simulate_fedavg(cfg: RunConfig, rounds: int | None = None, clients: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Plain FedAvg by function calls (no Flower, no compression, no security): one row per round.
+
+    Every round each client in ``clients`` (default: all) runs
+    :meth:`QuantumTask.local_update`; the server adds ``server_lr`` times the
+    example-weighted mean Δ. Row 0 is the initial model. Deterministic in ``cfg.seed``.
+    """
+    task = QuantumTask(cfg)
+    weights = task.initial_weights()
+    members = list(range(cfg.clients)) if clients is None else list(clients)
+    loss, acc = task.central_evaluate(weights)
+    history: list[dict[str, Any]] = [{"round": 0, "loss": loss, "accuracy": acc, "train_loss": float("nan")}]
+    for rnd in range(1, (rounds or cfg.rounds) + 1):
+        total: dict[str, np.ndarray] = {k: np.zeros(v.shape, np.float64) for k, v in weights.items()}
+        examples, train_losses = 0, []
+        for pid in members:
+            delta, n, train_loss = task.local_update(weights, pid, cfg.clients, rnd)
+            for k in total:
+                total[k] += n * delta[k].astype(np.float64)
+            examples += n
+            train_losses.append(train_loss)
+        weights = {k: (weights[k] + cfg.server_lr * total[k] / max(examples, 1)).astype(np.float32) for k in weights}
+        loss, acc = task.central_evaluate(weights)
+        history.append({"round": rnd, "loss": loss, "accuracy": acc, "train_loss": float(np.mean(train_losses))})
+    return history
