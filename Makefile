@@ -6,7 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qfl-installed
 
-.PHONY: demo test install clean bench-codecs bench-qkd bench-kms experiment-compression
+.PHONY: demo test install clean bench-codecs bench-qkd bench-kms bench-secagg bench-quantum \
+	experiment-compression experiment-key-budget experiment-quantum-mixed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,8 +33,20 @@ bench-qkd: $(STAMP)
 bench-kms: $(STAMP)
 	$(BIN)/qfl bench kms
 
+bench-secagg: $(STAMP)
+	$(BIN)/qfl bench secagg
+
+bench-quantum: $(STAMP)
+	$(BIN)/qfl bench quantum
+
 experiment-compression: $(STAMP)
 	$(BIN)/qfl experiment compression --out runs/experiment-compression
+
+experiment-key-budget: $(STAMP)
+	$(BIN)/qfl experiment key-budget --out runs/experiment-key-budget
+
+experiment-quantum-mixed: $(STAMP)
+	$(BIN)/qfl experiment quantum-mixed --out runs/experiment-quantum-mixed
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

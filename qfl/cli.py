@@ -70,6 +70,23 @@ def _cmd_bench_secagg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_quantum(args: argparse.Namespace) -> int:
+    import json
+
+    from qfl.benchmarks.quantum import bench_client_round, bench_quantum, format_rows
+
+    rows = bench_quantum(qubits=tuple(args.qubits or (4, 6, 8)), backends=tuple(args.backend or
+                         ("lightning", "default", "qiskit")))
+    round_s = bench_client_round(qubits=8, train_states=200, backend="default")
+    if args.json:
+        print(json.dumps({"circuits": rows, "client_round": round_s}, indent=2, default=float))
+    else:
+        print(format_rows(rows))
+        print(f"one client round, 8 qubits, 200 training states, default.qubit: {round_s['round_s']:.2f} s "
+              f"(first round in a process {round_s['first_round_s']:.2f} s, dataset {round_s['dataset_s']:.2f} s once)")
+    return 0
+
+
 def _cmd_bench_qkd(args: argparse.Namespace) -> int:
     import json
 
@@ -115,6 +132,16 @@ def _cmd_experiment_key_budget(args: argparse.Namespace) -> int:
     )
     print(format_key_rows(rows))
     print(f"table, rows and plots in {out}")
+    return 0
+
+
+def _cmd_experiment_quantum_mixed(args: argparse.Namespace) -> int:
+    from qfl.simulations.quantum_experiment import format_rows, mixed_federation_experiment
+
+    out = Path(args.out) if args.out else Path("runs") / "experiment-quantum-mixed"
+    rows = mixed_federation_experiment(seeds=tuple(range(args.seeds)), out=out)
+    print(format_rows(rows))
+    print(f"rows in {out}")
     return 0
 
 
@@ -229,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     codecs.add_argument("--codec", action="append", help="only this codec (label or name); repeatable")
     codecs.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     codecs.set_defaults(func=_cmd_bench_codecs)
+    qb = bench.add_parser("quantum", help="circuits and gradients per second per backend; one client round")
+    qb.add_argument("--qubits", type=int, action="append", help="repeatable (default 4, 6, 8)")
+    qb.add_argument("--backend", action="append", help="lightning | default | qiskit; repeatable (default all)")
+    qb.add_argument("--json", action="store_true")
+    qb.set_defaults(func=_cmd_bench_quantum)
     secb = bench.add_parser("secagg", help="masking/unmasking throughput (ratio to numpy.copyto); round overhead")
     secb.add_argument("--size", type=int, default=1 << 24, help="ring elements per upload (default 2^24)")
     secb.add_argument("--rounds", type=int, default=4, help="rounds of the overhead runs (0: skip them)")
@@ -304,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     kb.add_argument("--out", metavar="DIR", help="default runs/experiment-key-budget")
     kb.add_argument("--arm", action="append", help="only this arm (e.g. qsgd-4bit); repeatable")
     kb.set_defaults(func=_cmd_experiment_key_budget)
+    qm = experiment.add_parser("quantum-mixed", help="ntangled: classical-summary clients with and without a quantum client")
+    qm.add_argument("--seeds", type=int, default=8, help="seeds 0..N-1")
+    qm.add_argument("--out", metavar="DIR", help="default runs/experiment-quantum-mixed")
+    qm.set_defaults(func=_cmd_experiment_quantum_mixed)
     return parser
 
 

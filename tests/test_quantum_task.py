@@ -198,3 +198,18 @@ def test_eight_qubit_client_round_under_30_s():
     result = bench_client_round(qubits=8, train_states=200, backend="default")
     assert result["train_states"] == 200
     assert result["first_round_s"] < 30 and result["round_s"] < 30
+
+
+def test_quantum_clients_learn_under_masked_sum_in_flower_rounds(tmp_path):
+    """The shipped ntangled config (4 VQC clients, masked-sum over the QKD mesh) through `qfl run`."""
+    import json
+
+    from helpers import run_qfl
+
+    out = tmp_path / "run"
+    result = run_qfl(["run", "--config", "simulations/configs/quantum-ntangled.toml", "--out", str(out),
+                      "--set", "rounds=5"])
+    assert result.returncode == 0, result.stdout[-4000:]
+    history = json.loads((out / "metrics.json").read_text())
+    assert all(r["clients"] == 4 and r["key_bits_used"] > 0 for r in history)
+    assert max(r["accuracy"] for r in history[1:]) > history[0]["accuracy"]
