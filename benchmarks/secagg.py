@@ -1,11 +1,18 @@
 """Secure-aggregation benchmarks: masking throughput and the round-time overhead.
 
-``bench_masking``: one upload of ``d`` ring elements of ``B`` bits.
-*mask* = read the mask from key bytes (``mask_from_key``), add it
-(``apply_masks``) and pack at B bits (``pack_ring``); *unmask* = unpack the
-upload and add it into the running sum (``aggregate``). Each is reported as a
+``bench_masking``: one upload of ``d`` ring elements of ``B`` bits, what the
+two ends really do. *mask* = the client's ``masked_pack`` (the mask read from
+the key bytes, added and packed at B bits in one pass; the upload comes back
+as a fresh ``bytes``, and the previous one is freed first, as a client holds
+one upload at a time); *unmask* = the server's ``add_packed`` (unpack the
+upload and add it into the running sum, in place). Each is reported as a
 ratio to ``numpy.copyto`` of a float32 array of ``d`` elements, timed in the
-same run (best of ``repeat``), so the figure holds on a noisy machine.
+same run (best of ``repeat``), so the figure holds on a noisy machine. All of
+it is single-threaded. Also reported: ``bytes_ratio``, the cost of only
+materialising an upload-sized ``bytes`` (allocation, page faults, copy; a
+floor under *mask*), and ``composed_*``, the same two steps through the
+separate functions (``mask_from_key`` + ``apply_masks`` + ``pack_ring``;
+``unpack_ring`` + ``aggregate``).
 
 ``bench_round_overhead``: the same short federation (digits, fp32 or another
 codec) with ``security=none`` and with ``security=masked-sum``; the mean wall
@@ -22,7 +29,16 @@ from typing import Any
 
 import numpy as np
 
-from qfl.security.masking import aggregate, apply_masks, key_bytes_needed, mask_from_key, pack_ring, unpack_ring
+from qfl.security.masking import (
+    add_packed,
+    aggregate,
+    apply_masks,
+    key_bytes_needed,
+    mask_from_key,
+    masked_pack,
+    pack_ring,
+    unpack_ring,
+)
 
 
 def _best(fn, repeat: int) -> float:
@@ -34,7 +50,9 @@ def _best(fn, repeat: int) -> float:
     return min(times)
 
 
-def bench_masking(d: int = 1 << 24, ring_bits: tuple[int, ...] = (8, 16, 34, 37), repeat: int = 3) -> list[dict[str, Any]]:
+def bench_masking(
+    d: int = 1 << 24, ring_bits: tuple[int, ...] = (8, 16, 34, 37), repeat: int = 3, composed: bool = True
+) -> list[dict[str, Any]]:
     rng = np.random.default_rng(0)
     src = rng.standard_normal(d).astype(np.float32)
     dst = np.empty_like(src)
@@ -43,24 +61,34 @@ def bench_masking(d: int = 1 << 24, ring_bits: tuple[int, ...] = (8, 16, 34, 37)
     for B in ring_bits:
         q = rng.integers(0, 1 << B, d, dtype=np.uint64)
         key = os.urandom(key_bytes_needed(d, B))
-        packed = {}
+        packed: dict[str, bytes] = {}
 
         def mask() -> None:
-            packed["y"] = pack_ring(apply_masks(q, 0, {1: mask_from_key(key, d, B)}, B), B)
-
-        total = {}
-
-        def unmask() -> None:
-            y = unpack_ring(packed["y"], B, d)
-            total["s"] = aggregate([q, y], B)
+            packed.pop("y", None)
+            packed["y"] = masked_pack(q, 0, {1: key}, B)
 
         t_mask = _best(mask, repeat)
-        t_unmask = _best(unmask, repeat)
-        rows.append({
+        total = q.copy()  # the running sum the upload is added into
+        t_unmask = _best(lambda: add_packed(total, packed["y"], B), repeat)
+        sized = np.empty(len(packed["y"]), np.uint8)
+        t_bytes = _best(lambda: sized.tobytes(), repeat)
+        row = {
             "ring_bits": B, "elements": d, "mask_ratio": t_mask / copy, "unmask_ratio": t_unmask / copy,
             "mask_plus_unmask_ratio": (t_mask + t_unmask) / copy,
             "mask_gbps": d * B / 8 / t_mask / 1e9, "unmask_gbps": d * B / 8 / t_unmask / 1e9,
-        })
+            "bytes_ratio": t_bytes / copy,
+        }
+        if composed:
+            slow: dict[str, Any] = {}
+
+            def mask_composed() -> None:
+                slow.pop("y", None)
+                slow["y"] = pack_ring(apply_masks(q, 0, {1: mask_from_key(key, d, B)}, B), B)
+
+            t_cm = _best(mask_composed, repeat)
+            t_cu = _best(lambda: aggregate([q, unpack_ring(slow["y"], B, d)], B), repeat)
+            row.update(composed_mask_ratio=t_cm / copy, composed_unmask_ratio=t_cu / copy)
+        rows.append(row)
     return rows
 
 

@@ -61,17 +61,7 @@ from qfl.compression.payload import tensor_seed
 
 from . import mac
 from .keys import KeyContainer, KeySource, UnknownKey
-from .masking import (
-    aggregate,
-    apply_masks,
-    expand_key,
-    key_bytes_needed,
-    mask_from_key,
-    pack_ring,
-    remove_dropped,
-    unpack_ring,
-    xor_pad,
-)
+from .masking import add_packed, expand_key, key_bytes_needed, mask_from_key, masked_pack, pack_ring, xor_pad
 
 SERVER_SAE = "server"
 MASKED_MODES = ("masked-sum", "expanded")
@@ -227,13 +217,13 @@ def fetch_pair_keys(source: KeySource, me: int, key_ids: Mapping[int, str]) -> d
     }
 
 
-def _mask(plan: RoundPlan, me: int, peer: int, key: bytes) -> np.ndarray:
-    m, B = plan.elements(), plan.ring_bits
-    if plan.mode == "expanded":
-        lo, hi = sorted((me, peer))
-        nonce = struct.pack("<IQ", plan.round & 0xFFFFFFFF, (lo << 32) | hi)[:12]
-        key = expand_key(key[:EXPANDED_KEY_BYTES], key_bytes_needed(m, B), nonce)
-    return mask_from_key(key, m, B)
+def _mask_key(plan: RoundPlan, me: int, peer: int, key: bytes) -> bytes:
+    """The key bytes the pair's mask is read from: the QKD key itself, or (expanded) its ChaCha20 stream."""
+    if plan.mode != "expanded":
+        return key
+    lo, hi = sorted((me, peer))
+    nonce = struct.pack("<IQ", plan.round & 0xFFFFFFFF, (lo << 32) | hi)
+    return expand_key(key[:EXPANDED_KEY_BYTES], key_bytes_needed(plan.elements(), plan.ring_bits), nonce)
 
 
 def masked_upload(
@@ -249,13 +239,14 @@ def masked_upload(
         parts.append(codes)
         flags += [over, under]
     q = np.concatenate([*parts, np.asarray(flags, dtype=np.uint64)])
-    masks = {peer: _mask(plan, me, peer, key) for peer, key in pair_keys.items() if peer in plan.participants}
-    return pack_ring(apply_masks(q, me, masks, plan.ring_bits), plan.ring_bits)
+    keys = {peer: _mask_key(plan, me, peer, key) for peer, key in pair_keys.items() if peer in plan.participants}
+    return masked_pack(q, me, keys, plan.ring_bits)
 
 
 def reveal_masks(plan: RoundPlan, me: int, pair_keys: Mapping[int, bytes], dropped: list[int]) -> bytes:
     """Recovery: the masks ``me`` shared with each dropped peer, packed in ``dropped`` order."""
-    return b"".join(pack_ring(_mask(plan, me, k, pair_keys[k]), plan.ring_bits) for k in sorted(dropped))
+    m, B = plan.elements(), plan.ring_bits
+    return b"".join(pack_ring(mask_from_key(_mask_key(plan, me, k, pair_keys[k]), m, B), B) for k in sorted(dropped))
 
 
 # --------------------------------------------------------------------------- unmasking (server side)
@@ -281,21 +272,23 @@ def unmask_sum(
     """
     B, m = plan.ring_bits, plan.elements()
     survivors = sorted(uploads)
+    total = np.zeros(m, dtype=np.uint64)
     try:
-        ys = [unpack_ring(uploads[i], B, m) for i in survivors]
+        for i in survivors:
+            add_packed(total, uploads[i], B)
     except ValueError as err:
         raise SecAggError(f"an upload is malformed: {err}") from None
-    total = aggregate(ys, B)
     if dropped:
         size = key_bytes_needed(m, B)
-        revealed = {}
         for i in survivors:
             blob = reveals.get(i)
             if blob is None or len(blob) != size * len(dropped):
                 raise SecAggError(f"survivor {i} did not reveal its masks with the dropped clients {sorted(dropped)}")
-            for idx, k in enumerate(sorted(dropped)):
-                revealed[(i, k)] = unpack_ring(blob[idx * size : (idx + 1) * size], B, m)
-        total = remove_dropped(total, revealed, B, survivors=survivors, dropped=dropped)
+            for idx, k in enumerate(sorted(dropped)):  # survivor i added +m_ik for k > i, −m_ik for k < i
+                try:
+                    add_packed(total, blob[idx * size : (idx + 1) * size], B, subtract=k > i)
+                except ValueError as err:
+                    raise SecAggError(f"the reveal of survivor {i} is malformed: {err}") from None
     out, over, under, start = {}, {}, {}, 0
     coords = plan.coords()
     for name, shape, clip, c in zip(plan.tensors, plan.shapes, plan.clips, coords):

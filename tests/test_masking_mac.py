@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from qfl.compression import EncodeContext
 from qfl.compression.identity import Fp32Codec
 from qfl.compression.sparsify import RandKCodec, randk_support, support_size
-from qfl.security import mac
+from qfl.security import mac, masking
 from qfl.security.masking import (
+    add_packed,
     aggregate,
     apply_masks,
     decode_fixed_point,
@@ -20,6 +21,7 @@ from qfl.security.masking import (
     expand_key,
     key_bytes_needed,
     mask_from_key,
+    masked_pack,
     pack_ring,
     remove_dropped,
     ring_bits,
@@ -74,11 +76,35 @@ def _plain_sum(qs, B):
     return np.array([int(v) % (1 << B) for v in np.atleast_1d(total)], dtype=np.uint64)
 
 
-def _pack_reference(values, B):
-    acc = 0
-    for i, v in enumerate(values):
-        acc |= int(v) << (i * B)
-    return acc.to_bytes((len(values) * B + 7) // 8, "little")
+GROUP = 1 << 17  # the wire layout's group of sub-byte fields
+
+
+def _pack_reference(values, B, group=GROUP):
+    """The wire layout of the masking module docstring, in Python integers, field by field."""
+    vals = [int(v) for v in values]
+    d, r = len(vals), B % 8
+    m = d - d % 8  # the sub-byte fields cover the first m elements; the rest is the tail
+    out, shift = bytearray(), 0
+    for w in [w for w in (64, 32, 16, 8, 4, 2, 1) if B & w]:  # the binary digits of B, largest first
+        field = [(v >> shift) & ((1 << w) - 1) for v in vals]
+        shift += w
+        if w >= 8:  # d little-endian words
+            for x in field:
+                out += x.to_bytes(w // 8, "little")
+            continue
+        per = 8 // w  # values per byte
+        for g0 in range(0, m, group):
+            part = field[g0 : min(m, g0 + group)]
+            g = len(part)
+            if w == 1:  # byte j: elements 8j .. 8j+7
+                out += bytes(sum(part[8 * j + t] << t for t in range(8)) for j in range(g // 8))
+            else:  # byte j: elements j + t·g/per
+                out += bytes(sum(part[j + t * (g // per)] << (w * t) for t in range(per)) for j in range(g // per))
+    tail = 0  # the top r bits of the last d mod 8 elements, r bits each
+    for k, v in enumerate(vals[m:]):
+        tail |= (v >> (B - r)) << (r * k)
+    out += tail.to_bytes(((d - m) * r + 7) // 8, "little")
+    return bytes(out)
 
 
 def _hash_reference(message, r):
@@ -460,17 +486,38 @@ def test_pack_ring_round_trip_and_layout(B, d, seed):
     assert np.array_equal(unpack_ring(bytearray(data), B, d), q)
 
 
-@pytest.mark.parametrize("B", [3, 9, 13, 24, 32, 37, 48, 58, 61, 63, 64])
-def test_pack_ring_across_block_boundaries(B):
-    d = 8 * 8192 * 2 + 11  # crosses the packer's blocks of groups
+@FAST
+@given(B=st.integers(1, 64), d=st.integers(0, 100), seed=st.integers(0, 2**32 - 1))
+def test_pack_ring_layout_over_several_groups(B, d, seed):
+    # the same layout with groups of 16 elements: several groups, a short last group, a tail
+    q = _ring_values(np.random.default_rng(seed), d, B)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(masking, "_GROUP", 16)
+        data = pack_ring(q, B)
+        assert data == _pack_reference(q, B, group=16)
+        assert np.array_equal(unpack_ring(data, B, d), q)
+
+
+@pytest.mark.parametrize("B", [3, 6, 9, 12, 13, 16, 24, 31, 37, 40, 58, 63, 64])
+@pytest.mark.parametrize("d", [2 * GROUP, GROUP + 8 * 3 + 5])
+def test_pack_ring_across_groups(B, d):
     q = _ring_values(np.random.default_rng(B), d, B)
     data = pack_ring(q, B)
+    assert data == _pack_reference(q, B)
     assert np.array_equal(unpack_ring(data, B, d), q)
-    # eight values are B whole bytes: slices at multiples of 8 values are byte slices of the stream
-    for start in (0, 8 * 8192 - 64, 8 * 8192 * 2 - 64, d - d % 8 - 64):
-        assert data[start * B // 8 : (start + 64) * B // 8] == _pack_reference(q[start : start + 64], B)
-    tail = q[d - d % 8 :]
-    assert data[(d - d % 8) * B // 8 :] == _pack_reference(tail, B)
+
+
+def test_pack_ring_layout_example():
+    # B = 12 = 8 + 4: the low bytes, then the nibbles of the first 8 elements (element j with j + 4),
+    # then the tail: the nibbles of the last 2 elements as one little-endian bit string
+    q = np.arange(10, dtype=np.uint64) * 0x111
+    data = pack_ring(q, 12)
+    assert data.hex() == "00112233445566778899" + "40516273" + "98"
+    assert len(data) == math.ceil(10 * 12 / 8)
+    # B = 37 = 32 + 4 + 1: the low words, the 4-bit field, the 1-bit field (elements 8j..8j+7, LSB first)
+    q = (np.arange(8, dtype=np.uint64) << np.uint64(32)) + np.uint64(7) + (np.uint64(1) << np.uint64(36))
+    data = pack_ring(q, 37)
+    assert data == bytes.fromhex("07000000" * 8 + "40516273" + "ff")
 
 
 def test_pack_ring_errors():
@@ -523,6 +570,135 @@ def test_expand_key():
         expand_key(key, 10, bytes(16))
     with pytest.raises(ValueError):
         expand_key(key, -1, nonce_a)
+
+
+# --------------------------------------------------------------------------- the fused client and server steps
+
+
+def _peer_keys(rng, me, ids, d, B, keys):
+    """Client ``me``'s pair keys (one fresh key per unordered pair, shared by both ends)."""
+    return {j: keys.setdefault(frozenset((me, j)), rng.bytes(key_bytes_needed(d, B) + 3)) for j in ids if j != me}
+
+
+@FAST
+@given(
+    n=st.integers(1, 6),
+    d=st.integers(0, 120),
+    B=st.integers(1, 64),
+    group=st.sampled_from([8, 16, GROUP]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_masked_pack_is_pack_of_apply_masks(n, d, B, group, seed):
+    rng = np.random.default_rng(seed)
+    ids = sorted(rng.choice(1000, size=n + 1, replace=False).tolist())
+    keys = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(masking, "_GROUP", group)
+        for me in ids:
+            peer_keys = _peer_keys(rng, me, ids, d, B, keys)
+            q = rng.integers(0, 2**64 - 1, size=d, dtype=np.uint64, endpoint=True)  # taken mod 2^B, as apply_masks does
+            masks = {j: mask_from_key(k, d, B) for j, k in peer_keys.items()}
+            expected = pack_ring(apply_masks(q, me, masks, B), B)
+            got = masked_pack(q, me, peer_keys, B)
+            assert isinstance(got, bytes) and got == expected
+            as_bytearrays = {j: bytearray(k) for j, k in peer_keys.items()}
+            assert masked_pack(q.reshape(-1, 1) if d else q, me, as_bytearrays, B) == got  # any shape, any buffer
+
+
+@FAST
+@given(
+    d=st.integers(0, 120),
+    B=st.integers(1, 64),
+    group=st.sampled_from([8, 16, GROUP]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_add_packed_adds_and_subtracts_in_place(d, B, group, seed):
+    rng = np.random.default_rng(seed)
+    total, y = _ring_values(rng, d, B), _ring_values(rng, d, B)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(masking, "_GROUP", group)
+        data = pack_ring(y, B)
+        running = total.copy()
+        assert add_packed(running, data, B) is running
+        assert np.array_equal(running, aggregate([total, y], B))
+        add_packed(running, memoryview(data), B, subtract=True)
+        assert np.array_equal(running, total)
+        # an unreduced running sum comes back reduced, like aggregate's
+        big = total | (rng.integers(0, 2**63, size=d, dtype=np.uint64) << np.uint64(B)) if B < 64 else total.copy()
+        assert np.array_equal(add_packed(big, data, B), aggregate([total, y], B))
+
+
+def test_add_packed_checks_its_inputs():
+    q = np.array([1, 2, 3], dtype=np.uint64)
+    data = pack_ring(q, 10)
+    total = np.zeros(3, dtype=np.uint64)
+    with pytest.raises(ValueError, match="take 4 bytes"):
+        add_packed(total, data[:-1], 10)
+    with pytest.raises(ValueError, match="padding"):
+        add_packed(total, data[:-1] + bytes([data[-1] | 0x80]), 10)
+    assert not total.any()  # untouched by a failed call
+    with pytest.raises(TypeError, match="uint64"):
+        add_packed(total.astype(np.int64), data, 10)
+    with pytest.raises(ValueError, match="contiguous"):
+        add_packed(np.zeros(6, dtype=np.uint64)[::2], data, 10)
+    frozen = np.zeros(3, dtype=np.uint64)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        add_packed(frozen, data, 10)
+    two_d = np.zeros((3, 1), dtype=np.uint64)
+    assert add_packed(two_d, data, 10).shape == (3, 1) and two_d.ravel().tolist() == [1, 2, 3]
+
+
+def test_masked_pack_checks_its_inputs():
+    q = np.zeros(5, dtype=np.uint64)
+    key = bytes(key_bytes_needed(5, 13))
+    with pytest.raises(ValueError, match="itself"):
+        masked_pack(q, 2, {2: key}, 13)
+    with pytest.raises(ValueError, match="key bytes"):
+        masked_pack(q, 0, {1: key[:-1]}, 13)
+    with pytest.raises(TypeError, match="uint64"):
+        masked_pack(q.astype(np.int64), 0, {1: key}, 13)
+    with pytest.raises(ValueError):
+        masked_pack(q, 0, {1: key}, 65)
+    assert masked_pack(q, 0, {}, 13) == pack_ring(q, 13)
+    assert masked_pack(np.zeros(0, dtype=np.uint64), 0, {1: b""}, 13) == b""
+
+
+@pytest.mark.parametrize("B", [1, 5, 9, 13, 33, 37, 47, 63])
+def test_the_portable_route_of_big_endian_hosts_gives_the_same_bytes(B, monkeypatch):
+    rng = np.random.default_rng(B)
+    d = 3 * 64 + 13
+    q, total = _ring_values(rng, d, B), _ring_values(rng, d, B)
+    key = rng.bytes(key_bytes_needed(d, B))
+    monkeypatch.setattr(masking, "_GROUP", 64)
+    reveal = pack_ring(mask_from_key(key, d, B), B)
+    fast = (pack_ring(q, B), masked_pack(q, 4, {7: key}, B), add_packed(total.copy(), reveal, B, subtract=True))
+    monkeypatch.setattr(masking, "_LITTLE", False)  # the steps that view words as bytes take their portable route
+    assert pack_ring(q, B) == fast[0] == _pack_reference(q, B, group=64)
+    assert np.array_equal(unpack_ring(fast[0], B, d), q)
+    assert masked_pack(q, 4, {7: key}, B) == fast[1]
+    assert np.array_equal(add_packed(total.copy(), reveal, B, subtract=True), fast[2])
+
+
+@pytest.mark.parametrize("B", [6, 9, 12, 16, 24, 34, 37, 64])
+def test_fused_round_with_dropouts_gives_the_survivor_sum(B):
+    """Clients masked_pack, the server add_packed-s the uploads, then removes the dropped clients' masks."""
+    rng = np.random.default_rng(B)
+    ids, d = [3, 5, 8, 13, 21, 34], 2 * GROUP + 13  # several groups and a tail
+    dropped = {5, 21}
+    survivors = [i for i in ids if i not in dropped]
+    keys = {}
+    qs = {i: _ring_values(rng, d, B) for i in ids}
+    total = np.zeros(d, dtype=np.uint64)
+    for i in survivors:
+        add_packed(total, masked_pack(qs[i], i, _peer_keys(rng, i, ids, d, B, keys), B), B)
+    truth = aggregate([qs[i] for i in survivors], B)
+    assert np.count_nonzero(total == truth) < 2 * d * 2.0**-B + 20  # the masks shared with the dropped remain
+    for i in survivors:  # survivor i reveals m_ik packed; it had added +m_ik if k > i, -m_ik if k < i
+        for k in dropped:
+            reveal = pack_ring(mask_from_key(keys[frozenset((i, k))], d, B), B)
+            add_packed(total, reveal, B, subtract=k > i)
+    assert np.array_equal(total, truth)
 
 
 # --------------------------------------------------------------------------- MAC
