@@ -7,17 +7,25 @@ adds one decode and one subtraction per encode, reported separately as
 ``sign+ef`` and ``topk+ef``. Each encode timing gets a new round seed, so
 rand-k pays for drawing its support; its decode reuses the support the encode
 just drew (as the server does for every client after the first).
+
+Threads: the copy baseline runs on one thread. Every codec does too, except
+qsgd's encoder, which splits large tensors over torch's intra-op threads
+(``torch.get_num_threads()``; fp16's encoder calls torch on pieces small
+enough that torch stays on the calling thread). Each row says how many
+threads its codec had (``threads``); where that is more than one, the codec is
+timed on one thread as well (``*_1thread`` fields, last two table columns).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
-from qfl.compression import EncodeContext, make_codec
+from qfl.compression import EncodeContext, make_codec, quantizers
 
 # (label, codec name, params); the matrix codecs see the array as 4096 × (N/4096).
 BENCH_CODECS: list[tuple[str, str, dict[str, Any]]] = [
@@ -47,8 +55,40 @@ def _best(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return best, out
 
 
-def bench_codecs(size: int = 1 << 24, repeats: int = 3, seed: int = 0, only: list[str] | None = None) -> list[dict]:
-    """One row per codec: bits_per_param, encode/decode ratios to copyto, GB/s."""
+THREADED = {"qsgd"}  # codecs whose encoder may use more than the calling thread
+
+
+@contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """Run with ``count`` torch intra-op threads (None: as configured)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _time_codec(name: str, params: dict[str, Any], x: np.ndarray, repeats: int, seed: int) -> tuple[float, float, bytes]:
+    codec = make_codec(name, params)
+    tensor = x.reshape(4096, -1) if name == "powersgd" else x
+    state: dict[str, np.ndarray] = {}
+    seeds = iter(range(seed, seed + repeats))  # a fresh round seed per timing: rand-k draws a new support
+    enc_s, payload = _best(lambda: codec.encode(tensor, EncodeContext(seed=next(seeds), state=state)), repeats)
+    dec_s, _ = _best(lambda: codec.decode(payload), repeats)
+    return enc_s, dec_s, payload
+
+
+def bench_codecs(
+    size: int = 1 << 24, repeats: int = 3, seed: int = 0, only: list[str] | None = None, threads: int | None = None
+) -> list[dict]:
+    """One row per codec: bits_per_param, encode/decode ratios to copyto, GB/s, threads.
+
+    ``threads``: torch intra-op threads for the run (None: as configured).
+    """
     if size < 4096 or size % 4096:
         raise ValueError(f"--size must be a positive multiple of 4096, got {size}")
     x = np.random.default_rng(seed).standard_normal(size, dtype=np.float32)
@@ -58,36 +98,45 @@ def bench_codecs(size: int = 1 << 24, repeats: int = 3, seed: int = 0, only: lis
     for label, name, params in BENCH_CODECS:
         if only and label not in only and name not in only:
             continue
-        codec = make_codec(name, params)
-        tensor = x.reshape(4096, -1) if name == "powersgd" else x
-        state: dict[str, np.ndarray] = {}
-        seeds = iter(range(seed, seed + repeats))  # a fresh round seed per timing: rand-k draws a new support
-        enc_s, payload = _best(lambda: codec.encode(tensor, EncodeContext(seed=next(seeds), state=state)), repeats)
-        dec_s, _ = _best(lambda: codec.decode(payload), repeats)
-        rows.append(
-            {
-                "codec": label,
-                "bits_per_param": 8 * len(payload) / size,
-                "encode_ratio": enc_s / copy_s,
-                "decode_ratio": dec_s / copy_s,
-                "encode_gbps": x.nbytes / enc_s / 1e9,
-                "decode_gbps": x.nbytes / dec_s / 1e9,
-                "encode_s": enc_s,
-                "decode_s": dec_s,
-                "copy_s": copy_s,
-            }
-        )
+        with _torch_threads(threads):
+            enc_s, dec_s, payload = _time_codec(name, params, x, repeats, seed)
+            used = quantizers.encode_threads(size) if name in THREADED else 1
+        row = {
+            "codec": label,
+            "bits_per_param": 8 * len(payload) / size,
+            "encode_ratio": enc_s / copy_s,
+            "decode_ratio": dec_s / copy_s,
+            "encode_gbps": x.nbytes / enc_s / 1e9,
+            "decode_gbps": x.nbytes / dec_s / 1e9,
+            "encode_s": enc_s,
+            "decode_s": dec_s,
+            "copy_s": copy_s,
+            "threads": used,
+        }
+        if used > 1:
+            with _torch_threads(1):
+                enc_1, dec_1, _ = _time_codec(name, params, x, repeats, seed)
+            row["encode_ratio_1thread"] = enc_1 / copy_s
+            row["decode_ratio_1thread"] = dec_1 / copy_s
+        rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "| codec | bits/param | encode ÷ copy | decode ÷ copy | encode GB/s | decode GB/s |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|"]
+    head = (
+        "| codec | bits/param | threads | encode ÷ copy | decode ÷ copy | encode GB/s | decode GB/s "
+        "| encode ÷ copy, 1 thread | decode ÷ copy, 1 thread |"
+    )
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        single = "= | ="  # the codec ran on one thread: the same figures
+        if "encode_ratio_1thread" in r:
+            single = f"{r['encode_ratio_1thread']:.1f} | {r['decode_ratio_1thread']:.1f}"
         lines.append(
-            f"| {r['codec']} | {r['bits_per_param']:.3f} | {r['encode_ratio']:.1f} | {r['decode_ratio']:.1f} "
-            f"| {r['encode_gbps']:.2f} | {r['decode_gbps']:.2f} |"
+            f"| {r['codec']} | {r['bits_per_param']:.3f} | {r.get('threads', 1)} | {r['encode_ratio']:.1f} "
+            f"| {r['decode_ratio']:.1f} | {r['encode_gbps']:.2f} | {r['decode_gbps']:.2f} | {single} |"
         )
+    lines.append("(copy baseline: numpy.copyto on one thread; threads: what the codec used, see `threads`)")
     return "\n".join(lines)
 
 

@@ -20,19 +20,34 @@ so the server's NaN/Inf check (``payload.decode_update``) still sees a
 diverged client. Decoders therefore accept NaN/Inf scales, but reject
 negative scales, impossible codes and wrong lengths with :class:`CodecError`.
 
-Speed: each codec walks the tensor in blocks of :data:`bitpack.BLOCK`
-coordinates with preallocated scratch, so that temporaries stay in cache and
-no block allocates (allocations above glibc's mmap threshold page-fault on
-every call); all work is whole-block numpy operations. fp16 and bf16 are
-converted on the float32 bit patterns with integer operations: exact IEEE
-round-to-nearest-even (tests check it against numpy's cast), and faster than
-numpy's float16 cast, which is scalar code.
+Speed: each codec walks the tensor in blocks (:data:`bitpack.BLOCK`
+coordinates; qsgd: ``_QSGD_BLOCK``) with preallocated scratch, so that
+temporaries stay in cache and no block allocates (allocations above glibc's
+mmap threshold page-fault on every call); all work is whole-block numpy
+operations. fp16 and qsgd write their body straight into the payload
+(:class:`_Payload`) instead of copying it there. fp16 encodes with torch's
+vectorised CPU cast (numpy's float16 cast is scalar code) and redoes the
+blocks that hold Inf, NaN or values beyond ±65504 with an exact integer
+conversion; bf16 and the fp16 decoder work on the float32 bit patterns with
+integer operations. All are exact IEEE round-to-nearest-even (tests check
+them against numpy's cast). qsgd's encoder spends about half its time on its
+uniforms (eleven numpy passes over their 64-bit lanes); it splits tensors of
+two blocks and more over :func:`encode_threads` threads (torch's intra-op
+thread count), with the same payload for any count. Every other codec runs
+on the calling thread.
 """
 
 from __future__ import annotations
 
+import ctypes
 import struct
+import sys
+import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -84,13 +99,130 @@ def _join(header: bytes, *parts: np.ndarray | bytes) -> bytes:
     return b"".join((header, *parts))
 
 
+# A bytes object of a given size whose contents the caller fills in (CPython's
+# C API; the documented contract is that the caller fills it before sharing it).
+if sys.implementation.name == "cpython":
+    _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+    _new_bytes.restype = ctypes.py_object
+    _new_bytes.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
+else:  # pragma: no cover - other interpreters build a bytearray and copy it once
+    _new_bytes = None
+
+# Large payloads ask Linux for transparent huge pages, as numpy does for its
+# own arrays of 4 MiB and more: a payload is fresh memory, and faulting it in
+# 4 KiB pages costs more than an fp16 encode (2 MiB pages cost ~1/5 of that).
+# Where huge pages are off, madvise does nothing.
+_HUGE_PAGE = 1 << 21
+_MADV_HUGEPAGE = 14
+if sys.platform.startswith("linux"):
+    try:
+        _madvise = ctypes.CDLL(None).madvise
+        _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    except (OSError, AttributeError):  # pragma: no cover
+        _madvise = None
+else:  # pragma: no cover
+    _madvise = None
+
+
+class _Payload:
+    """``header`` followed by a body of ``size`` bytes that the encoder fills in place.
+
+    ``body`` is a writable uint8 array over the payload's own memory; fill all
+    of it, then :meth:`done` returns the payload as ``bytes`` without copying
+    it (``b"".join`` of a large body costs more than most encodes: every page
+    of the new object faults on first write, then the body is copied). The
+    array must not be used after :meth:`done`.
+    """
+
+    def __init__(self, header: bytes, size: int) -> None:
+        total = len(header) + size  # >= 6: never one of CPython's shared empty or 1-byte objects
+        if _new_bytes is not None:
+            self._data: bytes | bytearray = _new_bytes(None, total)
+            address = ctypes.cast(ctypes.c_char_p(self._data), ctypes.c_void_p).value
+            start, end = -(-address // _HUGE_PAGE) * _HUGE_PAGE, (address + total) // _HUGE_PAGE * _HUGE_PAGE
+            if _madvise is not None and end - start >= 2 * _HUGE_PAGE:
+                _madvise(start, end - start, _MADV_HUGEPAGE)  # before the first write faults the pages in
+            whole = np.frombuffer((ctypes.c_char * total).from_address(address), np.uint8)
+        else:  # pragma: no cover
+            self._data = bytearray(total)
+            whole = np.frombuffer(self._data, np.uint8)
+        whole[: len(header)] = np.frombuffer(header, np.uint8)
+        self.body = whole[len(header) :]
+
+    def done(self) -> bytes:
+        self.body = None
+        return self._data if isinstance(self._data, bytes) else bytes(self._data)
+
+
+# torch runs an elementwise op on the calling thread up to its grain size,
+# 32768 elements; above it, on its intra-op threads, whose start-up costs more
+# than the op on a small machine. Codecs call torch on pieces of this size.
+_TORCH_SERIAL = 1 << 15
+
+
+def encode_threads(n: int) -> int:
+    """Threads for an encode of ``n`` coordinates: torch's intra-op thread count
+    (``torch.set_num_threads``, ``OMP_NUM_THREADS``), at most one per qsgd block,
+    and one below two blocks (not worth starting threads for)."""
+    if n < 2 * _QSGD_BLOCK:
+        return 1
+    return max(1, min(_torch().get_num_threads(), n // _QSGD_BLOCK))
+
+
+@cache
+def _torch() -> ModuleType:
+    """torch, imported on first use (importing it takes about a second)."""
+    import torch
+
+    return torch
+
+
+def _tensor(a: np.ndarray) -> Any:
+    """A torch.Tensor over ``a``'s memory (no copy). Read-only arrays are only
+    read, so torch's warning that it cannot mark them read-only is silenced."""
+    torch = _torch()
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
 # -------------------------------------------------------------- randomness
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
-_RANDOM_PIECE = 1 << 15  # coordinates per piece (two per 64-bit lane: 128 KiB of lanes)
+# qsgd's encoder and decoder work in blocks of this many coordinates (a bucket
+# that fits one is never split): larger than BLOCK, because the encoder makes
+# about 30 numpy calls a block and their overhead outweighs L2 misses up to here.
+_QSGD_BLOCK = 1 << 18
+_RANDOM_PIECE = _QSGD_BLOCK  # coordinates per piece (two per 64-bit lane: 1 MiB of lanes)
 _STEPS = np.arange(1, _RANDOM_PIECE // 2 + 1, dtype=_U64) * _GOLDEN  # wraps mod 2**64
+
+
+def _splitmix(key: int, lane: int, z: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Uniforms on [1, 2) of lanes ``lane`` .. ``lane + z.size`` of the stream keyed by ``key``.
+
+    Lane j is SplitMix64's output mix(key + (j + 1)·golden); its low and high
+    32-bit halves give coordinates 2j and 2j + 1: 23 random mantissa bits
+    under exponent 0. Returns a float32 view of ``z`` (2·z.size values);
+    ``w`` is scratch of the same size (at most ``_RANDOM_PIECE // 2`` lanes).
+    """
+    base = np.uint64((key + lane * int(_GOLDEN)) & (2**64 - 1))
+    np.add(_STEPS[: z.size], base, out=z)
+    np.right_shift(z, np.uint64(30), out=w)
+    z ^= w
+    z *= _MIX1
+    np.right_shift(z, np.uint64(27), out=w)
+    z ^= w
+    z *= _MIX2
+    np.right_shift(z, np.uint64(31), out=w)
+    z ^= w
+    r = z.view(_U32)
+    r >>= np.uint32(9)
+    r |= np.uint32(0x3F800000)
+    return r.view(_F32)
 
 
 class _Uniforms:
@@ -98,40 +230,40 @@ class _Uniforms:
 
     The codec's ``np.random.Generator`` draws one 64-bit key per call; the
     stream is SplitMix64 (Steele, Lea & Flood 2014; Java's SplittableRandom)
-    from that key, computed for a whole piece at once with numpy: lane i is
-    mix(key + i·golden). Each 64-bit output gives two coordinates 23 random
-    mantissa bits under exponent 0. This is about 1.7× faster than
-    ``Generator.random(dtype=np.float32)``, which makes one C call per number.
+    from that key, computed for a whole piece at once with numpy
+    (:func:`_splitmix`). Coordinate i's uniform depends on the key and i only,
+    so blocks can be drawn in any order and on any thread. This is about 1.7×
+    faster than ``Generator.random(dtype=np.float32)``, which makes one C call
+    per number.
     """
 
-    def __init__(self, rng: np.random.Generator, capacity: int) -> None:
+    def __init__(self, rng: np.random.Generator, capacity: int = 0) -> None:
         self.key = int(rng.integers(0, 2**64, dtype=np.uint64))
-        self.used = 0  # lanes drawn so far
+        self.used = 0  # lanes drawn so far by pieces()
+        self.lanes = self.scratch(capacity)  # pieces()' buffers
+
+    @staticmethod
+    def scratch(capacity: int) -> tuple[np.ndarray, np.ndarray]:
+        """Lane buffers (z, w) for draws of up to ``capacity`` coordinates at a time."""
         lanes = max(1, min(_RANDOM_PIECE, capacity + 1) // 2)
-        self.z = np.empty(lanes, _U64)
-        self.w = np.empty(lanes, _U64)
+        return np.empty(lanes, _U64), np.empty(lanes, _U64)
+
+    def draw(self, first: int, count: int, z: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """The uniforms of coordinates ``first`` .. ``first + count`` (``first`` even,
+        ``count`` at most ``_RANDOM_PIECE``) as a float32 view of ``z``; ``w``: scratch
+        of at least ⌈count/2⌉ lanes, like ``z``."""
+        lanes = (count + 1) // 2
+        return _splitmix(self.key, first // 2, z[:lanes], w[:lanes])[:count]
 
     def pieces(self, n: int) -> Iterator[tuple[int, int, np.ndarray]]:
-        """Yield (lo, hi, r) covering coordinates 0..n, r uniform on [1, 2)."""
-        for lo in range(0, n, _RANDOM_PIECE):
-            hi = min(lo + _RANDOM_PIECE, n)
+        """Yield (lo, hi, r) covering the next ``n`` coordinates of the stream, r uniform on [1, 2)."""
+        z, w = self.lanes
+        for lo in range(0, n, 2 * z.size):
+            hi = min(lo + 2 * z.size, n)
             lanes = (hi - lo + 1) // 2
-            z, w = self.z[:lanes], self.w[:lanes]
-            base = np.uint64((self.key + self.used * int(_GOLDEN)) & (2**64 - 1))
+            r = _splitmix(self.key, self.used, z[:lanes], w[:lanes])
             self.used += lanes
-            np.add(_STEPS[:lanes], base, out=z)
-            np.right_shift(z, np.uint64(30), out=w)
-            z ^= w
-            z *= _MIX1
-            np.right_shift(z, np.uint64(27), out=w)
-            z ^= w
-            z *= _MIX2
-            np.right_shift(z, np.uint64(31), out=w)
-            z ^= w
-            r = z.view(_U32)[: hi - lo]
-            r >>= np.uint32(9)
-            r |= np.uint32(0x3F800000)
-            yield lo, hi, r.view(_F32)
+            yield lo, hi, r[: hi - lo]
 
 
 def _generator(seed: int | None) -> np.random.Generator:
@@ -218,12 +350,26 @@ class Fp16Codec(Codec):
 
     def encode(self, x: np.ndarray, ctx: EncodeContext | None = None) -> bytes:
         flat, shape = _flatten(x)
-        out = np.empty(flat.size, _U16)
-        scratch = np.empty((3, min(flat.size, BLOCK)), _U32)
-        for lo in range(0, flat.size, BLOCK):
-            hi = min(lo + BLOCK, flat.size)
-            _f32_to_f16_bits(flat[lo:hi], out[lo:hi], scratch[:, : hi - lo])
-        return _join(pack_header(self.codec_id, _F32, shape), out)
+        n = flat.size
+        payload = _Payload(pack_header(self.codec_id, _F32, shape), 2 * n)
+        out = payload.body.view(_U16)
+        if n:
+            # torch's CPU cast: IEEE round to nearest even and vectorised, but
+            # finite values beyond ±65504 become Inf and NaN payloads are kept.
+            # Blocks whose result holds an Inf or NaN pattern are redone with the
+            # exact integer conversion.
+            half = out.view(np.float16)
+            for lo in range(0, n, _TORCH_SERIAL):
+                hi = min(lo + _TORCH_SERIAL, n)
+                _tensor(half[lo:hi]).copy_(_tensor(flat[lo:hi]))
+            if out.view(np.int16).max() >= 0x7C00 or out.max() >= 0xFC00:
+                scratch = np.empty((3, min(n, BLOCK)), _U32)
+                for lo in range(0, n, BLOCK):
+                    hi = min(lo + BLOCK, n)
+                    h = out[lo:hi]
+                    if h.view(np.int16).max() >= 0x7C00 or h.max() >= 0xFC00:
+                        _f32_to_f16_bits(flat[lo:hi], h, scratch[:, : hi - lo])
+        return payload.done()
 
     def decode(self, payload: bytes) -> np.ndarray:
         header, body = _open(payload, self)
@@ -304,6 +450,7 @@ class Bf16Codec(Codec):
 
 _QSGD_PARAMS = struct.Struct("<BI")  # bits, bucket
 _MAGIC = 1.5 * 2.0**23  # float32 sums in [2**23, 2**24) are integers: adding it rounds
+_SMALL_SCALE = np.float32(1e-30)  # bucket scales above it have a finite s/2m (s < 256)
 
 
 class QsgdCodec(Codec):
@@ -333,15 +480,17 @@ class QsgdCodec(Codec):
     or their rounding noise is correlated; ``ctx.seed`` (shared by all clients
     of a round) is therefore not used.
 
-    Not commutes_with_sum: every client picks its own scales. With one scale
-    per bucket shared by the clients of a round (and the index sums widened),
-    the summed indices would decode to the sum of the quantized tensors.
+    Commutes with sum given a scale shared by the round: this codec picks its
+    own scale per bucket, but with one clip bound C for every client (what a
+    masked sum's round plan sets, ``qfl.compression.summable``) the grid
+    indices of n clients add up to an index of the sum on the same grid
+    (widened by ⌈log2 n⌉ bits). In that form m = C is not sent.
     """
 
     name = "qsgd"
     codec_id = 4
     traits = CodecTraits(
-        unbiased=True, contractive=False, commutes_with_sum=False, stateful=False, lossless=False
+        unbiased=True, contractive=False, commutes_with_sum=True, stateful=False, lossless=False
     )
 
     def __init__(self, bits: int = 4, bucket: int = 512, seed: int | None = None) -> None:
@@ -358,11 +507,11 @@ class QsgdCodec(Codec):
 
     @staticmethod
     def _block_length(bucket: int) -> int:
-        """Coordinates per block: a multiple of 8 and, when a bucket fits in BLOCK, of the bucket."""
-        if bucket > BLOCK:
-            return BLOCK
+        """Coordinates per block: a multiple of 8 and, when a bucket fits in a block, of the bucket."""
+        if bucket > _QSGD_BLOCK:
+            return _QSGD_BLOCK
         align = 8 // int(np.gcd(bucket, 8))
-        per = BLOCK // bucket
+        per = _QSGD_BLOCK // bucket
         return max(align, per - per % align) * bucket
 
     @classmethod
@@ -374,7 +523,7 @@ class QsgdCodec(Codec):
         for lo in range(0, n, length):
             hi = min(lo + length, n)
             pieces = []
-            if bucket <= BLOCK:
+            if bucket <= _QSGD_BLOCK:
                 whole = (hi - lo) // bucket
                 if whole:
                     pieces.append((lo, lo + whole * bucket, whole, lo // bucket))
@@ -389,12 +538,78 @@ class QsgdCodec(Codec):
             yield lo, hi, pieces
 
     @staticmethod
-    def _absmax(rows: np.ndarray) -> np.ndarray:
-        """max |x| of each row (NaN if the row has one); reductions only, so rows stay in cache."""
-        return np.maximum(rows.max(axis=1), -rows.min(axis=1))
+    def _absmax(rows: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+        """max |x| of each row, float32 (NaN if the row has one).
+
+        One integer max over the sign-cleared bit patterns (``scratch``: uint32,
+        shaped like ``rows``) keeps the rows in cache; rows whose answer is 0 or
+        NaN are redone as max(max x, −min x), whose zero sign and NaN payload
+        the wire format has always carried.
+        """
+        if scratch is None:
+            return np.maximum(rows.max(axis=1), -rows.min(axis=1))
+        magnitude = scratch.reshape(rows.shape)
+        np.bitwise_and(rows.view(_U32), np.uint32(0x7FFFFFFF), out=magnitude)
+        m = magnitude.max(axis=1).view(_F32)  # NaN patterns exceed Inf's
+        if not m.min() > 0:  # a zero or NaN row
+            odd = ~(m > 0)
+            m[odd] = np.maximum(rows[odd].max(axis=1), -rows[odd].min(axis=1))
+        return m
 
     def encode(self, x: np.ndarray, ctx: EncodeContext | None = None) -> bytes:
         flat, shape = _flatten(x)
+        n = flat.size
+        size = _QSGD_PARAMS.size + self.quantized_size(n)
+        payload = _Payload(pack_header(self.codec_id, _F32, shape), size)
+        body = payload.body
+        body[: _QSGD_PARAMS.size] = np.frombuffer(_QSGD_PARAMS.pack(self.bits, self.bucket), np.uint8)
+        self.quantize_into(flat, body[_QSGD_PARAMS.size :])
+        return payload.done()
+
+    def quantized_size(self, n: int) -> int:
+        """Bytes of the scales and packed indices of ``n`` coordinates (the body after bits and bucket)."""
+        return 4 * -(-n // self.bucket) + packed_size(n, self.bits)
+
+    def quantize_into(self, flat: np.ndarray, out: np.ndarray, rng: np.random.Generator | None = None) -> None:
+        """Write the scales and packed indices of ``flat`` (1-D float32) into ``out``.
+
+        ``out``: uint8, :meth:`quantized_size` bytes. The rounding noise comes
+        from ``rng`` (default: this codec's generator; one 64-bit draw).
+        """
+        n, bits, bucket = flat.size, self.bits, self.bucket
+        nbuckets = -(-n // bucket)
+        scales = np.empty(nbuckets, _F32)  # aligned; copied into ``out`` at the end
+        if bucket > _QSGD_BLOCK:  # a bucket spans blocks: scales first
+            for j in range(nbuckets):
+                end = min(n, (j + 1) * bucket)
+                parts = [
+                    self._absmax(flat[lo : min(lo + BLOCK, end)].reshape(1, -1))[0]
+                    for lo in range(j * bucket, end, BLOCK)
+                ]
+                scales[j] = np.max(parts)  # NaN if any part is NaN
+        uniforms = _Uniforms(self.rng if rng is None else rng)
+        packed = out[4 * nbuckets :]
+        blocks = list(self._blocks(n, bucket))
+        threads = encode_threads(n)
+        if threads == 1:
+            self._quantize_blocks(flat, blocks, scales, packed, uniforms)
+        else:  # consecutive runs of blocks, one a thread; numpy releases the GIL in its loops
+            bounds = [len(blocks) * i // threads for i in range(threads + 1)]
+            with ThreadPoolExecutor(threads) as pool:
+                runs = [blocks[a:b] for a, b in zip(bounds, bounds[1:])]
+                for done in [pool.submit(self._quantize_blocks, flat, run, scales, packed, uniforms) for run in runs]:
+                    done.result()
+        out[: 4 * nbuckets] = scales.view(np.uint8)
+
+    def _quantize_blocks(
+        self,
+        flat: np.ndarray,
+        blocks: list[tuple[int, int, list[tuple[int, int, int, int]]]],
+        scales: np.ndarray,
+        packed: np.ndarray,
+        uniforms: _Uniforms,
+    ) -> None:
+        """The scales (when a bucket fits a block) and packed indices of ``blocks``."""
         n, bits, bucket = flat.size, self.bits, self.bucket
         s = (1 << bits) - 1
         half = np.float32(s / 2)
@@ -405,30 +620,25 @@ class QsgdCodec(Codec):
         offset = np.float32(_MAGIC + 2 ** (bits - 1) - 2)
         lowest = np.float32(_MAGIC).view(_U32)  # patterns of _MAGIC + 0 and _MAGIC + s
         highest = np.float32(_MAGIC + s).view(_U32)
-        nbuckets = -(-n // bucket)
-        scales = np.empty(nbuckets, _F32)
         length = min(n, self._block_length(bucket))
-        work = np.empty(length, _F32)
+        lanes = np.empty((length + 1) // 2, _U64)  # the block's uniforms
+        work = np.empty(2 * lanes.size, _F32)  # the uniforms' scratch, then the magnitudes, then t
         idx = np.empty(length, np.uint8)
-        packed = np.empty(packed_size(n, bits), np.uint8)
-        if bucket > BLOCK:  # a bucket spans blocks: scales first
-            for j in range(nbuckets):
-                end = min(n, (j + 1) * bucket)
-                parts = [
-                    self._absmax(flat[lo : min(lo + BLOCK, end)].reshape(1, -1))[0]
-                    for lo in range(j * bucket, end, BLOCK)
-                ]
-                scales[j] = np.max(parts)  # NaN if any part is NaN
-        uniforms = _Uniforms(self.rng, length)
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-            for lo, hi, pieces in self._blocks(n, bucket):
+            for lo, hi, pieces in blocks:
+                r = uniforms.draw(lo, hi - lo, lanes, work.view(_U64))
+                finite = True  # every scale of the block finite, so t is too
                 for start, stop, rows, first in pieces:
                     xv = flat[start:stop].reshape(rows, -1)
-                    if bucket <= BLOCK:
-                        scales[first : first + rows] = self._absmax(xv)
-                    m = scales[first : first + rows]
-                    a = half / m
                     uv = work[start - lo : stop - lo].reshape(rows, -1)
+                    if bucket <= _QSGD_BLOCK:  # uv is free until the multiply: scratch for the magnitudes
+                        scales[first : first + rows] = self._absmax(xv, uv.view(_U32))
+                    m = scales[first : first + rows]
+                    finite = finite and bool(m.max() < np.inf)
+                    if m.min() > _SMALL_SCALE:  # so s/2m is finite: one reduction for the common case
+                        np.multiply(xv, (half / m)[:, None], out=uv)
+                        continue
+                    a = half / m
                     if np.isfinite(a).all():
                         np.multiply(xv, a[:, None], out=uv)
                     else:  # m = 0 (a = Inf), NaN or Inf (indices do not matter), or subnormal
@@ -437,16 +647,23 @@ class QsgdCodec(Codec):
                         np.multiply(xv, a[:, None], out=uv)
                         uv[tiny] = xv[tiny] / m[tiny, None] * half
                 u = work[: hi - lo]
-                for r0, r1, r in uniforms.pieces(hi - lo):
-                    u[r0:r1] += r
+                u += r
                 u += offset
                 pattern = u.view(_U32)
-                np.clip(pattern, lowest, highest, out=pattern)  # float32 rounding can reach -1 or s + 1
-                k = idx[: hi - lo]
+                dest = packed[lo * bits // 8 : packed_size(hi, bits)]
+                # float32 rounding can reach index -1 or s + 1 (and NaN a NaN
+                # pattern): clip the patterns to those of 0 and s. When t is
+                # finite and bits < 8, the low bytes of -1 and s + 1 (255 and
+                # s + 1) are the only ones above s, so a byte max finds them.
+                if bits == 8 or not finite:
+                    np.clip(pattern, lowest, highest, out=pattern)
+                k = idx[: hi - lo] if bits < 8 else dest
                 np.copyto(k, pattern, casting="unsafe")  # low byte = index
-                _pack_into(k, bits, packed[lo * bits // 8 : packed_size(hi, bits)])
-        params = _QSGD_PARAMS.pack(bits, bucket)
-        return _join(pack_header(self.codec_id, _F32, shape), params, scales, packed)
+                if bits < 8:
+                    if finite and k.max() > s:
+                        k[k == 255] = 0
+                        np.minimum(k, np.uint8(s), out=k)
+                    _pack_into(k, bits, dest)
 
     def decode(self, payload: bytes) -> np.ndarray:
         header, body = _open(payload, self)
@@ -458,19 +675,27 @@ class QsgdCodec(Codec):
             raise CodecError(f"qsgd payload has bits={bits}, bucket={bucket}; need bits in 1..8, bucket >= 1")
         nbuckets = -(-n // bucket)
         _expect(self, header, body, _QSGD_PARAMS.size + 4 * nbuckets + packed_size(n, bits))
-        scales = body[_QSGD_PARAMS.size : _QSGD_PARAMS.size + 4 * nbuckets].view(_F32)
+        return self.dequantize(body[_QSGD_PARAMS.size :], n, bits, bucket).reshape(header.shape)
+
+    @classmethod
+    def dequantize(cls, data: np.ndarray, n: int, bits: int, bucket: int) -> np.ndarray:
+        """``n`` float32 values from the scales and packed indices in ``data``
+        (uint8, exactly ``4·⌈n/bucket⌉ + ⌈n·bits/8⌉`` bytes; the caller checks
+        the length). Raises CodecError on a negative scale."""
+        nbuckets = -(-n // bucket)
+        scales = data[: 4 * nbuckets].view(_F32)
         if np.any(scales < 0):
             raise CodecError("qsgd payload has a negative bucket scale")
-        packed = body[_QSGD_PARAMS.size + 4 * nbuckets :]
+        packed = data[4 * nbuckets :]
         ratio = np.float32(2 / ((1 << bits) - 1))
         with np.errstate(over="ignore", invalid="ignore"):
             steps = scales * ratio  # Δ = 2m/s
         # Δ overflows (m > float32 max·s/2) or is subnormal: (k·2/s − 1)·m for those buckets
         awkward = np.isfinite(scales) & (np.isinf(steps) | (scales < np.finfo(np.float32).tiny))
         out = np.empty(n, np.float32)
-        idx = np.empty(min(n, self._block_length(bucket)), np.uint8)
+        idx = np.empty(min(n, cls._block_length(bucket)), np.uint8)
         with np.errstate(invalid="ignore"):
-            for lo, hi, pieces in self._blocks(n, bucket):
+            for lo, hi, pieces in cls._blocks(n, bucket):
                 k = idx[: hi - lo]
                 _unpack_into(packed[lo * bits // 8 : packed_size(hi, bits)], bits, k)
                 np.copyto(out[lo:hi], k)
@@ -482,7 +707,7 @@ class QsgdCodec(Codec):
                     if odd.any():
                         kv = k[start - lo : stop - lo].reshape(rows, -1)[odd] * ratio - np.float32(1)
                         view[odd] = kv * scales[first : first + rows, None][odd]
-        return out.reshape(header.shape)
+        return out
 
 
 # ------------------------------------------------------------------ ternary
@@ -494,7 +719,8 @@ class TernaryCodec(Codec):
         E[x̂ᵢ] = xᵢ,    Var[x̂ᵢ] = |xᵢ|·(s − |xᵢ|) ≤ s²/4,
 
     up to float32 rounding (the Bernoulli draws compare 23-bit uniforms with
-    |xᵢ|/s rounded to float32). Body: float32 s, then one 2-bit code per
+    |xᵢ|/s rounded to float32). Commutes with sum given a scale s shared by the
+    round (codes {0, 1, 2} add up; ``qfl.compression.summable``). Body: float32 s, then one 2-bit code per
     coordinate: 0 = −s, 1 = 0, 2 = +s (3 is invalid). Bits: 2·d + 32 +
     8·(6 + 4·ndim). Randomness as :class:`QsgdCodec`: an instance-owned
     generator seeded with ``seed`` (None: OS entropy).
@@ -503,7 +729,7 @@ class TernaryCodec(Codec):
     name = "ternary"
     codec_id = 5
     traits = CodecTraits(
-        unbiased=True, contractive=False, commutes_with_sum=False, stateful=False, lossless=False
+        unbiased=True, contractive=False, commutes_with_sum=True, stateful=False, lossless=False
     )
 
     def __init__(self, seed: int | None = None) -> None:

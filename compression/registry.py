@@ -8,11 +8,11 @@ run before round 1:
     qsgd       bits (1..8, default 4), bucket (>= 1, default 512)
     sign       —                          error feedback on by default
     topk       ratio (0 < ratio <= 1), values (fp16|fp32)   error feedback on
-    randk      ratio (0 < ratio <= 1)
+    randk      ratio (0 < ratio <= 1), bits (32 = float32 values, default; 1..8 = QSGD grid)
     powersgd   rank (>= 1)                error feedback on by default
     every codec: entropy (none|zstd|zlib), feedback (true|false)
 
-Stochastic codecs (qsgd, ternary) draw their rounding noise from ``seed``;
+Stochastic codecs (qsgd, ternary, randk with bits < 32) draw their rounding noise from ``seed``;
 callers pass one per client and round so runs are reproducible and clients'
 noise is independent.
 """
@@ -39,11 +39,11 @@ _CODECS: dict[str, tuple[type[Codec], dict[str, type], bool]] = {
     "ternary": (TernaryCodec, {}, False),
     "sign": (SignCodec, {}, True),
     "topk": (TopKCodec, {"ratio": float, "values": str}, True),
-    "randk": (RandKCodec, {"ratio": float}, False),
+    "randk": (RandKCodec, {"ratio": float, "bits": int}, False),
     "powersgd": (PowerSGDCodec, {"rank": int}, True),
 }
 _COMMON = {"entropy": str, "feedback": bool}
-_STOCHASTIC = {"qsgd", "ternary"}
+_STOCHASTIC = {"qsgd", "ternary", "randk"}
 ENTROPY_METHODS = ("none", "zstd", "zlib")
 
 

@@ -15,13 +15,16 @@ from functools import lru_cache
 
 import numpy as np
 
+from .bitpack import packed_size
 from .codec import Codec, CodecError, CodecTraits, EncodeContext
 from .golomb import MAX_RICE_PARAMETER, best_rice_parameter, rice_decode, rice_encode
+from .quantizers import QsgdCodec
 from .wire import Header, pack_header, unpack_header
 
 _FP16_MAX = float(np.finfo(np.float16).max)
 _VALUE_DTYPES = {"fp16": np.dtype("<f2"), "fp32": np.dtype("<f4")}
 _U64 = (1 << 64) - 1
+_QUANTIZED = struct.Struct("<QIIB")  # rand-k's quantized layout: seed, 0, k, bits (then m and the indices)
 
 
 def _check_ratio(name: str, ratio: object) -> float:
@@ -245,23 +248,54 @@ class RandKCodec(Codec):
     """Keeps ``k = max(1, ceil(ratio·d))`` coordinates drawn from the round's seed.
 
     The support is a uniformly random k-subset of the coordinates, drawn
-    without replacement from ``ctx.seed`` (see :func:`randk_support`), so every
-    client of a round picks the same coordinates for the same tensor; the kept
-    values are multiplied by d/k, so E_seed[decode(encode(x))] = x. The seed
-    is reduced mod 2**64 and travels in the payload: decoding needs nothing else.
+    without replacement from ``ctx.seed`` (see :func:`randk_support` and
+    :meth:`support`), so every client of a round picks the same coordinates
+    for the same tensor; the kept values are multiplied by d/k, so
+    E_seed[decode(encode(x))] = x. The seed is reduced mod 2**64 and travels
+    in the payload: decoding needs nothing else.
 
-    Wire body after the header (little-endian)::
+    ``bits`` = 32 (the default) sends the scaled values as float32; ``bits``
+    in 1..8 quantizes them with QSGD's grid (:class:`~.quantizers.QsgdCodec`
+    with one bucket): m = max |vᵢ| over the k scaled values vᵢ (one float32
+    per payload), grid points −m + jΔ, Δ = 2m/s, s = 2**bits − 1, stochastic
+    rounding to a neighbouring grid point, so E[v̂ᵢ] = vᵢ and
+    Var[v̂ᵢ] ≤ Δ²/4 = m²/s². The rounding noise comes from the codec's own
+    generator, seeded with ``seed`` (the registry passes one per client and
+    round, as for qsgd; ``ctx.seed`` is shared by the clients of a round and
+    must not drive it). With bits = 32 the codec is deterministic given ctx.seed.
 
-        uint64  seed
-        uint32  k
-        k × float32   x[support]·(d/k), support in increasing order
+    Wire body after the header (little-endian), in one of two layouts::
 
-    Bits per coordinate: 32·k/d + 8·(12 + 6 + 4·ndim)/d (≈ 0.32 at ratio 0.01).
-    Variance: E||C(x) - x||² = (d/k - 1)·||x||².
+        float32 values (bits = 32, and every empty tensor):
+            uint64  seed
+            uint32  k                (0 < k ≤ d; 0 only when d = 0)
+            k × float32              x[support]·(d/k), support in increasing order
+        quantized values (bits in 1..8, d > 0):
+            uint64  seed
+            uint32  0                (marks this layout: k = 0 is invalid above when d > 0)
+            uint32  k                (0 < k ≤ d)
+            uint8   bits             (1..8)
+            float32 m
+            ⌈k·bits/8⌉ bytes         the grid indices j at ``bits`` bits each
+                                     (``bitpack`` order), in support order
 
-    Algebra: unbiased (over the seed); commutes with sum (with a shared seed
-    the supports match, so the sum of the value vectors is the encoding of the
-    sum); not contractive (the d/k scaling expands); stateless.
+    The decoder reads the layout from the payload, so payloads made before
+    ``bits`` existed decode exactly as before and a decoder built with any
+    ``bits`` reads both; each layout has one valid length, so a truncated or
+    extended payload of either is a CodecError.
+
+    Bits per coordinate, with h = 8·(6 + 4·ndim) header bits:
+    bits = 32: (32·k + 96 + h)/d (≈ 0.32 at ratio 0.01);
+    bits < 32: (bits·k + 168 + h)/d (≈ 0.08 at ratio 0.01, bits = 8).
+    Variance, over the support and the rounding:
+    E||C(x) − x||² = (d/k − 1)·||x||² at bits = 32, plus at most
+    k·m²/s² ≤ (d²/k)·||x||∞²/s² for bits < 32.
+
+    Algebra: unbiased (over the seed and the rounding); commutes with sum
+    (with a shared seed the supports match, so the sum of the value vectors is
+    the encoding of the sum; with bits < 32 the indices add up when the
+    clients also share the scale, as the masked sums of ``summable.py`` do);
+    not contractive (the d/k scaling expands); stateless.
     """
 
     name = "randk"
@@ -270,11 +304,21 @@ class RandKCodec(Codec):
         unbiased=True, contractive=False, commutes_with_sum=True, stateful=False, lossless=False
     )
 
-    def __init__(self, ratio: float = 0.01) -> None:
+    def __init__(self, ratio: float = 0.01, bits: int = 32, seed: int | None = None) -> None:
         self.ratio = _check_ratio("randk", ratio)
+        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not (1 <= bits <= 8 or bits == 32):
+            raise ValueError(f"randk bits must be 32 (float32 values) or in 1..8 (QSGD grid), got {bits!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        self.bits = int(bits)
+        self.rng = np.random.default_rng(seed) if self.bits < 32 else None  # bits = 32 draws nothing
 
     def __repr__(self) -> str:
-        return f"RandKCodec(ratio={self.ratio!r})"
+        return f"RandKCodec(ratio={self.ratio!r}, bits={self.bits})"
+
+    def support(self, seed: int, d: int) -> np.ndarray:
+        """The sorted coordinates this codec keeps of a ``d``-element tensor for round seed ``seed``."""
+        return randk_support(int(seed) & _U64, d, support_size(self.ratio, d))
 
     def encode(self, x: np.ndarray, ctx: EncodeContext | None = None) -> bytes:
         x, flat = _flat_f32(x)
@@ -285,15 +329,35 @@ class RandKCodec(Codec):
         support = randk_support(seed, d, k)
         scale = d / k if k else 1.0
         values = (flat[support].astype(np.float64) * scale).astype("<f4")
-        return b"".join(
-            (pack_header(self.codec_id, x.dtype, x.shape), struct.pack("<QI", seed, k), values.tobytes())
-        )
+        header = pack_header(self.codec_id, x.dtype, x.shape)
+        if self.bits == 32 or k == 0:
+            return b"".join((header, struct.pack("<QI", seed, k), values.tobytes()))
+        quantizer = QsgdCodec(self.bits, bucket=k, seed=0)  # one bucket; the noise comes from self.rng
+        body = np.empty(_QUANTIZED.size + quantizer.quantized_size(k), np.uint8)
+        body[: _QUANTIZED.size] = np.frombuffer(_QUANTIZED.pack(seed, 0, k, self.bits), np.uint8)
+        quantizer.quantize_into(values, body[_QUANTIZED.size :], self.rng)  # m, then the indices
+        return header + body.tobytes()
 
     def decode(self, payload: bytes) -> np.ndarray:
-        header, body, (seed, k) = _open_sparse(payload, self, "<QI", "seed/k", k_index=1)
+        header = unpack_header(payload, self.codec_id)
+        body = memoryview(payload)[header.size :]
         d = header.numel
-        if len(body) != 12 + 4 * k:
-            raise CodecError(f"randk payload with k={k} needs a {12 + 4 * k}-byte body, got {len(body)}")
+        if len(body) >= _QUANTIZED.size and d > 0 and struct.unpack_from("<I", body, 8)[0] == 0:
+            seed, _, k, bits = _QUANTIZED.unpack_from(body)
+            if not 0 < k <= d or not 1 <= bits <= 8:
+                raise CodecError(
+                    f"randk payload has k={k}, bits={bits} for a {d}-element tensor; need 0 < k ≤ d, bits in 1..8"
+                )
+            expected = _QUANTIZED.size + 4 + packed_size(k, bits)
+            if len(body) != expected:
+                raise CodecError(f"randk payload with k={k} at {bits} bits needs a {expected}-byte body, got {len(body)}")
+            data = np.frombuffer(body[_QUANTIZED.size :], np.uint8)
+            values = QsgdCodec.dequantize(data, k, bits, k)
+        else:
+            header, body, (seed, k) = _open_sparse(payload, self, "<QI", "seed/k", k_index=1)
+            if len(body) != 12 + 4 * k:
+                raise CodecError(f"randk payload with k={k} needs a {12 + 4 * k}-byte body, got {len(body)}")
+            values = np.frombuffer(body[12:], dtype="<f4")
         out = np.zeros(d, dtype=np.float32)
-        out[randk_support(seed, d, k)] = np.frombuffer(body[12:], dtype="<f4")
+        out[randk_support(seed, d, k)] = values
         return out.reshape(header.shape)

@@ -37,7 +37,8 @@ def test_bench_reports_every_codec_with_the_documented_fields():
     for r in rows:
         assert {"codec", "bits_per_param", "encode_ratio", "decode_ratio", "encode_gbps", "decode_gbps"} <= set(r)
         assert r["encode_ratio"] > 0 and r["decode_gbps"] > 0 and np.isfinite(r["bits_per_param"])
-    assert "| sign |" in format_table(rows)
+        assert r["threads"] == 1  # too small to split: every codec on the calling thread
+    assert "| sign |" in format_table(rows) and "numpy.copyto on one thread" in format_table(rows)
     with pytest.raises(ValueError, match="multiple of 4096"):
         bench_codecs(size=1000)
 
@@ -50,3 +51,13 @@ def test_bench_cli_json(capsys):
     assert main(["bench", "codecs", "--size", "8192", "--repeats", "1", "--codec", "sign", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["codec"] for r in rows] == ["sign", "sign+ef"]
+
+
+def test_bench_reports_threads_and_single_thread_figures():
+    rows = bench_codecs(size=1 << 20, repeats=1, only=["qsgd-1bit", "sign"], threads=2)
+    by = {r["codec"]: r for r in rows}
+    assert by["qsgd-1bit"]["threads"] == 2 and by["qsgd-1bit"]["encode_ratio_1thread"] > 0
+    assert by["sign"]["threads"] == 1 and "encode_ratio_1thread" not in by["sign"]
+    lines = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in format_table(rows).splitlines()[2:-1]}
+    assert lines["qsgd-1bit"][1].strip() == "2" and lines["qsgd-1bit"][-1].strip() != "="
+    assert lines["sign"][1].strip() == "1" and lines["sign"][-1].strip() == "="

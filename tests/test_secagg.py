@@ -46,8 +46,13 @@ def _deltas(n, seed=0):
 
 CODECS = [
     ("fp32", {}),
+    ("qsgd", {"codec.bits": 4}),
+    ("qsgd", {"codec.bits": 1}),
+    ("ternary", {}),
     ("randk", {"codec.ratio": 0.2}),
+    ("randk", {"codec.ratio": 0.3, "codec.bits": 8}),
     ("expanded-fp32", {}),
+    ("expanded-qsgd", {"codec.bits": 8}),
 ]
 
 
@@ -98,6 +103,21 @@ def test_fp32_masked_sum_is_close_to_the_float_sum(tmp_path):
         assert np.abs(result.total[name] - true).max() <= n * 2.0 / (2**32 - 1) * 1.01  # n grid steps
     # 32-bit codes, n = 4: B = bit_length(4 · (2^32 − 1)) = 34
     assert plan.ring_bits == 34
+
+
+@pytest.mark.parametrize("codec,params,levels,ring", [
+    ("qsgd", {"codec.bits": 4}, 15, 9),  # 20 clients: B = bit_length(20·15) = 9
+    ("ternary", {}, 2, 6),
+    ("fp32", {}, 2**32 - 1, 37),
+    ("randk", {"codec.ratio": 0.25, "codec.bits": 8}, 255, 13),
+])
+def test_the_ring_is_as_small_as_the_codes_allow(codec, params, levels, ring):
+    from qfl.compression import make_codec
+    from qfl.compression.summable import sum_form
+
+    cfg = resolve_config({"security": "masked-sum", "codec": codec, "clients": 20, **params})
+    form = sum_form(make_codec(cfg.codec, cfg.codec_params))
+    assert form.levels == levels and form.ring_bits(20) == ring
 
 
 def test_randk_masked_sum_is_unbiased():

@@ -1,5 +1,6 @@
 """Rice coding, top-k, rand-k, PowerSGD and the entropy stage."""
 
+import hashlib
 import math
 import struct
 import zlib
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qfl.compression import CodecError, EncodeContext
+from qfl.compression import CodecError, EncodeContext, make_codec
 from qfl.compression.entropy import EntropyCodec, max_inner_payload
 from qfl.compression.golomb import best_rice_parameter, rice_bits, rice_decode, rice_encode
 from qfl.compression.identity import Fp32Codec
@@ -227,6 +228,160 @@ def test_randk_shared_seed_shares_the_support_and_commutes_with_sum():
     assert struct.unpack_from("<Q", negative, 10)[0] == U64
 
 
+def test_randk_fp32_payloads_are_unchanged_by_the_bits_parameter():
+    # Bytes of the payloads made before `bits` existed (bits = 32 is the default).
+    x = (np.arange(10, dtype=np.float32) - 4.5) * np.float32(0.25)
+    payload = RandKCodec(0.3).encode(x.reshape(2, 5), EncodeContext(seed=12345))
+    assert payload.hex() == (
+        "5143010801020200000005000000393000000000000003000000000070c0abaa3ac055550540"
+    )
+    assert RandKCodec(0.3, bits=32, seed=9).encode(x.reshape(2, 5), EncodeContext(seed=12345)) == payload
+    digest = hashlib.sha256()
+    for d in (1, 17, 1000, 70000):
+        x = (np.arange(d, dtype=np.float32) % 97 - 48) / np.float32(7)
+        for ratio in (0.01, 0.1, 0.5, 1.0):
+            for seed in (0, 3, U64):
+                digest.update(RandKCodec(ratio).encode(x, EncodeContext(seed=seed)))
+    assert digest.hexdigest()[:16] == "d087a5cc75acc480"
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_randk_quantized_is_unbiased_over_the_seed_and_the_rounding(bits):
+    d, ratio = 60, 0.1
+    x = _normal(d, 8) + 0.5
+    k = support_size(ratio, d)
+    codec = RandKCodec(ratio, bits=bits, seed=bits)
+    runs = 3000
+    total = np.zeros(d, dtype=np.float64)
+    for seed in range(runs):
+        total += codec.decode(codec.encode(x, EncodeContext(seed=seed)))
+    mean = total / runs
+    # per coordinate: support variance (d/k - 1)·x² plus rounding variance <= (k/d)·m²/s²
+    m = (d / k) * float(np.abs(x).max())
+    var = (d / k - 1) * x.astype(np.float64) ** 2 + (k / d) * (m / ((1 << bits) - 1)) ** 2
+    z = (mean - x) / np.sqrt(var / runs)
+    assert np.abs(z).max() < 5.5
+    assert np.mean(z**2) < 2.5
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8])
+def test_randk_rounding_is_unbiased_with_the_documented_variance(bits):
+    d, ratio, seed = 4000, 0.05, 77
+    x = _normal(d, 9)
+    codec = RandKCodec(ratio, bits=bits, seed=1)
+    support = codec.support(seed, d)
+    exact = x[support].astype(np.float64) * (d / support.size)
+    m = np.abs(exact).max()
+    step = 2 * m / ((1 << bits) - 1)
+    runs = 400
+    draws = np.stack([codec.decode(codec.encode(x, EncodeContext(seed=seed)))[support] for _ in range(runs)])
+    draws = draws.astype(np.float64)
+    assert np.all(np.abs(draws - exact) <= step * (1 + 1e-5))  # a neighbouring grid point
+    frac = (exact + m) / step % 1
+    var = step**2 * frac * (1 - frac)  # Var = Δ²·f(1 − f) <= Δ²/4
+    error = draws.mean(axis=0) - exact
+    assert np.all(np.abs(error) <= 5.5 * np.sqrt(var / runs) + 1e-4 * step)  # + float32 slack in t
+    inner = (frac > 0.05) & (frac < 0.95)
+    assert np.mean(error[inner] ** 2 / (var[inner] / runs)) < 1.5
+    np.testing.assert_allclose(draws.var(axis=0).mean(), var.mean(), rtol=0.1)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 5, 7, 8, 32])
+@pytest.mark.parametrize("shape", [(), (1,), (0,), (7,), (3, 4, 5), (300, 70)])
+def test_randk_round_trip_shape_dtype_support_and_size(bits, shape):
+    x = _normal(shape, 10)
+    d = x.size
+    codec = RandKCodec(0.2, bits=bits, seed=3)
+    payload = codec.encode(x, EncodeContext(seed=41))
+    out = codec.decode(payload)
+    assert out.shape == shape and out.dtype == np.float32
+    k = support_size(0.2, d)
+    support = codec.support(41, d)
+    assert np.array_equal(support, randk_support(41, d, k))
+    assert np.count_nonzero(out.reshape(-1)[np.setdiff1d(np.arange(d), support)]) == 0
+    body = len(payload) - (6 + 4 * len(shape))
+    assert body == (12 + 4 * k if bits == 32 or d == 0 else 21 + (k * bits + 7) // 8)
+    for other in (RandKCodec(0.9), RandKCodec(0.2, bits=4)):  # the payload says how to read it
+        assert np.array_equal(other.decode(payload), out, equal_nan=True)
+    if bits < 32 and d:
+        m = float(np.abs(x.reshape(-1)[support].astype(np.float64) * (d / k)).max())
+        kept = out.reshape(-1)[support]
+        assert np.abs(kept).max() <= m * (1 + 1e-6)
+
+
+def test_randk_quantized_noise_is_per_client_and_reproducible():
+    x = _normal(5000, 11)
+    ctx = EncodeContext(seed=3)
+    a = make_codec("randk", {"ratio": 0.1, "bits": 2}, seed=1).encode(x, ctx)
+    again = make_codec("randk", {"ratio": 0.1, "bits": 2}, seed=1).encode(x, ctx)
+    other = make_codec("randk", {"ratio": 0.1, "bits": 2}, seed=2).encode(x, ctx)
+    assert a == again and a != other
+    codec = RandKCodec(0.1, bits=2)
+    assert np.array_equal(np.flatnonzero(codec.decode(a)), np.flatnonzero(codec.decode(other)))  # same support
+    assert make_codec("randk", {"ratio": 0.1}, seed=1).encode(x, ctx) == RandKCodec(0.1).encode(x, ctx)
+    assert (make_codec("randk", {"ratio": 0.1, "bits": 32}, seed=5).encode(x, ctx)
+            == make_codec("randk", {"ratio": 0.1}, seed=6).encode(x, ctx))
+
+
+def test_randk_quantized_keeps_non_finite_values_visible():
+    x = _normal(1000, 12)
+    codec = RandKCodec(0.5, bits=4, seed=0)
+    support = codec.support(8, x.size)
+    x[support[3]] = np.nan
+    assert np.isnan(codec.decode(codec.encode(x, EncodeContext(seed=8)))).any()
+    zeros = np.zeros(1000, np.float32)
+    assert not codec.decode(codec.encode(zeros, EncodeContext(seed=8))).any()
+
+
+@pytest.mark.parametrize("bits", [0, 9, 16, 31, 33, -1, True, 4.0, "8"])
+def test_randk_bits_out_of_range_is_refused_at_make_codec(bits):
+    with pytest.raises(ValueError, match="bits"):
+        make_codec("randk", {"ratio": 0.1, "bits": bits})
+    if not isinstance(bits, (bool, float, str)):
+        with pytest.raises(ValueError, match=r"randk bits must be 32 \(float32 values\) or in 1..8"):
+            RandKCodec(0.1, bits=bits)
+
+
+def test_randk_attributes_for_masked_sums():
+    codec = make_codec("randk", {"ratio": 0.25, "bits": 8, "feedback": False}, seed=1)
+    assert isinstance(codec, RandKCodec) and codec.ratio == 0.25 and codec.bits == 8
+    assert RandKCodec(0.25).bits == 32
+    assert np.array_equal(codec.support(U64 + 6, 100), randk_support(5, 100, 25))  # seed taken mod 2**64
+    assert repr(codec) == "RandKCodec(ratio=0.25, bits=8)"
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        RandKCodec(0.5, bits=4, seed=1.5)  # type: ignore[arg-type]
+
+
+def test_randk_quantized_payloads_reject_corruption_by_field():
+    shape = (50,)
+    codec = RandKCodec(0.2, bits=3, seed=0)
+    payload = codec.encode(_normal(shape, 13), EncodeContext(seed=4))
+    head = 6 + 4 * len(shape)
+    k = support_size(0.2, 50)
+    assert struct.unpack_from("<QIIB", payload, head) == (4, 0, k, 3)
+
+    def patched(offset, fmt, value):
+        data = bytearray(payload)
+        struct.pack_into(fmt, data, head + offset, value)
+        return bytes(data)
+
+    for bits in (0, 9, 255):
+        with pytest.raises(CodecError, match="bits in 1..8"):
+            codec.decode(patched(16, "<B", bits))
+    for bad_k in (51, 2**32 - 1):
+        with pytest.raises(CodecError, match="0 < k ≤ d"):
+            codec.decode(patched(12, "<I", bad_k))
+    with pytest.raises(CodecError, match="-byte body"):
+        codec.decode(patched(16, "<B", 4))  # a valid width, but not this payload's length
+    with pytest.raises(CodecError, match="negative"):
+        codec.decode(patched(17, "<f", -1.0))
+    for cut in range(len(payload)):
+        with pytest.raises(CodecError):
+            codec.decode(payload[:cut])
+    with pytest.raises(CodecError):
+        codec.decode(payload + b"\x00")
+
+
 # --------------------------------------------------------------------------- PowerSGD
 
 
@@ -367,6 +522,8 @@ def _codecs():
         ("topk-fp16", TopKCodec(0.3), (5, 7)),
         ("topk-fp32", TopKCodec(0.3, "fp32"), (11,)),
         ("randk", RandKCodec(0.3), (5, 7)),
+        ("randk-4bit", RandKCodec(0.3, bits=4, seed=0), (5, 7)),
+        ("randk-1bit", RandKCodec(0.5, bits=1, seed=0), (3,)),
         ("powersgd", PowerSGDCodec(2), (5, 7)),
         ("powersgd-1d", PowerSGDCodec(2), (6,)),
         ("fp32+zstd", EntropyCodec(Fp32Codec(), "zstd"), (4, 3)),
