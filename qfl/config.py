@@ -47,12 +47,12 @@ class RunConfig:
     data_dir: str = "data"  # where MNIST / CIFAR-10 files are looked for
     test_fraction: float = 0.2  # held-out share of digits for central evaluation
     local_val_fraction: float = 0.1  # share of each client's data kept for federated evaluation
-    codec: str = "fp32"
+    codec: str = "qsgd"  # 4-bit QSGD by default (codec.bits); the demo's masked sums take it
     codec_params: dict[str, Any] = field(default_factory=dict)
     downlink_codec: str = "fp32"  # how the global model travels to clients (stateless codecs only)
     downlink_codec_params: dict[str, Any] = field(default_factory=dict)
     # -- secure aggregation (qfl.security.secagg) and the simulated QKD network (qfl.quantum.network)
-    security: str = "none"  # none | masked-sum | channel-pad | expanded
+    security: str = "masked-sum"  # none | masked-sum | channel-pad | expanded
     key_policy: str = "wait"  # a link short of key: wait (simulated clock) | skip (leave clients out) | abort
     key_source: str = "store"  # store (SQLite pools, simulations) | kms (ETSI GS QKD 014 service)
     key_store: str = ""  # SQLite key store path; empty = <run dir>/keys.db

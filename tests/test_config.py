@@ -100,7 +100,7 @@ def test_flwr_app_config_in_pyproject_is_valid():
         (["codec=sign", "codec.bits=2"], r"codec 'sign' does not take codec\.bits"),
         (["codec=fp32", "codec.entropy=lzma"], r"codec\.entropy must be one of none, zstd, zlib"),
         (["downlink_codec=sign"], r"downlink_codec 'sign' keeps state"),
-        (["codec.bits=3"], r"codec 'fp32' does not take codec\.bits"),
+        (["codec=fp32", "codec.bits=3"], r"codec 'fp32' does not take codec\.bits"),
     ],
 )
 def test_codec_config_errors_stop_before_any_round(overrides, message):
@@ -109,10 +109,11 @@ def test_codec_config_errors_stop_before_any_round(overrides, message):
 
 
 def test_codec_params_round_trip_through_toml(tmp_path):
-    cfg = build_config(overrides=["codec=topk", "codec.ratio=0.02", "codec.entropy=zstd", "downlink_codec=fp16"])
+    cfg = build_config(overrides=["codec=topk", "codec.ratio=0.02", "codec.entropy=zstd", "downlink_codec=fp16",
+                                  "security=channel-pad"])
     assert cfg.codec_params == {"ratio": 0.02, "entropy": "zstd"} and cfg.downlink_codec == "fp16"
     path = tmp_path / "config.toml"
     path.write_text(cfg.to_toml())
     assert resolve_config(load_config_file(path)) == cfg
     assert resolve_config({"codec": "topk", "codec_params.ratio": 0.02, "codec_params.entropy": "zstd",
-                           "downlink_codec": "fp16"}) == cfg
+                           "downlink_codec": "fp16", "security": "channel-pad"}) == cfg

@@ -47,7 +47,7 @@ SCRIPT = textwrap.dedent(
 
     faulty.evaluate()(real.evaluate)
 
-    cfg = resolve_config({"rounds": 3, "clients": 5})
+    cfg = resolve_config({"rounds": 3, "clients": 5, "codec": "fp32", "security": "none"})
     errors = []
     run_simulation(
         server_app=make_server_app(cfg, Path(sys.argv[1]), None, False, errors),

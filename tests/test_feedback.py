@@ -62,7 +62,7 @@ def test_client_app_keeps_error_feedback_between_rounds(task_identity):
     from qfl.config import resolve_config
     from qfl.server.federation import CentralEvaluator
 
-    cfg = resolve_config({"codec": "topk", "codec.ratio": 0.05, "clients": 4, "local_epochs": 1})
+    cfg = resolve_config({"codec": "topk", "codec.ratio": 0.05, "clients": 4, "local_epochs": 1, "security": "none"})
     weights = CentralEvaluator(cfg).initial_weights()
     context = Context(run_id=1, node_id=2, node_config={"partition-id": 1, "num-partitions": 4},
                       state=RecordDict(), run_config={})

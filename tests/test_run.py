@@ -14,8 +14,9 @@ FIELDS = {
 
 def test_qfl_run_writes_the_run_directory(tmp_path):
     out = tmp_path / "run"
-    result = run_qfl(["run", "--out", str(out), "--set", "rounds=3", "--set", "clients=4",
-                      "--set", "alpha=0.5", "--set", "server_opt=fedavgm", "--set", "server_lr=0.5"])
+    result = run_qfl(["run", "--out", str(out), "--set", "rounds=3", "--set", "clients=4", "--set", "codec=fp32",
+                      "--set", "security=none", "--set", "alpha=0.5", "--set", "server_opt=fedavgm",
+                      "--set", "server_lr=0.5"])
     assert result.returncode == 0, result.stdout[-4000:]
     for name in ("config.toml", "metrics.json", "summary.json", "checkpoint.npz", "accuracy.png", "uplink.png"):
         assert (out / name).stat().st_size > 0, name
@@ -56,7 +57,8 @@ def test_missing_dataset_names_the_path(tmp_path):
 def test_topk_with_error_feedback_runs_end_to_end(tmp_path):
     out = tmp_path / "topk"
     result = run_qfl(["run", "--out", str(out), "--set", "rounds=3", "--set", "clients=4",
-                      "--set", "codec=topk", "--set", "codec.ratio=0.02", "--set", "downlink_codec=fp16"])
+                      "--set", "codec=topk", "--set", "codec.ratio=0.02", "--set", "downlink_codec=fp16",
+                      "--set", "security=none"])
     assert result.returncode == 0, result.stdout[-4000:]
     history = json.loads((out / "metrics.json").read_text())
     assert all(r["bits_per_param_up"] < 1.0 and r["dropped"] == 0 for r in history)
