@@ -64,6 +64,12 @@ from .keys import KeyContainer, KeySource, UnknownKey
 from .masking import add_packed, expand_key, key_bytes_needed, mask_from_key, masked_pack, pack_ring, xor_pad
 
 SERVER_SAE = "server"
+SECURITY_LEVELS = {
+    "none": "none: updates travel in clear",
+    "masked-sum": "information-theoretic: one-time-pad masks, the server sees only the sum",
+    "expanded": "COMPUTATIONAL only: ChaCha20-expanded masks, the server sees only the sum",
+    "channel-pad": "one-time pad against eavesdroppers; the server sees every update",
+}
 MASKED_MODES = ("masked-sum", "expanded")
 EXPANDED_KEY_BYTES = 32
 MAC_KEY_BYTES = mac.mac_key_bytes()

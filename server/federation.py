@@ -23,7 +23,7 @@ from qfl.clients.classical import round_seed
 from qfl.clients.tasks import ClientTask, task_for
 from qfl.compression import make_codec
 from qfl.config import RunConfig, resolve_config
-from qfl.security.secagg import MASKED_MODES
+from qfl.security.secagg import MASKED_MODES, SECURITY_LEVELS
 
 from qfl.files import atomic_write_bytes, atomic_write_json
 
@@ -197,6 +197,7 @@ def summarize(
         "dataset": cfg.dataset,
         "codec": cfg.codec,
         "security": cfg.security,
+        "security_level": SECURITY_LEVELS[cfg.security],
         "server_opt": cfg.server_opt,
         "num_params": num_params,
         "initial_accuracy": initial_acc,

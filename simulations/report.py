@@ -102,6 +102,11 @@ class ConsoleReporter:
             f"[bold]qfl[/] {cfg.dataset}/{cfg.model}, {cfg.clients} clients ({alpha}), codec={cfg.codec}, "
             f"security={cfg.security}, server_opt={cfg.server_opt}, rounds {first_round}..{cfg.rounds} -> {run_dir}"
         )
+        if cfg.security != "none":
+            from qfl.security.secagg import SECURITY_LEVELS
+
+            topology = f", QKD {cfg.qkd_topology} at {cfg.qkd_distance_km:g} km" if cfg.key_source == "store" else ""
+            self.console.print(f"security: {SECURITY_LEVELS[cfg.security]}{topology}")
         self.progress = Progress(
             TextColumn("rounds"),
             BarColumn(),
