@@ -106,6 +106,8 @@ class ConsoleReporter:
             from qfl.security.secagg import SECURITY_LEVELS
 
             topology = f", QKD {cfg.qkd_topology} at {cfg.qkd_distance_km:g} km" if cfg.key_source == "store" else ""
+            if cfg.qkd_topology == "star" and cfg.security in ("masked-sum", "expanded"):
+                topology += " (the server relays the pair keys, so it could read the masks)"
             self.console.print(f"security: {SECURITY_LEVELS[cfg.security]}{topology}")
         self.progress = Progress(
             TextColumn("rounds"),
