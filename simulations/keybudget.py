@@ -12,7 +12,9 @@ make; rounds/hour = 3600 / its mean.
 
 Writes ``key-budget.md`` (table), ``key-budget.json`` (rows) and
 ``key-budget.png`` (accuracy against key bits; rounds/hour per arm) into the
-output directory, plus every run's own directory.
+output directory, plus every run's own directory. Arms already finished in
+the output directory are read back rather than run again, so an interrupted
+experiment continues where it stopped.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ KEY_BUDGET_ARMS: list[tuple[str, str, dict[str, Any]]] = [
     ("ternary", "ternary", {}),
     ("randk-50%-8bit", "randk", {"ratio": 0.5, "bits": 8}),
     ("randk-25%-8bit", "randk", {"ratio": 0.25, "bits": 8}),
+    ("randk-25%-4bit", "randk", {"ratio": 0.25, "bits": 4}),
+    ("randk-10%-8bit", "randk", {"ratio": 0.1, "bits": 8}),
 ]
 LAST_ROUNDS = 3
 
@@ -72,7 +76,8 @@ def run_key_budget_experiment(
             values.update({f"codec.{k}": v for k, v in params.items()})
             cfg = resolve_config(values)
             run_dir = out / f"{clients}-clients" / label
-            summary = run_simulation_job(cfg, run_dir)
+            # a finished arm is read back, not run again (a partial one resumes)
+            summary = run_simulation_job(cfg, run_dir, resume=(run_dir / "config.toml").exists())
             history = json.loads((run_dir / "metrics.json").read_text())
             rates = _link_rates(cfg)
             seconds = [
