@@ -61,34 +61,6 @@ class Admission:
     left_out: dict[int, str] = field(default_factory=dict)  # partition id -> reason
 
 
-class KeyBudgetExceeded(RuntimeError):
-    """key_policy = abort and a link cannot pay for the round."""
-
-
-@dataclass
-class Admission:
-    """Who takes part in a round after the key budget, and what it cost in simulated time."""
-
-    participants: list[int]
-    waited_s: float = 0.0
-    left_out: dict[int, str] = field(default_factory=dict)  # partition id -> reason
-
-
-def network_nodes(clients: int) -> list[str]:
-    return [SERVER_SAE] + [client_sae(i) for i in range(clients)]
-
-
-def check_network_config(cfg: RunConfig) -> None:
-    """ValueError for malformed ``qkd_links`` / ``qkd_eavesdropped``."""
-    nodes = network_nodes(cfg.clients)
-    for km in parse_link_spec(cfg.qkd_links, nodes).values():
-        if not (math.isfinite(km) and km >= 0):
-            raise ValueError(f"qkd_links distances must be >= 0 km, got {km}")
-    for f in parse_link_spec(cfg.qkd_eavesdropped, nodes, default=1.0).values():
-        if not 0 < f <= 1:
-            raise ValueError(f"qkd_eavesdropped fractions must be in (0, 1], got {f}")
-
-
 class KeyBudget:
     """Key source, network and budget of one run (see the module docstring)."""
 
