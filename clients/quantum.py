@@ -65,6 +65,7 @@ from qfl.config import RunConfig
 from qfl.quantum import qdata, vqc
 
 from .classical import shard, task_seed
+from .training import evaluate, train
 
 KINDS = ("quantum", "classical", "hybrid")
 QUANTUM_MODELS = ("vqc", "hybrid")
@@ -333,42 +334,6 @@ class QuantumModel(nn.Module):
         return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in self.state_dict().items()}
 
 
-def train_model(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, lr: float, seed: int) -> float:
-    """Adam on the cross-entropy; return the mean training loss of the last epoch."""
-    generator = torch.Generator().manual_seed(seed)
-    xs, ys = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    loss_fn = nn.CrossEntropyLoss()
-    last = float("nan")
-    for _ in range(epochs):
-        order = torch.randperm(len(xs), generator=generator)
-        total = 0.0
-        for start in range(0, len(xs), batch_size):
-            idx = order[start : start + batch_size]
-            optimizer.zero_grad()
-            loss = loss_fn(model(xs[idx]), ys[idx])
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(idx)
-        last = total / max(len(xs), 1)
-    return last
-
-
-def evaluate_model(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy)."""
-    if len(y) == 0:
-        return 0.0, 0.0
-    loss, correct = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(y), batch_size):
-            xb = torch.from_numpy(np.array(x[start : start + batch_size]))
-            yb = torch.from_numpy(y[start : start + batch_size])
-            logits = model(xb)
-            loss += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
-            correct += int((logits.argmax(1) == yb).sum())
-    return loss / len(y), correct / len(y)
-
-
 # ----------------------------------------------------------------------------- the task
 
 
@@ -407,7 +372,7 @@ class QuantumTask:
         model = QuantumModel(cfg, kind, seed)
         model.load(weights)
         torch.manual_seed(seed)
-        loss = train_model(model, x[idx], y[idx], cfg.local_epochs, cfg.batch_size, cfg.lr, seed)
+        loss = train(model, x[idx], y[idx], cfg.local_epochs, cfg.batch_size, cfg.lr, 0.0, seed, optimizer="adam")
         local = model.export()
         delta = {k: (local[k] - weights[k]) if k in local else np.zeros_like(weights[k]) for k in weights}
         return delta, len(idx), loss
@@ -423,7 +388,7 @@ class QuantumTask:
         x, y = _inputs(cfg, kind, "train")
         model = QuantumModel(cfg, kind, task_seed(cfg, 0, partition_id))
         model.load(weights)
-        loss, acc = evaluate_model(model, x[idx], y[idx])
+        loss, acc = evaluate(model, x[idx], y[idx])
         return loss, acc, len(idx)
 
     def central_evaluate(self, weights: dict[str, np.ndarray]) -> tuple[float, float]:
@@ -432,7 +397,7 @@ class QuantumTask:
             self._central = QuantumModel(self.cfg, natural_kind(self.cfg), self.cfg.seed)
         self._central.load(weights)
         x, y = _inputs(self.cfg, natural_kind(self.cfg), "test")
-        return evaluate_model(self._central, x, y)
+        return evaluate(self._central, x, y)
 
     def train_size(self) -> int:
         return len(train_labels(self.cfg))

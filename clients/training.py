@@ -1,4 +1,4 @@
-"""Local training and evaluation loops (SGD with momentum, cross-entropy)."""
+"""Local training and evaluation loops (cross-entropy; SGD with momentum, or Adam)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,16 @@ def train(
     lr: float,
     momentum: float,
     seed: int,
+    optimizer: str = "sgd",
 ) -> float:
-    """Train in place; return the mean training loss of the last epoch."""
+    """Train in place with ``optimizer`` (``sgd`` with ``momentum``, or ``adam``); return the
+    mean training loss of the last epoch."""
     generator = torch.Generator().manual_seed(seed)
-    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    xs, ys = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+    if optimizer == "adam":
+        step = torch.optim.Adam(model.parameters(), lr=lr)
+    else:
+        step = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     last = float("nan")
@@ -29,10 +34,10 @@ def train(
         total, count = 0.0, 0
         for start in range(0, len(xs), batch_size):
             idx = order[start : start + batch_size]
-            optimizer.zero_grad()
+            step.zero_grad()
             loss = loss_fn(model(xs[idx]), ys[idx])
             loss.backward()
-            optimizer.step()
+            step.step()
             total += loss.item() * len(idx)
             count += len(idx)
         last = total / max(count, 1)
@@ -46,7 +51,7 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 5
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     total_loss, correct = 0.0, 0
     for start in range(0, len(x), batch_size):
-        xb = torch.from_numpy(x[start : start + batch_size])
+        xb = torch.from_numpy(np.array(x[start : start + batch_size]))  # a copy: cached datasets are read-only
         yb = torch.from_numpy(y[start : start + batch_size])
         logits = model(xb)
         total_loss += float(loss_fn(logits, yb))

@@ -9,12 +9,12 @@ from qfl.clients.quantum import (
     QuantumModel,
     QuantumTask,
     _inputs,
-    evaluate_model,
     local_split,
     parse_client_kinds,
     simulate_fedavg,
 )
 from qfl.clients.tasks import task_for
+from qfl.clients.training import evaluate
 from qfl.config import ConfigError, resolve_config
 
 NTANGLED = {
@@ -124,10 +124,10 @@ def test_local_update_lowers_the_loss_on_the_shard():
     x, y = _inputs(cfg, "quantum", "train")
     model = QuantumModel(cfg, "quantum", 0)
     model.load(w)
-    before = evaluate_model(model, x[idx], y[idx])
+    before = evaluate(model, x[idx], y[idx])
     delta, n, _ = task.local_update(w, 0, 2, 1)
     model.load({k: w[k] + delta[k] for k in w})
-    after = evaluate_model(model, x[idx], y[idx])
+    after = evaluate(model, x[idx], y[idx])
     assert n == len(idx)
     assert after[0] < before[0] - 0.02
     assert after[1] > before[1]
@@ -159,10 +159,10 @@ def test_hybrid_model_on_digits_trains():
     x, y = _inputs(cfg, "hybrid", "train")
     model = QuantumModel(cfg, "hybrid", 0)
     model.load(w)
-    before = evaluate_model(model, x[idx], y[idx])[0]
+    before = evaluate(model, x[idx], y[idx])[0]
     delta, n, _ = task.local_update(w, 0, 10, 1)
     model.load({k: w[k] + delta[k] for k in w})
-    assert evaluate_model(model, x[idx], y[idx])[0] < before - 0.05
+    assert evaluate(model, x[idx], y[idx])[0] < before - 0.05
 
 
 def test_qiskit_backend_trains_through_the_task():
