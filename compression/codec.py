@@ -72,6 +72,17 @@ class Codec(ABC):
     def encode(self, x: np.ndarray, ctx: EncodeContext | None = None) -> bytes:
         """Encode a float32 tensor of any shape into a self-describing payload."""
 
+    def encode_parts(self, x: np.ndarray, ctx: EncodeContext | None = None) -> list[bytes | memoryview]:
+        """The payload of :meth:`encode` as buffers that concatenate to it.
+
+        A stage that reads the payload once (the entropy coder) takes these
+        instead of ``encode``'s bytes. The default is ``[encode(x, ctx)]``; a
+        codec whose body is its input's own memory (fp32) returns a view of
+        it, which saves copying the whole tensor into a fresh payload first.
+        The views are valid while ``x`` is unchanged.
+        """
+        return [self.encode(x, ctx)]
+
     @abstractmethod
     def decode(self, payload: bytes) -> np.ndarray:
         """Decode a payload made by :meth:`encode`; raise CodecError if malformed."""

@@ -84,23 +84,26 @@ class EntropyCodec(Codec):
 
     def encode(self, x: np.ndarray, ctx: EncodeContext | None = None) -> bytes:
         x = np.asarray(x, dtype="<f4")
-        inner = self.inner.encode(x, ctx)
+        parts = self.inner.encode_parts(x, ctx)  # for fp32: the header and a view of x, not a copy
+        size = sum(len(part) for part in parts)
         cap = max_inner_payload(x.size)
-        if len(inner) > cap:
+        if size > cap:
             raise ValueError(
-                f"{self.inner.name} made a {len(inner)}-byte payload for {x.size} values, more than "
+                f"{self.inner.name} made a {size}-byte payload for {x.size} values, more than "
                 f"the {cap} bytes the entropy stage's decoder accepts"
             )
         prefix = pack_header(self.codec_id, x.dtype, x.shape) + bytes((_METHODS[self.method], self.inner.codec_id))
         if self.method == "zlib":
-            return prefix + zlib.compress(inner, ZLIB_LEVEL)
+            stream = zlib.compressobj(ZLIB_LEVEL)
+            return b"".join([prefix, *(stream.compress(part) for part in parts), stream.flush()])
         # Streaming into a buffer that already holds the prefix saves a copy of
         # the whole compressed payload; `size` puts the content size in the frame.
         out = io.BytesIO()
         out.write(prefix)
         compressor = _zstd().ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
-        with compressor.stream_writer(out, size=len(inner), closefd=False) as writer:
-            writer.write(inner)
+        with compressor.stream_writer(out, size=size, closefd=False) as writer:
+            for part in parts:
+                writer.write(part)
         return out.getvalue()
 
     def decode(self, payload: bytes) -> np.ndarray:

@@ -12,6 +12,13 @@ residual is kept in float64 (``ctx.state["residual"]``, the client's state for
 the tensor, kept between rounds by the caller), so the identity holds to
 float64 rounding, including the float32 cast of y. The wrapper is invisible on the
 wire: payloads are the inner codec's.
+
+Cost: besides one inner encode and one inner decode, two passes over the
+float64 residual, with no float64 temporaries: float32(e + x) is formed in one
+pass straight into the buffer the inner codec reads, and e ← (e + x) − decode
+in a second, blocked so each block of e stays in cache between its two
+operations. The residual is updated in place and only after the inner codec has
+succeeded, so a failed encode leaves the state exactly as it was.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import numpy as np
 from .codec import Codec, CodecTraits, EncodeContext
 
 RESIDUAL = "residual"
+_BLOCK = 1 << 15  # float64 elements per block of the residual update (256 KiB)
 
 
 class ErrorFeedback(Codec):
@@ -37,12 +45,20 @@ class ErrorFeedback(Codec):
 
     def encode(self, x: np.ndarray, ctx: EncodeContext | None = None) -> bytes:
         ctx = ctx if ctx is not None else EncodeContext()
-        y = np.asarray(x, dtype=np.float64)
+        x = np.ascontiguousarray(x, dtype=np.float32)
         residual = ctx.state.get(RESIDUAL)
-        if residual is not None and residual.shape == y.shape:
-            y = y + residual
-        payload = self.inner.encode(y.astype(np.float32), ctx)
-        ctx.state[RESIDUAL] = y - self.inner.decode(payload)
+        if residual is None or residual.shape != x.shape:
+            # The first round (or a changed shape): e = 0, so y = x.
+            payload = self.inner.encode(x, ctx)
+            ctx.state[RESIDUAL] = x.astype(np.float64) - self.inner.decode(payload)
+            return payload
+        if residual.dtype != np.float64 or not residual.flags.writeable or not residual.flags.c_contiguous:
+            residual = np.array(residual, dtype=np.float64, order="C")  # e.g. a read-only array from a record
+        y32 = np.add(residual, x, out=np.empty_like(x), casting="same_kind")  # float32(e + x), summed in float64
+        payload = self.inner.encode(y32, ctx)
+        decoded = np.asarray(self.inner.decode(payload), dtype=np.float32).reshape(-1)
+        _update_residual(residual.reshape(-1), x.reshape(-1), decoded)
+        ctx.state[RESIDUAL] = residual
         return payload
 
     def decode(self, payload: bytes) -> np.ndarray:
@@ -50,3 +66,11 @@ class ErrorFeedback(Codec):
 
     def __repr__(self) -> str:
         return f"ErrorFeedback({self.inner!r})"
+
+
+def _update_residual(e: np.ndarray, x: np.ndarray, decoded: np.ndarray) -> None:
+    """e ← (e + x) − decoded, in place, in float64, block by block."""
+    for start in range(0, e.size, _BLOCK):
+        block = e[start : start + _BLOCK]
+        np.add(block, x[start : start + _BLOCK], out=block)
+        np.subtract(block, decoded[start : start + _BLOCK], out=block)

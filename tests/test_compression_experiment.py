@@ -1,0 +1,25 @@
+"""`qfl experiment compression` runs every kind of codec, the ones a masked sum refuses included."""
+
+import json
+
+from qfl.simulations.experiments import COMPRESSION_ARMS, run_compression_experiment
+
+
+def test_compression_experiment_writes_table_json_and_plot(tmp_path):
+    # topk + error feedback does not commute with a sum: the experiment must run it in plaintext
+    rows = run_compression_experiment(tmp_path, rounds=1, arms=["fp32", "topk-1%+ef"])
+    assert [r["arm"] for r in rows] == ["fp32", "topk-1%+ef"]
+    fp32, topk = rows
+    assert fp32["uplink_reduction"] == 1.0 and fp32["accuracy_delta_pts"] == 0.0
+    assert 31.9 < fp32["bits_per_param_up"] < 32.1
+    assert topk["uplink_reduction"] > 50 and topk["bits_per_param_up"] < 0.5
+    assert json.loads((tmp_path / "compression.json").read_text()) == rows
+    assert "| topk-1%+ef |" in (tmp_path / "compression.md").read_text()
+    assert (tmp_path / "compression.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((tmp_path / "topk-1%+ef" / "summary.json").read_text())
+    assert summary["security"] == "none"
+
+
+def test_every_arm_label_is_unique():
+    labels = [label for label, _, _ in COMPRESSION_ARMS]
+    assert len(labels) == len(set(labels))
