@@ -79,3 +79,35 @@ def test_client_app_keeps_error_feedback_between_rounds(task_identity):
         # what was sent plus what is kept equals the residual carried in plus this round's update
         assert all(np.count_nonzero(v) <= max(1, int(np.ceil(0.05 * v.size))) for v in decoded.values())
     assert any(not np.array_equal(residuals[0][k], residuals[1][k]) for k in weights)
+
+
+def test_a_failed_encode_leaves_the_residual_as_it_was():
+    from qfl.compression.codec import Codec
+
+    class Failing(Codec):
+        name, codec_id, traits = "failing", 250, make_codec("sign", {"feedback": False}).traits
+
+        def encode(self, x, ctx=None):
+            raise RuntimeError("inner codec failed")
+
+        def decode(self, payload):
+            raise AssertionError("not reached")
+
+    codec = make_codec("sign")
+    ctx = EncodeContext(state={})
+    codec.encode(np.arange(6, dtype=np.float32), ctx)
+    before = ctx.state[RESIDUAL].copy()
+    with pytest.raises(RuntimeError, match="inner codec failed"):
+        ErrorFeedback(Failing()).encode(np.ones(6, np.float32), ctx)
+    assert np.array_equal(ctx.state[RESIDUAL], before)
+
+
+def test_a_read_only_residual_from_a_record_is_copied_not_written():
+    codec = make_codec("sign")
+    residual = np.linspace(-1, 1, 6)
+    residual.flags.writeable = False
+    ctx = EncodeContext(state={RESIDUAL: residual})
+    x = np.ones(6, np.float32)
+    sent = codec.decode(codec.encode(x, ctx))
+    assert np.array_equal(residual, np.linspace(-1, 1, 6))
+    assert np.allclose(sent + ctx.state[RESIDUAL], residual + x, rtol=0, atol=1e-12)
