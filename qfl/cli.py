@@ -116,7 +116,7 @@ def _cmd_experiment_compression(args: argparse.Namespace) -> int:
     from qfl.simulations.experiments import format_rows, run_compression_experiment
 
     out = Path(args.out) if args.out else Path("runs") / "experiment-compression"
-    rows = run_compression_experiment(out, rounds=args.rounds, arms=args.arm or None)
+    rows = run_compression_experiment(out, rounds=args.rounds, arms=args.arm or None, seeds=range(args.seeds))
     print(format_rows(rows))
     print(f"table, rows and plot in {out}")
     return 0
@@ -193,6 +193,13 @@ def _cmd_certs(args: argparse.Namespace) -> int:
         raise SystemExit(f"qfl certs: {err}") from None
     print(f"CA, KME certificate and {len(args.sae)} SAE certificates in {args.out}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _parse_link(text: str) -> tuple[str, str]:
@@ -327,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--rounds", type=int, default=30)
     comp.add_argument("--out", metavar="DIR", help="default runs/experiment-compression")
     comp.add_argument("--arm", action="append", help="only this arm (e.g. topk-1%%+ef); repeatable")
+    comp.add_argument("--seeds", type=_positive_int, default=1, help="seeds 0..N-1 per arm; Δ is the paired mean")
     comp.set_defaults(func=_cmd_experiment_compression)
     kb = experiment.add_parser("key-budget", help="masked sums over a QKD mesh: key bits and accuracy per codec")
     kb.add_argument("--rounds", type=int, default=20)

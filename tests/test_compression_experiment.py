@@ -7,17 +7,25 @@ from qfl.simulations.experiments import COMPRESSION_ARMS, run_compression_experi
 
 def test_compression_experiment_writes_table_json_and_plot(tmp_path):
     # topk + error feedback does not commute with a sum: the experiment must run it in plaintext
-    rows = run_compression_experiment(tmp_path, rounds=1, arms=["fp32", "topk-1%+ef"])
+    rows = run_compression_experiment(tmp_path, rounds=1, arms=["fp32", "topk-1%+ef"], seeds=[0, 1])
     assert [r["arm"] for r in rows] == ["fp32", "topk-1%+ef"]
     fp32, topk = rows
-    assert fp32["uplink_reduction"] == 1.0 and fp32["accuracy_delta_pts"] == 0.0
+    assert fp32["uplink_reduction"] == 1.0 and fp32["delta_by_seed_pts"] == [0.0, 0.0]
+    assert topk["seeds"] == [0, 1] and len(topk["accuracy_by_seed"]) == 2
+    assert topk["final_accuracy"] == sum(topk["accuracy_by_seed"]) / 2
+    paired = [100 * (a - b) for a, b in zip(topk["accuracy_by_seed"], fp32["accuracy_by_seed"])]
+    assert topk["delta_by_seed_pts"] == paired and topk["accuracy_delta_pts"] == sum(paired) / 2
     assert 31.9 < fp32["bits_per_param_up"] < 32.1
     assert topk["uplink_reduction"] > 50 and topk["bits_per_param_up"] < 0.5
     assert json.loads((tmp_path / "compression.json").read_text()) == rows
     assert "| topk-1%+ef |" in (tmp_path / "compression.md").read_text()
     assert (tmp_path / "compression.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    summary = json.loads((tmp_path / "topk-1%+ef" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "topk-1%+ef" / "seed-1" / "summary.json").read_text())
     assert summary["security"] == "none"
+    # finished runs are read back, not run again
+    mtime = (tmp_path / "fp32" / "seed-0" / "metrics.json").stat().st_mtime_ns
+    assert run_compression_experiment(tmp_path, rounds=1, arms=["fp32", "topk-1%+ef"], seeds=[0, 1]) == rows
+    assert (tmp_path / "fp32" / "seed-0" / "metrics.json").stat().st_mtime_ns == mtime
 
 
 def test_every_arm_label_is_unique():
