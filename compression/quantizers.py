@@ -201,13 +201,11 @@ _RANDOM_PIECE = _QSGD_BLOCK  # coordinates per piece (two per 64-bit lane: 1 MiB
 _STEPS = np.arange(1, _RANDOM_PIECE // 2 + 1, dtype=_U64) * _GOLDEN  # wraps mod 2**64
 
 
-def _splitmix(key: int, lane: int, z: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Uniforms on [1, 2) of lanes ``lane`` .. ``lane + z.size`` of the stream keyed by ``key``.
+def _mix(key: int, lane: int, z: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """SplitMix64 outputs of lanes ``lane`` .. ``lane + z.size`` of the stream keyed by ``key``, into ``z``.
 
-    Lane j is SplitMix64's output mix(key + (j + 1)·golden); its low and high
-    32-bit halves give coordinates 2j and 2j + 1: 23 random mantissa bits
-    under exponent 0. Returns a float32 view of ``z`` (2·z.size values);
-    ``w`` is scratch of the same size (at most ``_RANDOM_PIECE // 2`` lanes).
+    Lane j is mix(key + (j + 1)·golden); ``w`` is scratch of the same size (at
+    most ``_RANDOM_PIECE // 2`` lanes).
     """
     base = np.uint64((key + lane * int(_GOLDEN)) & (2**64 - 1))
     np.add(_STEPS[: z.size], base, out=z)
@@ -219,7 +217,17 @@ def _splitmix(key: int, lane: int, z: np.ndarray, w: np.ndarray) -> np.ndarray:
     z *= _MIX2
     np.right_shift(z, np.uint64(31), out=w)
     z ^= w
-    r = z.view(_U32)
+    return z
+
+
+def _splitmix(key: int, lane: int, z: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Uniforms on [1, 2) of lanes ``lane`` .. ``lane + z.size`` of the stream keyed by ``key``.
+
+    Lane j's (:func:`_mix`) low and high 32-bit halves give coordinates 2j and
+    2j + 1: 23 random mantissa bits under exponent 0. Returns a float32 view of
+    ``z`` (2·z.size values); ``w`` is scratch of the same size.
+    """
+    r = _mix(key, lane, z, w).view(_U32)
     r >>= np.uint32(9)
     r |= np.uint32(0x3F800000)
     return r.view(_F32)
@@ -235,6 +243,12 @@ class _Uniforms:
     so blocks can be drawn in any order and on any thread. This is about 1.7×
     faster than ``Generator.random(dtype=np.float32)``, which makes one C call
     per number.
+
+    Two resolutions: :meth:`pieces` (ternary) gives 23 random bits per
+    coordinate, two coordinates per 64-bit lane; :meth:`draw16` (qsgd) gives
+    16, four per lane, 1 + (j + 1/2)/2¹⁶ for j uniform on 0..2¹⁶ − 1 (the
+    midpoints of 2¹⁶ equal cells, so the mean is exactly 3/2), which halves the
+    mixing work.
     """
 
     def __init__(self, rng: np.random.Generator, capacity: int = 0) -> None:
@@ -248,12 +262,19 @@ class _Uniforms:
         lanes = max(1, min(_RANDOM_PIECE, capacity + 1) // 2)
         return np.empty(lanes, _U64), np.empty(lanes, _U64)
 
-    def draw(self, first: int, count: int, z: np.ndarray, w: np.ndarray) -> np.ndarray:
-        """The uniforms of coordinates ``first`` .. ``first + count`` (``first`` even,
-        ``count`` at most ``_RANDOM_PIECE``) as a float32 view of ``z``; ``w``: scratch
-        of at least ⌈count/2⌉ lanes, like ``z``."""
-        lanes = (count + 1) // 2
-        return _splitmix(self.key, first // 2, z[:lanes], w[:lanes])[:count]
+    def draw16(self, first: int, count: int, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+        """The 16-bit uniforms of coordinates ``first`` .. ``first + count`` (``first`` a
+        multiple of 4, ``count`` at most ``2·_RANDOM_PIECE``) as ``out[:count]``
+        (float32, written); ``scratch``: float32, at least 4·⌈count/4⌉ values, 8-byte aligned."""
+        half = 2 * ((count + 3) // 4)  # float32s per lane buffer: ⌈count/4⌉ lanes
+        z = scratch[:half].view(_U64)
+        w = scratch[half : 2 * half].view(_U64)
+        _mix(self.key, first // 4, z, w)
+        bits = out[:count].view(_U32)
+        np.copyto(bits, z.view(np.uint16)[:count], casting="unsafe")
+        bits <<= np.uint32(7)  # j in mantissa bits 22..7
+        bits |= np.uint32(0x3F800040)  # exponent of [1, 2), and the half cell (bit 6)
+        return out[:count]
 
     def pieces(self, n: int) -> Iterator[tuple[int, int, np.ndarray]]:
         """Yield (lo, hi, r) covering the next ``n`` coordinates of the stream, r uniform on [1, 2)."""
@@ -466,8 +487,10 @@ class QsgdCodec(Codec):
 
         E[x̂ᵢ] = xᵢ,    Var[x̂ᵢ] = Δ²·f(1 − f) ≤ Δ²/4 = m²/s²,   f = t − ⌊t⌋,
 
-    up to float32 rounding (23-bit uniforms; t is formed in float32, within
-    2⁻¹⁶·Δ for bits=8 and less for fewer bits).
+    up to the resolution of the noise and of float32: the uniforms are the
+    midpoints of 2¹⁶ equal cells (``_Uniforms.draw16``), which biases
+    P(k = ⌊t⌋ + 1) by at most 2⁻¹⁷, and t is formed in float32, within
+    2⁻¹⁶·Δ for bits=8 and less for fewer bits.
 
     Body: uint8 bits, uint32 bucket, then ⌈d/bucket⌉ float32 scales m, then
     the d indices k packed at ``bits`` bits each. Bits: bits·d +
@@ -621,12 +644,12 @@ class QsgdCodec(Codec):
         lowest = np.float32(_MAGIC).view(_U32)  # patterns of _MAGIC + 0 and _MAGIC + s
         highest = np.float32(_MAGIC + s).view(_U32)
         length = min(n, self._block_length(bucket))
-        lanes = np.empty((length + 1) // 2, _U64)  # the block's uniforms
-        work = np.empty(2 * lanes.size, _F32)  # the uniforms' scratch, then the magnitudes, then t
+        uniform = np.empty(length, _F32)  # the block's uniforms
+        work = np.empty(length + 4, _F32)  # the uniforms' scratch (two lane buffers), then the magnitudes, then t
         idx = np.empty(length, np.uint8)
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
             for lo, hi, pieces in blocks:
-                r = uniforms.draw(lo, hi - lo, lanes, work.view(_U64))
+                r = uniforms.draw16(lo, hi - lo, uniform, work)
                 finite = True  # every scale of the block finite, so t is too
                 for start, stop, rows, first in pieces:
                     xv = flat[start:stop].reshape(rows, -1)

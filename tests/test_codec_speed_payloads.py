@@ -8,6 +8,11 @@ values (±0, ±Inf, NaN, ±65504 and beyond, subnormals), mostly-zero tensors
 (with −0) and tiny buckets that take qsgd's subnormal-scale path. The codec
 seeds fix qsgd's and ternary's rounding noise, so the digests also pin that
 the noise stream (SplitMix64 keyed by the codec's generator) is unchanged.
+
+The qsgd digests were re-pinned once, when qsgd moved from 23-bit to 16-bit
+uniforms (four per SplitMix64 lane instead of two, for speed); every other
+codec's digest is the original one. ``test_qsgd_noise_is_splitmix64_in_16_bit_cells``
+checks the new stream against a pure-Python SplitMix64.
 """
 
 from __future__ import annotations
@@ -84,53 +89,53 @@ PINNED = {
     'sign': 'a5dd993e82ecb754',
     'signz': 'ae6e68ed18c10f2c',
     'ternary': '3acd930594feba12',
-    'qsgd1x512': '3848e5e433831f11',
-    'qsgd1x3': '003323aed7c41f1a',
-    'qsgd1x8': 'ed0597dba33b6b5a',
-    'qsgd1x100': '3fc87df1f3d6555c',
-    'qsgd2x512': 'fb6f930159b620d2',
-    'qsgd2x3': '779992a34ab615ce',
-    'qsgd2x8': '0980aae78b545934',
-    'qsgd2x100': '520708365bb464b2',
-    'qsgd3x512': '62a3d2618df5e021',
-    'qsgd3x3': '77f2d5fb7a8890af',
-    'qsgd3x8': 'f3b94d505ebb44fb',
-    'qsgd3x100': '9d7ed4e327e9ddba',
-    'qsgd4x512': '33ed59316f78f4c7',
-    'qsgd4x3': 'bc4921ca2042a3e9',
-    'qsgd4x8': '3a1a874b84986937',
-    'qsgd4x100': '5dd4caa7e1db55e0',
-    'qsgd5x512': '53a8fc3aeaa45119',
-    'qsgd5x3': '7e12f6e5198d883a',
-    'qsgd5x8': '02b04232d3333122',
-    'qsgd5x100': '3de35ed851c2beb4',
-    'qsgd6x512': '1c4aef0acc747364',
-    'qsgd6x3': '0d27ac8935fa37b1',
-    'qsgd6x8': '4d6719233149bd9d',
-    'qsgd6x100': '8fee83460928282e',
-    'qsgd7x512': 'b19fd8a73acf9c99',
-    'qsgd7x3': '6d00e9fb7fe9821d',
-    'qsgd7x8': '16ca0c39237389a4',
-    'qsgd7x100': 'a5fa7d8fc7c823dd',
-    'qsgd8x512': '1da2188d2434477c',
-    'qsgd8x3': 'fc7bff183ddd6cb4',
-    'qsgd8x8': 'e3ec2f5be7532473',
-    'qsgd8x100': '452afd53b8a1890b',
-    'qsgd1xbig': '0d30c8f936980c20',
-    'qsgd1xhuge': 'df8c63c370c15fb4',
-    'qsgd1s': '1ff9673e907e17c4',
-    'qsgd1z': '818c00e6e9dad1f5',
-    'qsgd1t': '564fc0132ee172ad',
-    'qsgd4xbig': 'd1f02c977b6196e5',
-    'qsgd4xhuge': '899f7fdbcc37ac47',
-    'qsgd4s': 'ec275fa276f0b122',
-    'qsgd4z': '80da7057d228387d',
-    'qsgd4t': 'bb42859385328ef5',
-    'qsgd8xbig': '1582b0bf7ff6650e',
-    'qsgd8xhuge': '8eee4d6aba9c59b6',
-    'qsgd8s': '3c7d269da9fb6d04',
-    'qsgd8z': 'f011dd193364d8e5',
-    'qsgd8t': '0c7d999760440866',
+    'qsgd1x512': '66a0f21509fbc25d',
+    'qsgd1x3': 'dedf638dc2e11527',
+    'qsgd1x8': '9d01f3039927b71d',
+    'qsgd1x100': 'e8b530897cc678c0',
+    'qsgd2x512': 'afa5327051b9669f',
+    'qsgd2x3': '00ee842add4e7833',
+    'qsgd2x8': '0f6092fd90d53a1b',
+    'qsgd2x100': '87ce9b78393bca3c',
+    'qsgd3x512': '448ce6ecd117f352',
+    'qsgd3x3': '0878a3810694bd7c',
+    'qsgd3x8': '98b34b5efc847c81',
+    'qsgd3x100': '8cfbe03fc4a093fb',
+    'qsgd4x512': '57016761256b29db',
+    'qsgd4x3': '9cfb3aff42d7e075',
+    'qsgd4x8': '58a58d5965727004',
+    'qsgd4x100': '55a1b63bce41b908',
+    'qsgd5x512': 'c258ce16e68816b0',
+    'qsgd5x3': '21ee571c90f0ba49',
+    'qsgd5x8': '4a7088302a79c357',
+    'qsgd5x100': '07845aad6cc8bed9',
+    'qsgd6x512': 'cf2c8470414cd445',
+    'qsgd6x3': 'fc9d820e0e596eba',
+    'qsgd6x8': '25b059a9cf33b9a5',
+    'qsgd6x100': '4e6266b3319f9b0a',
+    'qsgd7x512': '16a35e8d5494994a',
+    'qsgd7x3': '89afae877d1df0f4',
+    'qsgd7x8': 'ad0801e79314a128',
+    'qsgd7x100': '4fbcb9d8d080b8b1',
+    'qsgd8x512': '335b86dd651b8fbc',
+    'qsgd8x3': '7026b35568409114',
+    'qsgd8x8': '5731d1c1513eb691',
+    'qsgd8x100': 'bd526bff0932cbbd',
+    'qsgd1xbig': '0d0cb83e532aac85',
+    'qsgd1xhuge': 'a33c8f3bd2e07794',
+    'qsgd1s': '65ee49f135ed4fa4',
+    'qsgd1z': '2301edcd1a381f78',
+    'qsgd1t': '552d9acc8feb45d8',
+    'qsgd4xbig': '00845e552709490c',
+    'qsgd4xhuge': 'bc19dbce762c8951',
+    'qsgd4s': '3c2b4249042ba8c6',
+    'qsgd4z': 'e1baa830ddd0510e',
+    'qsgd4t': 'c6d8f98778b9d776',
+    'qsgd8xbig': 'f883c62ec8cfa96a',
+    'qsgd8xhuge': 'd1423ea71c9fc23b',
+    'qsgd8s': 'eb9e510fd159be40',
+    'qsgd8z': 'bde9a67724b1f949',
+    'qsgd8t': '9906152d2642723c',
 }
 
 
@@ -183,9 +188,31 @@ def test_payloads_are_fresh_bytes_and_inputs_may_be_read_only():
     assert a != b and hash(a) == hash(bytes(a))  # filled before anyone could hash or share them
 
 
+def _splitmix64(key: int, lane: int) -> int:
+    z = (key + (lane + 1) * 0x9E3779B97F4A7C15) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return z ^ (z >> 31)
+
+
+def test_qsgd_noise_is_splitmix64_in_16_bit_cells():
+    uniforms = Q._Uniforms(np.random.default_rng(3))
+    first, count = 1 << 12, 1001
+    out, scratch = np.empty(count, np.float32), np.empty(count + 4, np.float32)
+    r = uniforms.draw16(first, count, out, scratch)
+    expected = [
+        1 + (((_splitmix64(uniforms.key, (first + i) // 4) >> (16 * ((first + i) % 4))) & 0xFFFF) + 0.5) / 2**16
+        for i in range(count)
+    ]
+    assert np.array_equal(r.astype(np.float64), np.array(expected))
+    # the midpoints of 2^16 cells: exactly representable, mean 3/2
+    cells = np.arange(2**16, dtype=np.float64)
+    assert np.mean(1 + (cells + 0.5) / 2**16) == 1.5
+
+
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_qsgd_indices_are_clipped_when_rounding_overshoots(bits, monkeypatch):
-    """With the extreme uniforms (1 and 2 − 2⁻²³), x = ±m can round to index −1 or s + 1;
+    """With extreme uniforms (1 and 2 − 2⁻²³, beyond draw16's 1 + 2⁻¹⁷ and 2 − 2⁻¹⁷), x = ±m can round to index −1 or s + 1;
     the encoder must send 0 and s, exactly as clipping the float32 patterns does."""
     s = (1 << bits) - 1
     half = np.float32(s / 2)
@@ -195,7 +222,7 @@ def test_qsgd_indices_are_clipped_when_rounding_overshoots(bits, monkeypatch):
     x = np.stack([m, -m, m * np.float32(0.3), -m], axis=1).astype(np.float32)  # one bucket per row
     r = np.where(np.arange(x.size) % 4, np.float32(1), np.float32(2 - 2.0**-23)).astype(np.float32)  # max for +m
     r[2::4] = rng.uniform(1, 2, r[2::4].size).astype(np.float32)
-    monkeypatch.setattr(Q._Uniforms, "draw", lambda self, first, count, z, w: r[first : first + count])
+    monkeypatch.setattr(Q._Uniforms, "draw16", lambda self, first, count, out, scratch: r[first : first + count])
     codec = Q.QsgdCodec(bits=bits, bucket=4, seed=0)
     payload = codec.encode(x)
     got = unpack_bits(payload[6 + 4 * x.ndim + 5 + 4 * m.size :], bits, x.size)
