@@ -40,7 +40,7 @@ bench-quantum: $(STAMP)
 	$(BIN)/qfl bench quantum
 
 experiment-compression: $(STAMP)
-	$(BIN)/qfl experiment compression --out runs/experiment-compression
+	$(BIN)/qfl experiment compression --seeds 3 --out runs/experiment-compression
 
 experiment-key-budget: $(STAMP)
 	$(BIN)/qfl experiment key-budget --out runs/experiment-key-budget
