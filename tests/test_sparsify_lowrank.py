@@ -596,3 +596,32 @@ def test_other_constructor_validation():
     with pytest.raises(ValueError, match="wraps a Codec"):
         EntropyCodec("fp32", "zstd")  # type: ignore[arg-type]
     assert repr(TopKCodec(0.5, "fp32")) == "TopKCodec(ratio=0.5, values='fp32')"
+
+
+@pytest.mark.parametrize("case", ["normal", "ties", "coarse", "periodic", "nan", "sparse"])
+def test_topk_sampled_bound_selects_exactly_what_a_full_selection_does(case):
+    from qfl.compression import sparsify as S
+
+    rng = np.random.default_rng(7)
+    d = (1 << 21) + 4099
+    x = rng.standard_normal(d).astype(np.float32)
+    if case == "ties":
+        x[::7] = 0.5
+    elif case == "coarse":
+        x = np.round(x * 2).astype(np.float32)  # a handful of magnitudes, ties at the threshold
+    elif case == "periodic":  # the strided sample sees only one phase
+        x = np.zeros(d, np.float32)
+        x[1::4] = 5.0
+    elif case == "nan":
+        x[[5, 70000]] = np.nan
+    elif case == "sparse":
+        x[rng.random(d) < 0.999] = 0.0
+    k = S.support_size(0.01, d)
+    got = S.TopKCodec(0.01)._select(x, k)
+    want = S._top_k(np.abs(x), k)
+    assert got.size == k and np.all(np.diff(got) > 0)
+    if case == "nan":  # NaNs are kept, and the same magnitudes fill the rest
+        assert {5, 70000} <= set(got.tolist())
+        assert np.array_equal(np.sort(np.abs(x[got]))[: k - 2], np.sort(np.abs(x[want]))[: k - 2])
+    else:
+        assert np.array_equal(got, want)
