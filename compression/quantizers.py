@@ -599,7 +599,7 @@ class QsgdCodec(Codec):
         ``out``: uint8, :meth:`quantized_size` bytes. The rounding noise comes
         from ``rng`` (default: this codec's generator; one 64-bit draw).
         """
-        n, bits, bucket = flat.size, self.bits, self.bucket
+        n, bucket = flat.size, self.bucket
         nbuckets = -(-n // bucket)
         scales = np.empty(nbuckets, _F32)  # aligned; copied into ``out`` at the end
         if bucket > _QSGD_BLOCK:  # a bucket spans blocks: scales first

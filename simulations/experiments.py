@@ -25,6 +25,7 @@ from typing import Any
 from qfl.config import resolve_config
 from qfl.files import atomic_write_bytes, atomic_write_json
 
+from .report import pyplot, save_png
 from .runner import run_simulation_job
 
 CLIENTS = 20
@@ -117,13 +118,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 
 def _plot(out: Path, rows: list[dict[str, Any]]) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     histories = {}
     for r in rows:  # seed-mean accuracy and cumulative uplink bytes, round by round
         runs = [json.loads((out / r["arm"] / f"seed-{s}" / "metrics.json").read_text()) for s in r["seeds"]]
@@ -142,7 +137,4 @@ def _plot(out: Path, rows: list[dict[str, Any]]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(out / "compression.png", buffer.getvalue())
+    save_png(fig, out / "compression.png")

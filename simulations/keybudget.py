@@ -19,7 +19,6 @@ experiment continues where it stopped.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from qfl.files import atomic_write_bytes, atomic_write_json
 from qfl.quantum.network import parse_link_spec, resolve_rate
 from qfl.security.secagg import network_nodes
 
+from .report import pyplot, save_png
 from .runner import run_simulation_job
 
 # (label, codec, codec params)
@@ -124,11 +124,7 @@ def format_key_rows(rows: list[dict[str, Any]]) -> str:
 
 
 def _plot(out: Path, rows: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     counts = sorted({r["clients"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     for clients, style in zip(counts, ("-", "--", ":")):
@@ -151,7 +147,4 @@ def _plot(out: Path, rows: list[dict[str, Any]]) -> None:
     axes[1].set_ylabel("rounds per hour the key rate sustains")
     axes[1].grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(out / "key-budget.png", buffer.getvalue())
+    save_png(fig, out / "key-budget.png")

@@ -50,16 +50,32 @@ def markdown_table(history: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_plots(run_dir: Path, history: list[dict[str, Any]]) -> list[Path]:
-    """accuracy.png and uplink.png in ``run_dir``; returns their paths."""
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
+    return plt
+
+
+def save_png(fig: Any, path: Path) -> Path:
+    """Write ``fig`` to ``path`` as a PNG, atomically (never half a file), and close it."""
     from qfl.files import atomic_write_bytes
 
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    pyplot().close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def write_plots(run_dir: Path, history: list[dict[str, Any]]) -> list[Path]:
+    """accuracy.png and uplink.png in ``run_dir``; returns their paths."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
     rounds = [r["round"] for r in history]
     cumulative, total = [], 0
     for r in history:
@@ -77,11 +93,7 @@ def write_plots(run_dir: Path, history: list[dict[str, Any]]) -> list[Path]:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-        plt.close(fig)
-        atomic_write_bytes(run_dir / name, buffer.getvalue())
-        paths.append(run_dir / name)
+        paths.append(save_png(fig, run_dir / name))
     return paths
 
 
