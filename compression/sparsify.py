@@ -104,8 +104,9 @@ def _candidates(magnitude: np.ndarray, k: int) -> np.ndarray | None:
     count above the k-th), so one pass keeps the positions with magnitude ≥ L
     (or NaN), typically 1.5·k of them, and the exact selection runs on those
     alone. The result is exact whatever the data: if fewer than k positions
-    pass (an unlucky or periodic sample), this returns None and the caller
-    selects over the whole tensor.
+    pass (an unlucky or periodic sample), or so many that gathering them costs
+    more than it saves (over d/4, e.g. a mostly-zero tensor with bound 0), this
+    returns None and the caller selects over the whole tensor.
     """
     d = magnitude.size
     if d < 16 * _SAMPLE or 4 * k > d:
@@ -119,7 +120,7 @@ def _candidates(magnitude: np.ndarray, k: int) -> np.ndarray | None:
     keep = np.less(magnitude, bound)
     np.logical_not(keep, out=keep)  # magnitude ≥ bound, or NaN
     candidates = np.flatnonzero(keep)
-    return candidates if candidates.size >= k else None
+    return candidates if k <= candidates.size <= d // 4 else None
 
 
 class TopKCodec(Codec):
