@@ -18,13 +18,13 @@ timed on one thread as well (``*_1thread`` fields, last two table columns).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
+from qfl.benchmarks.timing import best_of
 from qfl.compression import EncodeContext, make_codec, quantizers
 
 # (label, codec name, params); the matrix codecs see the array as 4096 × (N/4096).
@@ -44,15 +44,6 @@ BENCH_CODECS: list[tuple[str, str, dict[str, Any]]] = [
     ("fp32+zstd", "fp32", {"entropy": "zstd"}),
     ("topk-1%+zstd", "topk", {"ratio": 0.01, "feedback": False, "entropy": "zstd"}),
 ]
-
-
-def _best(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 THREADED = {"qsgd"}  # codecs whose encoder may use more than the calling thread
@@ -77,8 +68,8 @@ def _time_codec(name: str, params: dict[str, Any], x: np.ndarray, repeats: int, 
     tensor = x.reshape(4096, -1) if name == "powersgd" else x
     state: dict[str, np.ndarray] = {}
     seeds = iter(range(seed, seed + repeats))  # a fresh round seed per timing: rand-k draws a new support
-    enc_s, payload = _best(lambda: codec.encode(tensor, EncodeContext(seed=next(seeds), state=state)), repeats)
-    dec_s, _ = _best(lambda: codec.decode(payload), repeats)
+    enc_s, payload = best_of(lambda: codec.encode(tensor, EncodeContext(seed=next(seeds), state=state)), repeats)
+    dec_s, _ = best_of(lambda: codec.decode(payload), repeats)
     return enc_s, dec_s, payload
 
 
@@ -93,7 +84,7 @@ def bench_codecs(
         raise ValueError(f"--size must be a positive multiple of 4096, got {size}")
     x = np.random.default_rng(seed).standard_normal(size, dtype=np.float32)
     dst = np.empty_like(x)
-    copy_s, _ = _best(lambda: np.copyto(dst, x), max(repeats, 5))
+    copy_s, _ = best_of(lambda: np.copyto(dst, x), max(repeats, 5))
     rows = []
     for label, name, params in BENCH_CODECS:
         if only and label not in only and name not in only:
@@ -168,7 +159,7 @@ def bench_codecs_torch(device: str = "cuda", size: int = 1 << 24, repeats: int =
             return out
 
         run()  # warm-up (kernel compilation, allocator)
-        return _best(run, n)
+        return best_of(run, n)
 
     copy_s, _ = timed(lambda: dst.copy_(x), max(repeats, 5))
     encoders = {

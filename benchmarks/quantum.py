@@ -18,23 +18,14 @@ NTangled shard (dataset generation excluded; it is cached per process).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 
+from qfl.benchmarks.timing import best_of
 from qfl.quantum import vqc
-
-
-def _best(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up (qnode construction, caches)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _haar_states(batch: int, qubits: int, seed: int) -> np.ndarray:
@@ -76,8 +67,8 @@ def bench_quantum(
                 {
                     "backend": backend,
                     "qubits": n,
-                    "circuits_per_s": batch / _best(forward, repeats),
-                    "gradients_per_s": batch / _best(gradient, repeats),
+                    "circuits_per_s": batch / best_of(forward, repeats, warmup=True)[0],
+                    "gradients_per_s": batch / best_of(gradient, repeats, warmup=True)[0],
                 }
             )
     return rows

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from qfl.benchmarks.timing import best_of
 from qfl.security.masking import (
     add_packed,
     aggregate,
@@ -41,22 +41,13 @@ from qfl.security.masking import (
 )
 
 
-def _best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def bench_masking(
     d: int = 1 << 24, ring_bits: tuple[int, ...] = (8, 16, 34, 37), repeat: int = 3, composed: bool = True
 ) -> list[dict[str, Any]]:
     rng = np.random.default_rng(0)
     src = rng.standard_normal(d).astype(np.float32)
     dst = np.empty_like(src)
-    copy = _best(lambda: np.copyto(dst, src), repeat)
+    copy = best_of(lambda: np.copyto(dst, src), repeat)[0]
     rows = []
     for B in ring_bits:
         q = rng.integers(0, 1 << B, d, dtype=np.uint64)
@@ -67,11 +58,11 @@ def bench_masking(
             packed.pop("y", None)
             packed["y"] = masked_pack(q, 0, {1: key}, B)
 
-        t_mask = _best(mask, repeat)
+        t_mask = best_of(mask, repeat)[0]
         total = q.copy()  # the running sum the upload is added into
-        t_unmask = _best(lambda: add_packed(total, packed["y"], B), repeat)
+        t_unmask = best_of(lambda: add_packed(total, packed["y"], B), repeat)[0]
         sized = np.empty(len(packed["y"]), np.uint8)
-        t_bytes = _best(lambda: sized.tobytes(), repeat)
+        t_bytes = best_of(lambda: sized.tobytes(), repeat)[0]
         row = {
             "ring_bits": B, "elements": d, "mask_ratio": t_mask / copy, "unmask_ratio": t_unmask / copy,
             "mask_plus_unmask_ratio": (t_mask + t_unmask) / copy,
@@ -85,8 +76,8 @@ def bench_masking(
                 slow.pop("y", None)
                 slow["y"] = pack_ring(apply_masks(q, 0, {1: mask_from_key(key, d, B)}, B), B)
 
-            t_cm = _best(mask_composed, repeat)
-            t_cu = _best(lambda: aggregate([q, unpack_ring(slow["y"], B, d)], B), repeat)
+            t_cm = best_of(mask_composed, repeat)[0]
+            t_cu = best_of(lambda: aggregate([q, unpack_ring(slow["y"], B, d)], B), repeat)[0]
             row.update(composed_mask_ratio=t_cm / copy, composed_unmask_ratio=t_cu / copy)
         rows.append(row)
     return rows

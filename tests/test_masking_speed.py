@@ -7,12 +7,12 @@ steps stay well ahead of the separate functions they replace.
 """
 
 import os
-import time
 
 import numpy as np
 import pytest
 
 from qfl.benchmarks.secagg import bench_masking
+from qfl.benchmarks.timing import best_of
 from qfl.security.masking import (
     add_packed,
     aggregate,
@@ -25,13 +25,8 @@ from qfl.security.masking import (
 )
 
 
-def _best(fn, repeat=5):
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def _best(fn):
+    return best_of(fn, 5)[0]
 
 
 def test_bench_masking_reports_its_fields():
