@@ -37,9 +37,14 @@ def preflight(cfg: RunConfig) -> None:
 
 
 def run_simulation_job(
-    cfg: RunConfig, run_dir: Path, resume: bool = False, reporter: Reporter | None = None, verbose: bool = False
+    cfg: RunConfig, run_dir: Path, resume: bool = False, reporter: Reporter | None = None, verbose: bool = False,
+    client_app: Any = None,
 ) -> dict[str, Any]:
-    """Run ``cfg`` on the simulation engine; return the summary dict."""
+    """Run ``cfg`` on the simulation engine; return the summary dict.
+
+    ``client_app``: the Flower ClientApp the supernodes run (default: qfl's own,
+    ``qfl.clients.app.app``); tests pass one that wraps it with faults.
+    """
     preflight(cfg)
     run_dir = Path(run_dir)
     if resume:
@@ -54,7 +59,8 @@ def run_simulation_job(
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
 
-    from qfl.clients.app import app as client_app
+    if client_app is None:
+        from qfl.clients.app import app as client_app
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)

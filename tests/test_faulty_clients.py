@@ -18,12 +18,11 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     from flwr.app import Array, Message, RecordDict
     from flwr.clientapp import ClientApp
-    from flwr.simulation import run_simulation
 
     from qfl.clients import app as real
     from qfl.compression import PAYLOAD_STYPE
     from qfl.config import resolve_config
-    from qfl.server.app import make_server_app
+    from qfl.simulations.runner import run_simulation_job
 
     faulty = ClientApp()
 
@@ -48,15 +47,7 @@ SCRIPT = textwrap.dedent(
     faulty.evaluate()(real.evaluate)
 
     cfg = resolve_config({"rounds": 3, "clients": 5, "codec": "fp32", "security": "none"})
-    errors = []
-    run_simulation(
-        server_app=make_server_app(cfg, Path(sys.argv[1]), None, False, errors),
-        client_app=faulty,
-        num_supernodes=cfg.clients,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-    )
-    if errors:
-        raise errors[0]
+    run_simulation_job(cfg, Path(sys.argv[1]), client_app=faulty)
     """
 )
 

@@ -24,11 +24,10 @@ SCRIPT = textwrap.dedent(
 
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
     from flwr.clientapp import ClientApp
-    from flwr.simulation import run_simulation
 
     from qfl.clients import app as real
     from qfl.config import build_config
-    from qfl.server.app import make_server_app
+    from qfl.simulations.runner import run_simulation_job
 
     FAULTS = "security=masked-sum" in sys.argv  # captured by value when Ray ships train()
     faulty = ClientApp()
@@ -65,15 +64,7 @@ SCRIPT = textwrap.dedent(
         faulty.query(action)(getattr(real, action))
 
     cfg = build_config(None, [*sys.argv[2:], "rounds=3", "clients=10"])
-    errors = []
-    run_simulation(
-        server_app=make_server_app(cfg, Path(sys.argv[1]), None, False, errors),
-        client_app=faulty,
-        num_supernodes=cfg.clients,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-    )
-    if errors:
-        raise errors[0]
+    run_simulation_job(cfg, Path(sys.argv[1]), client_app=faulty)
     """
 )
 
