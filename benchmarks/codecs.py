@@ -158,8 +158,7 @@ def bench_codecs_torch(device: str = "cuda", size: int = 1 << 24, repeats: int =
             sync()
             return out
 
-        run()  # warm-up (kernel compilation, allocator)
-        return best_of(run, n)
+        return best_of(run, n, warmup=True)  # warm-up: kernel compilation, allocator
 
     copy_s, _ = timed(lambda: dst.copy_(x), max(repeats, 5))
     encoders = {
