@@ -25,11 +25,11 @@ from flwr.clientapp import ClientApp
 
 from qfl.compression import decode_update, encode_update, make_codec
 from qfl.config import RunConfig, resolve_config
+from qfl.seeds import round_seed, task_seed
 
 from qfl.security.secagg import MASKED_MODES
 
 from . import secure
-from .classical import round_seed, task_seed
 from .tasks import task_for
 
 CODEC_STATE = "codec-state"
@@ -79,7 +79,7 @@ def train(msg: Message, context: Context) -> Message:
     partition_id, num_partitions = _partition(context)
     delta, num_examples, loss = task_for(cfg).local_update(_global_weights(msg, cfg), partition_id, num_partitions, server_round)
     metrics = MetricRecord({"num-examples": num_examples, "train-loss": loss, "partition-id": partition_id})
-    seed = task_seed(cfg, server_round, partition_id)
+    seed = task_seed(cfg.seed, server_round, partition_id)
     mode = msg.content["secagg"]["mode"] if "secagg" in msg.content.config_records else "none"
     if mode in MASKED_MODES:
         content = secure.masked_reply(msg, context, cfg, partition_id, delta, seed)
@@ -87,7 +87,7 @@ def train(msg: Message, context: Context) -> Message:
         return Message(content, reply_to=msg)
     codec = make_codec(cfg.codec, cfg.codec_params, seed=seed)
     states = load_codec_state(context) if codec.traits.stateful else None
-    update = encode_update(delta, codec, round_seed(cfg, server_round), states)
+    update = encode_update(delta, codec, round_seed(cfg.seed, server_round), states)
     if states is not None:
         save_codec_state(context, states)
     if mode == "channel-pad":

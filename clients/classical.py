@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from qfl.config import RunConfig
+from qfl.seeds import task_seed
 
 from .datasets import Dataset, load_dataset
 from .models import build_model, get_weights, set_weights
@@ -52,16 +53,6 @@ def local_split(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple
     return np.sort(idx[n_val:]), np.sort(idx[:n_val])
 
 
-def task_seed(cfg: RunConfig, server_round: int, partition_id: int) -> int:
-    """The seed of one client's training in one round (independent of process)."""
-    return int(np.random.SeedSequence([cfg.seed, server_round, partition_id]).generate_state(1)[0])
-
-
-def round_seed(cfg: RunConfig, server_round: int) -> int:
-    """Shared by every client of a round (rand-k's common support), and known to the server."""
-    return int(np.random.SeedSequence([cfg.seed, server_round, 2]).generate_state(1)[0])
-
-
 def local_update(
     cfg: RunConfig, global_weights: dict[str, np.ndarray], partition_id: int, num_partitions: int, server_round: int
 ) -> tuple[dict[str, np.ndarray], int, float]:
@@ -71,7 +62,7 @@ def local_update(
     """
     data = dataset_for(cfg)
     idx, _ = local_split(cfg, partition_id, num_partitions)
-    seed = task_seed(cfg, server_round, partition_id)
+    seed = task_seed(cfg.seed, server_round, partition_id)
     model = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.seed)
     set_weights(model, global_weights)
     torch.manual_seed(seed)

@@ -64,7 +64,9 @@ from torch import nn
 from qfl.config import RunConfig
 from qfl.quantum import qdata, vqc
 
-from .classical import shard, task_seed
+from qfl.seeds import task_seed
+
+from .classical import shard
 from .training import evaluate, train
 
 KINDS = ("quantum", "classical", "hybrid")
@@ -368,7 +370,7 @@ class QuantumTask:
         kind = kind_of(cfg, partition_id, num_partitions)
         idx, _ = local_split(cfg, partition_id, num_partitions)
         x, y = _inputs(cfg, kind, "train")
-        seed = task_seed(cfg, server_round, partition_id)
+        seed = task_seed(cfg.seed, server_round, partition_id)
         model = QuantumModel(cfg, kind, seed)
         model.load(weights)
         torch.manual_seed(seed)
@@ -386,7 +388,7 @@ class QuantumTask:
         if len(idx) == 0:
             return 0.0, 0.0, 0
         x, y = _inputs(cfg, kind, "train")
-        model = QuantumModel(cfg, kind, task_seed(cfg, 0, partition_id))
+        model = QuantumModel(cfg, kind, task_seed(cfg.seed, 0, partition_id))
         model.load(weights)
         loss, acc = evaluate(model, x[idx], y[idx])
         return loss, acc, len(idx)

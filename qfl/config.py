@@ -2,9 +2,13 @@
 
 A run is configured by a TOML file, ``--set key=value`` overrides, or Flower's
 ``run_config`` (for ``flwr run .``); all three go through :func:`resolve_config`,
-which rejects unknown keys and bad values before any round starts, with a
-message that names the key and the fix. Keys of the form ``codec.NAME`` are
-codec parameters and land in :attr:`RunConfig.codec_params`.
+which rejects unknown keys and bad values with a message that names the key
+and the fix. This module is plain data and imports nothing else from qfl:
+what needs another layer (the codec registry, secure aggregation's rules, the
+quantum backends, the dataset files) is checked by
+:func:`qfl.server.preflight.check_components` before any round starts.
+Keys of the form ``codec.NAME`` are codec parameters and land in
+:attr:`RunConfig.codec_params`.
 """
 
 from __future__ import annotations
@@ -193,35 +197,8 @@ def _check(cfg: RunConfig) -> None:
     need(0 <= cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum}")
     need(cfg.timeout_s > 0, f"timeout_s must be > 0, got {cfg.timeout_s}")
     need(cfg.client_cpus > 0, f"client_cpus must be > 0, got {cfg.client_cpus}")
-    # Codec names and parameters are checked by the codec registry.
-    from qfl.compression import make_codec
-
-    try:
-        make_codec(cfg.codec, cfg.codec_params)
-        downlink = make_codec(cfg.downlink_codec, cfg.downlink_codec_params)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    need(
-        not downlink.traits.stateful,
-        f"downlink_codec {cfg.downlink_codec!r} keeps state (error feedback / warm start), but the server "
-        "broadcasts one model to clients that were not all there last round; set downlink_codec.feedback=false "
-        "or pick a stateless codec (fp32, fp16, bf16, qsgd, ternary, randk)",
-    )
-    # Which codecs a security mode accepts, and the quantum keys, are checked where they are used.
-    if cfg.security != "none":
-        from qfl.security.secagg import check_security_config
-
-        try:
-            check_security_config(cfg)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    if cfg.model not in ("cnn", "mlp") or cfg.dataset in ("ntangled", "magic") or cfg.client_kinds:
-        from qfl.clients.quantum import check_quantum_config
-
-        try:
-            check_quantum_config(cfg)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+    # Codecs, security rules, QKD link specs, quantum backends and datasets are checked by
+    # qfl.server.preflight, which may import the layers that own them; this module imports none.
 
 
 def resolve_config(values: Mapping[str, Any]) -> RunConfig:

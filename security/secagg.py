@@ -91,28 +91,6 @@ def network_nodes(clients: int) -> list[str]:
     return [SERVER_SAE] + [client_sae(i) for i in range(clients)]
 
 
-def check_security_config(cfg) -> None:
-    """Raise ValueError (naming the fix) if ``cfg.security`` cannot run with ``cfg.codec`` or the
-    QKD network keys are malformed."""
-    from qfl.quantum.network import parse_link_spec
-
-    nodes = network_nodes(cfg.clients)
-    for km in parse_link_spec(cfg.qkd_links, nodes).values():
-        if not (math.isfinite(km) and km >= 0):
-            raise ValueError(f"qkd_links distances must be finite and >= 0 km, got {km}")
-    for fraction in parse_link_spec(cfg.qkd_eavesdropped, nodes, default=1.0).values():
-        if not 0 < fraction <= 1:
-            raise ValueError(f"qkd_eavesdropped fractions (the share of pulses Eve intercepts) must be in (0, 1], got {fraction}")
-    if cfg.security in MASKED_MODES:
-        codec = make_codec(cfg.codec, cfg.codec_params)
-        form = sum_form(codec)  # ValueError naming the accepted codecs
-        if form.ring_bits(cfg.clients) > 64:
-            raise ValueError(
-                f"{cfg.clients} clients with codec {cfg.codec!r} need a {form.ring_bits(cfg.clients)}-bit ring; "
-                "at most 64 bits are supported; use fewer bits (codec.bits) or fewer clients"
-            )
-
-
 # --------------------------------------------------------------------------- the round plan
 
 

@@ -10,14 +10,18 @@ already-resolved config, an output directory and a reporter.
 from __future__ import annotations
 
 import time
+from logging import INFO
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
 
 from qfl.config import RunConfig, resolve_config
 
 from .federation import Reporter, run_federation
+from .preflight import preflight
 
 
 def default_run_dir() -> Path:
@@ -42,12 +46,30 @@ def make_server_app(
     return server_app
 
 
+class LogReporter:
+    """One log line per round through Flower's logger: the ServerApp of ``flwr run`` writes no report files.
+
+    Tables and plots are the runner's job (:mod:`qfl.simulations.report`); a
+    deployment reads ``metrics.json`` and ``summary.json`` in the run directory.
+    """
+
+    def start(self, cfg: RunConfig, run_dir: Path, first_round: int) -> None:
+        log(INFO, "qfl: %s clients, codec=%s, security=%s, rounds %s..%s -> %s",
+            cfg.clients, cfg.codec, cfg.security, first_round, cfg.rounds, run_dir)
+
+    def round(self, record: dict[str, Any]) -> None:
+        log(INFO, "qfl round %s: accuracy %.4f, uplink %s B, key bits %s, dropped %s",
+            record["round"], record["accuracy"], record["uplink_bytes"], record["key_bits_used"], record["dropped"])
+
+    def finish(self, summary: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        log(INFO, "qfl: final accuracy %s after %s rounds", summary["final_accuracy"], summary["rounds"])
+
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from qfl.simulations.report import ConsoleReporter
-
     cfg = resolve_config(dict(context.run_config))
-    run_federation(grid, cfg, default_run_dir(), ConsoleReporter(live=False))
+    preflight(cfg)
+    run_federation(grid, cfg, default_run_dir(), LogReporter())

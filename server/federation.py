@@ -19,10 +19,10 @@ import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
-from qfl.clients.classical import round_seed
 from qfl.clients.tasks import ClientTask, task_for
 from qfl.compression import make_codec
 from qfl.config import RunConfig, resolve_config
+from qfl.seeds import round_seed
 from qfl.security.secagg import MASKED_MODES, SECURITY_LEVELS
 
 from qfl.files import atomic_write_bytes, atomic_write_json
@@ -121,7 +121,7 @@ def run_federation(
         if cfg.key_source == "store":
             flat_config["key_store"] = str(budget.store_path.resolve())  # where the clients find the pools
         strategy = SecureFedAvg(
-            **common, cfg=cfg, budget=budget, round_seed=lambda r: round_seed(cfg, r), clips=last.get("secure_clip")
+            **common, cfg=cfg, budget=budget, round_seed=lambda r: round_seed(cfg.seed, r), clips=last.get("secure_clip")
         )
     if reporter:
         reporter.start(cfg, run_dir, first_round)

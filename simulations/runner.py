@@ -13,27 +13,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qfl.clients.tasks import task_for
-from qfl.config import ConfigError, RunConfig
+from qfl.config import RunConfig
 from qfl.server.app import make_server_app
 from qfl.server.checkpoint import load_checkpoint
+from qfl.server.preflight import preflight
 from qfl.server.federation import SUMMARY_NAME, Reporter
 
 from .report import ConsoleReporter
-
-
-def preflight(cfg: RunConfig) -> None:
-    """Fail fast, with the fix named, on anything that would break round 1."""
-    task = task_for(cfg)  # raises DatasetNotFound with the expected paths
-    if cfg.clients > task.train_size():
-        raise ConfigError(
-            f"clients={cfg.clients} exceeds the {task.train_size()} training samples of {cfg.dataset}; "
-            "use fewer clients"
-        )
-    try:
-        task.check_partition(cfg.clients)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
 
 
 def run_simulation_job(

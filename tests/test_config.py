@@ -1,6 +1,7 @@
 import pytest
 
 from qfl.config import ConfigError, RunConfig, build_config, load_config_file, parse_overrides, resolve_config
+from qfl.server.preflight import check_components
 
 
 def test_defaults_are_the_demo_run():
@@ -41,7 +42,7 @@ def test_unknown_key_names_the_key_and_a_close_match():
 )
 def test_bad_values_are_rejected_with_the_fix(override, message):
     with pytest.raises(ConfigError, match=message):
-        build_config(overrides=[override])
+        check_components(build_config(overrides=[override]))
 
 
 def test_set_without_equals_is_an_error():
@@ -105,7 +106,7 @@ def test_flwr_app_config_in_pyproject_is_valid():
 )
 def test_codec_config_errors_stop_before_any_round(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        build_config(overrides=overrides)
+        check_components(build_config(overrides=overrides))
 
 
 def test_codec_params_round_trip_through_toml(tmp_path):

@@ -5,11 +5,12 @@ import pytest
 from qfl.config import ConfigError, resolve_config
 from qfl.security.secagg import SERVER_SAE, client_sae
 from qfl.server.keys import KeyBudget, KeyBudgetExceeded
+from qfl.server.preflight import check_components
 
 
 def _cfg(**values):
     base = {"security": "masked-sum", "clients": 4, "qkd_rate": 1000.0, "qkd_round_s": 0.0}
-    return resolve_config({**base, **values})
+    return check_components(resolve_config({**base, **values}))
 
 
 def _pair_needs(pids, bits):

@@ -16,6 +16,7 @@ from qfl.clients.quantum import (
 from qfl.clients.tasks import task_for
 from qfl.clients.training import evaluate
 from qfl.config import ConfigError, resolve_config
+from qfl.server.preflight import check_components
 
 NTANGLED = {
     "model": "vqc",
@@ -32,7 +33,7 @@ NTANGLED = {
 
 
 def cfg_of(**changes):
-    return resolve_config({**NTANGLED, **changes})
+    return check_components(resolve_config({**NTANGLED, **changes}))
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from scipy import stats
 
 from qfl.compression.summable import SumForm, adapt_clip, decode_code_sum, encode_codes
 from qfl.config import ConfigError, resolve_config
+from qfl.server.preflight import check_components
 from qfl.security import secagg as sa
 from qfl.security.keystore import KeyStore
 
@@ -135,8 +136,8 @@ def test_randk_masked_sum_is_unbiased():
 @pytest.mark.parametrize("codec", ["topk", "sign", "powersgd", "fp16", "bf16"])
 def test_masked_sum_refuses_codecs_that_do_not_commute(codec):
     with pytest.raises(ConfigError, match=r"does not commute with sum.*accept fp32.*randk.*channel-pad"):
-        resolve_config({"security": "masked-sum", "codec": codec})
-    resolve_config({"security": "channel-pad", "codec": codec})  # any codec works with the channel pad
+        check_components(resolve_config({"security": "masked-sum", "codec": codec}))
+    check_components(resolve_config({"security": "channel-pad", "codec": codec}))  # any codec works with the channel pad
 
 
 def test_a_masked_upload_is_uniform_and_independent_of_the_data(tmp_path):

@@ -1,0 +1,92 @@
+"""Checks a run must pass before any round starts, across the layers below the server.
+
+``qfl.config`` checks each value on its own (types, ranges, names of modes);
+it imports nothing else from qfl. What needs the codec registry, the secure
+aggregation rules, the QKD network's link syntax, the quantum backends or the
+dataset files is checked here, once, by every entry point that starts a run
+(``qfl run`` through :mod:`qfl.simulations.runner`, and the ServerApp that
+``flwr run`` loads). Every failure is a :class:`~qfl.config.ConfigError`
+naming the fix.
+"""
+
+from __future__ import annotations
+
+import math
+
+from qfl.config import ConfigError, RunConfig
+
+
+def check_components(cfg: RunConfig) -> RunConfig:
+    """Codecs, security mode and QKD network keys, quantum settings; return ``cfg``."""
+    _check_codecs(cfg)
+    if cfg.security != "none":
+        _check_security(cfg)
+    if cfg.model not in ("cnn", "mlp") or cfg.dataset in ("ntangled", "magic") or cfg.client_kinds:
+        from qfl.clients.quantum import check_quantum_config
+
+        try:
+            check_quantum_config(cfg)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return cfg
+
+
+def preflight(cfg: RunConfig) -> None:
+    """:func:`check_components`, then the dataset: files present, enough samples per client."""
+    from qfl.clients.tasks import task_for
+
+    check_components(cfg)
+    task = task_for(cfg)  # raises DatasetNotFound with the expected paths
+    if cfg.clients > task.train_size():
+        raise ConfigError(
+            f"clients={cfg.clients} exceeds the {task.train_size()} training samples of {cfg.dataset}; "
+            "use fewer clients"
+        )
+    try:
+        task.check_partition(cfg.clients)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _check_codecs(cfg: RunConfig) -> None:
+    from qfl.compression import make_codec
+
+    try:
+        make_codec(cfg.codec, cfg.codec_params)
+        downlink = make_codec(cfg.downlink_codec, cfg.downlink_codec_params)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if downlink.traits.stateful:
+        raise ConfigError(
+            f"downlink_codec {cfg.downlink_codec!r} keeps state (error feedback / warm start), but the server "
+            "broadcasts one model to clients that were not all there last round; set downlink_codec.feedback=false "
+            "or pick a stateless codec (fp32, fp16, bf16, qsgd, ternary, randk)"
+        )
+
+
+def _check_security(cfg: RunConfig) -> None:
+    """The QKD network keys parse and name real nodes; a masked mode has a codec that commutes with sum."""
+    from qfl.compression import make_codec
+    from qfl.compression.summable import sum_form
+    from qfl.quantum.network import parse_link_spec
+    from qfl.security.secagg import MASKED_MODES, network_nodes
+
+    nodes = network_nodes(cfg.clients)
+    try:
+        for km in parse_link_spec(cfg.qkd_links, nodes).values():
+            if not (math.isfinite(km) and km >= 0):
+                raise ValueError(f"qkd_links distances must be finite and >= 0 km, got {km}")
+        for fraction in parse_link_spec(cfg.qkd_eavesdropped, nodes, default=1.0).values():
+            if not 0 < fraction <= 1:
+                raise ValueError(
+                    f"qkd_eavesdropped fractions (the share of pulses Eve intercepts) must be in (0, 1], got {fraction}"
+                )
+        if cfg.security in MASKED_MODES:
+            form = sum_form(make_codec(cfg.codec, cfg.codec_params))  # ValueError naming the accepted codecs
+            if form.ring_bits(cfg.clients) > 64:
+                raise ValueError(
+                    f"{cfg.clients} clients with codec {cfg.codec!r} need a {form.ring_bits(cfg.clients)}-bit ring; "
+                    "at most 64 bits are supported; use fewer bits (codec.bits) or fewer clients"
+                )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
