@@ -29,7 +29,13 @@ class UntrustedValue(ValueError):
 
 
 def _show(value: object) -> str:
-    text = repr(value)
+    """A short repr: client values may be huge (repr of a 10**5000 int even raises)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"<an integer of {value.bit_length()} bits>"
+    try:
+        text = repr(value)
+    except Exception:  # a hostile object's __repr__
+        return f"<a {type(value).__name__}>"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -64,7 +70,7 @@ def int_in_range(value: object, name: str, lo: int, hi: int) -> int:
             raise UntrustedValue(f"{name!r} must be an integer, got {as_float!r}")
         out = int(as_float)
     if not lo <= out <= hi:
-        raise UntrustedValue(f"{name!r} = {out} is outside [{lo}, {hi}]")
+        raise UntrustedValue(f"{name!r} = {_show(out)} is outside [{lo}, {hi}]")
     return out
 
 
