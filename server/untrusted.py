@@ -70,7 +70,7 @@ def int_in_range(value: object, name: str, lo: int, hi: int) -> int:
             raise UntrustedValue(f"{name!r} must be an integer, got {as_float!r}")
         out = int(as_float)
     if not lo <= out <= hi:
-        raise UntrustedValue(f"{name!r} = {_show(out)} is outside [{lo}, {hi}]")
+        raise UntrustedValue(f"{name!r} = {_show(value)} is outside [{lo}, {hi}]")
     return out
 
 
