@@ -15,10 +15,18 @@ security layer can refuse combinations that cannot work, before a round runs:
 Every codec writes the common wire header (``wire.py``) so a payload names its
 codec, dtype and shape; ``decode`` checks them and raises :class:`CodecError`
 on any malformed, truncated or foreign byte string.
+
+Untrusted payloads go through ``decode_as(payload, shape)``: it refuses, in
+O(1) and before any allocation, a payload whose header claims another shape
+or that is longer than ``wire.max_payload_size`` of that shape. Past that
+check every decoder (and every nested stage: the entropy stage decodes its
+inner payload with ``decode_as`` too) bounds its allocations by a constant
+times the expected element count, and raises nothing but CodecError.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -86,6 +94,35 @@ class Codec(ABC):
     @abstractmethod
     def decode(self, payload: bytes) -> np.ndarray:
         """Decode a payload made by :meth:`encode`; raise CodecError if malformed."""
+
+    def decode_as(self, payload: bytes, shape: tuple[int, ...]) -> np.ndarray:
+        """Decode an untrusted payload that must hold a float32 tensor of ``shape``.
+
+        Before decoding, checks (O(1)) that the payload is bytes, at most
+        ``wire.max_payload_size(prod(shape))`` long, and that its header is this
+        codec's and claims exactly ``shape``; so the decoder's allocations are
+        bounded by the expected shape, never by what a sender claims. Raises
+        CodecError on any problem, including a decoder that returns another shape.
+        """
+        from .wire import max_payload_size, unpack_header  # wire imports this module
+
+        shape = tuple(int(n) for n in shape)
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
+        limit = max_payload_size(math.prod(shape))
+        size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
+        if size > limit:
+            raise CodecError(
+                f"payload of {size} bytes is longer than any codec sends for shape {shape} "
+                f"({limit} bytes at most); the sender is faulty or hostile"
+            )
+        claimed = unpack_header(payload, self.codec_id).shape
+        if claimed != shape:
+            raise CodecError(f"payload header claims shape {claimed}, expected {shape}")
+        tensor = self.decode(payload)
+        if tensor.shape != shape:
+            raise CodecError(f"payload decoded to shape {tensor.shape}, expected {shape}")
+        return tensor
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

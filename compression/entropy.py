@@ -54,7 +54,10 @@ class EntropyCodec(Codec):
 
     Decoding refuses, before it allocates, any stream that would expand past
     :func:`max_inner_payload` of the header's element count (a decompression
-    bomb that claims a tiny tensor), and any stream with bytes after its end.
+    bomb that claims a tiny tensor), and any stream with bytes after its end;
+    the inner payload is decoded with ``decode_as(inner, header.shape)``, so an
+    inner header that claims another (e.g. a 2**34-element) shape is refused
+    before the inner decoder allocates anything.
 
     ``name`` is ``"<inner>+<method>"`` and ``traits`` are the inner codec's:
     this stage changes the bits, not the algebra. Bits: those of the inner
@@ -123,10 +126,10 @@ class EntropyCodec(Codec):
         cap = max_inner_payload(header.numel)
         data = body[2:]
         inner = self._decompress_zstd(data, cap) if method == 1 else self._decompress_zlib(data, cap)
-        tensor = self.inner.decode(inner)
-        if tensor.shape != header.shape:
-            raise CodecError(f"entropy payload says shape {header.shape}, its inner payload decodes to {tensor.shape}")
-        return tensor
+        try:  # the inner header is checked against the outer shape before the inner decoder allocates
+            return self.inner.decode_as(inner, header.shape)
+        except CodecError as err:
+            raise CodecError(f"entropy payload of shape {header.shape}: inner {self.inner.name} payload: {err}") from None
 
     @staticmethod
     def _decompress_zstd(data: memoryview, cap: int) -> bytes:

@@ -127,6 +127,10 @@ def rice_decode(data: bytes | bytearray | memoryview, k: int, count: int) -> np.
     ``count`` unary terminators, remainder bits past the end), has bytes or
     non-zero padding bits after the last value, or decodes to a value that
     does not fit 64 bits.
+
+    Memory: 24 bytes per value (terminators, quotients, values) plus chunks
+    of at most :data:`_CHUNK_BITS` unpacked bits, whatever the stream's length
+    or content; the stream is never unpacked whole.
     """
     try:
         k = _check_parameter(k)
@@ -145,24 +149,18 @@ def rice_decode(data: bytes | bytearray | memoryview, k: int, count: int) -> np.
         raise CodecError(
             f"Rice stream of {buf.size} bytes is too short for {count} values with k={k}"
         )
-    bits = np.unpackbits(buf)
-    ones = np.flatnonzero(bits)
-    if ones.size < count:
-        raise CodecError(
-            f"Rice stream is truncated: {ones.size} unary terminators for {count} values"
-        )
-    terminators = ones[:count]
+    terminators = _first_ones(buf, count)
     remainder_start = int(terminators[-1]) + 1
     end = remainder_start + count * k
-    if end > bits.size:
+    if end > 8 * buf.size:
         raise CodecError(
-            f"Rice stream is truncated: remainders need {end} bits, the stream has {bits.size}"
+            f"Rice stream is truncated: remainders need {end} bits, the stream has {8 * buf.size}"
         )
     if buf.size != (end + 7) // 8:
         raise CodecError(
             f"Rice stream has {buf.size - (end + 7) // 8} byte(s) after its last value"
         )
-    if bits[end:].any():
+    if end % 8 and int(buf[-1]) & ((1 << (8 - end % 8)) - 1):  # bits after `end`, MSB first
         raise CodecError("Rice stream has non-zero padding bits")
     q = np.diff(terminators, prepend=-1) - 1  # int64, >= 0
     if k and int(q.max()) >> (64 - k):
@@ -170,6 +168,37 @@ def rice_decode(data: bytes | bytearray | memoryview, k: int, count: int) -> np.
     values = q.astype(np.uint64) << np.uint64(k)
     if k:
         shifts = np.arange(k - 1, -1, -1, dtype=np.uint64)
-        rbits = bits[remainder_start:end].reshape(count, k).astype(np.uint64)
-        values |= (rbits << shifts[None, :]).sum(axis=1, dtype=np.uint64)
+        rows = max(1, _CHUNK_BITS // k)
+        for lo in range(0, count, rows):
+            hi = min(lo + rows, count)
+            first, last = remainder_start + lo * k, remainder_start + hi * k
+            skip = first % 8
+            bits = np.unpackbits(buf[first // 8 : (last + 7) // 8])[skip : skip + (hi - lo) * k]
+            rbits = bits.reshape(hi - lo, k).astype(np.uint64)
+            values[lo:hi] |= (rbits << shifts[None, :]).sum(axis=1, dtype=np.uint64)
     return values
+
+
+# Bits unpacked at a time (1 MiB of bits; at most 8 MiB of positions per chunk).
+_CHUNK_BITS = 1 << 20
+
+
+def _first_ones(buf: np.ndarray, count: int) -> np.ndarray:
+    """Bit positions (MSB-first order) of the first ``count`` one bits of ``buf``, int64.
+
+    Scans ``_CHUNK_BITS`` bits at a time and stops at the chunk holding the
+    ``count``-th one, so memory is 8 bytes per value plus one chunk.
+    """
+    step = _CHUNK_BITS // 8
+    found: list[np.ndarray] = []
+    total = 0
+    for lo in range(0, buf.size, step):
+        ones = np.flatnonzero(np.unpackbits(buf[lo : lo + step]))
+        if total + ones.size >= count:
+            ones = ones[: count - total]
+        ones += 8 * lo
+        found.append(ones)
+        total += ones.size
+        if total == count:
+            return found[0] if len(found) == 1 else np.concatenate(found)
+    raise CodecError(f"Rice stream is truncated: {total} unary terminators for {count} values")

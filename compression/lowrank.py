@@ -6,6 +6,7 @@ Compression for Distributed Optimization", NeurIPS 2019.
 
 from __future__ import annotations
 
+import math
 import numbers
 import struct
 
@@ -17,7 +18,7 @@ from .wire import pack_header, unpack_header
 
 def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     """(n, m) = (shape[0], prod(shape[1:])): a conv kernel (out, in, kh, kw) is out × (in·kh·kw)."""
-    return int(shape[0]), int(np.prod(shape[1:], dtype=np.int64))
+    return int(shape[0]), math.prod(shape[1:])
 
 
 class PowerSGDCodec(Codec):
@@ -47,7 +48,8 @@ class PowerSGDCodec(Codec):
                     m·r × float32     Q, row-major (m × r)
 
     Bits per matrix: 32·r·(n + m) + 32 for r, plus 8·(6 + 4·ndim) for the
-    header; a vector costs 32 bits per coordinate.
+    header; a vector costs 32 bits per coordinate. The decoder refuses a rank
+    above its own ``rank`` (so a payload cannot make it multiply at full rank).
 
     Algebra: biased; contractive in practice (an orthogonal projection never
     increases the norm, and the error shrinks as the iteration converges, but
@@ -120,8 +122,12 @@ class PowerSGDCodec(Codec):
         if len(body) < 4:
             raise CodecError(f"powersgd body of {len(body)} bytes is shorter than its 4-byte rank field")
         (r,) = struct.unpack_from("<I", body)
-        if r > min(n, m) or (r == 0 and min(n, m) > 0):
-            raise CodecError(f"powersgd payload has rank {r} for a {n} × {m} matrix; need 1 ≤ r ≤ {min(n, m)}")
+        top = min(self.rank, n, m)  # the encoder sends r = min(rank, n, m); the decode costs O(n·m·r)
+        if r > top or (r == 0 and min(n, m) > 0):
+            raise CodecError(
+                f"powersgd payload has rank {r} for a {n} × {m} matrix; this decoder (rank={self.rank}) "
+                f"accepts 1 ≤ r ≤ {top}"
+            )
         expected = 4 + 4 * r * (n + m)
         if len(body) != expected:
             raise CodecError(

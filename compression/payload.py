@@ -15,7 +15,6 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from .codec import Codec, CodecError, EncodeContext
-from .wire import unpack_header
 
 PAYLOAD_STYPE = "qfl.codec/v1"
 
@@ -61,6 +60,8 @@ def decode_update(
 
     Raises PayloadError naming the first problem: missing or unexpected tensor
     names, a foreign ``stype``, a shape mismatch, undecodable bytes, or NaN/Inf.
+    Nothing else escapes, and every allocation is bounded by the expected
+    shapes (:meth:`Codec.decode_as`), whatever the record holds.
     """
     missing = sorted(set(expected_shapes) - set(record.keys()))
     extra = sorted(set(record.keys()) - set(expected_shapes))
@@ -83,14 +84,11 @@ def decode_update(
                 "updates must be made by qfl.compression.encode_update"
             )
         try:
-            claimed = unpack_header(array.data, codec.codec_id).shape
-            if claimed != tuple(shape):  # refuse before decode allocates the claimed size
-                raise PayloadError(f"tensor {name!r} has shape {claimed}, the model expects {tuple(shape)}")
-            tensor = codec.decode(array.data)
+            # decode_as refuses a foreign header, another shape or an oversize
+            # payload before the decoder allocates anything (nested stages too)
+            tensor = codec.decode_as(array.data, tuple(shape))
         except CodecError as err:
             raise PayloadError(f"tensor {name!r} cannot be decoded: {err}") from err
-        if tensor.shape != tuple(shape):
-            raise PayloadError(f"tensor {name!r} has shape {tensor.shape}, the model expects {tuple(shape)}")
         bad = int(np.count_nonzero(~np.isfinite(tensor)))
         if bad:
             raise PayloadError(

@@ -259,7 +259,6 @@ def _smallest_keys(bitgen: np.random.PCG64, d: int, k: int) -> np.ndarray:
     return idx.astype(np.int64, copy=False)
 
 
-@lru_cache(maxsize=64)
 def randk_support(seed: int, d: int, k: int) -> np.ndarray:
     """The sorted, read-only support rand-k uses for ``(seed, d, k)``.
 
@@ -274,13 +273,27 @@ def randk_support(seed: int, d: int, k: int) -> np.ndarray:
     """
     if not 0 <= k <= d:
         raise ValueError(f"rand-k support needs 0 ≤ k ≤ d, got k={k}, d={d}")
-    if k == d:
-        idx = np.arange(d, dtype=np.int64)
-    else:
-        bitgen = np.random.PCG64(seed)
-        idx = _distinct_prefix(bitgen, d, k) if 16 * k <= d else _smallest_keys(bitgen, d, k)
+    if k == d:  # every coordinate, whatever the seed: one cache entry per d
+        return _full_support(d)
+    return _random_support(seed, d, k)
+
+
+@lru_cache(maxsize=8)
+def _full_support(d: int) -> np.ndarray:
+    idx = np.arange(d, dtype=np.int64)
     idx.flags.writeable = False
     return idx
+
+
+def _build_support(seed: int, d: int, k: int) -> np.ndarray:
+    """The support for 0 < k < d, uncached (:func:`randk_support`)."""
+    bitgen = np.random.PCG64(seed)
+    idx = _distinct_prefix(bitgen, d, k) if 16 * k <= d else _smallest_keys(bitgen, d, k)
+    idx.flags.writeable = False
+    return idx
+
+
+_random_support = lru_cache(maxsize=64)(_build_support)
 
 
 class RandKCodec(Codec):
@@ -398,5 +411,12 @@ class RandKCodec(Codec):
                 raise CodecError(f"randk payload with k={k} needs a {12 + 4 * k}-byte body, got {len(body)}")
             values = np.frombuffer(body[12:], dtype="<f4")
         out = np.zeros(d, dtype=np.float32)
-        out[randk_support(seed, d, k)] = values
+        if k == support_size(self.ratio, d) or k == d:
+            support = randk_support(seed, d, k)
+        else:
+            # A k this decoder's ratio would not pick: build the support without
+            # caching it, so that payloads with odd k and fresh seeds cannot pin
+            # up to 64 supports of up to d - 1 coordinates each in the cache.
+            support = _build_support(seed, d, k)
+        out[support] = values
         return out.reshape(header.shape)

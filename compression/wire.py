@@ -12,10 +12,17 @@ Layout (little-endian)::
     ...          codec body (the codec's parameters, then its packed bits)
 
 The header costs 6 + 4·ndim bytes per tensor; bit accounting always counts it.
+
+Untrusted payloads: the header's shape is the sender's claim. A receiver that
+knows the shape to expect decodes through :meth:`Codec.decode_as
+<qfl.compression.codec.Codec.decode_as>`, which checks the claim against that
+shape and the payload length against :func:`max_payload_size` before any
+decoder allocates, so every allocation is bounded by the expected shape.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -41,7 +48,20 @@ class Header:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)  # Python ints: never wraps
+
+
+def max_payload_size(numel: int) -> int:
+    """The longest payload any qfl codec sends for a tensor of ``numel`` elements.
+
+    ``9·numel + 8192`` bytes. The worst legitimate cases are PowerSGD at full
+    rank on a square matrix (4·r·(n + m) = 8·numel, plus its rank field) and the
+    entropy stage around an inner payload of up to ``8·numel + 4096`` bytes
+    (``entropy.max_inner_payload``) that does not compress (zstd and zlib add
+    well under 1/128 of the input, plus a few bytes); headers take at most 38
+    bytes. Anything longer is refused before it is decoded.
+    """
+    return 9 * numel + 8192
 
 
 def pack_header(codec_id: int, dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
@@ -80,6 +100,6 @@ def unpack_header(payload: bytes, expected_codec_id: int) -> Header:
     if len(payload) < end:
         raise CodecError("payload is truncated inside its shape field")
     shape = struct.unpack_from(f"<{ndim}I", payload, _FIXED.size)
-    if int(np.prod(shape, dtype=np.int64)) > MAX_ELEMENTS:
+    if math.prod(shape) > MAX_ELEMENTS:  # Python ints: 8 dims of 2**32 - 1 do not wrap to 0
         raise CodecError(f"header claims shape {shape}, larger than any tensor qfl sends")
     return Header(codec_id, _DTYPES[dtype_code], tuple(shape), end)
