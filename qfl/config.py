@@ -83,6 +83,9 @@ class RunConfig:
     momentum: float = 0.9  # client SGD momentum
     fed_eval: bool = True  # also evaluate on the clients' local data each round
     timeout_s: float = 600.0  # how long the server waits for replies per round
+    # Largest 'num-examples' (averaging weight) the server accepts from one client
+    # whose partition size it does not know; a reply claiming more is dropped.
+    max_client_examples: int = 100_000
     client_cpus: float = 1.0  # Ray CPUs per simulated client
     # -- quantum clients (qfl.clients.quantum; checked there)
     qubits: int = 4  # circuit width; quantum datasets have this many qubits
@@ -196,6 +199,11 @@ def _check(cfg: RunConfig) -> None:
     need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
     need(0 <= cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum}")
     need(cfg.timeout_s > 0, f"timeout_s must be > 0, got {cfg.timeout_s}")
+    need(
+        1 <= cfg.max_client_examples <= 2**53,
+        f"max_client_examples must be in [1, 2**53], got {cfg.max_client_examples}; "
+        "set it to at least the largest client's training-set size",
+    )
     need(cfg.client_cpus > 0, f"client_cpus must be > 0, got {cfg.client_cpus}")
     # Codecs, security rules, QKD link specs, quantum backends and datasets are checked by
     # qfl.server.preflight, which may import the layers that own them; this module imports none.

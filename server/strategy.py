@@ -6,7 +6,7 @@ Clients reply with Δ (not weights), encoded by the run's codec. The strategy
    (seed, round), and sends each the global model (encoded by the downlink
    codec) and the run ``config``;
 2. checks every reply: an error reply, missing records, an undecodable or
-   mis-shaped payload, NaN/Inf, or a bad example count drops that client from
+   mis-shaped payload, NaN/Inf, or a bad metric drops that client from
    the round (counted in ``dropped``, the reason logged), and a node that never
    answers is dropped too;
 3. averages the surviving Δ weighted by example count, in float64 and in
@@ -17,12 +17,28 @@ Clients reply with Δ (not weights), encoded by the run's codec. The strategy
 The returned MetricRecord carries the round's accounting: ``uplink-bytes``,
 ``downlink-bytes``, ``clients`` (updates used), ``sampled``, ``dropped``,
 ``train-loss`` and ``key-bits-used``.
+
+Hostile clients. Everything in a reply is untrusted (``qfl.server.untrusted``):
+
+- ``partition-id`` must be an int in [0, num_partitions) (or [0, 2**31) when
+  the strategy is not told num_partitions); ``num-examples`` an int in
+  [1, cap], where cap is the partition's training-set size when the server
+  knows it (``example_caps``) and ``max_client_examples`` otherwise; so one
+  client's share of the average is at most cap / (cap + the others' examples).
+  ``train-loss``, when sent, must be finite with |loss| <= 1e15.
+- the update is decoded with every allocation bounded by the model's shapes
+  (``Codec.decode_as``) and refused if it holds NaN/Inf;
+- any violation, or any unexpected error while decoding, drops that client
+  with a reason; the round goes on with the others. An aggregate that is not
+  finite in float32 (finite but huge updates) leaves the model unchanged.
+- evaluate replies with bad metrics are left out of ``fed-*`` (reasons in
+  ``eval_ignored``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from logging import WARNING
 
 import numpy as np
@@ -32,9 +48,14 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from qfl.compression import Codec, PayloadError, decode_update, encode_update, payload_bytes
+from qfl.config import RunConfig
 from qfl.security.secagg import SecAggError
 
 from .optimizers import ServerOptimizer
+from .untrusted import UntrustedValue, capped_examples, finite_float, int_in_range
+
+MAX_PARTITION_ID = 2**31 - 1  # when the strategy is not told how many partitions there are
+MAX_ABS_LOSS = 1e15  # a larger |loss| is no honest loss, and could overflow the weighted mean
 
 
 class NotEnoughNodes(RuntimeError):
@@ -73,6 +94,15 @@ class QflFedAvg(FedAvg):
         Whether to run federated evaluation on all nodes each round.
     wait_timeout : float
         Seconds to wait for ``min_nodes`` to connect.
+    max_client_examples : int
+        Largest ``num-examples`` accepted from a client whose partition size
+        the server does not know. The round config's ``max_client_examples``
+        (the run config, sent each round) replaces it in ``configure_train``.
+    example_caps : Mapping[int, int] | None
+        Training-set size per partition id, where the server knows it: a
+        client of that partition may claim at most that many examples.
+    num_partitions : int | None
+        Partition ids must lie in [0, num_partitions); None: [0, 2**31).
     """
 
     def __init__(
@@ -86,6 +116,9 @@ class QflFedAvg(FedAvg):
         seed: int = 0,
         fed_eval: bool = True,
         wait_timeout: float = 600.0,
+        max_client_examples: int = RunConfig.max_client_examples,
+        example_caps: Mapping[int, int] | None = None,
+        num_partitions: int | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -105,7 +138,13 @@ class QflFedAvg(FedAvg):
         self.downlink_bytes = 0
         self.eval_downlink_bytes = 0
         self.drop_reasons: list[str] = []
+        self.eval_ignored: list[str] = []  # why evaluate replies were left out of the last fed-* metrics
         self.excluded: set[int] = set()  # sampled nodes not sent a train message (a subclass's choice)
+        self.max_client_examples = _positive_int(max_client_examples, "max_client_examples")
+        self.example_caps = {int(p): _positive_int(n, f"example_caps[{p}]") for p, n in (example_caps or {}).items()}
+        if num_partitions is not None:
+            num_partitions = _positive_int(num_partitions, "num_partitions")
+        self.num_partitions = num_partitions
 
     # -- sampling ---------------------------------------------------------
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -131,6 +170,8 @@ class QflFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self.current_weights = record_to_weights(arrays)
         self.drop_reasons = []
+        if "max_client_examples" in config:
+            self.max_client_examples = _positive_int(config["max_client_examples"], "max_client_examples")
         self.excluded = set()
         self.sampled = self._sample(grid, server_round, self.fraction_train)
         model = encode_update(self.current_weights, self.downlink_codec)
@@ -158,8 +199,25 @@ class QflFedAvg(FedAvg):
         self.drop_reasons.append(text)
         log(WARNING, text)
 
-    def _check_reply(self, msg: Message) -> tuple[int, int, float, dict[str, np.ndarray]] | None:
-        """(partition id, examples, loss, Δ) of a usable reply, else None (dropped)."""
+    def _example_cap(self, partition: int | None) -> int:
+        """Most examples a client of ``partition`` may claim: its known size, else the configured maximum."""
+        if partition is not None and partition in self.example_caps:
+            return self.example_caps[partition]
+        return self.max_client_examples
+
+    def _partition(self, metrics: MetricRecord) -> int | None:
+        """The validated ``partition-id`` of a reply (None when it sends none)."""
+        if "partition-id" not in metrics:
+            return None
+        top = self.num_partitions - 1 if self.num_partitions is not None else MAX_PARTITION_ID
+        return int_in_range(metrics["partition-id"], "partition-id", 0, top)
+
+    def _check_reply(self, msg: Message) -> tuple[tuple[int, int], int, float | None, dict[str, np.ndarray]] | None:
+        """((partition id, node id), examples, loss, Δ) of a usable reply, else None (dropped).
+
+        Every metric is validated before use and the update is decoded within
+        the model's shapes; nothing a client sends can raise out of here.
+        """
         if msg.has_error():
             self._drop(msg, f"the client failed: {msg.error.reason}")
             return None
@@ -168,18 +226,27 @@ class QflFedAvg(FedAvg):
             self._drop(msg, "reply lacks the 'update' ArrayRecord or the 'metrics' MetricRecord")
             return None
         metrics = content["metrics"]
-        examples = metrics.get("num-examples")
-        if not isinstance(examples, (int, float)) or not np.isfinite(examples) or examples <= 0:
-            self._drop(msg, f"'num-examples' must be a positive number, got {examples!r}")
+        node = msg.metadata.src_node_id
+        try:
+            partition = self._partition(metrics)
+            examples = capped_examples(metrics.get("num-examples"), self._example_cap(partition))
+            loss = None
+            if "train-loss" in metrics:
+                loss = finite_float(metrics["train-loss"], "train-loss", -MAX_ABS_LOSS, MAX_ABS_LOSS)
+        except UntrustedValue as err:
+            self._drop(msg, f"bad metric: {err}")
             return None
         try:
             delta = decode_update(self._update_record(msg), self.codec, self.shapes)
         except (PayloadError, SecAggError) as err:
             self._drop(msg, str(err))
             return None
-        partition = int(metrics.get("partition-id", msg.metadata.src_node_id))
-        loss = float(metrics.get("train-loss", float("nan")))
-        return partition, int(examples), loss, delta
+        except Exception as err:  # a decoder bug must not end the run; the client is left out
+            self._drop(msg, f"its update could not be decoded ({type(err).__name__}: {err}); this is a qfl bug, please report it")
+            return None
+        # Sorted by (partition, node): duplicate partition ids (a lying client) stay in a fixed order.
+        key = (partition if partition is not None else node, node)
+        return key, examples, loss, delta
 
     def _update_record(self, msg: Message) -> ArrayRecord:
         """The codec payloads of a reply (a subclass may first unwrap a channel pad)."""
@@ -218,8 +285,23 @@ class QflFedAvg(FedAvg):
         mean_delta = {
             name: sum(r[1] * r[3][name].astype(np.float64) for r in accepted) / total for name in self.shapes
         }
-        metrics["train-loss"] = sum(r[1] * r[2] for r in accepted) / total
-        new_weights = self.optimizer.step(self.current_weights, mean_delta)
+        with_loss = [r for r in accepted if r[2] is not None]
+        loss_weight = sum(r[1] for r in with_loss)
+        metrics["train-loss"] = sum(r[1] * r[2] for r in with_loss) / loss_weight if with_loss else float("nan")
+        saved = {slot: dict(tensors) for slot, tensors in self.optimizer.state.items()}  # step replaces arrays
+        with np.errstate(over="ignore", invalid="ignore"):
+            new_weights = self.optimizer.step(self.current_weights, mean_delta)
+            finite = all(np.isfinite(w).all() for w in new_weights.values()) and all(
+                np.isfinite(a).all() for a in self.optimizer.state_arrays().values()
+            )
+        if not finite:
+            # Every update was finite, but huge: the new weights overflow float32.
+            # The model and the optimizer's state stay as they were.
+            self.optimizer.state = saved
+            text = f"round {server_round}: the aggregated model is not finite in float32; the global model is unchanged"
+            self.drop_reasons.append(text)
+            log(WARNING, text)
+            return None, metrics
         return weights_to_record(new_weights), metrics
 
     def _key_bits_used(self) -> int:
@@ -227,14 +309,32 @@ class QflFedAvg(FedAvg):
         return 0
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted ``fed-loss`` and ``fed-accuracy`` over the replies whose metrics check out.
+
+        ``num-examples`` must be an int in [1, cap] (as for training), ``eval-loss``
+        finite with |loss| <= 1e15 and ``eval-accuracy`` in [0, 1]; other replies
+        are left out, with the reason in ``eval_ignored`` and the log.
+        """
+        self.eval_ignored = []
         rows = []
         for msg in replies:
+            node = msg.metadata.src_node_id
             if msg.has_error() or "metrics" not in msg.content.metric_records:
-                continue
+                continue  # a failed or empty evaluation: nothing to use, as before
             m = msg.content["metrics"]
-            n, loss, acc = m.get("num-examples"), m.get("eval-loss"), m.get("eval-accuracy")
-            if all(isinstance(v, (int, float)) and np.isfinite(v) for v in (n, loss, acc)) and n > 0:
-                rows.append((n, loss, acc))
+            if m.get("num-examples") == 0 and not isinstance(m.get("num-examples"), bool):
+                continue  # an empty validation share (honest): nothing to average
+            try:
+                cap = self._example_cap(self._partition(m))
+                n = capped_examples(m.get("num-examples"), cap)
+                loss = finite_float(m.get("eval-loss"), "eval-loss", -MAX_ABS_LOSS, MAX_ABS_LOSS)
+                acc = finite_float(m.get("eval-accuracy"), "eval-accuracy", 0.0, 1.0)
+            except UntrustedValue as err:
+                text = f"round {server_round}: evaluate reply from node {node} ignored: {err}"
+                self.eval_ignored.append(text)
+                log(WARNING, text)
+                continue
+            rows.append((n, loss, acc))
         total = sum(r[0] for r in rows)
         if not total:
             return None
@@ -245,3 +345,10 @@ class QflFedAvg(FedAvg):
                 "fed-clients": len(rows),
             }
         )
+
+
+def _positive_int(value: object, name: str) -> int:
+    """A server-side setting as an int >= 1; ValueError naming the fix otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
