@@ -22,6 +22,11 @@ detail has a ``"qfl_error"`` code that :mod:`qfl.security.kms_client` maps back 
 the key-layer exceptions. Validation happens before the store is touched and
 the store takes nothing when it raises, so a failed request takes no key.
 
+TLS: version 1.2 or 1.3, and AEAD cipher suites only, on the KME and on its
+client alike (:func:`qfl.security.kms_client.restrict_to_aead`): on TLS 1.2
+ECDHE with AES-GCM or ChaCha20-Poly1305; TLS 1.3 suites are all AEAD. A peer
+that offers only CBC (or static-RSA) suites fails the handshake.
+
 Not implemented: multicast keys (``additional_slave_SAE_IDs``; the status says
 ``max_SAE_ID_count = 0``) and extensions (a non-empty ``extension_mandatory`` is
 refused with 400, as 6.2 asks of a KME that does not support one).
@@ -44,6 +49,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from qfl.security.certs import CA_FILE, KME_CERT_FILE, KME_KEY_FILE
 from qfl.security.keys import KeyContainer, KeyExhausted, KeySource, LinkStatus, UnknownKey, UnknownLink
+from qfl.security.kms_client import restrict_to_aead
 
 log = logging.getLogger(__name__)
 
@@ -427,10 +433,12 @@ class _TlsHttpServer(ThreadingHTTPServer):
 
 
 def server_context(certs_dir: str | Path) -> ssl.SSLContext:
-    """TLS ≥ 1.2, the KME's certificate, and client certificates required and checked against ca.pem."""
+    """TLS ≥ 1.2 with AEAD suites only (ECDHE + AES-GCM / ChaCha20-Poly1305 on TLS 1.2, see
+    :data:`qfl.security.kms_client.TLS12_AEAD_CIPHERS`), the KME's certificate, and client
+    certificates required and checked against ca.pem."""
     d = Path(certs_dir)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    restrict_to_aead(ctx)
     ctx.load_cert_chain(d / KME_CERT_FILE, d / KME_KEY_FILE)
     ctx.load_verify_locations(d / CA_FILE)
     ctx.verify_mode = ssl.CERT_REQUIRED

@@ -61,10 +61,31 @@ class WrongSae(KmsError, ValueError):
     """The call names an SAE other than the one this source's certificate speaks for."""
 
 
-def client_context(cert: str | os.PathLike, key: str | os.PathLike, ca: str | os.PathLike) -> ssl.SSLContext:
-    """TLS ≥ 1.2, the server checked against ``ca`` and its hostname, our certificate presented."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED by default
+#: The TLS 1.2 cipher suites the KME and its clients negotiate (OpenSSL cipher string): ECDHE
+#: key exchange (forward secrecy) with an AEAD cipher, AES-GCM or ChaCha20-Poly1305. CBC suites
+#: (MAC-then-encrypt, the Lucky-13 / padding-oracle family), static RSA and DHE are left out. TLS 1.3
+#: suites are all AEAD and are not governed by this string (OpenSSL sets them apart).
+TLS12_AEAD_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+def restrict_to_aead(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """Limit ``ctx`` to TLS >= 1.2 and AEAD cipher suites (:data:`TLS12_AEAD_CIPHERS`); return it.
+
+    Raises ``ssl.SSLError`` if the OpenSSL build offers none of them (then upgrade OpenSSL), and
+    ``RuntimeError`` if a non-AEAD suite would still be negotiable.
+    """
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_AEAD_CIPHERS)
+    loose = [c["name"] for c in ctx.get_ciphers() if not c.get("aead")]
+    if loose:
+        raise RuntimeError(f"non-AEAD TLS suites still enabled: {loose}; check the OpenSSL cipher configuration")
+    return ctx
+
+
+def client_context(cert: str | os.PathLike, key: str | os.PathLike, ca: str | os.PathLike) -> ssl.SSLContext:
+    """TLS ≥ 1.2 with AEAD suites only, the server checked against ``ca`` and its hostname, our certificate presented."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED by default
+    restrict_to_aead(ctx)
     ctx.load_verify_locations(ca)
     ctx.load_cert_chain(cert, key)
     return ctx

@@ -301,6 +301,43 @@ def test_client_checks_the_kme_certificate(kms, pki, foreign_pki):
     assert isinstance(exc.value.__cause__, ssl.SSLCertVerificationError)
 
 
+CBC_TLS12 = "ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384:ECDHE-RSA-AES128-SHA256:ECDHE-ECDSA-AES128-SHA"
+
+
+def test_only_aead_suites_are_negotiable_on_the_kme_and_its_client(pki):
+    from qfl.security.kms import server_context
+
+    for ctx in (server_context(pki.dir), client_context(pki.sae_cert("A"), pki.sae_key("A"), pki.ca_cert)):
+        suites = ctx.get_ciphers()
+        tls12 = [c for c in suites if c["protocol"] == "TLSv1.2"]
+        assert tls12, suites
+        assert all(c["aead"] and c["kea"] == "kx-ecdhe" for c in tls12), [c["name"] for c in tls12]
+        assert all(("GCM" in c["name"] or "CHACHA20" in c["name"]) for c in tls12)
+        assert all("Mac=AEAD" in c["description"] and "CBC" not in c["description"] for c in tls12)
+        assert all(c["aead"] for c in suites)  # TLS 1.3 suites too
+        assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def test_a_client_offering_only_cbc_suites_fails_the_handshake(kms, pki):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(pki.ca_cert)
+    ctx.load_cert_chain(pki.sae_cert("A"), pki.sae_key("A"))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2  # TLS 1.3 would pick one of its own (AEAD) suites
+    ctx.set_ciphers(CBC_TLS12)
+    offered = [c for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"]  # (get_ciphers lists TLS 1.3 too)
+    assert offered and not any(c["aead"] for c in offered)
+    with pytest.raises(ssl.SSLError, match="(?i)handshake.failure|no.shared.cipher|no.cipher"):
+        _raw_tls(kms, ctx)
+    assert kms.handshakes == 0
+    # the same certificate over TLS 1.2 with the project's client context gets an AEAD suite
+    good = client_context(pki.sae_cert("A"), pki.sae_key("A"), pki.ca_cert)
+    good.maximum_version = ssl.TLSVersion.TLSv1_2
+    with socket.create_connection(("127.0.0.1", kms.port), timeout=10) as s:
+        with good.wrap_socket(s, server_hostname="127.0.0.1") as t:
+            name, version, _ = t.cipher()
+            assert version == "TLSv1.2" and name.startswith("ECDHE-") and ("GCM" in name or "CHACHA20" in name)
+
+
 def test_certificate_without_cn_is_401(kms, pki, tmp_path):
     ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
     cert, key = issue_certificate(ca_cert, pki.ca_key, None)
