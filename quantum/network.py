@@ -46,28 +46,39 @@ None — then the analytic decoy-BB84 model of :mod:`qfl.quantum.keyrate` (its
 default, GYS-experiment parameters) gives the asymptotic rate at the link's
 ``distance_km``. The rate is fixed when the link is added.
 
-Randomness. By default key bits come from ``os.urandom``. With ``seed`` they
-come from a NumPy generator seeded by (seed, link name): reproducible, for
-tests and simulations only — such key is *not* secret.
+Randomness. Key bits always come from the OS CSPRNG (:func:`secrets.token_bytes`),
+never from a seeded generator: a run seed is public (it is in config.toml), so
+key derived from it would be known to anyone. Masks cancel in the aggregate, so
+runs stay reproducible although their key differs.
 
-State. The clock, the fractional carries and the counters live in this Python
-object (one process drives the clock, typically the server of a simulation);
-the pools live in the store, which every process can read and take from.
+Lazy materialisation. A tick does not write key: it *credits* each direct link
+with the whole bytes its clock made (:meth:`qfl.security.keystore.StoreTransaction.credit`);
+the store draws them from the CSPRNG inside the transaction of the take that
+needs them. So the store holds no key that nobody takes, and the accounting —
+made/used/left bits, :meth:`time_to_make`, :meth:`supply`, KeyExhausted — is the
+same as if every tick had deposited its key. A relay takes from its hops the
+same way (materialising what they lack) and deposits only the relayed bits.
+
+State. The clock (``now``) and every direct link's clock state (whole bits
+made, bits pending until a whole byte, the fraction of a bit carried) live in
+the store and are written in the same transaction as the tick's credits; the
+attributes of :class:`DirectLink` mirror them. A network rebuilt on the same
+store (a resumed run) continues from the last committed tick, so no simulated
+second makes key twice. One network object drives a store's clock at a time
+(typically the server of a simulation); every process can take from the pools.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import os
-import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from qfl.security.keys import KeyExhausted, UnknownLink
-from qfl.security.keystore import KeyStore, link_name
+from qfl.security.keystore import GeneratorState, KeyStore, link_name
 
 __all__ = ["DirectLink", "QuantumNetwork", "RelayedLink", "RelayRecord", "parse_link_spec", "resolve_rate"]
 
@@ -127,12 +138,15 @@ class DirectLink:
     b: str
     distance_km: float
     bits_per_s: float
-    made_bits: int = 0  # exact whole bits made by the clock
-    deposited_bits: int = 0  # bits deposited into the store (made_bits − pending_bits)
-    pending_bits: int = 0  # < 8 bits made but not yet a whole byte; deposited with the next tick
+    made_bits: int = 0  # exact whole bits made by the clock (mirrors the store's gen_bits)
+    deposited_bits: int = 0  # bits credited to the store's pool (made_bits − pending_bits)
+    pending_bits: int = 0  # < 8 bits made but not yet a whole byte; credited with the next tick
     carry: float = 0.0  # fraction of a bit made, carried to the next tick
-    relay_bits: int = 0  # bits of this link's pool consumed by relays
-    rng: np.random.Generator | None = field(default=None, repr=False)
+    relay_bits: int = 0  # bits of this link's pool consumed by relays (this object's relays)
+
+    def _load(self, state: GeneratorState) -> None:
+        self.made_bits, self.pending_bits, self.carry = state.gen_bits, state.pending_bits, state.carry
+        self.deposited_bits = state.gen_bits - state.pending_bits
 
 
 @dataclass
@@ -166,10 +180,8 @@ def _xor(x: bytes, y: bytes) -> bytes:
 class QuantumNetwork:
     """QKD links between nodes, on a simulated clock, depositing into ``store``."""
 
-    def __init__(self, store: KeyStore, *, seed: int | None = None) -> None:
+    def __init__(self, store: KeyStore) -> None:
         self.store = store
-        self.seed = seed
-        self.now = 0.0
         self.nodes: list[str] = []
         self.direct: dict[str, DirectLink] = {}
         self.relayed: dict[str, RelayedLink] = {}
@@ -187,7 +199,6 @@ class QuantumNetwork:
         bits_per_s: RateSpec | object | None = None,
         distance_km: float | None = None,
         overrides: Mapping[tuple[str, str], Mapping[str, object]] | None = None,
-        seed: int | None = None,
     ) -> QuantumNetwork:
         """A ``mesh`` over ``nodes``, or a ``star`` around ``hub`` (one of ``nodes`` or a node of its own).
 
@@ -195,7 +206,7 @@ class QuantumNetwork:
         ``overrides[(a, b)] = {"distance_km": …, "bits_per_s": …}`` changes one.
         """
         nodes = list(dict.fromkeys(nodes))
-        net = cls(store, seed=seed)
+        net = cls(store)
         overrides = {frozenset(k): dict(v) for k, v in (overrides or {}).items()}
 
         def params(a: str, b: str) -> dict[str, object]:
@@ -254,11 +265,10 @@ class QuantumNetwork:
         self.add_node(a)
         self.add_node(b)
         self.store.add_link(a, b)
-        rng = None
-        if self.seed is not None:
-            rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
         lo, hi = sorted((a, b))
-        self.direct[name] = DirectLink(name, lo, hi, float(distance_km), rate, rng=rng)
+        link = DirectLink(name, lo, hi, float(distance_km), rate)
+        link._load(self.store.generator(a, b))  # a link of an existing store continues its clock
+        self.direct[name] = link
         return name
 
     def add_relayed_link(self, a: str, b: str, via: str | Sequence[str]) -> str:
@@ -291,41 +301,40 @@ class QuantumNetwork:
 
     # -- the clock --------------------------------------------------------------------------------
 
-    def _random(self, link: DirectLink, nbytes: int) -> bytes:
-        return link.rng.bytes(nbytes) if link.rng is not None else os.urandom(nbytes)
+    @property
+    def now(self) -> float:
+        """The simulated clock in seconds, as saved in the store."""
+        return self.store.clock()
 
     def advance(self, seconds: float) -> dict[str, int]:
-        """Move the clock; every direct link deposits the key it made. Returns bits deposited per link.
+        """Move the clock; every direct link is credited the whole bytes it made. Returns bits credited per link.
 
-        All deposits of one tick are one store transaction.
+        A link of rate r makes ``floor(carry + r·t)`` bits (the fraction
+        carries over); bits short of a whole byte wait for the next tick. The
+        credits, every link's clock state and the clock itself are one store
+        transaction, computed from the state saved in the store.
         """
         seconds = float(seconds)
         if not (math.isfinite(seconds) and seconds >= 0):
             raise ValueError(f"advance() takes a finite number of seconds >= 0, got {seconds!r}")
-        plan = []
-        for link in self.direct.values():
-            acc = link.carry + link.bits_per_s * seconds
-            new = math.floor(acc + _EPS_BITS)
-            carry = max(acc - new, 0.0)
-            whole = link.pending_bits + new
-            plan.append((link, new, carry, whole // 8, whole % 8))
-        material = {link.name: self._random(link, nbytes) for link, _, _, nbytes, _ in plan if nbytes}
+        credited: dict[str, int] = {}
+        states: dict[str, GeneratorState] = {}
         with self.store.transaction() as tx:
-            for link, _, _, nbytes, _ in plan:
-                if nbytes:
-                    tx.deposit(link.a, link.b, material[link.name])
-        deposited = {}
-        for link, new, carry, nbytes, pending in plan:  # only after the commit
-            link.made_bits += new
-            link.carry = carry
-            link.pending_bits = pending
-            link.deposited_bits += 8 * nbytes
-            deposited[link.name] = 8 * nbytes
-        self.now += seconds
-        return deposited
+            for link in self.direct.values():
+                old = tx.generator(link.a, link.b)
+                acc = old.carry + link.bits_per_s * seconds
+                new = math.floor(acc + _EPS_BITS)
+                whole = old.pending_bits + new
+                states[link.name] = GeneratorState(old.gen_bits + new, whole % 8, max(acc - new, 0.0))
+                credited[link.name] = 8 * (whole // 8)
+                tx.credit(link.a, link.b, credited[link.name], states[link.name])
+            tx.set_clock(tx.clock() + seconds)
+        for link in self.direct.values():  # only after the commit
+            link._load(states[link.name])
+        return credited
 
     def time_to_make(self, link: str, bits: int) -> float:
-        """Simulated seconds until ``link`` has deposited ``bits`` more bits (math.inf at rate 0).
+        """Simulated seconds until ``link`` has been credited ``bits`` more bits (math.inf at rate 0).
 
         For a relayed link: until every hop has deposited ``bits`` more bits.
         Key already in the pools is not counted (see :meth:`supply` for that).
@@ -347,7 +356,9 @@ class QuantumNetwork:
     def relay(self, a: str, b: str, bits: int) -> RelayRecord:
         """Make ``bits`` (a multiple of 8) of key for the relayed link a~b, hop by hop (one transaction).
 
-        Raises KeyExhausted, changing nothing, when a hop holds too little key.
+        Each hop's key is materialised by its take; the relayed link receives
+        one ``relay`` block. Raises KeyExhausted, changing nothing, when a hop
+        holds too little key.
         """
         found = self.link(a, b)
         if not isinstance(found, RelayedLink):
@@ -366,7 +377,7 @@ class QuantumNetwork:
                 at_b = _xor(at_b, m)
             if at_a != at_b:  # cannot happen; a guard against editing mistakes
                 raise AssertionError("relay: the two ends disagree")
-            tx.deposit(found.a, found.b, at_a)
+            tx.deposit(found.a, found.b, at_a, kind="relay")
         for x, y in found.hops:
             self.direct[link_name(x, y)].relay_bits += bits
         found.relayed_bits += bits

@@ -5,28 +5,60 @@ simulation engine: every process (the ServerApp, Ray workers running
 ClientApps, the KMS server's request threads) opens the same file and sees the
 same pools. Nothing about the pools lives in a Python object.
 
-Schema (``schema_version`` 1)::
+Schema (``schema_version`` 2)::
 
-    meta(k TEXT PRIMARY KEY, v TEXT)                 -- schema_version
+    meta(k TEXT PRIMARY KEY, v TEXT)                 -- schema_version, clock_s
     links(id INTEGER PRIMARY KEY, name TEXT UNIQUE,  -- name = "a~b", a < b
-          a TEXT, b TEXT, made_bits INT, used_bits INT)
+          a TEXT, b TEXT, made_bits INT, mat_bits INT, used_bits INT,
+          gen_bits INT, gen_pending INT, gen_carry REAL)
     chunks(seq INTEGER PRIMARY KEY, link_id INT, data BLOB)
-          -- the unused key of a link, in deposit order (ORDER BY seq), each
-          -- chunk at most CHUNK_BYTES; the first byte of the first chunk is
-          -- the link's bit offset used_bits
+          -- the materialised, unused key of a link, in stream order (ORDER BY
+          -- seq), each chunk at most CHUNK_BYTES; the first byte of the first
+          -- chunk is the link's bit offset used_bits
     keys(key_id TEXT PRIMARY KEY, link_id INT, master TEXT, slave TEXT,
          offset_bits INT, size_bits INT, state TEXT, material BLOB,
          created_at REAL, delivered_at REAL, UNIQUE(link_id, offset_bits))
           -- one row per interval ever taken from a pool (the ledger);
           -- material is kept only while state = 'delivered-to-master'
+    deposits(seq INTEGER PRIMARY KEY, link_id INT, offset_bits INT, size_bits INT,
+             kind TEXT, sha256 TEXT, created_at REAL, UNIQUE(link_id, offset_bits))
+          -- one row per block of key that ever entered a link's stream
 
-A link's key is a stream of bits; ``made_bits`` counts what was deposited,
-``used_bits`` what was taken. The pool holds exactly the bits
-``[used_bits, made_bits)``. Taking ``n`` bits copies them out of the first
-chunks, deletes the chunks that were used up, rewrites the one that was partly
-used (its tail only), records the interval ``[used_bits, used_bits + n)`` in
+A link's key is a stream of bits. ``used_bits <= mat_bits <= made_bits``:
+``made_bits`` counts what the link made (what :meth:`KeyStore.status` reports),
+``mat_bits`` what of it exists as bytes (was *materialised*), ``used_bits``
+what was taken. The chunks hold exactly the bits ``[used_bits, mat_bits)``; the
+bits ``[mat_bits, made_bits)`` are a *credit*: key the simulated QKD link is
+known to have made, which is drawn from the OS CSPRNG (:func:`secrets.token_bytes`,
+``CHUNK_BYTES`` at a time) only when a take needs it, inside the take's
+transaction. So key that no one takes is never written to disk, and every bit
+ever handed out comes from the operating system's random source, never from a
+seeded generator. Taking ``n`` bits copies them out of the first chunks
+(deleting the chunks used up, rewriting the one partly used), materialises the
+rest from the credit, records the interval ``[used_bits, used_bits + n)`` in
 ``keys`` and sets ``used_bits += n``. The cost is O(n + CHUNK_BYTES), never
 O(pool).
+
+Deposits. Every block that enters a stream gets a ``deposits`` row: its place
+``[offset_bits, offset_bits + size_bits)`` (the rows of a link tile
+``[0, mat_bits)``), its kind — ``qkd`` (materialised from the credit),
+``given`` (bytes passed to :meth:`KeyStore.deposit`) or ``relay`` (made by XOR
+relay over other links, :mod:`qfl.quantum.network`) — and its SHA-256. A relay
+block is by construction a copy of its first hop's key, so its digest is taken
+under a domain tag (SHA-256 of ``b"qfl-relay\\0" + block``): the copy is not
+mistaken for key made twice, two relays of the same bits still collide. Blocks
+under ``DIGEST_MIN_BITS`` (128) get no digest: so short a digest could be
+inverted by brute force, and such blocks collide by chance. Two blocks with the
+same digest mean the same key was made twice; :meth:`KeyStore.verify` reports
+them and :meth:`KeyStore.audit` counts them.
+
+Clock. ``meta.clock_s`` and the links' ``gen_*`` columns are the state of the
+simulated QKD clock (:class:`qfl.quantum.network.QuantumNetwork`): whole bits
+the link's clock made (``gen_bits``), bits not yet a whole byte
+(``gen_pending``, 0–7) and the fraction of a bit carried (``gen_carry``). A
+clock tick writes them in the same transaction as its credits, so a network
+rebuilt on the store (a resumed run) continues where the last committed tick
+left off and never makes key for the same simulated time twice.
 
 Atomicity. Every public operation is one ``BEGIN IMMEDIATE … COMMIT``
 transaction: BEGIN IMMEDIATE takes the database's write lock before the first
@@ -47,6 +79,9 @@ the chunks it used. ``PRAGMA secure_delete=ON`` makes SQLite overwrite the freed
 bytes with zeros in the database file. Old page images may remain in the WAL
 file until the next checkpoint; :meth:`KeyStore.scrub` checkpoints and truncates
 it. (Bits left on the physical medium by the file system are out of reach.)
+The file and its ``-wal`` / ``-shm`` companions are created mode 0600 (SQLite
+gives the companions the database file's mode); an existing file that others
+may read is tightened to 0600 when a :class:`KeyStore` opens it.
 
 Connections. One connection per (process, thread), made on first use; a
 ``KeyStore`` object may be shared by threads, pickled to other processes (only
@@ -56,7 +91,10 @@ the thread ends (its thread-local storage is freed) or by :meth:`close`.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -71,17 +109,26 @@ from qfl.security.keys import KeyContainer, KeyExhausted, KeyLayerError, LinkSta
 
 __all__ = [
     "CHUNK_BYTES",
+    "DIGEST_MIN_BITS",
+    "Block",
+    "GeneratorState",
     "KeyStore",
     "KeySupplier",
     "LedgerEntry",
     "StoreCorrupt",
+    "StoreOutdated",
     "StoreTransaction",
     "link_name",
     "take_with_policy",
 ]
 
-SCHEMA_VERSION = 1
-CHUNK_BYTES = 1024  # largest pool chunk; a take rewrites at most one partly used chunk
+SCHEMA_VERSION = 2
+CHUNK_BYTES = 1024  # largest pool chunk (a take rewrites at most one partly used chunk); materialisation step
+DIGEST_MIN_BITS = 128  # shorter deposited blocks get no digest (brute-forceable, and they collide by chance)
+RELAY_DIGEST_TAG = b"qfl-relay\0"
+DEPOSIT_KINDS = ("qkd", "given", "relay")
+FILE_MODE = 0o600
+log = logging.getLogger("qfl.keystore")
 LINK_SEP = "~"
 BUSY_TIMEOUT_MS = 60_000
 _INHERITED: list[sqlite3.Connection] = []  # connections a forked child got from its parent (never touched)
@@ -97,9 +144,14 @@ CREATE TABLE IF NOT EXISTS links (
     name      TEXT NOT NULL UNIQUE,
     a         TEXT NOT NULL,
     b         TEXT NOT NULL,
-    made_bits INTEGER NOT NULL DEFAULT 0 CHECK (made_bits >= 0),
-    used_bits INTEGER NOT NULL DEFAULT 0 CHECK (used_bits >= 0 AND used_bits <= made_bits),
-    CHECK (a < b)
+    made_bits INTEGER NOT NULL DEFAULT 0,
+    mat_bits  INTEGER NOT NULL DEFAULT 0,
+    used_bits INTEGER NOT NULL DEFAULT 0,
+    gen_bits    INTEGER NOT NULL DEFAULT 0 CHECK (gen_bits >= 0),
+    gen_pending INTEGER NOT NULL DEFAULT 0 CHECK (gen_pending BETWEEN 0 AND 7),
+    gen_carry   REAL NOT NULL DEFAULT 0 CHECK (gen_carry >= 0),
+    CHECK (a < b),
+    CHECK (0 <= used_bits AND used_bits <= mat_bits AND mat_bits <= made_bits)
 );
 CREATE TABLE IF NOT EXISTS chunks (
     seq     INTEGER PRIMARY KEY,
@@ -120,11 +172,54 @@ CREATE TABLE IF NOT EXISTS keys (
     delivered_at REAL,
     UNIQUE (link_id, offset_bits)
 );
+CREATE TABLE IF NOT EXISTS deposits (
+    seq         INTEGER PRIMARY KEY,
+    link_id     INTEGER NOT NULL REFERENCES links(id),
+    offset_bits INTEGER NOT NULL CHECK (offset_bits >= 0),
+    size_bits   INTEGER NOT NULL CHECK (size_bits > 0),
+    kind        TEXT NOT NULL CHECK (kind IN ({', '.join(repr(k) for k in DEPOSIT_KINDS)})),
+    sha256      TEXT,
+    created_at  REAL NOT NULL,
+    UNIQUE (link_id, offset_bits)
+);
+CREATE INDEX IF NOT EXISTS deposits_by_digest ON deposits (sha256);
 """
 
 
 class StoreCorrupt(KeyLayerError):
     """The store's counters and its pool content disagree (never expected; the file was edited or damaged)."""
+
+
+class StoreOutdated(StoreCorrupt):
+    """The file was written by an older qfl with another schema; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Block:
+    """A block of key that entered a link's stream: bits ``[offset, offset + length)``, how, and its digest."""
+
+    offset: int
+    length: int
+    kind: str  # qkd | given | relay
+    sha256: str | None  # hex; None for blocks under DIGEST_MIN_BITS
+
+
+@dataclass(frozen=True)
+class GeneratorState:
+    """A simulated QKD link's clock-side state (see the module docstring, "Clock")."""
+
+    gen_bits: int = 0  # whole bits its clock made, pending ones included
+    pending_bits: int = 0  # 0-7 bits made but not yet a whole byte (not credited yet)
+    carry: float = 0.0  # fraction of a bit made, carried to the next tick
+
+
+def block_digest(kind: str, data: bytes) -> str | None:
+    """Hex SHA-256 of a deposited block (of ``RELAY_DIGEST_TAG + data`` for a relay block); None if too short."""
+    if 8 * len(data) < DIGEST_MIN_BITS:
+        return None
+    h = hashlib.sha256(RELAY_DIGEST_TAG if kind == "relay" else b"")
+    h.update(data)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -176,10 +271,32 @@ class StoreTransaction:
             raise UnknownLink(f"no link joins {a!r} and {b!r} (link {name!r} was never added)")
         return row
 
-    def deposit(self, a: str, b: str, key: bytes) -> int:
-        """Append ``key`` to the pool of link a~b; return the link's made_bits afterwards."""
+    def _row(self, a: str, b: str) -> tuple[int, str, int, int, int]:
+        """(id, name, made_bits, mat_bits, used_bits) of the link joining a and b; UnknownLink if none."""
+        name = link_name(a, b)
+        row = self._con.execute(
+            "SELECT id, name, made_bits, mat_bits, used_bits FROM links WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            raise UnknownLink(f"no link joins {a!r} and {b!r} (link {name!r} was never added)")
+        return row
+
+    def _record_block(self, link_id: int, offset_bits: int, size_bits: int, kind: str, digest: str | None) -> None:
+        self._con.execute(
+            "INSERT INTO deposits (link_id, offset_bits, size_bits, kind, sha256, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (link_id, offset_bits, size_bits, kind, digest, time.time()),
+        )
+
+    def deposit(self, a: str, b: str, key: bytes, *, kind: str = "given") -> int:
+        """Append ``key`` to the stream (and pool) of link a~b; return the link's made_bits afterwards.
+
+        The block is recorded in ``deposits`` with its digest (``kind``:
+        ``given`` for caller's bytes, ``relay`` for relayed key).
+        """
+        if kind not in ("given", "relay"):
+            raise ValueError(f"deposit kind must be 'given' or 'relay', got {kind!r} ('qkd' blocks come from credit)")
         key = bytes(key)
-        link_id, _, made, _ = self.link_row(a, b)
+        link_id, _, made, mat, _ = self._row(a, b)
         if not key:
             return made
         con = self._con
@@ -192,38 +309,89 @@ class StoreTransaction:
             con.execute("UPDATE chunks SET data = ? WHERE seq = ?", (last[1] + key[:pos], last[0]))
         for start in range(pos, len(key), CHUNK_BYTES):
             con.execute("INSERT INTO chunks (link_id, data) VALUES (?, ?)", (link_id, key[start : start + CHUNK_BYTES]))
+        self._record_block(link_id, mat, 8 * len(key), kind, block_digest(kind, key))
         made += 8 * len(key)
-        con.execute("UPDATE links SET made_bits = ? WHERE id = ?", (made, link_id))
+        con.execute("UPDATE links SET made_bits = ?, mat_bits = mat_bits + ? WHERE id = ?", (made, 8 * len(key), link_id))
         return made
+
+    def credit(self, a: str, b: str, bits: int, state: GeneratorState) -> int:
+        """Credit link a~b with ``bits`` (a multiple of 8) made by its QKD clock, and save the clock's state.
+
+        No key material is written: the bits are materialised from the OS
+        CSPRNG by the take that needs them. Returns made_bits afterwards.
+        """
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits < 0 or bits % 8:
+            raise ValueError(f"credit bits must be a multiple of 8 >= 0, got {bits!r}")
+        link_id, _, made, _, _ = self._row(a, b)
+        made += bits
+        self._con.execute(
+            "UPDATE links SET made_bits = ?, gen_bits = ?, gen_pending = ?, gen_carry = ? WHERE id = ?",
+            (made, int(state.gen_bits), int(state.pending_bits), float(state.carry), link_id),
+        )
+        return made
+
+    def generator(self, a: str, b: str) -> GeneratorState:
+        """The saved clock state of link a~b (zeros for a link no clock has ticked)."""
+        row = self._con.execute(
+            "SELECT gen_bits, gen_pending, gen_carry FROM links WHERE name = ?", (link_name(a, b),)
+        ).fetchone()
+        if row is None:
+            raise UnknownLink(f"no link joins {a!r} and {b!r}")
+        return GeneratorState(*row)
+
+    def clock(self) -> float:
+        """The simulated QKD clock of this store, in seconds (0.0 before the first tick)."""
+        row = self._con.execute("SELECT v FROM meta WHERE k = 'clock_s'").fetchone()
+        return 0.0 if row is None else float(row[0])
+
+    def set_clock(self, now_s: float) -> None:
+        """Save the simulated clock (exact: a float's repr round-trips)."""
+        self._con.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('clock_s', ?)", (repr(float(now_s)),))
+
+    def _materialise(self, link_id: int, offset_bits: int, nbytes: int) -> bytes:
+        """Draw ``nbytes`` of credited key from the OS CSPRNG, CHUNK_BYTES at a time; record the block."""
+        out = bytearray()
+        for start in range(0, nbytes, CHUNK_BYTES):
+            out += secrets.token_bytes(min(CHUNK_BYTES, nbytes - start))
+        block = bytes(out)
+        self._record_block(link_id, offset_bits, 8 * nbytes, "qkd", block_digest("qkd", block))
+        self._con.execute("UPDATE links SET mat_bits = mat_bits + ? WHERE id = ?", (8 * nbytes, link_id))
+        return block
 
     def take(self, a: str, b: str, nbytes: int) -> tuple[int, bytes]:
         """Remove the next ``nbytes`` bytes from the pool of a~b; return (offset_bits, material).
 
-        Raises KeyExhausted (taking nothing) when the pool holds fewer bits.
-        The caller must record the interval in the ledger (:meth:`record`).
+        Materialised bytes come first; what they lack is materialised from
+        the link's credit. Raises KeyExhausted (taking nothing) when the link
+        holds fewer bits. The caller must record the interval in the ledger
+        (:meth:`record`).
         """
-        link_id, name, made, used = self.link_row(a, b)
+        link_id, name, made, mat, used = self._row(a, b)
         if 8 * nbytes > made - used:
             raise KeyExhausted(name, 8 * nbytes, made - used)
         out = bytearray()
         used_up: list[int] = []
         partial: tuple[int, bytes] | None = None
-        cur = self._con.execute("SELECT seq, data FROM chunks WHERE link_id = ? ORDER BY seq", (link_id,))
-        try:
-            for seq, data in cur:
-                need = nbytes - len(out)
-                if len(data) <= need:
-                    out += data
-                    used_up.append(seq)
-                else:
-                    out += data[:need]
-                    partial = (seq, data[need:])
-                if len(out) == nbytes:
-                    break
-        finally:
-            cur.close()
-        if len(out) != nbytes:
-            raise StoreCorrupt(f"link {name!r}: counters say {made - used} bits left, the pool holds {8 * len(out)}")
+        if mat > used:
+            cur = self._con.execute("SELECT seq, data FROM chunks WHERE link_id = ? ORDER BY seq", (link_id,))
+            try:
+                for seq, data in cur:
+                    need = nbytes - len(out)
+                    if len(data) <= need:
+                        out += data
+                        used_up.append(seq)
+                    else:
+                        out += data[:need]
+                        partial = (seq, data[need:])
+                    if len(out) == nbytes:
+                        break
+            finally:
+                cur.close()
+        if len(out) != min(nbytes, (mat - used) // 8):
+            raise StoreCorrupt(f"link {name!r}: counters say {mat - used} materialised bits left, "
+                               f"the pool holds {8 * len(out)}")
+        if len(out) < nbytes:
+            out += self._materialise(link_id, mat, nbytes - len(out))
         self._con.executemany("DELETE FROM chunks WHERE seq = ?", [(s,) for s in used_up])
         if partial is not None:
             self._con.execute("UPDATE chunks SET data = ? WHERE seq = ?", (partial[1], partial[0]))
@@ -270,6 +438,23 @@ class StoreTransaction:
         return LinkStatus(name, master, slave, made, used, made - used)
 
 
+def _private_files(path: Path) -> None:
+    """Create the database file mode 0600 if it is missing; tighten it and its -wal/-shm to 0600.
+
+    SQLite creates ``-wal`` and ``-shm`` with the database file's mode, so a
+    0600 database keeps its companions private too.
+    """
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            if p.stat().st_mode & 0o077:
+                os.chmod(p, FILE_MODE)
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            log.warning("%s is readable by others and not ours to chmod; run `chmod 600 %s`", p, p)
+
+
 class KeyStore:
     """Key pools of QKD links in one SQLite file (see the module docstring for schema and guarantees)."""
 
@@ -278,15 +463,23 @@ class KeyStore:
         self._busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _private_files(self.path)
         with self._tx() as tx:  # (executescript would COMMIT on its own; run the statements one by one)
+            con = tx._con
+            has_meta = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+            row = con.execute("SELECT v FROM meta WHERE k = 'schema_version'").fetchone() if has_meta else None
+            if row is not None and row[0] != str(SCHEMA_VERSION):
+                raise StoreOutdated(
+                    f"{self.path}: key store schema_version {row[0]}, this qfl reads {SCHEMA_VERSION} (which adds "
+                    "deposit digests and the durable QKD clock; an older store cannot be given them). Move the file "
+                    f"aside (mv {self.path} {self.path}.v{row[0]}): a new store is made on the next open, and a "
+                    "resumed run continues with fresh key and a new simulated QKD clock"
+                )
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
-                    tx._con.execute(statement)
-            row = tx._con.execute("SELECT v FROM meta WHERE k = 'schema_version'").fetchone()
+                    con.execute(statement)
             if row is None:
-                tx._con.execute("INSERT INTO meta (k, v) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif row[0] != str(SCHEMA_VERSION):
-                raise StoreCorrupt(f"{self.path}: schema_version {row[0]}, this code reads {SCHEMA_VERSION}")
+                con.execute("INSERT INTO meta (k, v) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     # -- connections -----------------------------------------------------------------------------
 
@@ -467,39 +660,105 @@ class KeyStore:
             (row[0], master, slave, STATE_DELIVERED),
         ).fetchone()[0]
 
+    def clock(self) -> float:
+        """The simulated QKD clock saved in this store, in seconds."""
+        return StoreTransaction(self._connection()).clock()
+
+    def generator(self, a: str, b: str) -> GeneratorState:
+        """The saved clock state of link a~b."""
+        return StoreTransaction(self._connection()).generator(a, b)
+
+    def blocks(self, link: str) -> list[Block]:
+        """Every block that entered ``link``'s stream, in stream order."""
+        with self._tx(write=False) as tx:
+            row = tx._con.execute("SELECT id FROM links WHERE name = ?", (link,)).fetchone()
+            if row is None:
+                raise UnknownLink(f"no link named {link!r}")
+            rows = tx._con.execute(
+                "SELECT offset_bits, size_bits, kind, sha256 FROM deposits WHERE link_id = ? ORDER BY offset_bits",
+                (row[0],),
+            ).fetchall()
+        return [Block(*r) for r in rows]
+
     def verify(self) -> list[str]:
         """Check the invariants of every link; return a list of problems (empty when consistent).
 
-        Per link: the ledger intervals tile ``[0, used_bits)`` exactly (no
-        overlap, no gap), the pool holds ``made_bits − used_bits`` bits, and
-        only undelivered keys keep material.
+        Per link: the deposited blocks tile ``[0, mat_bits)`` and the ledger
+        intervals tile ``[0, used_bits)`` exactly (no overlap, no gap), the pool
+        holds ``mat_bits − used_bits`` bits, and only undelivered keys keep
+        material. Over all links: no two deposited blocks share a digest (the
+        same key was made twice).
         """
         problems = []
         with self._tx(write=False) as tx:
             con = tx._con
             if con.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
                 problems.append("sqlite integrity_check failed")
-            for link_id, name, made, used in con.execute("SELECT id, name, made_bits, used_bits FROM links").fetchall():
+            links = con.execute("SELECT id, name, made_bits, mat_bits, used_bits FROM links").fetchall()
+            for link_id, name, made, mat, used in links:
                 pool = con.execute(
                     "SELECT coalesce(sum(length(data)), 0) FROM chunks WHERE link_id = ?", (link_id,)
                 ).fetchone()[0]
-                if 8 * pool != made - used:
-                    problems.append(f"{name}: pool holds {8 * pool} bits, counters say {made - used}")
-                end = 0
-                for off, size, key_id in con.execute(
-                    "SELECT offset_bits, size_bits, key_id FROM keys WHERE link_id = ? ORDER BY offset_bits", (link_id,)
-                ):
-                    if off != end:
-                        problems.append(f"{name}: ledger {'overlap' if off < end else 'gap'} at bit {off} ({key_id})")
-                    end = max(end, off + size)
-                if end != used:
-                    problems.append(f"{name}: ledger ends at bit {end}, used_bits is {used}")
+                if 8 * pool != mat - used:
+                    problems.append(f"{name}: pool holds {8 * pool} bits, counters say {mat - used}")
+                for table, what, total in (("deposits", "deposits", mat), ("keys", "ledger", used)):
+                    end = 0
+                    for off, size in con.execute(
+                        f"SELECT offset_bits, size_bits FROM {table} WHERE link_id = ? ORDER BY offset_bits", (link_id,)
+                    ):
+                        if off != end:
+                            problems.append(f"{name}: {what} {'overlap' if off < end else 'gap'} at bit {off}")
+                        end = max(end, off + size)
+                    if end != total:
+                        problems.append(f"{name}: {what} end at bit {end}, "
+                                        f"{'mat_bits' if table == 'deposits' else 'used_bits'} is {total}")
+            for digest, count, names in con.execute(
+                "SELECT d.sha256, count(*), group_concat(l.name, ', ') FROM deposits d JOIN links l ON l.id = d.link_id"
+                " WHERE d.sha256 IS NOT NULL GROUP BY d.sha256 HAVING count(*) > 1"
+            ):
+                problems.append(f"{count} deposited blocks share SHA-256 {digest[:16]}… (links {names}): "
+                                "the same key was made more than once")
             bad = con.execute(
                 "SELECT count(*) FROM keys WHERE (state = ?) != (material IS NOT NULL)", (STATE_DELIVERED,)
             ).fetchone()[0]
             if bad:
                 problems.append(f"{bad} keys keep material they should not (or lack material they should have)")
         return problems
+
+    def audit(self) -> dict[str, object]:
+        """Integrity figures of the whole store (what ``qfl keys audit`` prints).
+
+        ``links``; ``bits_made`` (credited + materialised), ``bits_deposited``
+        (materialised blocks), ``bits_used``, ``bits_left``; ``blocks`` and
+        ``duplicate_blocks`` (blocks whose digest equals another's; 0 unless
+        key was made twice); ``problems`` (:meth:`verify`) and ``ledger_ok``;
+        ``fingerprints``: link → hex SHA-256 of its first deposited block (None
+        if it has none, or it is under DIGEST_MIN_BITS); ``clock_s``.
+        """
+        problems = self.verify()
+        with self._tx(write=False) as tx:
+            con = tx._con
+            n, made, used = con.execute(
+                "SELECT count(*), coalesce(sum(made_bits), 0), coalesce(sum(used_bits), 0) FROM links"
+            ).fetchone()
+            blocks, deposited = con.execute(
+                "SELECT count(*), coalesce(sum(size_bits), 0) FROM deposits"
+            ).fetchone()
+            duplicates = con.execute(
+                "SELECT coalesce(sum(c), 0) FROM (SELECT count(*) AS c FROM deposits WHERE sha256 IS NOT NULL"
+                " GROUP BY sha256 HAVING count(*) > 1)"
+            ).fetchone()[0]
+            fingerprints = dict(con.execute(
+                "SELECT l.name, (SELECT d.sha256 FROM deposits d WHERE d.link_id = l.id ORDER BY d.offset_bits"
+                " LIMIT 1) FROM links l ORDER BY l.name"
+            ).fetchall())
+            clock = tx.clock()
+        return {
+            "path": str(self.path), "schema_version": SCHEMA_VERSION, "links": n, "clock_s": clock,
+            "bits_made": made, "bits_deposited": deposited, "bits_used": used, "bits_left": made - used,
+            "blocks": blocks, "duplicate_blocks": duplicates, "ledger_ok": not problems, "problems": problems,
+            "fingerprints": fingerprints,
+        }
 
     def scrub(self) -> None:
         """Checkpoint and truncate the WAL, so page images of deleted key material leave the WAL file."""

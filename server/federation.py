@@ -117,7 +117,7 @@ def run_federation(
         strategy = QflFedAvg(**common)
     else:
         last = history[-1] if history else {}
-        budget = KeyBudget(cfg, run_dir, clock_s=last.get("qkd_clock_s") or 0.0)
+        budget = KeyBudget(cfg, run_dir)  # its QKD clock continues from the key store, not from history
         if cfg.key_source == "store":
             flat_config["key_store"] = str(budget.store_path.resolve())  # where the clients find the pools
         strategy = SecureFedAvg(
@@ -168,6 +168,8 @@ def run_federation(
         if reporter:
             reporter.round(record)
 
+    if budget is not None:
+        budget.close()  # the last round's consumed key leaves the store's WAL
     summary = summarize(cfg, history, num_params, initial_acc, initial_loss)
     atomic_write_json(run_dir / SUMMARY_NAME, summary)
     if reporter:

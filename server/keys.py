@@ -14,6 +14,12 @@ The server owns the simulated clock:
   are short, ``abort`` stops the run with :class:`KeyBudgetExceeded` (the last
   checkpoint stays valid; resume once the pools are refilled or the policy is
   changed).
+- The clock and the links' generation state live in the store (see
+  :mod:`qfl.quantum.network`): a resumed run's network continues from the
+  store's clock, whatever metrics.json says, so a crash between a tick and the
+  round's record never makes key for the same simulated time twice. Key bits
+  come from the OS CSPRNG, never from the run seed (``seed`` only drives the
+  BB84 Monte-Carlo physics below).
 - A link whose admission run of BB84 aborted (an eavesdropper pushing the
   QBER over the threshold) makes no key; whatever the policy, the clients that
   depend on it are left out, and the log says which link and why.
@@ -64,7 +70,7 @@ class Admission:
 class KeyBudget:
     """Key source, network and budget of one run (see the module docstring)."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, clock_s: float = 0.0) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
         self.cfg = cfg
         self.store_path = Path(cfg.key_store) if cfg.key_store else Path(run_dir) / "keys.db"
         self.source: KeySource = open_key_source(
@@ -76,7 +82,6 @@ class KeyBudget:
         if cfg.key_source == "store":
             self.store = self.source  # type: ignore[assignment]
             self.network = self._build_network()
-            self.network.now = float(clock_s)
 
     # -- the network ---------------------------------------------------------------------------
 
@@ -86,7 +91,7 @@ class KeyBudget:
         overrides = {pair: {"distance_km": km} for pair, km in parse_link_spec(cfg.qkd_links, nodes).items()}
         net = QuantumNetwork.build(
             self.store, nodes, cfg.qkd_topology, hub=SERVER_SAE if cfg.qkd_topology == "star" else None,
-            bits_per_s=cfg.qkd_rate or None, distance_km=cfg.qkd_distance_km, overrides=overrides, seed=cfg.seed,
+            bits_per_s=cfg.qkd_rate or None, distance_km=cfg.qkd_distance_km, overrides=overrides,
         )
         eve = parse_link_spec(cfg.qkd_eavesdropped, nodes, default=1.0)
         for pair in eve:
@@ -115,9 +120,21 @@ class KeyBudget:
         return self.network.now if self.network is not None else 0.0
 
     def tick(self) -> None:
-        """The key the links make while one round runs (``qkd_round_s`` of simulated time)."""
+        """The key the links make while one round runs (``qkd_round_s`` of simulated time).
+
+        First scrubs the store's WAL: the previous round's consumed key leaves
+        the files (see :meth:`qfl.security.keystore.KeyStore.scrub`).
+        """
+        if self.store is not None:
+            self.store.scrub()
         if self.network is not None and self.cfg.qkd_round_s > 0:
             self.network.advance(self.cfg.qkd_round_s)
+
+    def close(self) -> None:
+        """End of the run: scrub the store's WAL and close this thread's connection."""
+        if self.store is not None:
+            self.store.scrub()
+            self.store.close()
 
     # -- admission -----------------------------------------------------------------------------
 

@@ -366,7 +366,7 @@ def test_mesh_makes_floor_rate_times_t_with_carry(store):
     rate = {("a", "b"): 1000.0, ("a", "c"): 3.3, ("b", "c"): 123.456}
     net = QuantumNetwork.mesh(
         store, ["a", "b", "c"], bits_per_s=1.0,
-        overrides={pair: {"bits_per_s": r, "distance_km": 25.0} for pair, r in rate.items()}, seed=7,
+        overrides={pair: {"bits_per_s": r, "distance_km": 25.0} for pair, r in rate.items()},
     )
     assert net.links() == ["a~b", "a~c", "b~c"] and not net.relayed
     for _ in range(10):
@@ -382,7 +382,7 @@ def test_mesh_makes_floor_rate_times_t_with_carry(store):
 
 
 def test_rate_as_a_function_of_distance_and_time_to_make(store):
-    net = QuantumNetwork(store, seed=1)
+    net = QuantumNetwork(store)
     net.add_link("a", "b", distance_km=50.0, bits_per_s=lambda d: 1e4 * 10 ** (-0.02 * d))  # 1000 bits/s
     net.add_link("a", "c", bits_per_s=0.0)
     assert math.isclose(net.link("a", "b").bits_per_s, 1000.0)
@@ -426,7 +426,7 @@ def test_star_relay_xor_gives_both_leaves_the_first_hop_key(store):
 
 
 def test_star_through_a_chain_of_relays(store):
-    net = QuantumNetwork(store, seed=3)
+    net = QuantumNetwork(store)
     for x, y in [("a", "r1"), ("r1", "r2"), ("r2", "b")]:
         net.add_link(x, y, bits_per_s=800.0)
     net.add_relayed_link("a", "b", via=["r1", "r2"])
@@ -440,14 +440,14 @@ def test_star_through_a_chain_of_relays(store):
 
 
 def test_star_network_clock_and_relayed_pools(store):
-    net = QuantumNetwork.build(store, ["s", "x", "y"], "star", hub="s", bits_per_s=512.0, seed=0)
+    net = QuantumNetwork.build(store, ["s", "x", "y"], "star", hub="s", bits_per_s=512.0)
     net.advance(2.0)
     assert counters(store, "s", "x") == (1024, 0, 1024) and counters(store, "x", "y") == (0, 0, 0)
     assert math.isclose(net.time_to_make("x~y", 1024), 2.0)
 
 
 def test_exhaustion_policies(store):
-    net = QuantumNetwork.mesh(store, ["a", "b"], bits_per_s=1000.0, seed=5)
+    net = QuantumNetwork.mesh(store, ["a", "b"], bits_per_s=1000.0)
     net.advance(0.256)  # 256 bits
     before = counters(store, "a", "b")
     with pytest.raises(KeyExhausted):
@@ -469,7 +469,7 @@ def test_exhaustion_policies(store):
 
 
 def test_policies_on_a_relayed_link(store):
-    net = QuantumNetwork.star(store, ["hub", "p", "q"], hub="hub", bits_per_s=1000.0, seed=9)
+    net = QuantumNetwork.star(store, ["hub", "p", "q"], hub="hub", bits_per_s=1000.0)
     net.advance(1.0)  # 1000 bits on each hop, nothing relayed yet
     # skip/abort with a clock relay what the hops already hold, in zero simulated time
     keys = take_with_policy(store, "p", "q", 2, 256, "skip", net)
