@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -195,6 +196,65 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_error(message: str) -> NoReturn:
+    """`qfl keys audit` could not audit: the message on stderr, exit status 2 (1 means: problems found)."""
+    print(f"qfl keys audit: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _key_store_of(run_dir: Path) -> Path:
+    """The key store of a run directory: config.toml's key_store, else RUN_DIR/keys.db (or RUN_DIR, a file)."""
+    from qfl.config import ConfigError, load_config_file
+
+    if run_dir.is_file():
+        return run_dir
+    if not run_dir.is_dir():
+        _audit_error(f"{run_dir} does not exist; pass the directory a `qfl run` wrote")
+    path = run_dir / "keys.db"
+    if (run_dir / "config.toml").exists():
+        try:
+            configured = load_config_file(run_dir / "config.toml").get("key_store") or ""
+        except ConfigError as err:
+            _audit_error(str(err))
+        path = Path(configured) if configured else path
+    if not path.is_file():
+        _audit_error(
+            f"{run_dir} has no key store ({path} does not exist); pass the directory of a "
+            "`qfl run` with a secure mode (security != none) and key_source = store, or the .db file itself"
+        )
+    return path
+
+
+def _cmd_keys_audit(args: argparse.Namespace) -> int:
+    import json
+
+    from qfl.security.keystore import KeyStore, StoreCorrupt
+
+    path = _key_store_of(Path(args.run_dir))
+    try:
+        with KeyStore(path) as store:
+            report = store.audit()
+    except StoreCorrupt as err:
+        _audit_error(str(err))
+    ok = report["ledger_ok"] and report["duplicate_blocks"] == 0
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0 if ok else 1
+    print(f"key store {report['path']} (schema {report['schema_version']}): {report['links']} links, "
+          f"simulated QKD clock {report['clock_s']:.6g} s")
+    print(f"bits made {report['bits_made']:,}, deposited {report['bits_deposited']:,} "
+          f"(in {report['blocks']:,} blocks), used {report['bits_used']:,}, left {report['bits_left']:,}")
+    print(f"duplicate blocks (key made twice): {report['duplicate_blocks']}")
+    print("ledger: OK" if report["ledger_ok"] else f"ledger: {len(report['problems'])} problem(s)")
+    for problem in report["problems"]:
+        print(f"  - {problem}")
+    print("fingerprints (SHA-256 of each link's first deposited block):")
+    for link, digest in report["fingerprints"].items():
+        print(f"  {link:<24} {digest or '-'}")
+    print("OK" if ok else "FAILED: the key store does not prove that no key was made or handed out twice")
+    return 0 if ok else 1
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -328,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="key rate of every --link (default: the decoy-BB84 model at --distance-km)")
     kserve.add_argument("--tick", type=float, default=0.5, help="seconds between deposits")
     kserve.set_defaults(func=_cmd_kms_serve)
+
+    keys = sub.add_parser("keys", help="the key store of a run").add_subparsers(dest="keys", required=True)
+    kaudit = keys.add_parser("audit", help="check a run's key store: ledger, duplicate key blocks, fingerprints; "
+                                           "exit 1 on a problem")
+    kaudit.add_argument("run_dir", metavar="RUN_DIR", help="a `qfl run` directory (or a key store .db file)")
+    kaudit.add_argument("--json", action="store_true", help="print a JSON object instead of a summary")
+    kaudit.set_defaults(func=_cmd_keys_audit)
 
     experiment = sub.add_parser("experiment", help="experiments").add_subparsers(dest="experiment", required=True)
     comp = experiment.add_parser("compression", help="digits, 20 clients, α=0.5: every codec against fp32")
