@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qfl-installed
 
-.PHONY: demo test install clean bench-codecs bench-qkd bench-kms bench-secagg bench-quantum \
+.PHONY: demo test install clean fuzz bench-codecs bench-qkd bench-kms bench-secagg bench-quantum \
 	experiment-compression experiment-key-budget experiment-quantum-mixed
 
 $(STAMP): pyproject.toml
@@ -24,6 +24,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # Slower work, kept out of `make test`.
+# 10^5 hostile payloads against every decoder; exits 1 on any crash, hang or oversize allocation.
+fuzz: $(STAMP)
+	$(BIN)/python -m qfl.benchmarks.fuzz_decoders --cases 100000
+
 bench-codecs: $(STAMP)
 	$(BIN)/qfl bench codecs
 
