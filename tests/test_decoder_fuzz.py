@@ -33,7 +33,7 @@ from qfl.benchmarks.fuzz_decoders import (
 from qfl.compression.entropy import EntropyCodec
 from qfl.compression.wire import pack_header
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SMALL_SHAPES = [s for s in SHAPES if math.prod(s) <= 4096]
 
 u32 = st.one_of(st.sampled_from(INTERESTING_U32), st.integers(0, 2**32 - 1))
