@@ -76,10 +76,28 @@ the GYS parameters and infinite decoys the optimum is mu ~ 0.48, the value
 
 Finite key
 ----------
-:func:`finite_key` gives a key length for a block of ``N`` pulses in the style
-of [LCWXZ14]; its docstring spells out the (simplified) deviation terms used.
-It is a planning estimate built on expected counts, not a security proof for a
-particular run.
+:func:`finite_key_from_counts` gives the secret-key length of one block from its
+decoy statistics (sifted detections and errors per intensity) after [LCWXZ14]:
+Hoeffding deviations on the counts, the decoy bounds on the vacuum and
+single-photon detections and on the single-photon errors, the random-sampling
+correction to the phase error, and the eps_sec / eps_cor terms of Eq. (1). Its
+docstring spells out the bounds and the simplifications. The Monte-Carlo
+(:mod:`qfl.quantum.bb84`) sizes privacy amplification with it from a run's own
+counts; :func:`finite_key` feeds it expected counts (a planning estimate for a
+link), :func:`finite_key_bits_per_s` turns that into bits/s for blocks of
+``DEFAULT_BLOCK_PULSES`` = 10^10 pulses (10 s at 1 GHz) at eps_sec = 1e-10 --
+the rate the simulated network's links make key at -- and
+:func:`min_block_pulses` finds the smallest block that gives any key.
+
+Check against the literature: with the GYS parameters the model needs about
+5e8 pulses (2e6 sifted signal detections) at 10 km before any key is certified,
+and 1e10 pulses give 8.4e6 bits (845 kbit/s at 1 GHz, 60 % of the asymptotic
+1.40 Mbit/s). On a low-noise link of the kind [LCWXZ14] analyse (e_d = 0.5 %,
+Y0 = 6e-7, eta_Bob = 10 %, f = 1.16, biased bases) with their freedom to choose
+the decoy settings, positive key starts from about 10^5 detections (a few 10^6
+pulses), the order of block size they report; ``tests/test_keyrate.py`` asserts
+both. The GYS link needs larger blocks because of its 3.3 % misalignment and
+4.5 % detector efficiency, not because of the bounds.
 """
 
 from __future__ import annotations
@@ -93,8 +111,12 @@ from typing import Any
 from scipy.optimize import minimize_scalar
 
 __all__ = [
+    "DEFAULT_BLOCK_PULSES",
+    "DEFAULT_EPS_COR",
+    "DEFAULT_EPS_SEC",
     "E0",
     "METHODS",
+    "DecoyCounts",
     "FiniteKeyResult",
     "KeyRateResult",
     "LinkParams",
@@ -102,13 +124,17 @@ __all__ = [
     "cutoff_distance",
     "error_gain",
     "evaluate",
+    "expected_counts",
     "finite_key",
+    "finite_key_bits_per_s",
+    "finite_key_from_counts",
     "finite_key_length",
     "format_report",
     "gain",
     "h2",
     "key_rate",
     "link_report",
+    "min_block_pulses",
     "optimal_mu",
     "qber",
     "secret_key_rate",
@@ -453,14 +479,26 @@ def cutoff_distance(p: LinkParams, method: str = "vacuum_weak", tol_km: float = 
 # Finite key
 # --------------------------------------------------------------------------- #
 
+#: Security parameter of the finite-key length: the key is eps_sec-secret ([LCWXZ14], Eq. (1)).
+DEFAULT_EPS_SEC = 1e-10
+#: Correctness parameter: Alice's and Bob's keys differ with probability <= eps_cor.
+DEFAULT_EPS_COR = 1e-15
+#: Block (pulses) the finite-key *rate* of a link is quoted for: 10^10 pulses, 10 s at 1 GHz.
+#: The simulated network's key clock (:mod:`qfl.quantum.network`) makes key at this rate.
+DEFAULT_BLOCK_PULSES = 10**10
+#: Largest block :func:`min_block_pulses` looks at.
+_MAX_BLOCK_PULSES = 10**16
+
 
 @dataclass(frozen=True)
 class FiniteKeyResult:
-    """Finite-key estimate for one block of ``n_pulses`` (see :func:`finite_key`).
+    """Finite-key length for one block of ``n_pulses`` (see :func:`finite_key_from_counts`).
 
-    Counts are in detections (expected values, or their bounds); ``length_bits``
-    is the key length ``l`` (>= 0), ``asymptotic_rate_per_pulse`` the N -> oo
-    limit of ``l / N`` for the same protocol (intensity probabilities included).
+    Counts are in detections (observed, expected, or their bounds); ``length_bits``
+    is the key length ``l`` (>= 0), ``asymptotic_rate_per_pulse`` the limit of
+    ``l / N`` with every statistical deviation set to zero (same counts, same
+    ``lambda_ec``). ``s0`` and ``s1`` are the vacuum and single-photon detections
+    certified *in the key*; ``phase_error`` is their phase-error bound.
     """
 
     n_pulses: int
@@ -476,6 +514,9 @@ class FiniteKeyResult:
     security_bits: float
     delta_counts: float
     delta_errors: float
+    key_bits: float = 0.0
+    eps_sec: float = DEFAULT_EPS_SEC
+    eps_cor: float = DEFAULT_EPS_COR
 
 
 def _gamma(a: float, b: float, c: float, d: float) -> float:
@@ -496,37 +537,101 @@ def _check_probability(name: str, value: float) -> float:
     return float(value)
 
 
-def finite_key(
-    p: LinkParams,
-    n_pulses: float,
+def _check_pulses(n_pulses: Any) -> int:
+    if isinstance(n_pulses, bool) or not isinstance(n_pulses, numbers.Real):
+        raise ValueError(f"n_pulses must be a positive whole number of pulses, got {n_pulses!r}")
+    if not math.isfinite(n_pulses) or n_pulses < 1 or n_pulses != math.floor(n_pulses):
+        raise ValueError(
+            f"n_pulses must be a positive whole number of pulses (>= 1), got {n_pulses!r}; "
+            "a block of e.g. 1e10 pulses is 10 s at 1 GHz"
+        )
+    return int(n_pulses)  # type: ignore[call-overload]  # a whole int, float or numpy number
+
+
+@dataclass(frozen=True)
+class DecoyCounts:
+    """One block's decoy statistics: per intensity k, the sifted detections ``n_k`` and the bit
+    errors ``m_k`` among them -- counted in a run (:mod:`qfl.quantum.bb84`) or expected values
+    (:func:`expected_counts`).
+
+    Each of the ``n_pulses`` pulses gets intensity ``mu`` (signal), ``nu1`` (weak decoy) or
+    ``nu2`` (second decoy, 0 = vacuum) with probability ``p_mu``, ``p_nu1``, ``p_nu2``; the
+    decoy bounds need ``mu > nu1 > nu2 >= 0`` and ``nu1 + nu2 < mu``.
+    """
+
+    n_pulses: int
+    mu: float
+    nu1: float
+    nu2: float
+    p_mu: float
+    p_nu1: float
+    p_nu2: float
+    n_mu: float
+    n_nu1: float
+    n_nu2: float
+    m_mu: float
+    m_nu1: float
+    m_nu2: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "n_pulses", _check_pulses(self.n_pulses))
+        probs = {k: _check_probability(k, getattr(self, k)) for k in ("p_mu", "p_nu1", "p_nu2")}
+        if abs(sum(probs.values()) - 1.0) > 1e-9:
+            raise ValueError(f"p_mu + p_nu1 + p_nu2 must equal 1, got {sum(probs.values())!r} from {probs}")
+        if not (self.mu > self.nu1 > self.nu2 >= 0 and self.nu1 + self.nu2 < self.mu):
+            raise ValueError(
+                f"the decoy bounds need mu > nu1 > nu2 >= 0 and nu1 + nu2 < mu, got mu={self.mu}, "
+                f"nu1={self.nu1}, nu2={self.nu2}; use a weak decoy and a vacuum (nu2 = 0) below the signal"
+            )
+        for k in ("mu", "nu1", "nu2"):
+            n, m = getattr(self, f"n_{k}"), getattr(self, f"m_{k}")
+            if not (math.isfinite(n) and math.isfinite(m) and 0 <= m <= n):
+                raise ValueError(f"counts of intensity {k} must satisfy 0 <= m_{k} <= n_{k}, got n={n!r}, m={m!r}")
+
+
+def expected_counts(
+    p: LinkParams, n_pulses: float, *, p_mu: float = 0.8, p_nu1: float = 0.1, p_nu2: float = 0.1
+) -> DecoyCounts:
+    """Expected sifted detections and errors of a block of ``n_pulses`` on link ``p``::
+
+        n_k = N p_k q Q_k,   m_k = N p_k q E_k Q_k
+
+    with ``mu = p.mu`` or, if None, the asymptotic optimum of the vacuum+weak rate.
+    """
+    big_n = _check_pulses(n_pulses)
+    mu = p.mu if p.mu is not None else optimal_mu(p, "vacuum_weak")[0]
+    q = p.sifting
+    n = {x: big_n * pk * q * gain(p, x) for x, pk in ((mu, p_mu), (p.nu1, p_nu1), (p.nu2, p_nu2))}
+    m = {x: big_n * pk * q * error_gain(p, x) for x, pk in ((mu, p_mu), (p.nu1, p_nu1), (p.nu2, p_nu2))}
+    return DecoyCounts(
+        n_pulses=big_n, mu=mu, nu1=p.nu1, nu2=p.nu2, p_mu=p_mu, p_nu1=p_nu1, p_nu2=p_nu2,
+        n_mu=n[mu], n_nu1=n[p.nu1], n_nu2=n[p.nu2], m_mu=m[mu], m_nu1=m[p.nu1], m_nu2=m[p.nu2],
+    )
+
+
+def finite_key_from_counts(
+    c: DecoyCounts,
+    lambda_ec: float,
     *,
-    eps_sec: float = 1e-10,
-    eps_cor: float = 1e-15,
-    p_mu: float = 0.8,
-    p_nu1: float = 0.1,
-    p_nu2: float = 0.1,
+    key_bits: float | None = None,
+    eps_sec: float = DEFAULT_EPS_SEC,
+    eps_cor: float = DEFAULT_EPS_COR,
 ) -> FiniteKeyResult:
-    """Secret-key length for a block of ``n_pulses`` pulses, after [LCWXZ14].
+    """Secret-key length of one block from its decoy statistics, after [LCWXZ14].
 
-    Protocol modelled: each pulse gets intensity k in {mu, nu1, nu2} with
-    probability p_k (default 0.8 / 0.1 / 0.1) and a basis; a fraction
-    ``q = p.sifting`` of the detections survive sifting. As in [MQZL05]/[GLLP04]
-    the key is made from the sifted *signal* (mu) detections; decoy detections
-    serve only for estimation. ``mu`` is ``p.mu`` or, if None, the asymptotic
-    optimum of the vacuum+weak rate at this distance.
-
-    Observed counts are replaced by their expected values (this is a planning
-    model, not the analysis of a run)::
-
-        n_k = N p_k q Q_k,   m_k = N p_k q E_k Q_k,   n = sum n_k,   m = sum m_k
+    The key is made from ``key_bits`` of the ``n_mu`` sifted *signal* detections
+    (all of them by default; fewer when a random sample of them was disclosed to
+    estimate the QBER); decoy detections serve only for estimation, as in
+    [MQZL05]/[GLLP04]. ``lambda_ec`` is the error-correction leakage in bits.
 
     Deviation terms (Hoeffding, as in [LCWXZ14] below Eq. (2))::
 
         delta_n = sqrt(n/2 ln(21/eps_sec)),   delta_m = sqrt(m/2 ln(21/eps_sec))
         n_k^(+-) = e^k / p_k (n_k +- delta_n),   m_k^(+-) = e^k / p_k (m_k +- delta_m)
 
-    Decoy estimates over all intensities, [LCWXZ14] Eqs. (2)-(4) with
-    mu1 = mu, mu2 = nu1, mu3 = nu2 and tau_j = sum_k p_k e^-k k^j / j!::
+    with ``n = sum n_k``, ``m = sum m_k``. Decoy estimates over all intensities,
+    [LCWXZ14] Eqs. (2)-(4) with mu1 = mu, mu2 = nu1, mu3 = nu2 and
+    tau_j = sum_k p_k e^-k k^j / j!::
 
         S0 >= tau0 (nu1 n_nu2^- - nu2 n_nu1^+) / (nu1 - nu2)
         S1 >= tau1 mu [n_nu1^- - n_nu2^+ - (nu1^2 - nu2^2)/mu^2 (n_mu^+ - S0/tau0)]
@@ -536,55 +641,48 @@ def finite_key(
     Simplifications beyond [LCWXZ14] (which keys on all intensities in one
     basis and estimates the phase error from the other):
 
-    * Share of the signal pulses in S0 and S1: an n-photon detection came from
-      intensity k with probability p_k e^-k k^n/n! / tau_n, so we take
-      ``s_j = w_j S_j - sqrt(S_j/2 ln(21/eps_sec))`` with
+    * Share of the key in S0 and S1: a j-photon detection came from intensity k
+      with probability p_k e^-k k^j/j! / tau_j, so the signal pulses hold at
+      least ``w_j S_j - sqrt(S_j/2 ln(21/eps_sec))`` of them, with
       ``w_j = p_mu e^-mu mu^j/j! / tau_j`` (expected share less one more
-      Hoeffding deviation).
+      Hoeffding deviation). A uniformly random sample of ``n_mu - key_bits`` of
+      the signal detections is disclosed; it holds at most its proportional
+      share plus ``sqrt((n_mu - key_bits)/2 ln(21/eps_sec))`` of them (Hoeffding
+      for sampling without replacement), so the key keeps::
+
+          s_j = (key_bits / n_mu) (w_j S_j - sqrt(S_j/2 ln(21/eps_sec)))
+                - sqrt((n_mu - key_bits)/2 ln(21/eps_sec))
+
     * Phase error of the key's single-photon events: the bit-error bound e1^U
       (basis-symmetric source) moved from the other single-photon events
       (``c = (1 - w_1) S1``) to the key's (``d = s_1``) with the random-sampling
       term of [LCWXZ14] Eq. (5): ``phi = e1^U + gamma(eps_sec, e1^U, c, d)``.
+    * The two share deviations are charged at the same per-event failure
+      probability eps_sec/21 as [LCWXZ14]'s own terms; the ``21`` is kept.
 
     Length, [LCWXZ14] Eq. (1), floored and clipped at 0::
 
         l = s_0 + s_1 (1 - H2(phi)) - lambda_EC - 6 log2(21/eps_sec) - log2(2/eps_cor)
-        lambda_EC = f n_mu H2(E_mu)
-
-    With all deviations set to zero ``l / N`` tends to
-    ``p_mu (R_vw + q e^-mu Y0^L)``: the vacuum+weak rate ``R_vw`` of [MQZL05]
-    on the signal fraction of the pulses, plus the vacuum events that Eq. (1)
-    counts and the GLLP formula leaves out. ``asymptotic_rate_per_pulse`` is that
-    limit; ``l / N`` rises towards it as N grows.
     """
-    if isinstance(n_pulses, bool) or not isinstance(n_pulses, numbers.Real):
-        raise ValueError(f"n_pulses must be a positive whole number of pulses, got {n_pulses!r}")
-    if not math.isfinite(n_pulses) or n_pulses < 1 or n_pulses != math.floor(n_pulses):
-        raise ValueError(
-            f"n_pulses must be a positive whole number of pulses (>= 1), got {n_pulses!r}; "
-            "a block of e.g. 1e10 pulses is 10 s at 1 GHz"
-        )
     eps_sec = _check_probability("eps_sec", eps_sec)
     eps_cor = _check_probability("eps_cor", eps_cor)
-    probs = {
-        "p_mu": _check_probability("p_mu", p_mu),
-        "p_nu1": _check_probability("p_nu1", p_nu1),
-        "p_nu2": _check_probability("p_nu2", p_nu2),
-    }
-    if abs(sum(probs.values()) - 1.0) > 1e-9:
-        raise ValueError(f"p_mu + p_nu1 + p_nu2 must equal 1, got {sum(probs.values())!r} from {probs}")
+    lambda_ec = float(lambda_ec)
+    if not (math.isfinite(lambda_ec) and lambda_ec >= 0):
+        raise ValueError(f"lambda_ec must be a finite number of leaked bits >= 0, got {lambda_ec!r}")
+    kept = c.n_mu if key_bits is None else float(key_bits)
+    if not 0 <= kept <= c.n_mu:
+        raise ValueError(f"key_bits must lie in [0, n_mu = {c.n_mu}], got {key_bits!r}")
+    keep = kept / c.n_mu if c.n_mu > 0 else 0.0
+    disclosed = c.n_mu - kept
 
-    n_total = int(n_pulses)
-    big_n = float(n_total)
-    mu = p.mu if p.mu is not None else optimal_mu(p, "vacuum_weak")[0]
-    n1, n2, q = p.nu1, p.nu2, p.sifting
-    intensities = {"mu": (mu, p_mu), "nu1": (n1, p_nu1), "nu2": (n2, p_nu2)}
-
-    n = {k: big_n * pk * q * gain(p, x) for k, (x, pk) in intensities.items()}
-    m = {k: big_n * pk * q * error_gain(p, x) for k, (x, pk) in intensities.items()}
+    mu, n1, n2 = c.mu, c.nu1, c.nu2
+    intensities = {"mu": (mu, c.p_mu), "nu1": (n1, c.p_nu1), "nu2": (n2, c.p_nu2)}
+    n = {"mu": c.n_mu, "nu1": c.n_nu1, "nu2": c.n_nu2}
+    m = {"mu": c.m_mu, "nu1": c.m_nu1, "nu2": c.m_nu2}
     ln_term = math.log(21.0 / eps_sec)
     delta_n = math.sqrt(sum(n.values()) / 2 * ln_term)
     delta_m = math.sqrt(sum(m.values()) / 2 * ln_term)
+    big_n = float(c.n_pulses)
 
     def scaled(counts: dict[str, float], k: str, delta: float) -> float:
         x, pk = intensities[k]
@@ -594,10 +692,9 @@ def finite_key(
         return sum(pk * math.exp(-x) * x**j / math.factorial(j) for x, pk in intensities.values())
 
     tau0, tau1 = tau(0), tau(1)
-    w0 = p_mu * math.exp(-mu) / tau0
-    w1 = p_mu * math.exp(-mu) * mu / tau1
+    w0 = c.p_mu * math.exp(-mu) / tau0
+    w1 = c.p_mu * math.exp(-mu) * mu / tau1
     security_bits = 6 * math.log2(21.0 / eps_sec) + math.log2(2.0 / eps_cor)
-    lambda_ec = p.ec_efficiency * n["mu"] * h2(qber(p, mu))
 
     def estimate(dn: float, dm: float, extra: float) -> tuple[float, float, float, float]:
         """(s0, s1, e1^U, phi) for count deviations dn, dm; ``extra`` = 0 drops the share and
@@ -612,8 +709,9 @@ def finite_key(
         )
         big_s1 = max(0.0, big_s1)
         v1 = tau1 * (scaled(m, "nu1", dm) - scaled(m, "nu2", -dm)) / (n1 - n2)
-        s0 = max(0.0, w0 * big_s0 - extra * math.sqrt(big_s0 / 2 * ln_term))
-        s1 = max(0.0, w1 * big_s1 - extra * math.sqrt(big_s1 / 2 * ln_term))
+        sample_dev = extra * math.sqrt(disclosed / 2 * ln_term)
+        s0 = max(0.0, keep * (w0 * big_s0 - extra * math.sqrt(big_s0 / 2 * ln_term)) - sample_dev)
+        s1 = max(0.0, keep * (w1 * big_s1 - extra * math.sqrt(big_s1 / 2 * ln_term)) - sample_dev)
         if big_s1 <= 0 or s1 <= 0:
             return s0, 0.0, E0, E0
         e1_u = min(max(v1 / big_s1, 0.0), E0)
@@ -628,7 +726,7 @@ def finite_key(
     asymptotic = max(0.0, (a0 + a1 * (1 - h2(a_phi)) - lambda_ec) / big_n)
 
     return FiniteKeyResult(
-        n_pulses=n_total,
+        n_pulses=c.n_pulses,
         mu=mu,
         length_bits=length,
         rate_per_pulse=length / big_n,
@@ -641,7 +739,60 @@ def finite_key(
         security_bits=security_bits,
         delta_counts=delta_n,
         delta_errors=delta_m,
+        key_bits=kept,
+        eps_sec=eps_sec,
+        eps_cor=eps_cor,
     )
+
+
+def finite_key(
+    p: LinkParams,
+    n_pulses: float,
+    *,
+    eps_sec: float = DEFAULT_EPS_SEC,
+    eps_cor: float = DEFAULT_EPS_COR,
+    p_mu: float = 0.8,
+    p_nu1: float = 0.1,
+    p_nu2: float = 0.1,
+    key_fraction: float = 1.0,
+) -> FiniteKeyResult:
+    """Secret-key length for a block of ``n_pulses`` pulses on link ``p``, after [LCWXZ14].
+
+    Protocol modelled: each pulse gets intensity k in {mu, nu1, nu2} with
+    probability p_k (default 0.8 / 0.1 / 0.1) and a basis; a fraction
+    ``q = p.sifting`` of the detections survive sifting. The key is made from the
+    sifted signal detections, less a disclosed QBER sample when ``key_fraction``
+    < 1. ``mu`` is ``p.mu`` or, if None, the asymptotic optimum of the
+    vacuum+weak rate at this distance.
+
+    Observed counts are replaced by their expected values (:func:`expected_counts`;
+    a planning model, not the analysis of a run) and the error-correction leakage
+    by ``lambda_EC = f key_bits H2(E_mu)``; the length is then
+    :func:`finite_key_from_counts`, whose docstring has the bounds.
+
+    With all deviations set to zero ``l / N`` tends to
+    ``p_mu (R_vw + q e^-mu Y0^L)`` (for ``key_fraction = 1``): the vacuum+weak
+    rate ``R_vw`` of [MQZL05] on the signal fraction of the pulses, plus the
+    vacuum events that Eq. (1) counts and the GLLP formula leaves out.
+    ``asymptotic_rate_per_pulse`` is that limit; ``l / N`` rises towards it as N
+    grows.
+    """
+    _check_pulses(n_pulses)
+    eps_sec = _check_probability("eps_sec", eps_sec)
+    eps_cor = _check_probability("eps_cor", eps_cor)
+    probs = {
+        "p_mu": _check_probability("p_mu", p_mu),
+        "p_nu1": _check_probability("p_nu1", p_nu1),
+        "p_nu2": _check_probability("p_nu2", p_nu2),
+    }
+    if abs(sum(probs.values()) - 1.0) > 1e-9:
+        raise ValueError(f"p_mu + p_nu1 + p_nu2 must equal 1, got {sum(probs.values())!r} from {probs}")
+    if isinstance(key_fraction, bool) or not isinstance(key_fraction, numbers.Real) or not 0 < key_fraction <= 1:
+        raise ValueError(f"key_fraction must lie in (0, 1] (share of the sifted signal bits kept as key), got {key_fraction!r}")
+    counts = expected_counts(p, n_pulses, p_mu=p_mu, p_nu1=p_nu1, p_nu2=p_nu2)
+    key_bits = key_fraction * counts.n_mu
+    lambda_ec = p.ec_efficiency * key_bits * h2(qber(p, counts.mu))
+    return finite_key_from_counts(counts, lambda_ec, key_bits=key_bits, eps_sec=eps_sec, eps_cor=eps_cor)
 
 
 def finite_key_length(p: LinkParams, n_pulses: float, **kwargs: Any) -> int:
@@ -649,21 +800,73 @@ def finite_key_length(p: LinkParams, n_pulses: float, **kwargs: Any) -> int:
     return finite_key(p, n_pulses, **kwargs).length_bits
 
 
+def finite_key_bits_per_s(
+    p: LinkParams, block_pulses: float = DEFAULT_BLOCK_PULSES, *, eps_sec: float = DEFAULT_EPS_SEC, **kwargs: Any
+) -> float:
+    """Finite-key secret bits per second: ``l(N) * pulse_rate_hz / N`` for blocks of N = ``block_pulses``.
+
+    Every block of N pulses (N / pulse_rate_hz seconds) yields the finite-key
+    length ``l(N)`` of :func:`finite_key`, so over whole blocks a key clock at
+    this rate never hands out more than the finite-key secure length.
+    """
+    n = _check_pulses(block_pulses)
+    return finite_key(p, n, eps_sec=eps_sec, **kwargs).length_bits * p.pulse_rate_hz / n
+
+
+def min_block_pulses(p: LinkParams, **kwargs: Any) -> int | None:
+    """Smallest block (pulses, 2 significant digits, rounded up) with a positive :func:`finite_key`
+    length on link ``p``; ``None`` if even 10^16 pulses give no key. ``kwargs`` go to :func:`finite_key`.
+
+    Found by bisection on log N (the length grows with N).
+    """
+    if p.mu is None:
+        p = dataclasses.replace(p, mu=optimal_mu(p, "vacuum_weak")[0])
+
+    def positive(n: float) -> bool:
+        return finite_key_length(p, int(math.ceil(n)), **kwargs) > 0
+
+    if not positive(_MAX_BLOCK_PULSES):
+        return None
+    lo, hi = 1.0, float(_MAX_BLOCK_PULSES)
+    if positive(lo):
+        return 1
+    while hi / lo > 1.001:
+        mid = math.sqrt(lo * hi)
+        if positive(mid):
+            hi = mid
+        else:
+            lo = mid
+    scale = 10.0 ** (math.floor(math.log10(hi)) - 1)
+    return math.ceil(math.ceil(hi / scale) * scale)
+
+
 # --------------------------------------------------------------------------- #
 # Report (for `qfl qkd rate`)
 # --------------------------------------------------------------------------- #
 
 
-def link_report(p: LinkParams, method: str = "vacuum_weak") -> dict[str, Any]:
+def link_report(
+    p: LinkParams,
+    method: str = "vacuum_weak",
+    *,
+    block_pulses: float = DEFAULT_BLOCK_PULSES,
+    eps_sec: float = DEFAULT_EPS_SEC,
+) -> dict[str, Any]:
     """JSON-ready summary of one link: the keys the CLI prints.
 
     distance_km, method, mu, mu_optimised, transmittance, gain (Q_mu), qber
-    (E_mu), y1, e1, rate_per_pulse, bits_per_s, pulse_rate_hz, sifting,
-    cutoff_km. ``cutoff_km`` is ``None`` when the rate stays positive at every
-    distance (no dark counts and no misalignment), so the dict stays valid JSON.
+    (E_mu), y1, e1, rate_per_pulse, bits_per_s (asymptotic, ``method``),
+    pulse_rate_hz, sifting, cutoff_km; and the finite-key figures for blocks of
+    ``block_pulses`` at ``eps_sec`` (vacuum + weak decoy, :func:`finite_key`):
+    block_pulses, eps_sec, finite_key_bits (per block), finite_key_rate_per_pulse,
+    finite_key_bits_per_s (what the simulated network's links make), and
+    min_block_pulses (the smallest block with any key; ``None`` if none).
+    ``cutoff_km`` is ``None`` when the rate stays positive at every distance
+    (no dark counts and no misalignment), so the dict stays valid JSON.
     """
     r = evaluate(p, method)
     cutoff = cutoff_distance(p, method)
+    fk = finite_key(p, block_pulses, eps_sec=eps_sec)
     return {
         "distance_km": float(p.distance_km),
         "method": method,
@@ -679,6 +882,12 @@ def link_report(p: LinkParams, method: str = "vacuum_weak") -> dict[str, Any]:
         "pulse_rate_hz": float(p.pulse_rate_hz),
         "sifting": float(p.sifting),
         "cutoff_km": None if math.isinf(cutoff) else float(cutoff),
+        "block_pulses": int(fk.n_pulses),
+        "eps_sec": float(fk.eps_sec),
+        "finite_key_bits": int(fk.length_bits),
+        "finite_key_rate_per_pulse": float(fk.rate_per_pulse),
+        "finite_key_bits_per_s": float(fk.rate_per_pulse * p.pulse_rate_hz),
+        "min_block_pulses": min_block_pulses(p, eps_sec=eps_sec),
     }
 
 
@@ -695,7 +904,7 @@ def _si(value: float, unit: str) -> str:
 def format_report(report: dict[str, Any]) -> str:
     """Human-readable lines for a :func:`link_report` dict."""
     method = report.get("method")
-    title = "Decoy-state BB84 link, asymptotic key rate"
+    title = "Decoy-state BB84 link, asymptotic and finite-key rate"
     if method:
         title += f" ({_METHOD_LABEL.get(method, method)})"
     mu_note = " (optimised)" if report.get("mu_optimised") else ""
@@ -708,10 +917,21 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if "e1" in report and "y1" in report:
         lines.append(f"  single photons      Y1 = {report['y1']:.4e}, e1 = {100 * report['e1']:.3f} %")
-    lines.append(f"  secret key rate     {report['rate_per_pulse']:.4e} bits/pulse")
+    lines.append(f"  secret key rate     {report['rate_per_pulse']:.4e} bits/pulse (asymptotic)")
     rate_hz = report.get("pulse_rate_hz")
     at = f" at {_si(rate_hz, 'Hz')}" if rate_hz else ""
-    lines.append(f"  throughput          {_si(report['bits_per_s'], 'bit/s')}{at}")
+    lines.append(f"  throughput          {_si(report['bits_per_s'], 'bit/s')}{at} (asymptotic)")
+    if "finite_key_bits_per_s" in report:
+        lines.append(
+            f"  finite-key rate     {report['finite_key_rate_per_pulse']:.4e} bits/pulse, "
+            f"{_si(report['finite_key_bits_per_s'], 'bit/s')} in blocks of {report['block_pulses']:.3g} pulses, "
+            f"eps_sec={report['eps_sec']:g} (Lim et al. 2014; the network's key clock)"
+        )
+        least = report.get("min_block_pulses")
+        lines.append(
+            "  smallest block      "
+            + ("no finite-key secure key at any block size" if least is None else f"{least:.2g} pulses for any key")
+        )
     cutoff = report.get("cutoff_km")
     lines.append(
         "  cutoff distance     "
@@ -719,4 +939,9 @@ def format_report(report: dict[str, Any]) -> str:
     )
     if report["rate_per_pulse"] <= 0:
         lines.append("  no secret key at this distance")
+    elif report.get("finite_key_bits") == 0:
+        lines.append(
+            f"  no finite-key secure key in blocks of {report['block_pulses']:.3g} pulses; "
+            "use longer blocks (--block-pulses) or a shorter link"
+        )
     return "\n".join(lines)

@@ -43,8 +43,16 @@ a tick, so the direct links' key is not spent on pairs that never ask.
 Rates. ``bits_per_s`` is a number of secret-key bits per second, a function
 ``f(distance_km) -> bits/s``, a :class:`qfl.quantum.keyrate.LinkParams`, or
 None — then the analytic decoy-BB84 model of :mod:`qfl.quantum.keyrate` (its
-default, GYS-experiment parameters) gives the asymptotic rate at the link's
-``distance_km``. The rate is fixed when the link is added.
+default, GYS-experiment parameters, 1 GHz) gives the *finite-key* rate at the
+link's ``distance_km``: the Lim et al. (2014) secure length of a block of
+``keyrate.DEFAULT_BLOCK_PULSES`` = 10^10 pulses (10 s at 1 GHz) at
+eps_sec = ``keyrate.DEFAULT_EPS_SEC`` = 1e-10, divided by the block's duration
+(:func:`qfl.quantum.keyrate.finite_key_bits_per_s`). Over whole blocks the clock
+so hands out at most the finite-key secure length. At 10 km that is 844 kbit/s
+(the asymptotic rate, used before, was 1.40 Mbit/s); blocks of 10^10 pulses give
+no key beyond about 69 km — pass ``bits_per_s`` (e.g. from
+``keyrate.finite_key_bits_per_s`` with a larger block) for longer links. The
+rate is fixed when the link is added.
 
 Randomness. Key bits always come from the OS CSPRNG (:func:`secrets.token_bytes`),
 never from a seeded generator: a run seed is public (it is in config.toml), so
@@ -94,6 +102,9 @@ def resolve_rate(bits_per_s: RateSpec | object | None, distance_km: float) -> fl
     :class:`qfl.quantum.keyrate.LinkParams` (the analytic decoy-BB84 model,
     evaluated at ``distance_km``), or ``None``: the analytic model with its
     default parameters (the GYS experiment, 1 GHz source) at ``distance_km``.
+    The analytic model gives the finite-key rate for blocks of
+    ``keyrate.DEFAULT_BLOCK_PULSES`` pulses at ``keyrate.DEFAULT_EPS_SEC`` (see
+    the module docstring), never the asymptotic one.
     """
     if bits_per_s is None or _is_link_params(bits_per_s):
         return _keyrate_bits_per_s(bits_per_s, distance_km)
@@ -117,7 +128,11 @@ def _is_link_params(obj: object) -> bool:
 
 
 def _keyrate_bits_per_s(params: object | None, distance_km: float) -> float:
-    """Adapter to :mod:`qfl.quantum.keyrate`: asymptotic secret-key bits/s at ``distance_km``."""
+    """Adapter to :mod:`qfl.quantum.keyrate`: finite-key secret bits/s at ``distance_km``.
+
+    ``l(N) * pulse_rate_hz / N`` with ``l`` the finite-key length of a block of
+    N = ``keyrate.DEFAULT_BLOCK_PULSES`` pulses at eps_sec = ``keyrate.DEFAULT_EPS_SEC``.
+    """
     try:
         from qfl.quantum import keyrate
     except ImportError as exc:
@@ -126,7 +141,7 @@ def _keyrate_bits_per_s(params: object | None, distance_km: float) -> float:
             "pass bits_per_s= (a number or a function of distance_km)"
         ) from exc
     p = keyrate.LinkParams(distance_km=distance_km) if params is None else params.with_distance(distance_km)
-    return float(keyrate.evaluate(p).bits_per_s)
+    return float(keyrate.finite_key_bits_per_s(p, keyrate.DEFAULT_BLOCK_PULSES, eps_sec=keyrate.DEFAULT_EPS_SEC))
 
 
 @dataclass

@@ -19,17 +19,24 @@ import math
 import pytest
 
 from qfl.quantum.keyrate import (
+    DEFAULT_BLOCK_PULSES,
+    DEFAULT_EPS_SEC,
     E0,
+    DecoyCounts,
     LinkParams,
     cutoff_distance,
     error_gain,
     evaluate,
+    expected_counts,
     finite_key,
+    finite_key_bits_per_s,
+    finite_key_from_counts,
     finite_key_length,
     format_report,
     gain,
     key_rate,
     link_report,
+    min_block_pulses,
     optimal_mu,
     qber,
     secret_key_rate,
@@ -249,6 +256,88 @@ def test_finite_key_bad_inputs():
         finite_key(p, 1e10, p_mu=0.8, p_nu1=0.15, p_nu2=0.15)
 
 
+def test_finite_key_is_the_count_based_bound_on_expected_counts():
+    p = GYS.with_distance(25.0)
+    counts = expected_counts(p, 10**10)
+    assert counts.n_mu == pytest.approx(1e10 * 0.8 * 0.5 * gain(p, counts.mu), rel=1e-12)
+    lam = p.ec_efficiency * counts.n_mu * _h2(qber(p, counts.mu))
+    assert finite_key_from_counts(counts, lam) == finite_key(p, 10**10)
+    # disclosing a QBER sample of the key costs its share and a sampling deviation, and lambda_EC shrinks
+    full, sampled = finite_key(p, 10**10), finite_key(p, 10**10, key_fraction=0.9)
+    assert sampled.key_bits == pytest.approx(0.9 * counts.n_mu)
+    assert sampled.s1 < 0.9 * full.s1 and sampled.length_bits < full.length_bits
+
+
+def test_decoy_counts_are_checked():
+    good = dict(n_pulses=10**8, mu=0.5, nu1=0.1, nu2=0.0, p_mu=0.8, p_nu1=0.1, p_nu2=0.1,
+                n_mu=1e5, n_nu1=1e3, n_nu2=10, m_mu=3e3, m_nu1=40, m_nu2=5)
+    DecoyCounts(**good)
+    for bad, match in (({"nu1": 0.5}, "mu > nu1"), ({"nu2": 0.45}, "nu1 \\+ nu2 < mu"), ({"m_nu1": 2e3}, "m_nu1"),
+                       ({"p_mu": 0.7}, "must equal 1"), ({"n_pulses": 0}, "n_pulses")):
+        with pytest.raises(ValueError, match=match):
+            DecoyCounts(**{**good, **bad})
+    with pytest.raises(ValueError, match="key_bits"):
+        finite_key_from_counts(DecoyCounts(**good), 0.0, key_bits=2e5)
+    with pytest.raises(ValueError, match="lambda_ec"):
+        finite_key_from_counts(DecoyCounts(**good), -1.0)
+
+
+def test_finite_key_gives_nothing_at_1e7_pulses_with_gys_and_names_the_block_that_does():
+    # The GYS link (e_d = 3.3 %, eta_Bob = 4.5 %) certifies nothing in 1e7 pulses at any distance ...
+    for d in (0.0, 10.0, 25.0, 50.0):
+        assert finite_key_length(GYS.with_distance(d), 10**7) == 0
+    # ... and first gives key from about 5e8 pulses at 10 km (2e6 sifted signal detections).
+    least = min_block_pulses(GYS.with_distance(10.0))
+    assert 4e8 <= least <= 7e8
+    p = GYS.with_distance(10.0)
+    assert finite_key_length(p, least) > 0 and finite_key_length(p, int(least * 0.95)) == 0
+    assert min_block_pulses(GYS.with_distance(200.0)) is None
+
+
+def test_finite_key_model_gives_key_where_lim_et_al_do():
+    # [LCWXZ14] report positive key from post-processing blocks of ~1e5 detections on a low-noise
+    # link with optimised decoy settings. With parameters of that kind (e_d = 0.5 %, Y0 = 6e-7,
+    # eta_Bob = 10 %, f = 1.16, biased bases q = 0.9, 0.2 dB/km) and a weak-decoy/vacuum-heavy
+    # setting, the model here gives key from a few 1e6 pulses at 0 km: about 1e5 sifted detections.
+    low_noise = LinkParams(distance_km=0.0, fiber_loss_db_per_km=0.2, detector_efficiency=0.1,
+                           dark_count_yield=6e-7, misalignment=0.005, ec_efficiency=1.16, sifting=0.9,
+                           mu=0.6, nu1=0.2, nu2=0.0)
+    probs = {"p_mu": 0.5, "p_nu1": 0.3, "p_nu2": 0.2}
+    r = finite_key(low_noise, 3 * 10**6, **probs)
+    counts = expected_counts(low_noise, 3 * 10**6, **probs)
+    detections = counts.n_mu + counts.n_nu1 + counts.n_nu2
+    assert r.length_bits > 0 and 5e4 < detections < 2e5
+    assert min_block_pulses(low_noise, **probs) < 3e6
+
+
+def test_finite_key_rate_for_the_network():
+    p = GYS.with_distance(10.0)
+    assert DEFAULT_BLOCK_PULSES == 10**10 and DEFAULT_EPS_SEC == 1e-10
+    rate = finite_key_bits_per_s(p)
+    assert rate == finite_key_length(p, 10**10) * 1e9 / 1e10
+    # 844 kbit/s at 10 km, 60 % of the asymptotic 1.40 Mbit/s
+    assert rate == pytest.approx(844_472.5, rel=1e-6)
+    assert evaluate(p).bits_per_s == pytest.approx(1_397_340, rel=1e-5)
+    # a block's worth of clock time never makes more than the block's finite-key length
+    assert math.floor(rate * 1e10 / p.pulse_rate_hz) <= finite_key_length(p, 10**10)
+    # a slower source makes the same key per block, over a longer time
+    slow = LinkParams(distance_km=10.0, pulse_rate_hz=1e8)
+    assert finite_key_bits_per_s(slow) == pytest.approx(rate / 10)
+    assert finite_key_bits_per_s(GYS.with_distance(80.0)) == 0.0  # 1e10-pulse blocks give nothing at 80 km
+
+
+def test_network_default_rate_is_the_finite_key_rate():
+    from qfl.quantum.network import resolve_rate
+
+    for d in (0.0, 10.0, 50.0, 80.0):
+        p = GYS.with_distance(d)
+        assert resolve_rate(None, d) == finite_key_bits_per_s(p, DEFAULT_BLOCK_PULSES, eps_sec=DEFAULT_EPS_SEC)
+        assert resolve_rate(None, d) <= evaluate(p).bits_per_s
+    slow = LinkParams(distance_km=50.0, pulse_rate_hz=1e8)
+    assert resolve_rate(slow, 20.0) == finite_key_bits_per_s(slow.with_distance(20.0))
+    assert resolve_rate(None, 10.0) < 0.7 * evaluate(GYS.with_distance(10.0)).bits_per_s  # not the asymptotic rate
+
+
 # --------------------------------------------------------------------------- #
 # Parameter validation
 # --------------------------------------------------------------------------- #
@@ -306,3 +395,12 @@ def test_link_report_and_format():
     assert "50.000 km" in text and "cutoff" in text and "bits/pulse" in text
     beyond = format_report(link_report(GYS.with_distance(160.0), "infinite"))
     assert "no secret key" in beyond
+    # the finite-key figures: the network's rate, its block and eps_sec, the smallest block
+    assert rep["block_pulses"] == 10**10 and rep["eps_sec"] == 1e-10
+    assert rep["finite_key_bits"] == finite_key_length(GYS.with_distance(50.0), 10**10)
+    assert rep["finite_key_bits_per_s"] == pytest.approx(finite_key_bits_per_s(GYS.with_distance(50.0)))
+    assert rep["finite_key_bits_per_s"] < rep["bits_per_s"]
+    assert rep["min_block_pulses"] == min_block_pulses(GYS.with_distance(50.0))
+    assert "finite-key rate" in text and "eps_sec=1e-10" in text
+    far = link_report(GYS.with_distance(100.0))
+    assert far["finite_key_bits"] == 0 and "no finite-key secure key in blocks of 1e+10" in format_report(far)

@@ -490,14 +490,15 @@ def test_rates_from_the_analytic_key_rate_model(store):
     keyrate = pytest.importorskip("qfl.quantum.keyrate")
     net = QuantumNetwork(store)
     net.add_link("a", "b", distance_km=50.0)  # no bits_per_s: the model's defaults at 50 km
-    slow = keyrate.LinkParams(distance_km=100.0, pulse_rate_hz=1e8)
+    # (the model's finite-key rate, blocks of 1e10 pulses: no key beyond ~69 km, hence 60 km here)
+    slow = keyrate.LinkParams(distance_km=60.0, pulse_rate_hz=1e8)
     net.add_link("a", "c", bits_per_s=slow)  # distance taken from the parameters
     net.add_link("b", "c", bits_per_s=slow, distance_km=20.0)  # an explicit distance wins
-    at_50 = keyrate.evaluate(keyrate.LinkParams(distance_km=50.0)).bits_per_s
+    at_50 = keyrate.finite_key_bits_per_s(keyrate.LinkParams(distance_km=50.0))
     assert net.link("a", "b").bits_per_s == pytest.approx(at_50)
-    assert net.link("a", "c").distance_km == 100.0
-    assert net.link("a", "c").bits_per_s == pytest.approx(keyrate.evaluate(slow).bits_per_s)
-    assert net.link("b", "c").bits_per_s == pytest.approx(keyrate.evaluate(slow.with_distance(20.0)).bits_per_s)
+    assert net.link("a", "c").distance_km == 60.0
+    assert net.link("a", "c").bits_per_s == pytest.approx(keyrate.finite_key_bits_per_s(slow))
+    assert net.link("b", "c").bits_per_s == pytest.approx(keyrate.finite_key_bits_per_s(slow.with_distance(20.0)))
     assert net.link("a", "b").bits_per_s > net.link("b", "c").bits_per_s > net.link("a", "c").bits_per_s > 0
     net.advance(0.001)
     assert counters(store, "a", "b")[0] == 8 * (math.floor(net.link("a", "b").bits_per_s * 0.001) // 8)
