@@ -162,7 +162,7 @@ def _cmd_qkd_rate(args: argparse.Namespace) -> int:
             ec_efficiency=args.ec_efficiency,
             pulse_rate_hz=args.pulse_rate_hz,
         )
-        report = link_report(params, method=args.method)
+        report = link_report(params, method=args.method, block_pulses=args.block_pulses, eps_sec=args.eps_sec)
     except ValueError as err:
         raise SystemExit(f"qfl qkd rate: {err}") from None
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -177,7 +177,8 @@ def _cmd_qkd_simulate(args: argparse.Namespace) -> int:
     try:
         result = simulate_bb84(
             args.pulses, args.distance_km, eve_fraction=args.eve, seed=args.seed, mu=args.mu,
-            qber_threshold=args.qber_threshold,
+            qber_threshold=args.qber_threshold, eps_sec=args.eps_sec, eps_cor=args.eps_cor,
+            asymptotic=args.asymptotic,
         )
     except ValueError as err:
         raise SystemExit(f"qfl qkd simulate: {err}") from None
@@ -253,6 +254,17 @@ def _cmd_keys_audit(args: argparse.Namespace) -> int:
         print(f"  {link:<24} {digest or '-'}")
     print("OK" if ok else "FAILED: the key store does not prove that no key was made or handed out twice")
     return 0 if ok else 1
+
+
+def _pulse_count(text: str) -> int:
+    """A whole number of pulses, also written as 1e8."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of pulses such as 100000000 or 1e8, got {text!r}") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"a number of pulses is a whole number, got {text!r}")
+    return int(value)
 
 
 def _positive_int(text: str) -> int:
@@ -346,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     bkms.set_defaults(func=_cmd_bench_kms)
 
     qkd = sub.add_parser("qkd", help="QKD link models").add_subparsers(dest="qkd", required=True)
-    rate = qkd.add_parser("rate", help="decoy-state BB84 key rate of one fiber link (GLLP, Ma et al. 2005)")
+    rate = qkd.add_parser("rate", help="decoy-state BB84 key rate of one fiber link: asymptotic "
+                          "(GLLP, Ma et al. 2005) and finite-key (Lim et al. 2014)")
     rate.add_argument("--distance-km", type=float, required=True)
     rate.add_argument("--mu", type=float, default=None, help="signal intensity (default: optimised)")
     rate.add_argument("--method", choices=("vacuum_weak", "infinite"), default="vacuum_weak",
@@ -357,15 +370,25 @@ def build_parser() -> argparse.ArgumentParser:
     rate.add_argument("--misalignment", type=float, default=0.033)
     rate.add_argument("--ec-efficiency", type=float, default=1.22)
     rate.add_argument("--pulse-rate-hz", type=float, default=1e9)
+    rate.add_argument("--block-pulses", type=_pulse_count, default=10**10,
+                      help="block of the finite-key rate (default 1e10, the simulated network's)")
+    rate.add_argument("--eps-sec", type=float, default=1e-10, help="finite-key security parameter (default 1e-10)")
     rate.add_argument("--json", action="store_true")
     rate.set_defaults(func=_cmd_qkd_rate)
     sim = qkd.add_parser("simulate", help="Monte-Carlo of decoy BB84: sifting, QBER, Cascade, privacy amplification")
-    sim.add_argument("--distance-km", type=float, required=True)
-    sim.add_argument("--pulses", type=int, required=True)
+    sim.add_argument("--distance-km", type=float, default=10.0, help="fiber length (default 10 km)")
+    sim.add_argument("--pulses", type=_pulse_count, default=10**8,
+                     help="block size (default 1e8: finite-key secure key at 10 km in a few seconds)")
     sim.add_argument("--eve", type=float, default=0.0, metavar="P", help="intercept-resend on a fraction P of pulses")
     sim.add_argument("--mu", type=float, default=0.5, help="signal intensity")
     sim.add_argument("--qber-threshold", type=float, default=0.11)
     sim.add_argument("--seed", type=int, default=None)
+    sim.add_argument("--eps-sec", type=float, default=1e-10,
+                     help="finite-key security parameter of privacy amplification (default 1e-10)")
+    sim.add_argument("--eps-cor", type=float, default=2.0**-64,
+                     help="correctness parameter; sets the verification tag to log2(1/eps_cor) bits (default 2^-64)")
+    sim.add_argument("--asymptotic", action="store_true",
+                     help="size privacy amplification with the asymptotic GLLP bound (NOT finite-size secure)")
     sim.add_argument("--json", action="store_true")
     sim.set_defaults(func=_cmd_qkd_simulate)
 

@@ -39,28 +39,41 @@ pulses and returns the final keys of both ends:
    sampled bits are discarded.
 5. **Error correction**: Cascade (Brassard & Salvail, EUROCRYPT '93, LNCS 765,
    410), see :func:`cascade_correct`. Every parity bit disclosed is counted in
-   ``leaked_bits``. Then a 64-bit verification tag (a random Toeplitz hash, a
-   2-universal family: collision probability 2^-64 for any two different
-   strings) is compared; its 64 bits are counted as leaked too, and a mismatch
-   aborts.
+   ``leaked_bits``. Then a verification tag of ``t = ceil(log2(1/eps_cor))``
+   bits (64 by default; a random Toeplitz hash, a 2-universal family:
+   collision probability 2^-t for any two different strings, so the keys
+   differ with probability <= eps_cor) is compared; its bits are counted as
+   leaked too, and a mismatch aborts.
 6. **Privacy amplification** with a random Toeplitz matrix (shared seed) down
-   to the secure length, GLLP with decoy states (see :func:`gllp_secure_length`)::
+   to the secure length. By default that is the **finite-key** length of Lim,
+   Curty, Walenta, Xu, Zbinden, PRA 89, 022307 (2014), computed from this run's
+   own counts by :func:`qfl.quantum.keyrate.finite_key_from_counts`::
+
+       l = floor(s0 + s1 (1 - H2(phi)) - lambda_EC - 6 log2(21/eps_sec) - log2(2/eps_cor))
+
+   ``s0``, ``s1``: lower bounds on the vacuum and single-photon detections in
+   the key (the sifted signal bits left after sampling), from Hoeffding bounds
+   on every intensity's sifted detections and the three-intensity decoy
+   bounds; ``phi``: upper bound on their phase error, the single-photon error
+   bound from the decoy and vacuum errors plus the finite-size
+   random-sampling term; ``lambda_EC``: the Cascade parities; the verification
+   tag is the ``log2(2/eps_cor)`` term. The counts: sifted detections of every
+   intensity; errors of the decoy and vacuum pulses (all disclosed) and of the
+   signal pulses (the sample's errors plus the bits Cascade corrected, known
+   once the tag matches). A block too small for any finite-key secure key
+   aborts with the block size that would give some. With ``asymptotic=True``
+   the length is instead GLLP with asymptotic decoy estimates
+   (:func:`gllp_secure_length`; Ma, Qi, Zhao, Lo 2005; GLLP 2004)::
 
        l = floor(n * s1 * (1 - H2(e1)) - leaked_bits - 2 * log2(1 / eps_pa))
 
    with ``n`` the sifted signal bits left after sampling, ``s1 = Q1^L / Q_mu``
-   the lower bound on the share of them that came from single photons and
-   ``e1`` the upper bound on their error rate, both from the vacuum + weak
-   decoy estimates of this run's own gains (Ma, Qi, Zhao, Lo 2005; GLLP 2004),
-   ``leaked_bits`` everything disclosed in step 5 (Cascade parities and the
-   verification tag), and the leftover-hash-lemma margin for ``eps_pa``
-   (Impagliazzo, Levin, Luby 1989; Renner 2005). Multi-photon bits are assumed
-   known to Eve (photon-number splitting). The decoy estimates are asymptotic
-   (no finite-size deviation on the gains): a finite-key analysis in the style
-   of Lim et al. 2014 is ``qfl.quantum.keyrate.finite_key``. Without decoy
-   statistics (no decoy or vacuum pulses) no key is certified. The simpler
-   ``secure_length`` (all sifted bits at the estimated QBER, no photon-number
-   split) is kept for comparison only.
+   and ``e1`` from the vacuum + weak decoy estimates of this run's gains taken
+   as exact -- not finite-size secure, and labelled so in the output.
+   Multi-photon bits are assumed known to Eve (photon-number splitting) in
+   both. Without decoy statistics (no decoy or vacuum pulses) no key is
+   certified. The simpler ``secure_length`` (all sifted bits at the estimated
+   QBER, no photon-number split) is kept for comparison only.
 
 Randomness: one seed gives two independent streams, a *private* one (Alice's and
 Bob's choices, the channel, Eve) and a *public* one (the sampled positions, the
@@ -84,7 +97,13 @@ from typing import Any
 
 import numpy as np
 
+from .keyrate import DEFAULT_EPS_SEC, DecoyCounts, LinkParams, finite_key_from_counts, min_block_pulses
+
 __all__ = [
+    "ASYMPTOTIC_LABEL",
+    "DEFAULT_EPS_COR",
+    "DEFAULT_EPS_SEC",
+    "DEFAULT_PULSES",
     "BB84Result",
     "CascadeResult",
     "bench_bb84",
@@ -103,6 +122,12 @@ __all__ = [
 CHUNK_PULSES = 1 << 20
 _TWO32 = float(1 << 32)
 INTENSITY_NAMES = ("signal", "decoy", "vacuum")
+#: Default block of the CLI's `qkd simulate`: gives finite-key secure key at 10 km with the defaults.
+DEFAULT_PULSES = 10**8
+#: Correctness parameter: a 64-bit verification tag, so the keys differ with probability <= 2^-64.
+DEFAULT_EPS_COR = 2.0**-64
+#: ``BB84Result.pa_bound`` of a run whose privacy amplification used the asymptotic bound.
+ASYMPTOTIC_LABEL = "ASYMPTOTIC (not finite-size secure)"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -378,6 +403,13 @@ class BB84Result:
     cascade, verification, privacy_amplification, total).
     ``decoy``: gains, error rates and the decoy-state estimates (see
     :func:`_decoy_stats`).
+    ``pa_bound``: which bound sized privacy amplification, ``"finite-key,
+    eps_sec=1e-10"`` or ``"ASYMPTOTIC (not finite-size secure)"``;
+    ``eps_sec``: the security parameter (None when asymptotic);
+    ``finite_key``: the finite-key terms of this run (s0, s1, phase_error,
+    e1_upper, lambda_ec, security_bits, length_bits), None when not computed;
+    ``asymptotic_key_bits``: the GLLP length with asymptotic decoy estimates,
+    for comparison (None without decoy statistics).
     """
 
     pulses: int
@@ -397,6 +429,10 @@ class BB84Result:
     cascade_block_sizes: tuple[int, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
     decoy: dict[str, Any] = field(default_factory=dict)
+    pa_bound: str = ""
+    eps_sec: float | None = None
+    finite_key: dict[str, float] | None = None
+    asymptotic_key_bits: int | None = None
 
     @property
     def key_bytes(self) -> bytes:
@@ -446,7 +482,7 @@ def _validate(pulses, distance_km, eve_fraction, p) -> None:
         f"eve_fraction must be in [0, 1], got {eve_fraction!r}; it is the fraction of pulses Eve intercepts (0: no Eve)",
     )
     for name in ("mu", "nu", "p_signal", "p_decoy", "alpha_db_per_km", "eta_det", "dark_count", "e_detector",
-                 "sample_fraction", "qber_threshold", "eps_pa"):
+                 "sample_fraction", "qber_threshold", "eps_pa", "eps_sec", "eps_cor"):
         _check(_is_finite_number(p[name]), f"{name} must be a finite number, got {p[name]!r}")
     _check(p["mu"] > 0, f"mu must be > 0, got {p['mu']}; the signal intensity is a mean photon number such as 0.5")
     _check(0 <= p["nu"] < p["mu"], f"nu must satisfy 0 <= nu < mu, got nu={p['nu']}, mu={p['mu']}; the decoy is the weaker intensity")
@@ -460,6 +496,9 @@ def _validate(pulses, distance_km, eve_fraction, p) -> None:
     _check(0 < p["sample_fraction"] < 1, f"sample_fraction must be in (0, 1), got {p['sample_fraction']}; e.g. 0.1 discloses 10% of the sifted key")
     _check(0 < p["qber_threshold"] <= 0.5, f"qber_threshold must be in (0, 0.5], got {p['qber_threshold']}")
     _check(0 < p["eps_pa"] < 1, f"eps_pa must be in (0, 1), got {p['eps_pa']}; e.g. 1e-10")
+    _check(0 < p["eps_sec"] < 1, f"eps_sec must be in (0, 1), got {p['eps_sec']}; the finite-key security parameter, e.g. 1e-10")
+    _check(2.0**-1024 < p["eps_cor"] < 1,
+           f"eps_cor must be in (0, 1), got {p['eps_cor']}; the chance the keys differ, e.g. 2**-64 (a 64-bit tag)")
     _check(isinstance(p["cascade_passes"], numbers.Integral) and p["cascade_passes"] >= 1,
            f"cascade_passes must be an integer >= 1, got {p['cascade_passes']!r}")
 
@@ -550,7 +589,8 @@ def _run_chunk(rng, size, tables, dark_count, eve_fraction, ed_threshold):
 
 
 def _decoy_stats(pulses_by_kind, clicks_by_kind, sifted_by_kind, errors_by_kind, p, single, leak_ratio):
-    """Gains Q_k, error rates E_k and the vacuum + weak decoy estimates.
+    """Pulses, sifted detections and their errors per intensity, gains Q_k, error rates E_k and
+    the vacuum + weak decoy estimates.
 
     Y0 from the vacuum gain; Y1^L and e1^U as in Ma, Qi, Zhao, Lo, PRA 72,
     012326 (2005) (vacuum + weak decoy)::
@@ -570,6 +610,8 @@ def _decoy_stats(pulses_by_kind, clicks_by_kind, sifted_by_kind, errors_by_kind,
         gains[name] = float(clicks_by_kind[k] / pulses_by_kind[k]) if pulses_by_kind[k] else None
         qbers[name] = float(errors_by_kind[k] / sifted_by_kind[k]) if sifted_by_kind[k] else None
     out["pulses"] = {n: int(c) for n, c in zip(INTENSITY_NAMES, pulses_by_kind)}
+    out["sifted"] = {n: int(c) for n, c in zip(INTENSITY_NAMES, sifted_by_kind)}
+    out["errors"] = {n: int(c) for n, c in zip(INTENSITY_NAMES, errors_by_kind)}
     out["gain"] = gains
     out["qber"] = qbers
     out["Y1_true"], out["e1_true"] = single
@@ -601,9 +643,9 @@ def simulate_bb84(
     eve_fraction: float = 0.0,
     seed=None,
     mu: float = 0.5,
-    nu: float = 0.1,
-    p_signal: float = 0.8,
-    p_decoy: float = 0.1,
+    nu: float = 0.15,
+    p_signal: float = 0.5,
+    p_decoy: float = 0.25,
     alpha_db_per_km: float = 0.21,
     eta_det: float = 0.045,
     dark_count: float = 1.7e-6,
@@ -612,6 +654,9 @@ def simulate_bb84(
     qber_threshold: float = 0.11,
     cascade_passes: int = 4,
     eps_pa: float = 1e-10,
+    eps_sec: float = DEFAULT_EPS_SEC,
+    eps_cor: float = DEFAULT_EPS_COR,
+    asymptotic: bool = False,
 ) -> BB84Result:
     """Run decoy-state BB84 on ``pulses`` pulses over ``distance_km`` of fiber.
 
@@ -621,15 +666,34 @@ def simulate_bb84(
     rest); ``alpha_db_per_km`` fiber loss; ``eta_det`` detector efficiency;
     ``dark_count`` Y0 per pulse; ``e_detector`` misalignment error e_d;
     ``sample_fraction`` share of the sifted key disclosed for estimation;
-    ``qber_threshold`` abort level; ``cascade_passes``; ``eps_pa`` privacy
-    amplification failure probability. ``seed``: int, SeedSequence, Generator
-    or None. Raises ``ValueError`` on bad input.
+    ``qber_threshold`` abort level; ``cascade_passes``; ``eps_sec`` the
+    finite-key security parameter and ``eps_cor`` the correctness parameter
+    (it sets the verification tag to ``ceil(log2(1/eps_cor))`` bits, 64 by
+    default). ``asymptotic=True`` sizes privacy amplification with the
+    asymptotic GLLP bound instead (not finite-size secure), ``eps_pa`` being
+    its leftover-hash margin. ``seed``: int, SeedSequence, Generator or None.
+    Raises ``ValueError`` on bad input.
+
+    Finite-key privacy amplification needs large blocks, and the decoy
+    defaults are chosen for it: with ``nu = 0.15`` and half of the pulses
+    decoy or vacuum (``p_signal = 0.5``, ``p_decoy = 0.25``, vacuum 0.25) the
+    first key is certified from about 6e7 pulses at 10 km (``DEFAULT_PULSES``
+    = 1e8 give ~1.3e4 bits), where ``nu = 0.1`` with ``p_signal = 0.8``,
+    ``p_decoy = 0.1`` (tuned for the asymptotic rate) would need about 6.5e8:
+    the count deviations of the rarely sent intensities, amplified by 1/p_k in
+    the decoy bounds, dominate small blocks. A block too small for any
+    key aborts and says how many pulses would do
+    (``qfl.quantum.keyrate.min_block_pulses``).
     """
     params = dict(mu=mu, nu=nu, p_signal=p_signal, p_decoy=p_decoy, alpha_db_per_km=alpha_db_per_km,
                   eta_det=eta_det, dark_count=dark_count, e_detector=e_detector, sample_fraction=sample_fraction,
-                  qber_threshold=qber_threshold, eps_pa=eps_pa, cascade_passes=cascade_passes)
+                  qber_threshold=qber_threshold, eps_pa=eps_pa, eps_sec=eps_sec, eps_cor=eps_cor,
+                  cascade_passes=cascade_passes)
     _validate(pulses, distance_km, eve_fraction, params)
     pulses, distance_km, eve_fraction = int(pulses), float(distance_km), float(eve_fraction)
+    asymptotic = bool(asymptotic)
+    pa_bound = ASYMPTOTIC_LABEL if asymptotic else f"finite-key, eps_sec={eps_sec:g}"
+    tag_bits = max(1, math.ceil(-math.log2(eps_cor) - 1e-9))
     private, public = _make_rngs(seed)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -686,7 +750,7 @@ def simulate_bb84(
 
     empty = np.zeros(0, dtype=np.uint8)
 
-    def finish(reason, leaked=0, fixed=0, sizes=(), key_a=empty, key_b=empty, leak_ratio=None):
+    def finish(reason, leaked=0, fixed=0, sizes=(), key_a=empty, key_b=empty, leak_ratio=None, fk=None, gllp=None):
         timings.setdefault("cascade", 0.0)
         timings.setdefault("verification", 0.0)
         timings.setdefault("privacy_amplification", 0.0)
@@ -697,6 +761,7 @@ def simulate_bb84(
             aborted=reason is not None, abort_reason=reason, alice_key=key_a, bob_key=key_b, corrected_errors=fixed,
             cascade_block_sizes=tuple(sizes), timings=timings,
             decoy=_decoy_stats(pulses_by_kind, clicks_by_kind, sifted_by_kind, errors_by_kind, params, single, leak_ratio),
+            pa_bound=pa_bound, eps_sec=None if asymptotic else float(eps_sec), finite_key=fk, asymptotic_key_bits=gllp,
         )
 
     if n_sift < 2 or n_rest == 0:
@@ -708,7 +773,6 @@ def simulate_bb84(
     ec = cascade_correct(alice_rest, bob_rest, qber, passes=cascade_passes, seed=public)
     t4 = time.perf_counter()
     timings["cascade"] = t4 - t3
-    tag_bits = 64
     tag_seed = toeplitz_seed(public, n_rest, tag_bits)
     verified = np.array_equal(toeplitz_hash(alice_rest, tag_bits, tag_seed), toeplitz_hash(ec.corrected, tag_bits, tag_seed))
     leaked = ec.leaked_bits + tag_bits
@@ -723,26 +787,76 @@ def simulate_bb84(
     # ---- step 6: privacy amplification
     decoy = _decoy_stats(pulses_by_kind, clicks_by_kind, sifted_by_kind, errors_by_kind, params, single, leak_ratio)
     q_mu, q1, e1 = decoy["gain"]["signal"], decoy["Q1_lower"], decoy["e1_upper"]
-    if not q_mu or q1 is None or e1 is None:
-        return finish("decoy statistics too thin to bound the single-photon yield; send more pulses",
-                      leaked, ec.corrected_errors, ec.block_sizes, leak_ratio=leak_ratio)
-    length = gllp_secure_length(n_rest, q1 / q_mu, e1, leaked, eps_pa)
-    if length <= 0:
-        return finish(f"no secret key: {n_rest} bits minus {leaked} leaked and Eve's share leave nothing; "
-                      "send more pulses or shorten the fiber", leaked, ec.corrected_errors, ec.block_sizes,
-                      leak_ratio=leak_ratio)
+    gllp = gllp_secure_length(n_rest, q1 / q_mu, e1, leaked, eps_pa) if q_mu and q1 is not None and e1 is not None else None
+    done = dict(leaked=leaked, fixed=ec.corrected_errors, sizes=ec.block_sizes, leak_ratio=leak_ratio, gllp=gllp)
+    if asymptotic:
+        if gllp is None:
+            return finish("decoy statistics too thin to bound the single-photon yield; send more pulses", **done)
+        length = gllp
+        if length <= 0:
+            return finish(f"no secret key: {n_rest} bits minus {leaked} leaked and Eve's share leave nothing; "
+                          "send more pulses or shorten the fiber", **done)
+    else:
+        p_vacuum = 1.0 - p_signal - p_decoy
+        if not (nu > 0 and p_decoy > 0 and p_vacuum > 1e-12):
+            return finish("finite-key analysis needs weak-decoy and vacuum pulses (nu > 0, p_decoy > 0, "
+                          f"p_signal + p_decoy < 1), got nu={nu}, p_decoy={p_decoy}, vacuum {p_vacuum:.3g}", **done)
+        errors_signal = int(np.count_nonzero(alice_sifted[sampled] != bob_sifted[sampled])) + ec.corrected_errors
+        observed = DecoyCounts(
+            n_pulses=pulses, mu=mu, nu1=nu, nu2=0.0, p_mu=p_signal, p_nu1=p_decoy, p_nu2=p_vacuum,
+            n_mu=float(n_sift), n_nu1=float(sifted_by_kind[1]), n_nu2=float(sifted_by_kind[2]),
+            m_mu=float(errors_signal), m_nu1=float(errors_by_kind[1]), m_nu2=float(errors_by_kind[2]),
+        )
+        fk = finite_key_from_counts(observed, ec.leaked_bits, key_bits=n_rest, eps_sec=eps_sec, eps_cor=2.0**-tag_bits)
+        done["fk"] = {
+            "s0": fk.s0, "s1": fk.s1, "phase_error": fk.phase_error, "e1_upper": fk.e1_upper,
+            "lambda_ec": fk.lambda_ec, "security_bits": fk.security_bits, "length_bits": fk.length_bits,
+        }
+        length = fk.length_bits
+        if length <= 0:
+            hint = _block_hint(pulses, distance_km, params, leak_ratio, 2.0**-tag_bits)
+            return finish(
+                f"no finite-key secure key in this block of {pulses:,} pulses (eps_sec={eps_sec:g}): "
+                f"{fk.s1:,.0f} certified single-photon bits with phase error <= {fk.phase_error:.3f} do not cover "
+                f"{ec.leaked_bits:,} Cascade bits and {fk.security_bits:.0f} bits of security margin; {hint}", **done)
     pa_seed = toeplitz_seed(public, n_rest, length)
     key_a = toeplitz_hash(alice_rest, length, pa_seed)
     key_b = toeplitz_hash(ec.corrected, length, pa_seed)
     timings["privacy_amplification"] = time.perf_counter() - t5
-    return finish(None, leaked, ec.corrected_errors, ec.block_sizes, key_a, key_b, leak_ratio)
+    return finish(None, key_a=key_a, key_b=key_b, **done)
+
+
+def _block_hint(pulses: int, distance_km: float, p: dict, leak_ratio: float | None, eps_cor: float) -> str:
+    """The fix for a block too small for finite-key key: the block size the planning model
+    (:func:`qfl.quantum.keyrate.min_block_pulses`, expected counts, this run's Cascade
+    efficiency and QBER sample) says gives some key on this link, without Eve."""
+    try:
+        link = LinkParams(
+            distance_km=distance_km, fiber_loss_db_per_km=p["alpha_db_per_km"], detector_efficiency=p["eta_det"],
+            dark_count_yield=p["dark_count"], misalignment=p["e_detector"],
+            ec_efficiency=max(leak_ratio or 1.22, 1.0), mu=p["mu"], nu1=p["nu"], nu2=0.0, sifting=0.5,
+        )
+        least = min_block_pulses(
+            link, eps_sec=p["eps_sec"], eps_cor=eps_cor, p_mu=p["p_signal"], p_nu1=p["p_decoy"],
+            p_nu2=1.0 - p["p_signal"] - p["p_decoy"], key_fraction=1.0 - p["sample_fraction"],
+        )
+    except ValueError:
+        return "send more pulses or shorten the fiber"
+    if least is None:
+        return "no block size gives finite-key secure key on this link; shorten the fiber"
+    if least <= pulses:  # this run was unlucky or Eve is present; the model says the size is enough
+        return "send more pulses (the expected key at this size is positive: statistical bad luck, or an eavesdropper)"
+    return f"send more pulses: about {least:.2g} or more at {distance_km:g} km (keyrate.min_block_pulses for this link)"
 
 
 # --------------------------------------------------------------------------- reporting
 
 
 def result_json(result: BB84Result) -> dict:
-    """The CLI's JSON record: pulses, sifted_bits, qber, leaked_bits, key_bits, aborted."""
+    """The CLI's JSON record: pulses, sifted_bits, qber, leaked_bits, key_bits, aborted,
+    abort_reason, pa_bound (which bound sized privacy amplification), eps_sec (None when
+    asymptotic) and asymptotic_key_bits (the GLLP length, for comparison; None without decoy
+    statistics)."""
     return {
         "pulses": int(result.pulses),
         "sifted_bits": int(result.sifted_bits),
@@ -750,6 +864,10 @@ def result_json(result: BB84Result) -> dict:
         "leaked_bits": int(result.leaked_bits),
         "key_bits": int(result.key_bits),
         "aborted": bool(result.aborted),
+        "abort_reason": result.abort_reason,
+        "pa_bound": result.pa_bound,
+        "eps_sec": result.eps_sec,
+        "asymptotic_key_bits": result.asymptotic_key_bits,
     }
 
 
@@ -761,9 +879,12 @@ def format_result(result: BB84Result) -> str:
         + (f", Eve on {100 * result.eve_fraction:g}% of pulses" if result.eve_fraction else ""),
         f"  sifted bits   {result.sifted_bits:,} ({result.sampled_bits:,} sampled for estimation)",
         f"  QBER          {pct(result.qber)} estimated, {pct(result.qber_true)} true",
-        f"  leaked bits   {result.leaked_bits:,} (Cascade + 64-bit verification tag)",
+        f"  leaked bits   {result.leaked_bits:,} (Cascade + verification tag)",
         f"  key bits      {result.key_bits:,}",
+        f"  PA sized by   {result.pa_bound}",
     ]
+    if result.asymptotic_key_bits is not None and result.pa_bound != ASYMPTOTIC_LABEL:
+        lines.append(f"  (asymptotic GLLP bound would give {result.asymptotic_key_bits:,} bits: not finite-size secure)")
     if result.aborted:
         lines.append(f"  ABORTED: {result.abort_reason}")
     total = result.timings.get("total")

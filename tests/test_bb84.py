@@ -6,7 +6,10 @@ import math
 import numpy as np
 import pytest
 
+from qfl.quantum import keyrate
 from qfl.quantum.bb84 import (
+    ASYMPTOTIC_LABEL,
+    DEFAULT_PULSES,
     bench_bb84,
     binary_entropy,
     cascade_correct,
@@ -29,12 +32,19 @@ def _sigma(p, n):
 
 @pytest.fixture(scope="module")
 def run_10km():
-    return simulate_bb84(2_000_000, 10.0, seed=11)
+    """A small block sized by the asymptotic bound: exercises the protocol's mechanics cheaply."""
+    return simulate_bb84(2_000_000, 10.0, seed=11, asymptotic=True)
+
+
+@pytest.fixture(scope="module")
+def run_default():
+    """The defaults: finite-key privacy amplification on a DEFAULT_PULSES block at 10 km (a few s)."""
+    return simulate_bb84(DEFAULT_PULSES, 10.0, seed=31)
 
 
 @pytest.fixture(scope="module")
 def run_0km():
-    return simulate_bb84(1_000_000, 0.0, seed=12)
+    return simulate_bb84(1_000_000, 0.0, seed=12, asymptotic=True)
 
 
 # ----------------------------------------------------------------- the protocol
@@ -102,9 +112,12 @@ def test_decoy_estimates_bound_the_single_photon_yield():
     d = r.decoy
     eta = 0.045 * 10 ** (-0.21)
     assert d["Y1_true"] == pytest.approx(eta, rel=0.03)
-    assert d["Y1_lower"] == pytest.approx(d["Y1_true"], rel=0.2)  # ~4.5 sigma: 1.4k decoy clicks
+    assert d["Y1_lower"] == pytest.approx(d["Y1_true"], rel=0.2)  # ~9 sigma: 5k decoy clicks
     assert d["gain"]["signal"] == pytest.approx(1 - (1 - 1.7e-6) * math.exp(-eta * 0.5), rel=0.02)
-    assert d["gllp_key_bits"] > 0 and r.key_bits > 0  # the whole-run GLLP rate and the key cut agree in sign
+    assert sum(d["sifted"].values()) == r.sifted_bits + d["sifted"]["decoy"] + d["sifted"]["vacuum"]
+    # the whole-run GLLP rate and the asymptotic key cut agree in sign; 5e6 pulses certify no finite key
+    assert d["gllp_key_bits"] > 0 and r.asymptotic_key_bits > 0
+    assert r.aborted and r.key_bits == 0 and "no finite-key secure key" in r.abort_reason
     json.dumps(d)
 
 
@@ -116,12 +129,89 @@ def test_long_fiber_aborts_cleanly():
 
 def test_json_and_text_report(run_10km):
     out = result_json(run_10km)
-    assert list(out) == ["pulses", "sifted_bits", "qber", "leaked_bits", "key_bits", "aborted"]
+    assert list(out) == ["pulses", "sifted_bits", "qber", "leaked_bits", "key_bits", "aborted", "abort_reason",
+                         "pa_bound", "eps_sec", "asymptotic_key_bits"]
     assert out["pulses"] == 2_000_000 and out["aborted"] is False
+    assert out["pa_bound"] == ASYMPTOTIC_LABEL and out["eps_sec"] is None
     json.dumps(out)
     text = format_result(run_10km)
     assert "key bits" in text and "ABORTED" not in text
+    assert "PA sized by   ASYMPTOTIC (not finite-size secure)" in text
     assert "ABORTED" in format_result(simulate_bb84(200_000, 0.0, eve_fraction=1.0, seed=1))
+
+
+# ----------------------------------------------------------------- finite-key privacy amplification
+
+
+def _counts(r, pulses, mu=0.5, nu=0.15, p_signal=0.5, p_decoy=0.25):
+    """The run's decoy counts, rebuilt from its report (what keyrate needs)."""
+    d = r.decoy
+    return keyrate.DecoyCounts(
+        n_pulses=pulses, mu=mu, nu1=nu, nu2=0.0, p_mu=p_signal, p_nu1=p_decoy, p_nu2=1 - p_signal - p_decoy,
+        n_mu=d["sifted"]["signal"], n_nu1=d["sifted"]["decoy"], n_nu2=d["sifted"]["vacuum"],
+        m_mu=d["errors"]["signal"], m_nu1=d["errors"]["decoy"], m_nu2=d["errors"]["vacuum"],
+    )
+
+
+def test_default_pa_is_the_finite_key_length_of_the_run(run_default):
+    r = run_default
+    assert not r.aborted, r.abort_reason
+    assert r.pa_bound == "finite-key, eps_sec=1e-10" and r.eps_sec == 1e-10
+    assert r.key_bits > 5_000 and np.array_equal(r.alice_key, r.bob_key)
+    # recomputed independently by keyrate from the run's counts: Cascade parities are lambda_EC,
+    # the 64-bit tag is the log2(2/eps_cor) term, the QBER sample is not key
+    cascade = r.leaked_bits - 64
+    fk = keyrate.finite_key_from_counts(
+        _counts(r, DEFAULT_PULSES), cascade, key_bits=r.sifted_bits - r.sampled_bits, eps_sec=1e-10, eps_cor=2.0**-64
+    )
+    assert r.key_bits == fk.length_bits == r.finite_key["length_bits"]
+    assert fk.security_bits == pytest.approx(6 * math.log2(21e10) + 65)
+    # at most the planning model's length for this block, even granting it an error correction at the
+    # Shannon limit and no QBER sample
+    link = keyrate.LinkParams(distance_km=10.0, mu=0.5, nu1=0.15, nu2=0.0, ec_efficiency=1.0)
+    planned = keyrate.finite_key_length(link, DEFAULT_PULSES, p_mu=0.5, p_nu1=0.25, p_nu2=0.25, eps_cor=2.0**-64)
+    assert 0 < r.key_bits <= planned
+    # and well below what the asymptotic bound would have emitted (the old default)
+    assert r.key_bits < 0.5 * r.asymptotic_key_bits
+    assert "finite-key, eps_sec=1e-10" in format_result(r) and "not finite-size secure" in format_result(r)
+
+
+def test_eps_cor_sets_the_tag_and_eps_sec_prices_the_key(run_default):
+    a = simulate_bb84(300_000, 5.0, seed=3, asymptotic=True)  # 64-bit tag
+    b = simulate_bb84(300_000, 5.0, seed=3, eps_cor=2.0**-32, asymptotic=True)
+    assert a.leaked_bits - b.leaked_bits == 32  # same Cascade, a 32-bit tag
+    r = run_default
+    counts, cascade = _counts(r, DEFAULT_PULSES), r.leaked_bits - 64
+    lengths = [
+        keyrate.finite_key_from_counts(counts, cascade, key_bits=r.sifted_bits - r.sampled_bits, eps_sec=e,
+                                       eps_cor=2.0**-64).length_bits
+        for e in (1e-4, 1e-10, 1e-16)
+    ]
+    assert lengths[0] > lengths[1] == r.key_bits > lengths[2]
+
+
+def test_a_small_block_emits_no_key_and_names_the_fix():
+    r = simulate_bb84(10**7, 10.0, seed=5)
+    assert r.aborted and r.key_bits == 0 and r.alice_key.size == 0
+    assert "no finite-key secure key" in r.abort_reason and "send more pulses: about" in r.abort_reason
+    assert "QBER" not in r.abort_reason  # server/keys.py kills a link only on a QBER abort
+    assert r.asymptotic_key_bits > 1000  # what the asymptotic bound would have emitted
+    assert r.finite_key is not None and r.finite_key["length_bits"] == 0
+    # the named block size is where the planning model first gives key on this link
+    size = float(r.abort_reason.split("about ")[1].split(" ")[0])
+    assert 3e7 < size < 3e8
+
+
+def test_asymptotic_opt_out_is_labelled():
+    r = simulate_bb84(10**7, 10.0, seed=5, asymptotic=True)
+    assert not r.aborted and r.key_bits == r.asymptotic_key_bits > 1000
+    assert r.pa_bound == ASYMPTOTIC_LABEL == "ASYMPTOTIC (not finite-size secure)" and r.eps_sec is None
+    assert "ASYMPTOTIC (not finite-size secure)" in format_result(r)
+
+
+def test_finite_key_needs_decoy_and_vacuum_pulses():
+    r = simulate_bb84(300_000, 0.0, seed=4, p_signal=0.75, p_decoy=0.25)  # no vacuum pulses
+    assert r.aborted and "vacuum" in r.abort_reason and r.key_bits == 0
 
 
 @pytest.mark.parametrize(
@@ -136,6 +226,8 @@ def test_json_and_text_report(run_10km):
         ({"eve_fraction": 1.5}, "eve_fraction"),
         ({"nu": 0.6}, "nu"),
         ({"sample_fraction": 1.0}, "sample_fraction"),
+        ({"eps_sec": 0.0}, "eps_sec"),
+        ({"eps_cor": 1.0}, "eps_cor"),
     ],
 )
 def test_bad_input_is_rejected_with_the_fix(kwargs, word):
