@@ -26,6 +26,7 @@ import tomli_w
 MODELS = ("cnn", "mlp", "vqc", "hybrid")
 DATASETS = ("digits", "mnist", "cifar10", "ntangled", "magic")
 SECURITY_MODES = ("none", "masked-sum", "channel-pad", "expanded")
+SECURE_MASKINGS = ("double", "single")
 KEY_POLICIES = ("wait", "skip", "abort")
 KEY_SOURCES = ("store", "kms")
 QKD_TOPOLOGIES = ("mesh", "star")
@@ -71,6 +72,12 @@ class RunConfig:
     qkd_check_pulses: int = 0  # pulses of a BB84 Monte-Carlo run that admits every link (0: only eavesdropped links)
     secure_clip: float = 0.25  # first round's shared clip bound |Δ| <= C of masked sums (adapted per tensor)
     secure_min_clients: int = 2  # fewest surviving uploads a masked sum may reveal
+    # double (default): every upload also carries a Shamir-shared one-time self-mask, so a server that
+    # lies about who dropped still cannot unmask one update (Bonawitz et al. 2017). single: pair masks
+    # only, ~1/3 of the key, secure against an HONEST-BUT-CURIOUS server only (one that never asks
+    # for the pair masks of a client whose upload it received).
+    secure_masking: str = "double"  # double | single
+    secure_threshold: int = 0  # Shamir threshold t of the self-masks; 0 = a strict majority of each client's peers
     server_opt: str = "fedavg"
     server_lr: float = 1.0
     server_momentum: float = 0.9  # FedAvgM
@@ -186,6 +193,15 @@ def _check(cfg: RunConfig) -> None:
     need(cfg.qkd_check_pulses >= 0, f"qkd_check_pulses must be >= 0, got {cfg.qkd_check_pulses}")
     need(cfg.secure_clip > 0, f"secure_clip must be > 0, got {cfg.secure_clip}")
     need(cfg.secure_min_clients >= 2, f"secure_min_clients must be >= 2 (one upload would be revealed), got {cfg.secure_min_clients}")
+    need(
+        cfg.secure_masking in SECURE_MASKINGS,
+        f"unknown secure_masking {cfg.secure_masking!r}; choose double (secure against a lying server) or single "
+        "(honest-but-curious server only)",
+    )
+    need(
+        0 <= cfg.secure_threshold < cfg.clients,
+        f"secure_threshold must be in [0, clients) (0 = a strict majority of the peers), got {cfg.secure_threshold}",
+    )
     need(
         cfg.server_opt in SERVER_OPTIMIZERS,
         f"unknown server_opt {cfg.server_opt!r}; choose one of {', '.join(SERVER_OPTIMIZERS)}",

@@ -1,7 +1,7 @@
 """Secure aggregation of one round: the protocol's steps, on bytes and key sources.
 
-The Flower glue lives in ``qfl.server.strategy`` (server half) and
-``qfl.clients.app`` (client half); this module holds the steps both run, so
+The Flower glue lives in ``qfl.server.secure`` (server half) and
+``qfl.clients.secure`` (client half); this module holds the steps both run, so
 each is written once. SAE names: the server is ``"server"``, the client of
 partition ``p`` is ``"client-p"`` (:func:`client_sae`).
 
@@ -10,58 +10,118 @@ Modes (``security=``):
 **masked-sum** — information-theoretically hiding. A round's plan
 (:class:`RoundPlan`, chosen by the server) fixes the participants, the
 codec's integer form (``qfl.compression.summable``: ``s`` levels, rand-k
-support), the clip bound per tensor and the ring ``B = bit_length(n·s)``.
+support), the clip bound per tensor, the ring ``B = bit_length(n·s)``, the
+masking form (``secure_masking``: double, the default, or single) and the
+Shamir threshold ``t``.
+
+Double masking (Bonawitz et al., CCS 2017, §4, with one-time pads from QKD
+key and information-theoretic Shamir sharing in place of key agreement and a
+PRG). Client ``i`` uploads::
+
+    y_i = q_i + b_i + Σ_{j>i} s_ij − Σ_{j<i} s_ij    (mod 2^B, m elements)
 
 1. *setup*: client ``i`` takes, as ETSI master, one key per higher peer
    ``j > i`` on link ``client-i~client-j`` (``enc_keys``) and returns the key
-   ids; the server relays ids only, never key.
+   ids; the server relays ids only, never key. The pair key of a round is cut
+   into (:class:`PairKeyLayout`): the pair mask ``s_ij`` (``⌈m·B/8⌉`` bytes),
+   two one-time pads for the shares ``i→j`` and ``j→i`` and two 16-byte
+   Wegman–Carter keys, one per direction.
 2. *train*: client ``j`` fetches the keys of its lower peers by id
-   (``dec_keys``), encodes Δ as codes plus two flags per tensor, adds
-   ``+m_ij`` for ``j > i`` and ``−m_ij`` for ``j < i`` (masks read straight
-   from the key, ``B`` bits per element), packs the result at ``B`` bits per
-   element and seals it with a Wegman–Carter tag under a fresh 16-byte key of
-   link ``client-i~server`` (client as master; the key id travels with it).
-3. *reveal* (only if someone dropped): the server fixes the dropped set ``D``
-   first, then each survivor reveals its masks with the dropped (sealed too);
-   uploads arriving later are never used. The server removes those masks.
-4. The server adds the uploads mod ``2^B``: the masks cancel and only the sum of
-   the codes remains, which it decodes. It never holds one client's update.
+   (``dec_keys``), encodes Δ as codes ``q_j`` plus two flags per tensor, draws a
+   one-time self-mask ``b_j`` uniform on ``Z_{2^B}^m`` from the OS CSPRNG
+   (``secrets``; never from the run seed), adds it and the pair masks, packs
+   ``y_j`` at ``B`` bits and seals it with a Wegman–Carter tag under a fresh
+   16-byte key of link ``client-j~server``. It Shamir-shares ``b_j`` (its
+   packed bytes, as 16-bit chunks over GF(65537), :mod:`qfl.security.shamir`)
+   with threshold ``t`` to its peers (peer ``k`` gets the point ``k + 1``), and
+   sends each share one-time-pad encrypted and MAC'ed under the pair key
+   ``j~k`` along with the upload: the server relays shares it can neither read
+   nor alter. ``b_j`` itself is forgotten.
+3. *unmask* (every round): the server fixes the survivors ``S`` (valid
+   uploads) and the dropped ``D`` (everyone else, including a client whose
+   upload arrived but failed its MAC or size check) and sends every ``j ∈ S``
+   one request with ``S``, ``D`` and the shares addressed to ``j`` by the
+   members of ``S``. Client ``j`` (:func:`answer_unmask`) answers once per
+   round, only if ``S`` and ``D`` partition its round's participants, ``j ∈ S``
+   and ``|S| ≥ t + 1``; it returns, sealed, its shares of ``b_k`` for
+   ``k ∈ S`` (whose MAC verifies) and its pair masks ``s_jk`` for ``k ∈ D``:
+   never a share for ``k ∈ D``, never a pair mask for ``k ∈ S``.
+4. The server (:func:`unmask_sum`) adds the uploads of ``S`` mod ``2^B``,
+   removes the revealed pair masks with ``D``, rebuilds every ``b_k`` (``k ∈ S``)
+   from ``t`` shares by Lagrange interpolation at 0 and removes it, and
+   decodes the sum of the codes.
+
+Guarantee. Every upload is a one-time pad of ``q_i`` (``b_i`` alone is
+uniform), so the server learns ``q_k`` only with ``b_k`` *and* every pair mask
+of ``k``. An honest peer gives one or the other for ``k``, once per round; the
+``t`` peers that gave shares cannot also give their pair masks with ``k``, so
+``k`` itself would have to (told they dropped), in a request with
+``|S_k| ≥ t + 1`` survivors drawn from the other ``n − 1 − t`` clients: that
+needs ``n ≥ 2t + 1``, which the threshold's floor ``t ≥ ⌊(n−1)/2⌋ + 1`` rules
+out. So a server that lies about who dropped (different lists to different
+clients, a received upload declared dropped, requests sent twice) learns no
+single update with honest clients, and in general no sum over fewer than
+``t − c + 1`` honest clients when ``c`` clients collude with it
+(``docs/threat-model.md``). ``t − 1`` shares are independent of ``b_k``
+(Shamir), so withheld or split requests leave ``b_k`` uniform.
+
+Single masking (``secure_masking=single``): no self-mask and no shares; the
+unmask step runs only if someone dropped, and only for the pair masks with
+``D``. Secure against an **honest-but-curious** server only: the server never
+asks for the pair masks of a client whose upload it received in any form (an
+invalid received upload makes the round unopenable), but a server that does
+ask reads that client's update.
 
 Key cost per round, ``n`` participants, ``m`` ring elements per upload
-(``m = Σ coords + 2·tensors``): ``n(n−1)/2`` pair keys of
-``⌈m·B/8⌉`` bytes, plus 128 bits per sealed message on each client~server link.
+(``m = Σ coords + 2·tensors``), ``M = ⌈m·B/8⌉``: ``n(n−1)/2`` pair keys of
+``M + 2·⌈17·⌈M/2⌉/8⌉ + 32`` bytes (double; ``M`` single), plus 128 bits per
+sealed message on each client~server link (an upload and an unmask reply).
+The share pads make double masking cost about ``3.1×`` the key of single
+masking (``17/16`` of the mask per direction).
 
-**expanded** — as masked-sum, but each pair key is 32 bytes that seed ChaCha20
-(``masking.expand_key``) to make the mask: 256 bits per pair and round.
-COMPUTATIONALLY secure only (as strong as ChaCha20), not information-theoretic.
+**expanded** — as masked-sum, but each pair key holds a 32-byte seed of
+ChaCha20 (``masking.expand_key``) whose keystream gives the pair mask and, in
+double masking, the two share pads; the two MAC keys are raw QKD key: 512 bits
+per pair and round (256 single). COMPUTATIONALLY hiding only (as strong as
+ChaCha20), not information-theoretic; the self-mask and its sharing are the
+same as in masked-sum.
 
 **channel-pad** — any codec. The client XORs its encoded payload with fresh
 key of its link to the server (``8·len + 128`` bits: the pad and the tag key)
 and seals the ciphertext (encrypt-then-MAC). It hides updates from an
 eavesdropper on the channel, **not from the server**, which unpads each update.
 
-Tags bind the mode, the purpose (upload/reveal), the round, the sender and the
-key id, so a replayed upload fails twice over: its key id was already
-delivered (``UnknownKey``) and its round does not match.
+Tags bind the mode, the purpose (upload/share/reveal), the round, the sender
+and the key id (for a share: its recipient), so a replayed upload fails twice
+over: its key id was already delivered (:class:`UnknownKeyId`) and its round
+does not match.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import secrets
 import struct
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from qfl.compression import make_codec
-from qfl.compression.summable import SumForm, decode_code_sum, encode_codes, sum_form
 from qfl.compression.payload import tensor_seed
+from qfl.compression.summable import SumForm, decode_code_sum, encode_codes, sum_form
 
-from . import mac
+from . import mac, shamir
 from .keys import KeyContainer, KeySource, UnknownKey
-from .masking import add_packed, expand_key, key_bytes_needed, mask_from_key, masked_pack, pack_ring, xor_pad
+from .masking import (
+    add_packed,
+    expand_key,
+    key_bytes_needed,
+    mask_from_key,
+    masked_pack,
+    pack_ring,
+    xor_pad,
+)
 
 SERVER_SAE = "server"
 SECURITY_LEVELS = {
@@ -71,14 +131,21 @@ SECURITY_LEVELS = {
     "channel-pad": "one-time pad against eavesdroppers; the server sees every update",
 }
 MASKED_MODES = ("masked-sum", "expanded")
+MASKINGS = ("double", "single")
 EXPANDED_KEY_BYTES = 32
 MAC_KEY_BYTES = mac.mac_key_bytes()
+TAG_BYTES = mac.MAC_TAG_BYTES
 SEALED_STYPE = "qfl.secagg/v1"
+MAX_PARTICIPANTS = shamir.P - 1  # evaluation points pid + 1 must stay below p
 _TAG_DOMAIN = b"qfl-secagg/v1\x00"
 
 
 class SecAggError(ValueError):
-    """An upload or reveal that must not be used: tampered, replayed, or malformed."""
+    """An upload, share or reveal that must not be used: tampered, replayed, malformed or refused."""
+
+
+class UnknownKeyId(SecAggError):
+    """A sealed message names a key id the key layer does not (or no longer) hold: replayed or forged."""
 
 
 def client_sae(partition_id: int) -> str:
@@ -91,12 +158,46 @@ def network_nodes(clients: int) -> list[str]:
     return [SERVER_SAE] + [client_sae(i) for i in range(clients)]
 
 
+def majority_threshold(participants: int) -> int:
+    """The least Shamir threshold a round of ``participants`` clients may use: a strict majority of each one's peers.
+
+    ``⌊(n−1)/2⌋ + 1``: with it a lying server cannot gather ``t`` shares of a
+    client's self-mask and all of that client's pair masks (module docstring).
+    """
+    return (int(participants) - 1) // 2 + 1
+
+
 # --------------------------------------------------------------------------- the round plan
 
 
 @dataclass(frozen=True)
+class PairKeyLayout:
+    """Key bytes one pair ``i~j`` spends per round, by use (in this order in the pair key).
+
+    ``mask``: the pair mask ``s_ij`` (masked-sum) or its ChaCha20 seed
+    (expanded). ``share_pads``: two one-time pads for the self-mask shares
+    ``i→j`` and ``j→i`` (masked-sum, double; expanded takes them from the
+    keystream). ``macs``: two Wegman–Carter keys, one per share direction
+    (double).
+    """
+
+    mask: int
+    share_pads: int = 0
+    macs: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.mask + self.share_pads + self.macs
+
+
+@dataclass(frozen=True)
 class RoundPlan:
-    """What every participant of a masked round must agree on (sent by the server)."""
+    """What every participant of a masked round must agree on (sent by the server).
+
+    ``min_threshold`` is ``secure_threshold`` (0: the default); the round's
+    threshold :attr:`threshold` is never below :func:`majority_threshold`, so
+    a server cannot lower it by editing the plan.
+    """
 
     round: int
     mode: str
@@ -106,10 +207,28 @@ class RoundPlan:
     shapes: tuple[tuple[int, ...], ...]
     clips: tuple[float, ...]
     round_seed: int  # rand-k supports: tensor_seed(round_seed, name)
+    masking: str = "double"
+    min_threshold: int = 0
 
     @property
     def ring_bits(self) -> int:
         return self.form.ring_bits(len(self.participants))
+
+    @property
+    def double(self) -> bool:
+        """Whether uploads carry a Shamir-shared self-mask (double masking)."""
+        return self.masking == "double"
+
+    @property
+    def threshold(self) -> int:
+        """Shares that rebuild a self-mask: ``max(secure_threshold, ⌊(n−1)/2⌋ + 1)``."""
+        return max(int(self.min_threshold), majority_threshold(len(self.participants)))
+
+    @property
+    def min_survivors(self) -> int:
+        """Fewest valid uploads whose sum can be opened: ``t + 1`` (double; each survivor's ``t`` shares
+        come from the other survivors), else 1."""
+        return self.threshold + 1 if self.double else 1
 
     def coords(self) -> list[int]:
         """Codes per tensor."""
@@ -122,14 +241,58 @@ class RoundPlan:
     def seed(self, name: str) -> int:
         return tensor_seed(self.round_seed, name)
 
-    def pair_key_bytes(self) -> int:
-        """Key bytes one pair spends this round."""
-        if self.mode == "expanded":
-            return EXPANDED_KEY_BYTES
+    def upload_bytes(self) -> int:
+        """Bytes of a packed upload, of a pair mask and of a self-mask: ``⌈m·B/8⌉``."""
         return key_bytes_needed(self.elements(), self.ring_bits)
 
-    def upload_bytes(self) -> int:
-        return key_bytes_needed(self.elements(), self.ring_bits)
+    def share_chunks(self) -> int:
+        """GF(65537) elements of one share of a self-mask."""
+        return shamir.chunk_count(self.upload_bytes())
+
+    def share_bytes(self) -> int:
+        """Bytes of one packed share (and of its one-time pad): ``⌈17·⌈M/2⌉/8⌉``."""
+        return shamir.share_bytes(self.upload_bytes())
+
+    def key_layout(self) -> PairKeyLayout:
+        """Key bytes one pair spends this round, by use."""
+        mask = EXPANDED_KEY_BYTES if self.mode == "expanded" else self.upload_bytes()
+        if not self.double:
+            return PairKeyLayout(mask)
+        pads = 0 if self.mode == "expanded" else 2 * self.share_bytes()
+        return PairKeyLayout(mask, pads, 2 * MAC_KEY_BYTES)
+
+    def pair_key_bytes(self) -> int:
+        """Key bytes one pair spends this round."""
+        return self.key_layout().total
+
+    def with_participants(self, participants: Iterable[int]) -> RoundPlan:
+        """The same plan for fewer participants (the ring and the threshold follow)."""
+        return replace(self, participants=tuple(sorted(int(p) for p in participants)))
+
+    def check(self) -> RoundPlan:
+        """Raise SecAggError unless the plan can run; return it.
+
+        A client calls this on every plan it receives: a server cannot make
+        it share its self-mask below the majority threshold (:attr:`threshold`
+        has that floor) or with more peers than points exist.
+        """
+        n = len(self.participants)
+        if self.mode not in MASKED_MODES:
+            raise SecAggError(f"a masked round needs mode {' or '.join(MASKED_MODES)}, got {self.mode!r}")
+        if self.masking not in MASKINGS:
+            raise SecAggError(f"unknown masking {self.masking!r}; choose one of {', '.join(MASKINGS)}")
+        if len(set(self.participants)) != n or any(not 0 <= p < MAX_PARTICIPANTS for p in self.participants):
+            raise SecAggError(f"participants must be distinct partition ids in [0, {MAX_PARTICIPANTS})")
+        if self.min_threshold < 0:
+            raise SecAggError(f"secure_threshold must be >= 0, got {self.min_threshold}")
+        if self.ring_bits > 64:
+            raise SecAggError(f"the round needs a {self.ring_bits}-bit ring; at most 64 bits are supported")
+        if self.double and n >= 2 and self.threshold > n - 1:
+            raise SecAggError(
+                f"threshold t = {self.threshold} needs at least {self.threshold + 1} participants, the round has {n}; "
+                "lower secure_threshold (0 = a strict majority) or admit more clients"
+            )
+        return self
 
     def to_config(self) -> dict[str, object]:
         """Flat values for a Flower ConfigRecord."""
@@ -137,36 +300,43 @@ class RoundPlan:
             "round": self.round,
             "mode": self.mode,
             "participants": list(self.participants),
-            "levels": str(self.form.levels),  # may exceed int64 bounds? (2^32-1 does not, but keep it exact)
+            "levels": str(self.form.levels),  # exact as text (2^32 − 1 fits int64, but keep it exact)
             "ratio": -1.0 if self.form.ratio is None else self.form.ratio,
             "tensors": json.dumps(list(self.tensors)),
             "shapes": json.dumps([list(s) for s in self.shapes]),
             "clips": list(self.clips),
             "round-seed": str(self.round_seed),
+            "masking": self.masking,
+            "threshold": self.min_threshold,
         }
 
     @classmethod
     def from_config(cls, values: Mapping[str, object]) -> RoundPlan:
+        """Parse and :meth:`check` a plan; SecAggError if anything is missing, mistyped or unusable."""
         try:
             ratio = float(values["ratio"])
-            return cls(
+            plan = cls(
                 round=int(values["round"]),
                 mode=str(values["mode"]),
                 participants=tuple(sorted(int(p) for p in values["participants"])),
                 form=SumForm(int(values["levels"]), None if ratio < 0 else ratio),
-                tensors=tuple(json.loads(values["tensors"])),
+                tensors=tuple(str(t) for t in json.loads(values["tensors"])),
                 shapes=tuple(tuple(int(x) for x in s) for s in json.loads(values["shapes"])),
                 clips=tuple(float(c) for c in values["clips"]),
                 round_seed=int(values["round-seed"]),
+                masking=str(values["masking"]),
+                min_threshold=int(values["threshold"]),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise SecAggError(f"malformed round plan: {err}") from None
+        return plan.check()
 
 
 def make_plan(
     cfg, server_round: int, participants: list[int], shapes: Mapping[str, tuple[int, ...]], clips: Mapping[str, float],
     round_seed: int,
 ) -> RoundPlan:
+    """The server's plan for a round: the codec's integer form, the clip bounds, ``secure_masking``, ``secure_threshold``."""
     form = sum_form(make_codec(cfg.codec, cfg.codec_params))
     names = tuple(shapes)
     return RoundPlan(
@@ -178,14 +348,16 @@ def make_plan(
         shapes=tuple(tuple(shapes[n]) for n in names),
         clips=tuple(float(clips[n]) for n in names),
         round_seed=int(round_seed),
+        masking=cfg.secure_masking,
+        min_threshold=cfg.secure_threshold,
     )
 
 
-# --------------------------------------------------------------------------- pair keys and masks (client side)
+# --------------------------------------------------------------------------- pair keys (client side)
 
 
 def take_pair_keys(source: KeySource, plan: RoundPlan, me: int) -> dict[int, KeyContainer]:
-    """Setup, as master: one fresh key per higher peer (``enc_keys``)."""
+    """Setup, as master: one fresh key per higher peer (``enc_keys``), ``plan.pair_key_bytes()`` each."""
     bits = 8 * plan.pair_key_bytes()
     return {
         peer: source.enc_keys(client_sae(me), client_sae(peer), 1, bits)[0]
@@ -201,39 +373,354 @@ def fetch_pair_keys(source: KeySource, me: int, key_ids: Mapping[int, str]) -> d
     }
 
 
-def _mask_key(plan: RoundPlan, me: int, peer: int, key: bytes) -> bytes:
-    """The key bytes the pair's mask is read from: the QKD key itself, or (expanded) its ChaCha20 stream."""
-    if plan.mode != "expanded":
-        return key
-    lo, hi = sorted((me, peer))
-    nonce = struct.pack("<IQ", plan.round & 0xFFFFFFFF, (lo << 32) | hi)
-    return expand_key(key[:EXPANDED_KEY_BYTES], key_bytes_needed(plan.elements(), plan.ring_bits), nonce)
+@dataclass(frozen=True)
+class PairMaterial:
+    """What client ``me`` reads from its round key with ``peer`` (:class:`PairKeyLayout`).
+
+    ``mask``: the bytes the pair mask is read from (``mask_from_key``).
+    ``pad_out``/``mac_out`` protect ``me``'s share for ``peer``; ``pad_in``/``mac_in``
+    the share ``peer`` sends ``me`` (empty in single masking).
+    """
+
+    mask: bytes
+    pad_out: bytes = b""
+    pad_in: bytes = b""
+    mac_out: bytes = b""
+    mac_in: bytes = b""
+
+
+def pair_material(plan: RoundPlan, me: int, peer: int, key: bytes) -> PairMaterial:
+    """Cut the round's pair key of ``me~peer`` into mask, share pads and MAC keys (same at both ends).
+
+    Layout of the key (lo < hi the two partition ids): masked-sum
+    ``[mask M | pad lo→hi S | pad hi→lo S | mac lo→hi 16 | mac hi→lo 16]``;
+    expanded ``[seed 32 | mac lo→hi 16 | mac hi→lo 16]`` with
+    ``ChaCha20(seed) = [mask M | pad lo→hi S | pad hi→lo S]``. Single masking
+    uses the mask part only. Raises SecAggError if the key is too short.
+    """
+    layout = plan.key_layout()
+    key = bytes(key)
+    if len(key) < layout.total:
+        raise SecAggError(f"the round-{plan.round} key of clients {me}~{peer} has {len(key)} bytes, the plan needs "
+                          f"{layout.total}")
+    M, S = plan.upload_bytes(), plan.share_bytes()
+    lo, hi = sorted((int(me), int(peer)))
+    if plan.mode == "expanded":
+        nonce = struct.pack("<IQ", plan.round & 0xFFFFFFFF, (lo << 32) | hi)
+        stream = expand_key(key[:EXPANDED_KEY_BYTES], M + (2 * S if plan.double else 0), nonce)
+        macs = key[EXPANDED_KEY_BYTES : EXPANDED_KEY_BYTES + layout.macs]
+    else:
+        stream = key[: M + layout.share_pads]
+        macs = key[M + layout.share_pads : layout.total]
+    if not plan.double:
+        return PairMaterial(stream[:M])
+    up, down = stream[M : M + S], stream[M + S : M + 2 * S]  # lo→hi, hi→lo
+    mac_up, mac_down = macs[:MAC_KEY_BYTES], macs[MAC_KEY_BYTES : 2 * MAC_KEY_BYTES]
+    if me == lo:
+        return PairMaterial(stream[:M], up, down, mac_up, mac_down)
+    return PairMaterial(stream[:M], down, up, mac_down, mac_up)
+
+
+def _materials(plan: RoundPlan, me: int, pair_keys: Mapping[int, bytes], peers: Iterable[int]) -> dict[int, PairMaterial]:
+    peers = list(peers)
+    missing = sorted(set(peers) - set(pair_keys))
+    if missing:
+        raise SecAggError(f"client {me} holds no round-{plan.round} keys with {missing}")
+    return {peer: pair_material(plan, me, peer, pair_keys[peer]) for peer in peers}
+
+
+# --------------------------------------------------------------------------- the upload (client side)
+
+
+@dataclass(frozen=True)
+class SealedShare:
+    """One Shamir share of a self-mask on its way to a peer: one-time-pad ciphertext and Wegman–Carter tag."""
+
+    cipher: bytes
+    tag: bytes
+
+
+@dataclass(frozen=True)
+class MaskedUpload:
+    """Client ``me``'s upload ``y`` (packed at ``B`` bits) and its self-mask shares by recipient (double only)."""
+
+    blob: bytes
+    shares: dict[int, SealedShare] = field(default_factory=dict)
+
+    def share_wire(self) -> tuple[bytes, bytes]:
+        """(ciphertexts, tags) concatenated in recipient order: what travels beside the upload."""
+        peers = sorted(self.shares)
+        return b"".join(self.shares[p].cipher for p in peers), b"".join(self.shares[p].tag for p in peers)
+
+
+def _share_message(plan: RoundPlan, sender: int, recipient: int, cipher: bytes) -> bytes:
+    return _tag_message(plan.mode, "share", plan.round, sender, f"to-{int(recipient)}", cipher)
+
+
+def share_self_mask(
+    plan: RoundPlan, me: int, packed_mask: bytes, materials: Mapping[int, PairMaterial]
+) -> dict[int, SealedShare]:
+    """Shamir-share ``me``'s packed self-mask with threshold ``plan.threshold``; encrypt and MAC each share.
+
+    Peer ``k`` gets the share at point ``k + 1``, XORed with the pad ``me→k``
+    and tagged under the MAC key ``me→k`` (encrypt-then-MAC; the tag binds the
+    mode, round, sender and recipient).
+    """
+    peers = [p for p in plan.participants if p != me]
+    values = shamir.split(shamir.to_chunks(packed_mask), [p + 1 for p in peers], plan.threshold)
+    out = {}
+    for peer in peers:
+        cipher = xor_pad(shamir.pack_share(values[peer + 1]), materials[peer].pad_out)
+        out[peer] = SealedShare(cipher, mac.tag(_share_message(plan, me, peer, cipher), materials[peer].mac_out))
+    return out
+
+
+def open_share(plan: RoundPlan, me: int, sender: int, material: PairMaterial, sealed: SealedShare) -> np.ndarray:
+    """``sender``'s share of its self-mask addressed to ``me``: verify the tag, then decrypt and unpack.
+
+    Raises SecAggError if the share has the wrong size or fails its MAC
+    (tampered in transit, or not made for ``me`` in this round).
+    """
+    if len(sealed.cipher) != plan.share_bytes() or len(sealed.tag) != TAG_BYTES:
+        raise SecAggError(f"the share of client {sender} for client {me} has the wrong size: tampered in transit")
+    if not mac.verify(_share_message(plan, sender, me, sealed.cipher), sealed.tag, material.mac_in):
+        raise SecAggError(f"the share of client {sender} for client {me} fails its MAC: tampered in transit")
+    try:
+        return shamir.unpack_share(xor_pad(sealed.cipher, material.pad_in), plan.share_chunks())
+    except ValueError as err:  # a valid tag on a bad share: the sender made it so
+        raise SecAggError(f"the share of client {sender} for client {me} is malformed: {err}") from None
 
 
 def masked_upload(
     plan: RoundPlan, me: int, delta: Mapping[str, np.ndarray], pair_keys: Mapping[int, bytes], rng: np.random.Generator
-) -> bytes:
-    """Client ``me``'s upload: its codes and flags plus its pairwise masks, packed at ``B`` bits."""
-    missing = set(plan.participants) - {me} - set(pair_keys)
-    if missing:
-        raise SecAggError(f"client {me} lacks pair keys with {sorted(missing)}")
+) -> MaskedUpload:
+    """Client ``me``'s upload: its codes and flags plus (double) a fresh self-mask plus its pair masks.
+
+    ``rng`` draws only the codes' stochastic rounding; the self-mask comes from
+    ``secrets`` and is forgotten once shared.
+    """
+    if me not in plan.participants:
+        raise SecAggError(f"client {me} is not a participant of round {plan.round}")
+    peers = [p for p in plan.participants if p != me]
+    materials = _materials(plan, me, pair_keys, peers)
     parts, flags = [], []
     for name, clip in zip(plan.tensors, plan.clips):
         codes, over, under = encode_codes(delta[name], plan.form, clip, plan.seed(name), rng)
         parts.append(codes)
         flags += [over, under]
     q = np.concatenate([*parts, np.asarray(flags, dtype=np.uint64)])
-    keys = {peer: _mask_key(plan, me, peer, key) for peer, key in pair_keys.items() if peer in plan.participants}
-    return masked_pack(q, me, keys, plan.ring_bits)
+    shares: dict[int, SealedShare] = {}
+    if plan.double:
+        self_mask = mask_from_key(secrets.token_bytes(plan.upload_bytes()), q.size, plan.ring_bits)  # uniform
+        shares = share_self_mask(plan, me, pack_ring(self_mask, plan.ring_bits), materials)
+        q += self_mask  # uint64 wraps mod 2^64, a multiple of 2^B; masked_pack reduces mod 2^B
+        del self_mask
+    blob = masked_pack(q, me, {peer: materials[peer].mask for peer in peers}, plan.ring_bits)
+    return MaskedUpload(blob, shares)
+
+
+def shares_from_wire(plan: RoundPlan, sender: int, ciphers: bytes, tags: bytes) -> dict[int, SealedShare]:
+    """The server's parse of the shares beside ``sender``'s upload; SecAggError if the sizes do not match the plan."""
+    peers = [p for p in plan.participants if p != sender]
+    S = plan.share_bytes()
+    if not plan.double:
+        if ciphers or tags:
+            raise SecAggError("single masking carries no self-mask shares")
+        return {}
+    if len(ciphers) != S * len(peers) or len(tags) != TAG_BYTES * len(peers):
+        raise SecAggError(
+            f"the self-mask shares have {len(ciphers)} + {len(tags)} bytes, the plan needs "
+            f"{S * len(peers)} + {TAG_BYTES * len(peers)} ({len(peers)} peers)"
+        )
+    return {
+        p: SealedShare(ciphers[i * S : (i + 1) * S], tags[i * TAG_BYTES : (i + 1) * TAG_BYTES])
+        for i, p in enumerate(peers)
+    }
+
+
+# --------------------------------------------------------------------------- unmasking (client side)
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """The server's unmask request to one survivor: ``S``, ``D`` and the shares addressed to it, by sender."""
+
+    round: int
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+    shares: dict[int, SealedShare] = field(default_factory=dict)
+
+    def to_config(self) -> dict[str, object]:
+        senders = sorted(self.shares)
+        return {
+            "round": self.round,
+            "survivors": list(self.survivors),
+            "dropped": list(self.dropped),
+            "share-from": senders,
+            "shares": b"".join(self.shares[k].cipher for k in senders),
+            "share-tags": b"".join(self.shares[k].tag for k in senders),
+        }
+
+    @classmethod
+    def from_config(cls, plan: RoundPlan, values: Mapping[str, object]) -> UnmaskRequest:
+        """Parse a request against the client's own plan; SecAggError if mistyped or mis-sized."""
+        try:
+            survivors = _int_list(values["survivors"], "survivors")
+            dropped = _int_list(values["dropped"], "dropped")
+            senders = _int_list(values["share-from"], "share-from")
+            ciphers, tags = values["shares"], values["share-tags"]
+            rnd = values["round"]
+        except KeyError as err:
+            raise SecAggError(f"the unmask request lacks {err}") from None
+        if not isinstance(ciphers, bytes) or not isinstance(tags, bytes) or isinstance(rnd, bool) or not isinstance(rnd, int):
+            raise SecAggError("the unmask request's shares must be bytes and its round an int")
+        S = plan.share_bytes()
+        if len(set(senders)) != len(senders) or len(ciphers) != S * len(senders) or len(tags) != TAG_BYTES * len(senders):
+            raise SecAggError("the unmask request's shares do not match its senders")
+        shares = {
+            k: SealedShare(ciphers[i * S : (i + 1) * S], tags[i * TAG_BYTES : (i + 1) * TAG_BYTES])
+            for i, k in enumerate(senders)
+        }
+        return cls(int(rnd), tuple(survivors), tuple(dropped), shares)
+
+
+def _int_list(value: object, name: str) -> list[int]:
+    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+        raise SecAggError(f"{name!r} must be a list of partition ids")
+    return [int(v) for v in value]
+
+
+@dataclass(frozen=True)
+class UnmaskReply:
+    """A survivor's answer: pair masks with ``D`` (packed at ``B``, sorted ``D`` order) and the
+    shares it received from ``share_from`` (packed at 17 bits each); ``rejected``: senders whose
+    share failed its MAC or size check and is withheld."""
+
+    masks: bytes
+    share_from: tuple[int, ...] = ()
+    shares: bytes = b""
+    rejected: tuple[int, ...] = ()
+
+    def body(self) -> bytes:
+        """What the reply's seal covers: both id lists, then the masks, then the shares."""
+        ids = [len(self.share_from), len(self.rejected), *self.share_from, *self.rejected]
+        return struct.pack(f"<{len(ids)}I", *ids) + self.masks + self.shares
+
+    @classmethod
+    def decode(cls, plan: RoundPlan, sender: int, body: bytes, survivors: Sequence[int], dropped: Sequence[int]) -> UnmaskReply:
+        """The server's parse of a (verified) reply body; SecAggError unless it fits the request it answers."""
+        if len(body) < 8:
+            raise SecAggError(f"the unmask reply of client {sender} is truncated")
+        n_from, n_rej = struct.unpack_from("<II", body)
+        others = set(survivors) - {sender}
+        if n_from + n_rej > len(others):
+            raise SecAggError(f"the unmask reply of client {sender} lists more senders than survivors")
+        head = 8 + 4 * (n_from + n_rej)
+        if len(body) < head:
+            raise SecAggError(f"the unmask reply of client {sender} is truncated")
+        ids = struct.unpack_from(f"<{n_from + n_rej}I", body, 8)
+        share_from, rejected = tuple(ids[:n_from]), tuple(ids[n_from:])
+        if (list(share_from) != sorted(set(share_from)) or not set(share_from) <= others
+                or not set(rejected) <= others or set(share_from) & set(rejected)):
+            raise SecAggError(f"the unmask reply of client {sender} names shares it cannot hold")
+        if share_from and not plan.double:
+            raise SecAggError(f"client {sender} sent self-mask shares in a single-masking round")
+        mask_len = plan.upload_bytes() * len(dropped)
+        if len(body) != head + mask_len + plan.share_bytes() * n_from:
+            raise SecAggError(
+                f"the unmask reply of client {sender} has {len(body)} bytes, {head + mask_len + plan.share_bytes() * n_from} "
+                f"expected for {len(dropped)} pair masks and {n_from} shares"
+            )
+        return cls(body[head : head + mask_len], share_from, body[head + mask_len :], rejected)
+
+    def share_of(self, plan: RoundPlan, k: int) -> np.ndarray:
+        """The share of ``b_k`` this reply carries (KeyError if none); SecAggError if malformed."""
+        idx = self.share_from.index(k) if k in self.share_from else None
+        if idx is None:
+            raise KeyError(k)
+        S = plan.share_bytes()
+        try:
+            return shamir.unpack_share(self.shares[idx * S : (idx + 1) * S], plan.share_chunks())
+        except ValueError as err:
+            raise SecAggError(f"a share of client {k}'s self-mask is malformed: {err}") from None
+
+
+def check_unmask_request(plan: RoundPlan, me: int, request: UnmaskRequest) -> None:
+    """The rules an honest client applies before it answers (SecAggError naming the broken rule).
+
+    ``S`` and ``D`` partition the round's participants (from the client's own
+    plan), ``me ∈ S``, and (double) ``|S| ≥ t + 1`` so that each survivor's
+    self-mask has its ``t`` shares among the other survivors. Answering at most
+    once per round is the caller's job (it holds the client's state).
+    """
+    S, D = list(request.survivors), list(request.dropped)
+    if request.round != plan.round:
+        raise SecAggError(f"the unmask request is for round {request.round}, client {me} uploaded in round {plan.round}")
+    if len(set(S)) != len(S) or len(set(D)) != len(D) or set(S) & set(D):
+        raise SecAggError("the unmask request lists a client twice (survivors and dropped must be disjoint)")
+    if set(S) | set(D) != set(plan.participants):
+        raise SecAggError(
+            f"the unmask request's survivors and dropped ({sorted(set(S) | set(D))}) are not the round's "
+            f"participants {list(plan.participants)}"
+        )
+    if me not in S:
+        raise SecAggError(f"client {me} is listed as dropped; a dropped client does not unmask")
+    if plan.double and len(S) < plan.threshold + 1:
+        raise SecAggError(
+            f"only {len(S)} survivors; unmasking needs at least t + 1 = {plan.threshold + 1} (threshold {plan.threshold})"
+        )
+
+
+def answer_unmask(plan: RoundPlan, me: int, pair_keys: Mapping[int, bytes], request: UnmaskRequest) -> UnmaskReply:
+    """Client ``me``'s answer to an unmask request (after :func:`check_unmask_request`, which it runs).
+
+    Returns its pair masks ``s_{me,k}`` for ``k ∈ D`` and (double) the shares
+    of ``b_k`` it received for ``k ∈ S``, each verified under its pair key; a
+    share that fails is withheld and listed in ``rejected``. Never a share of a
+    dropped client, never a pair mask with a survivor.
+    """
+    check_unmask_request(plan, me, request)
+    dropped = sorted(request.dropped)
+    senders = sorted(k for k in request.survivors if k != me) if plan.double else []
+    materials = _materials(plan, me, pair_keys, dropped + senders)
+    m, B = plan.elements(), plan.ring_bits
+    masks = b"".join(pack_ring(mask_from_key(materials[k].mask, m, B), B) for k in dropped)
+    share_from, rejected, shares = [], [], []
+    for k in senders:
+        sealed = request.shares.get(k)
+        if sealed is None:
+            continue
+        try:
+            values = open_share(plan, me, k, materials[k], sealed)
+        except SecAggError:
+            rejected.append(k)
+            continue
+        share_from.append(k)
+        shares.append(shamir.pack_share(values))
+    return UnmaskReply(masks, tuple(share_from), b"".join(shares), tuple(rejected))
 
 
 def reveal_masks(plan: RoundPlan, me: int, pair_keys: Mapping[int, bytes], dropped: list[int]) -> bytes:
-    """Recovery: the masks ``me`` shared with each dropped peer, packed in ``dropped`` order."""
+    """The pair masks ``me`` shared with each dropped peer, packed in sorted order (the masks of an unmask reply)."""
+    materials = _materials(plan, me, pair_keys, sorted(dropped))
     m, B = plan.elements(), plan.ring_bits
-    return b"".join(pack_ring(mask_from_key(_mask_key(plan, me, k, pair_keys[k]), m, B), B) for k in sorted(dropped))
+    return b"".join(pack_ring(mask_from_key(materials[k].mask, m, B), B) for k in sorted(dropped))
 
 
 # --------------------------------------------------------------------------- unmasking (server side)
+
+
+def unmask_requests(
+    plan: RoundPlan, shares: Mapping[int, Mapping[int, SealedShare]], dropped: Sequence[int]
+) -> dict[int, UnmaskRequest]:
+    """The request for each survivor: ``S`` = the keys of ``shares`` (valid uploads), ``D`` = ``dropped``,
+    and the shares addressed to it by the other survivors (none in single masking)."""
+    survivors = tuple(sorted(shares))
+    out = {}
+    for j in survivors:
+        addressed = {k: shares[k][j] for k in survivors if k != j and j in shares[k]} if plan.double else {}
+        out[j] = UnmaskRequest(plan.round, survivors, tuple(sorted(dropped)), addressed)
+    return out
 
 
 @dataclass
@@ -247,15 +734,20 @@ class MaskedSum:
 
 
 def unmask_sum(
-    plan: RoundPlan, uploads: Mapping[int, bytes], reveals: Mapping[int, bytes], dropped: list[int]
+    plan: RoundPlan, uploads: Mapping[int, bytes], replies: Mapping[int, UnmaskReply], dropped: Sequence[int]
 ) -> MaskedSum:
-    """Add the survivors' uploads mod 2^B, remove the revealed masks of the dropped, decode the sum.
+    """Add the survivors' uploads mod 2^B, remove the pair masks with ``dropped`` and (double) every
+    survivor's self-mask rebuilt from ``t`` shares, and decode the sum.
 
-    ``reveals[i]`` is survivor ``i``'s :func:`reveal_masks` output for ``dropped``.
-    Raises SecAggError if a message has the wrong size or a reveal is missing.
+    ``uploads`` are the survivors' valid uploads, ``dropped`` every other
+    participant, ``replies[j]`` survivor ``j``'s :class:`UnmaskReply`. Raises
+    SecAggError if a message has the wrong size, a survivor's pair masks with
+    ``D`` are missing, or fewer than ``t`` shares of some self-mask arrived.
     """
     B, m = plan.ring_bits, plan.elements()
     survivors = sorted(uploads)
+    if set(survivors) | set(dropped) != set(plan.participants) or set(survivors) & set(dropped):
+        raise SecAggError(f"survivors {survivors} and dropped {sorted(dropped)} must partition the participants")
     total = np.zeros(m, dtype=np.uint64)
     try:
         for i in survivors:
@@ -263,19 +755,31 @@ def unmask_sum(
     except ValueError as err:
         raise SecAggError(f"an upload is malformed: {err}") from None
     if dropped:
-        size = key_bytes_needed(m, B)
+        size = plan.upload_bytes()
+        missing = [i for i in survivors if i not in replies or len(replies[i].masks) != size * len(dropped)]
+        if missing:
+            raise SecAggError(f"survivors {missing} did not reveal their pair masks with the dropped {sorted(dropped)}")
         for i in survivors:
-            blob = reveals.get(i)
-            if blob is None or len(blob) != size * len(dropped):
-                raise SecAggError(f"survivor {i} did not reveal its masks with the dropped clients {sorted(dropped)}")
-            for idx, k in enumerate(sorted(dropped)):  # survivor i added +m_ik for k > i, −m_ik for k < i
+            blob = replies[i].masks
+            for idx, k in enumerate(sorted(dropped)):  # survivor i added +s_ik for k > i, −s_ik for k < i
                 try:
                     add_packed(total, blob[idx * size : (idx + 1) * size], B, subtract=k > i)
                 except ValueError as err:
-                    raise SecAggError(f"the reveal of survivor {i} is malformed: {err}") from None
+                    raise SecAggError(f"the pair masks of survivor {i} are malformed: {err}") from None
+    if plan.double:
+        for k in survivors:
+            points = {j + 1: replies[j].share_of(plan, k) for j in survivors if j in replies and k in replies[j].share_from}
+            if len(points) < plan.threshold:
+                raise SecAggError(
+                    f"only {len(points)} of the {plan.threshold} shares of client {k}'s self-mask arrived"
+                )
+            try:
+                packed = shamir.from_chunks(shamir.combine(points, plan.threshold), plan.upload_bytes())
+                add_packed(total, packed, B, subtract=True)
+            except ValueError as err:
+                raise SecAggError(f"the self-mask of client {k} cannot be rebuilt: {err}") from None
     out, over, under, start = {}, {}, {}, 0
-    coords = plan.coords()
-    for name, shape, clip, c in zip(plan.tensors, plan.shapes, plan.clips, coords):
+    for name, shape, clip, c in zip(plan.tensors, plan.shapes, plan.clips, plan.coords()):
         out[name] = decode_code_sum(total[start : start + c], plan.form, clip, len(survivors), plan.seed(name), shape)
         start += c
     for name in plan.tensors:
@@ -302,7 +806,7 @@ def _server_key(source: KeySource, sender: int, key_id: str) -> bytes:
     try:
         return source.dec_keys(SERVER_SAE, client_sae(sender), [str(key_id)])[0].key
     except UnknownKey:
-        raise SecAggError(
+        raise UnknownKeyId(
             f"key id {key_id!r} from client {sender} is unknown or was already used: a replayed or forged message"
         ) from None
 
@@ -310,7 +814,9 @@ def _server_key(source: KeySource, sender: int, key_id: str) -> bytes:
 def open_seal(
     source: KeySource, sender: int, mode: str, purpose: str, server_round: int, body: bytes, key_id: str, tag: bytes
 ) -> None:
-    """Check a sealed message; raise SecAggError if replayed, forged or tampered."""
+    """Check a sealed message; raise UnknownKeyId if replayed or forged, SecAggError if tampered."""
+    if not isinstance(key_id, str) or not isinstance(tag, bytes) or len(tag) != TAG_BYTES or len(key_id) > 256:
+        raise SecAggError(f"the {purpose} of client {sender} has a malformed seal (key id str, tag of {TAG_BYTES} bytes)")
     key = _server_key(source, sender, key_id)
     if len(key) != MAC_KEY_BYTES or not mac.verify(
         _tag_message(mode, purpose, server_round, sender, key_id, body), tag, key
@@ -328,6 +834,8 @@ def pad_and_seal(source: KeySource, me: int, server_round: int, payload: bytes) 
 
 def open_pad(source: KeySource, sender: int, server_round: int, cipher: bytes, key_id: str, tag: bytes) -> bytes:
     """channel-pad, server side: verify then unpad; raise SecAggError if replayed, forged or tampered."""
+    if not isinstance(key_id, str) or not isinstance(tag, bytes) or len(tag) != TAG_BYTES or len(key_id) > 256:
+        raise SecAggError(f"the upload of client {sender} has a malformed seal (key id str, tag of {TAG_BYTES} bytes)")
     key = _server_key(source, sender, key_id)
     if len(key) != MAC_KEY_BYTES + len(cipher):
         raise SecAggError(f"the upload of client {sender} does not match its pad length: tampered in transit")

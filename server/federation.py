@@ -185,6 +185,8 @@ def _key_record(strategy: SecureFedAvg, budget: KeyBudget) -> dict[str, Any]:
         "key_wait_s": strategy.key_wait_s,
         "qkd_clock_s": budget.clock_s,
         **({"secure_clip": strategy.checkpoint_state()} if strategy.mode in MASKED_MODES else {}),
+        # key bits by use (pair masks / share pads / MAC keys), end to end; see server.secure.KeySplit
+        **(strategy.key_split.record() if strategy.mode in MASKED_MODES else {}),
     }
 
 

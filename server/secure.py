@@ -1,26 +1,43 @@
 """SecureFedAvg: QflFedAvg with QKD-keyed secure aggregation (the server half).
 
 The protocol's steps are in :mod:`qfl.security.secagg`; the budget and the
-network in :mod:`qfl.server.keys`. One round, for ``security=masked-sum`` or
-``expanded`` (the ``query.*`` messages are Flower query messages):
+network in :mod:`qfl.server.keys`. For ``security=masked-sum`` or
+``expanded`` a round is a :class:`MaskedRound`, an explicit staged workflow
+(the ``query.*`` messages are Flower query messages):
 
-1. sample nodes; learn their partition ids once (``query.secagg_hello``);
-2. tick the QKD clock, price the round per link and apply ``key_policy``
-   (clients whose links cannot pay are left out and counted as dropped);
-3. ``query.secagg_setup``: each participant takes its pair keys as master and
-   returns the key ids; participants that fail here are left out;
-4. ``train``: each participant gets the plan and the ids of the keys its lower
-   peers took, and uploads its masked, sealed codes;
-5. the server verifies every seal (a tampered or replayed upload is dropped),
-   fixes the dropped set, and if it is not empty asks the survivors for their
-   masks with the dropped (``query.secagg_reveal``); uploads that come later
-   are never used;
-6. it adds the uploads mod 2^B, removes revealed masks, decodes the *sum*,
-   and hands the mean (sum / survivors; unweighted, since the server never sees
-   one client's update to weight it) to the server optimizer. Fewer than
-   ``secure_min_clients`` survivors, or a survivor that does not reveal, leaves
-   the model unchanged for the round;
-7. it adapts each tensor's clip bound from the summed clip flags.
+0. (SecureFedAvg) sample nodes; learn their partition ids once
+   (``query.secagg_hello``); tick the QKD clock; build the round's plan once,
+   price it per link and apply ``key_policy`` (clients whose links cannot pay
+   are left out);
+1. :meth:`MaskedRound.setup_keys`: ``query.secagg_setup``, each participant
+   takes its pair keys as master and returns the key ids; participants that
+   fail here are left out; the train messages carry the plan and the ids of
+   the keys each client's lower peers took;
+2. :meth:`MaskedRound.collect_uploads`: every upload's seal is verified and its
+   size, its self-mask shares and its metrics checked; a client that fails any
+   check is dropped with a :class:`DropReason`;
+3. :meth:`MaskedRound.unmask`: the server fixes the survivors ``S`` (valid
+   uploads) and the dropped ``D`` (everyone else, also a client whose upload
+   arrived but failed a check), asks every survivor once
+   (``query.secagg_reveal``) for its pair masks with ``D`` and (double
+   masking) its shares of the survivors' self-masks, adds the uploads mod 2^B,
+   removes the masks and decodes the *sum*. Fewer than
+   ``max(secure_min_clients, t + 1)`` survivors, a survivor that does not
+   reveal its pair masks with ``D``, or fewer than ``t`` shares of a
+   survivor's self-mask leave the model unchanged for the round, with the
+   reason. In single masking the unmask step runs only if someone dropped, and
+   never for a client whose upload arrived in any form (such a round is not
+   opened).
+
+The workflow hands SecureFedAvg a :class:`RoundOutcome`: the decoded sum (or
+why there is none), the drops, the byte and key accounting. SecureFedAvg then
+applies the mean (sum / survivors; unweighted, since the server never sees one
+client's update to weight it) with the server optimizer and adapts each
+tensor's clip bound from the summed clip flags.
+
+Every field a client sends (partition ids, key ids, tags, share blobs, reveal
+bodies, metrics) is untrusted: a wrong type, size or value drops that client
+with a reason; nothing a client sends raises out of ``aggregate_train``.
 
 For ``security=channel-pad`` the round is QflFedAvg's, with every reply
 verified and unpadded before it is decoded.
@@ -28,35 +45,414 @@ verified and unpadded before it is decoded.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from qfl.compression import encode_update, payload_bytes
 from qfl.compression.summable import adapt_clip
 from qfl.config import RunConfig
+from qfl.security.keys import KeySource
 from qfl.security.secagg import (
     MAC_KEY_BYTES,
     MASKED_MODES,
     SERVER_SAE,
+    MaskedSum,
     RoundPlan,
+    SealedShare,
     SecAggError,
+    UnknownKeyId,
+    UnmaskReply,
     client_sae,
     make_plan,
     open_pad,
     open_seal,
+    shares_from_wire,
+    unmask_requests,
     unmask_sum,
 )
 
 from .keys import KeyBudget
-from .strategy import QflFedAvg, weights_to_record
+from .strategy import MAX_ABS_LOSS, QflFedAvg, weights_to_record
+from .untrusted import UntrustedValue, capped_examples, finite_float, int_in_range
 
 SETUP, REVEAL, HELLO = "query.secagg_setup", "query.secagg_reveal", "query.secagg_hello"
 PAD_MARGIN = 1.25  # channel-pad: key reserved per upload, relative to the largest upload seen
+MAX_KEY_ID = 256  # characters; a key id is a UUID (36)
+MAX_ERROR_TEXT = 300  # characters of a client's error text kept in the drop reasons
+
+
+class DropReason(Enum):
+    """Why a client's contribution is not in a round's sum (the text goes to logs and ``drop_reasons``)."""
+
+    NO_PARTITION_ID = "did not tell a valid partition id"
+    SHARED_PARTITION_ID = "claims a partition id another node claims too"
+    KEY_BUDGET = "left out by the key budget"
+    SETUP_FAILED = "failed the key setup"
+    CLIENT_ERROR = "the client failed"
+    NO_REPLY = "did not reply in time"
+    MALFORMED = "sent a malformed reply"
+    NOT_PARTICIPANT = "is not a participant of this round"
+    REPLAYED = "sent a seal whose key id is unknown or spent (replayed or forged)"
+    BAD_SEAL = "sent an upload that fails its MAC"
+    WRONG_SIZE = "sent an upload or shares of the wrong size"
+    BAD_METRICS = "sent invalid metrics"
+    NO_UNMASK = "did not answer the unmask request"  # a survivor: its upload stays in the sum
+
+
+@dataclass(frozen=True)
+class Drop:
+    """One client left out of (or, for NO_UNMASK, failing) a round, with the details."""
+
+    node: int | None
+    pid: int | None
+    reason: DropReason
+    detail: str = ""
+
+    def text(self) -> str:
+        who = f"client {self.pid} (node {self.node})" if self.pid is not None else f"node {self.node}"
+        return f"{who}: {self.reason.value}" + (f": {self.detail}" if self.detail else "")
+
+
+@dataclass
+class KeySplit:
+    """Key bits a round spent, by use, end to end (what the server saw the protocol take).
+
+    ``pair_masks``: pair masks (or expanded seeds); ``share_pads``: one-time
+    pads of the self-mask shares; ``macs``: Wegman–Carter keys (two per pair in
+    double masking, one per sealed upload and unmask reply). ``key_bits_used``
+    is the ledger's figure over physical links (a relayed key counts per hop;
+    a key taken by a client whose message never arrived counts there only).
+    """
+
+    pair_masks: int = 0
+    share_pads: int = 0
+    macs: int = 0
+
+    def record(self) -> dict[str, int]:
+        return {"key_bits_pair_masks": self.pair_masks, "key_bits_share_pads": self.share_pads,
+                "key_bits_macs": self.macs}
+
+
+@dataclass
+class RoundOutcome:
+    """What a masked round hands SecureFedAvg."""
+
+    plan: RoundPlan | None
+    total: MaskedSum | None = None
+    failure: str | None = None  # why the model is unchanged, when it is
+    drops: list[Drop] = field(default_factory=list)
+    uploads: int = 0  # replies that carried an upload, valid or not
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    train_loss: float | None = None
+    keys: KeySplit = field(default_factory=KeySplit)
+
+    def reasons(self) -> list[str]:
+        return [d.text() for d in self.drops] + ([self.failure] if self.failure else [])
+
+
+def _text(value: object) -> str:
+    text = str(value)
+    return text if len(text) <= MAX_ERROR_TEXT else text[: MAX_ERROR_TEXT - 3] + "..."
+
+
+def _seal_fields(content: RecordDict, name: str) -> tuple[str, bytes]:
+    """(key id, tag) of a sealed record, type-checked; SecAggError if missing or mistyped."""
+    if name not in content.config_records:
+        raise SecAggError(f"the reply lacks the {name!r} ConfigRecord")
+    record = content[name]
+    key_id, tag = record.get("key-id"), record.get("tag")
+    if not isinstance(key_id, str) or len(key_id) > MAX_KEY_ID or not isinstance(tag, bytes):
+        raise SecAggError(f"the {name!r} record needs a key id (str) and a tag (bytes)")
+    return key_id, tag
+
+
+def _one_array(content: RecordDict, record: str, name: str) -> bytes:
+    if record not in content.array_records:
+        raise SecAggError(f"the reply lacks the {record!r} ArrayRecord")
+    arrays = content[record]
+    exact = record == "update"  # the upload is one array; the shares record holds two
+    if (exact and list(arrays.keys()) != [name]) or name not in arrays:
+        raise SecAggError(f"the {record!r} ArrayRecord must hold the array {name!r}" + (" only" if exact else ""))
+    return bytes(arrays[name].data)
+
+
+@dataclass
+class _Upload:
+    blob: bytes
+    shares: dict[int, SealedShare]
+    examples: int
+    loss: float | None
+
+
+class MaskedRound:
+    """One masked round on the server, as explicit stages called in order.
+
+    ``setup_keys`` → (the caller sends the train messages) → ``collect_uploads``
+    → ``unmask``; :meth:`finish` runs the last two and returns the
+    :class:`RoundOutcome`. All per-round state lives here, none on the
+    strategy.
+    """
+
+    def __init__(
+        self, cfg: RunConfig, source: KeySource, send: Callable[[list[Message]], list[Message]], config: ConfigRecord,
+        plan: RoundPlan, nodes: Mapping[int, int], drops: list[Drop], example_cap: Callable[[int], int],
+    ) -> None:
+        self.cfg = cfg
+        self.source = source
+        self.send = send
+        self.config = config
+        self.plan = plan
+        self.nodes = dict(nodes)  # node id -> partition id, of the participants
+        self.example_cap = example_cap
+        self.outcome = RoundOutcome(plan, drops=list(drops))
+        self.uploads: dict[int, _Upload] = {}
+        self.received: set[int] = set()  # partition ids whose upload arrived in any form
+        self.failed: set[int] = set()  # partition ids dropped in this round's stages
+
+    @property
+    def min_survivors(self) -> int:
+        return max(self.cfg.secure_min_clients, self.plan.min_survivors)
+
+    def _drop(self, node: int | None, pid: int | None, reason: DropReason, detail: str = "") -> None:
+        drop = Drop(node, pid, reason, detail)
+        self.outcome.drops.append(drop)
+        if pid is not None:
+            self.failed.add(pid)
+        log(WARNING, "round %s: %s", self.plan.round, drop.text())
+
+    def _fail(self, why: str) -> None:
+        self.outcome.failure = f"round {self.plan.round}: {why}; no masked sum this round (the model is unchanged)"
+        log(WARNING, self.outcome.failure)
+
+    # -- stage 1: keys ----------------------------------------------------------------------------
+    def setup_keys(self, model: ArrayRecord) -> list[Message]:
+        """Each participant takes its pair keys; return the train messages for those that did."""
+        if len(self.nodes) < self.min_survivors:
+            self._fail(f"only {len(self.nodes)} clients admitted, fewer than the {self.min_survivors} a sum needs")
+            return []
+        setup_plan = self.plan
+        record = ConfigRecord(setup_plan.to_config())
+        setup = [Message(RecordDict({"config": self.config, "secagg": record}), dst_node_id=n, message_type=SETUP)
+                 for n in sorted(self.nodes)]
+        key_ids: dict[int, dict[int, str]] = {}  # master pid -> {slave pid: key id}
+        for reply in self.send(setup):
+            node = reply.metadata.src_node_id
+            pid = self.nodes.get(node)
+            if pid is None or pid in key_ids:
+                continue
+            try:
+                key_ids[pid] = self._key_ids(reply, pid)
+            except SecAggError as err:
+                self._drop(node, pid, DropReason.SETUP_FAILED, str(err))
+        taken = sum(len(ids) for ids in key_ids.values())
+        layout = setup_plan.key_layout()
+        self.outcome.keys = KeySplit(8 * layout.mask * taken, 8 * layout.share_pads * taken, 8 * layout.macs * taken)
+        ready = {n: p for n, p in self.nodes.items() if p in key_ids
+                 and all(q in key_ids[p] for q in self.nodes.values() if q > p)}
+        for node, pid in sorted(self.nodes.items()):
+            if node not in ready and pid not in self.failed:
+                self._drop(node, pid, DropReason.SETUP_FAILED, "no key ids for every higher peer")
+        self.nodes = ready
+        self.plan = plan = setup_plan.with_participants(ready.values())
+        if len(ready) < self.min_survivors:
+            self._fail(f"only {len(ready)} clients set up keys, fewer than the {self.min_survivors} a sum needs")
+            return []
+        try:
+            plan.check()
+        except SecAggError as err:
+            self._fail(str(err))
+            return []
+        self.outcome.downlink_bytes = payload_bytes(model) * len(ready)
+        messages = []
+        for node, pid in sorted(ready.items()):
+            masters = {i: key_ids[i][pid] for i in plan.participants if i < pid}
+            sec = ConfigRecord({**plan.to_config(), "masters": list(masters), "master-key-ids": list(masters.values())})
+            messages.append(Message(RecordDict({"arrays": model, "config": self.config, "secagg": sec}),
+                                    dst_node_id=node, message_type=MessageType.TRAIN))
+        return messages
+
+    def _key_ids(self, reply: Message, pid: int) -> dict[int, str]:
+        if reply.has_error():
+            raise SecAggError(_text(reply.error.reason))
+        if "pair-keys" not in reply.content.config_records:
+            raise SecAggError("no 'pair-keys' record")
+        rec = reply.content["pair-keys"]
+        peers, ids = rec.get("peers"), rec.get("key-ids")
+        if not isinstance(peers, list) or not isinstance(ids, list) or len(peers) != len(ids):
+            raise SecAggError("'pair-keys' needs two lists of equal length, 'peers' and 'key-ids'")
+        out = {}
+        for peer, key_id in zip(peers, ids):
+            if (isinstance(peer, bool) or not isinstance(peer, int) or peer not in self.plan.participants
+                    or peer <= pid or not isinstance(key_id, str) or len(key_id) > MAX_KEY_ID or peer in out):
+                raise SecAggError(f"'pair-keys' names peer {_text(peer)!s} / key id {_text(key_id)!s}, "
+                                  "not a key with a higher participant")
+            out[peer] = key_id
+        return out
+
+    # -- stage 2: uploads -------------------------------------------------------------------------
+    def collect_uploads(self, replies: Iterable[Message]) -> None:
+        """Check every reply; keep the valid uploads, drop the rest with a reason."""
+        answered: set[int] = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            pid = self.nodes.get(node)
+            if pid is None:
+                self._drop(node, None, DropReason.NOT_PARTICIPANT)
+                continue
+            if node in answered:  # a second reply from one node: trust neither
+                self.uploads.pop(pid, None)
+                self._drop(node, pid, DropReason.MALFORMED, "more than one reply")
+                continue
+            answered.add(node)
+            if msg.has_error():
+                self._drop(node, pid, DropReason.CLIENT_ERROR, _text(msg.error.reason))
+                continue
+            content = msg.content
+            if "update" in content.array_records:
+                self.received.add(pid)
+            reason, detail = self._check_upload(pid, content)
+            if reason is not None:
+                self._drop(node, pid, reason, detail)
+        for node, pid in sorted(self.nodes.items()):
+            if node not in answered:
+                self._drop(node, pid, DropReason.NO_REPLY)
+        self.outcome.uploads = len(self.received)
+
+    def _check_upload(self, pid: int, content: RecordDict) -> tuple[DropReason | None, str]:
+        plan = self.plan
+        try:
+            blob = _one_array(content, "update", "masked")
+            ciphers = tags = b""
+            if plan.double:
+                ciphers, tags = _one_array(content, "shares", "ciphers"), _one_array(content, "shares", "tags")
+            self.outcome.uplink_bytes += len(blob) + len(ciphers) + len(tags)
+            key_id, tag = _seal_fields(content, "seal")
+        except SecAggError as err:
+            return DropReason.MALFORMED, str(err)
+        try:
+            open_seal(self.source, pid, plan.mode, "upload", plan.round, blob, key_id, tag)
+        except UnknownKeyId as err:
+            return DropReason.REPLAYED, str(err)
+        except SecAggError as err:
+            self.outcome.keys.macs += 8 * MAC_KEY_BYTES
+            return DropReason.BAD_SEAL, str(err)
+        self.outcome.keys.macs += 8 * MAC_KEY_BYTES
+        if len(blob) != plan.upload_bytes():
+            return DropReason.WRONG_SIZE, f"the upload has {len(blob)} bytes, the plan needs {plan.upload_bytes()}"
+        try:
+            shares = shares_from_wire(plan, pid, ciphers, tags)
+        except SecAggError as err:
+            return DropReason.WRONG_SIZE, str(err)
+        try:
+            metrics = content["metrics"] if "metrics" in content.metric_records else {}
+            examples = capped_examples(metrics.get("num-examples"), self.example_cap(pid))
+            loss = None
+            if "train-loss" in metrics:
+                loss = finite_float(metrics["train-loss"], "train-loss", -MAX_ABS_LOSS, MAX_ABS_LOSS)
+        except UntrustedValue as err:
+            return DropReason.BAD_METRICS, str(err)
+        self.uploads[pid] = _Upload(blob, shares, examples, loss)
+        return None, ""
+
+    # -- stage 3: unmask --------------------------------------------------------------------------
+    def unmask(self) -> RoundOutcome:
+        """Fix ``S`` and ``D``, collect the unmask replies, open the sum."""
+        plan, out = self.plan, self.outcome
+        survivors = sorted(p for p in self.uploads if p not in self.failed)
+        dropped = sorted(set(plan.participants) - set(survivors))
+        with_loss = [self.uploads[p] for p in survivors if self.uploads[p].loss is not None]
+        weight = sum(u.examples for u in with_loss)
+        if weight:
+            out.train_loss = sum(u.examples * u.loss for u in with_loss) / weight
+        if len(survivors) < self.min_survivors:
+            self._fail(f"only {len(survivors)} valid uploads, fewer than the {self.min_survivors} a sum needs")
+            return out
+        if not plan.double and set(dropped) & self.received:
+            self._fail(
+                f"clients {sorted(set(dropped) & self.received)} sent an upload that was received but is invalid; "
+                "single masking never asks for the pair masks of a client whose upload arrived (that would "
+                "unmask it), so the others' sum cannot be opened. Use secure_masking=double"
+            )
+            return out
+        replies: dict[int, UnmaskReply] = {}
+        if plan.double or dropped:
+            log(INFO, "round %s: unmasking, survivors %s, dropped %s", plan.round, survivors, dropped)
+            replies = self._collect_unmask(survivors, dropped)
+        try:
+            out.total = unmask_sum(plan, {p: self.uploads[p].blob for p in survivors}, replies, dropped)
+        except SecAggError as err:
+            self._fail(f"the masked sum cannot be opened: {err}")
+        return out
+
+    def _collect_unmask(self, survivors: list[int], dropped: list[int]) -> dict[int, UnmaskReply]:
+        plan = self.plan
+        node_of = {p: n for n, p in self.nodes.items()}
+        requests = unmask_requests(plan, {p: self.uploads[p].shares for p in survivors}, dropped)
+        messages = []
+        for pid, request in requests.items():
+            fields = request.to_config()
+            self.outcome.downlink_bytes += len(fields["shares"]) + len(fields["share-tags"])
+            messages.append(Message(RecordDict({"config": self.config, "secagg": ConfigRecord(fields)}),
+                                    dst_node_id=node_of[pid], message_type=REVEAL))
+        replies: dict[int, UnmaskReply] = {}
+        heard: set[int] = set()
+        for reply in self.send(messages):
+            node = reply.metadata.src_node_id
+            pid = self.nodes.get(node)
+            if pid not in requests or pid in heard:
+                continue
+            heard.add(pid)
+            try:
+                replies[pid] = self._open_unmask(reply, pid, survivors, dropped)
+            except SecAggError as err:
+                self._drop(node, pid, DropReason.NO_UNMASK, str(err))
+        for pid in sorted(set(survivors) - heard):
+            self._drop(node_of[pid], pid, DropReason.NO_UNMASK, "no reply in time")
+        return replies
+
+    def _open_unmask(self, reply: Message, pid: int, survivors: list[int], dropped: list[int]) -> UnmaskReply:
+        if reply.has_error():
+            raise SecAggError(_text(reply.error.reason))
+        key_id, tag = _seal_fields(reply.content, "reveal")
+        body = reply.content["reveal"].get("body")
+        if not isinstance(body, bytes):
+            raise SecAggError("the 'reveal' record needs a 'body' (bytes)")
+        self.outcome.uplink_bytes += len(body)
+        try:
+            open_seal(self.source, pid, self.plan.mode, "reveal", self.plan.round, body, key_id, tag)
+        except UnknownKeyId:
+            raise
+        except SecAggError:
+            self.outcome.keys.macs += 8 * MAC_KEY_BYTES
+            raise
+        self.outcome.keys.macs += 8 * MAC_KEY_BYTES
+        answer = UnmaskReply.decode(self.plan, pid, body, survivors, dropped)
+        if answer.rejected:
+            log(WARNING, "round %s: client %s rejected the shares of %s (failed their MAC)", self.plan.round, pid,
+                list(answer.rejected))
+        return answer
+
+    def finish(self, replies: Iterable[Message]) -> RoundOutcome:
+        """Stages 2 and 3 on the train replies (nothing to do if setup already failed)."""
+        if self.outcome.failure is None:
+            self.collect_uploads(replies)
+            self.unmask()
+        return self.outcome
 
 
 class SecureFedAvg(QflFedAvg):
@@ -65,7 +461,8 @@ class SecureFedAvg(QflFedAvg):
     Parameters (besides QflFedAvg's)
     --------------------------------
     cfg : RunConfig
-        ``security``, ``secure_clip``, ``secure_min_clients``, ``timeout_s`` and the codec.
+        ``security``, ``secure_masking``, ``secure_threshold``, ``secure_clip``,
+        ``secure_min_clients``, ``timeout_s`` and the codec.
     budget : KeyBudget
         The key source, QKD network and exhaustion policy of the run.
     round_seed : callable
@@ -81,75 +478,80 @@ class SecureFedAvg(QflFedAvg):
         self.budget = budget
         self.round_seed = round_seed
         self.clips: dict[str, float] = dict(clips or {name: cfg.secure_clip for name in self.shapes})
-        self.partition_of: dict[int, int] = {}  # node id -> partition id
-        self.plan: RoundPlan | None = None
-        self.grid: Grid | None = None
+        self.partition_of: dict[int, int] = {}  # node id -> partition id (unambiguous claims only)
+        self.contested: dict[int, set[int]] = {}  # partition id -> nodes that all claim it
+        self.masked: MaskedRound | None = None  # the current masked round
         self.key_usage_before: dict[str, int] = {}
         self.key_links: dict[str, int] = {}  # bits used this round per link (filled after aggregation)
+        self.key_split = KeySplit()
         self.key_wait_s = 0.0
-        self.extra_uplink = 0  # setup and reveal bytes
         self.max_upload = 0  # channel-pad: the largest padded upload so far, for the budget
 
     # -- helpers --------------------------------------------------------------------------------
     def _send(self, grid: Grid, messages: list[Message]) -> list[Message]:
         return list(grid.send_and_receive(messages, timeout=self.cfg.timeout_s)) if messages else []
 
-    def _learn_partitions(self, grid: Grid, nodes: list[int]) -> None:
+    def _learn_partitions(self, grid: Grid, nodes: list[int]) -> dict[int, Drop]:
+        """Ask unknown nodes their partition id (validated); return the nodes left out, with the reason."""
         unknown = [n for n in nodes if n not in self.partition_of]
         messages = [Message(RecordDict({}), dst_node_id=n, message_type=HELLO) for n in unknown]
+        bad: dict[int, Drop] = {}
         for reply in self._send(grid, messages):
-            if not reply.has_error() and "metrics" in reply.content.metric_records:
-                pid = reply.content["metrics"].get("partition-id")
-                if isinstance(pid, int) and 0 <= pid < self.cfg.clients:
-                    self.partition_of[reply.metadata.src_node_id] = pid
+            node = reply.metadata.src_node_id
+            if node not in unknown or reply.has_error() or "metrics" not in reply.content.metric_records:
+                continue
+            try:
+                pid = int_in_range(reply.content["metrics"].get("partition-id"), "partition-id", 0, self.cfg.clients - 1)
+            except UntrustedValue as err:
+                bad[node] = Drop(node, None, DropReason.NO_PARTITION_ID, str(err))
+                continue
+            holder = next((n for n, p in self.partition_of.items() if p == pid and n != node), None)
+            if holder is not None or pid in self.contested:
+                self.contested.setdefault(pid, set()).update({node} | ({holder} if holder is not None else set()))
+                self.partition_of.pop(holder, None)
+            else:
+                self.partition_of[node] = pid
+        for node in nodes:
+            if node in bad:
+                continue
+            contested = next((p for p, claimants in self.contested.items() if node in claimants), None)
+            if contested is not None:
+                bad[node] = Drop(node, contested, DropReason.SHARED_PARTITION_ID, f"partition {contested}")
+            elif node not in self.partition_of:
+                bad[node] = Drop(node, None, DropReason.NO_PARTITION_ID)
+        return bad
 
     def _needs(self, pids: list[int], plan: RoundPlan | None) -> dict[tuple[str, str], int]:
         """Bits each link must supply this round, sorted pairs as keys."""
         needs: dict[tuple[str, str], int] = {}
-        server_bits = 8 * 2 * MAC_KEY_BYTES  # an upload tag and a possible reveal tag
+        server_bits = 8 * 2 * MAC_KEY_BYTES  # an upload tag and an unmask-reply tag
         if plan is None:  # channel-pad: the pad plus its tag key
             server_bits = 8 * (MAC_KEY_BYTES + int(self.max_upload * PAD_MARGIN))
         for i in pids:
             needs[tuple(sorted((client_sae(i), SERVER_SAE)))] = server_bits
         if plan is not None:
+            pair_bits = 8 * plan.pair_key_bytes()
             for i in pids:
                 for j in pids:
                     if i < j:
-                        needs[tuple(sorted((client_sae(i), client_sae(j))))] = 8 * plan.pair_key_bytes()
+                        needs[tuple(sorted((client_sae(i), client_sae(j))))] = pair_bits
         return needs
-
-    def _leave_out(self, nodes: dict[int, int], pids: set[int], reason_of: dict[int, str]) -> dict[int, int]:
-        kept = {}
-        for node, pid in nodes.items():
-            if pid in pids:
-                kept[node] = pid
-            else:
-                self.excluded.add(node)
-                text = f"client {pid} (node {node}) left out: {reason_of.get(pid, 'not admitted')}"
-                self.drop_reasons.append(text)
-                log(WARNING, text)
-        return kept
 
     # -- configure ------------------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.grid = grid
-        self.config = config
-        self.plan = None
-        self.extra_uplink = 0
+        self.masked = None
         self.key_links = {}
+        self.key_split = KeySplit()
         self.key_usage_before = self.budget.usage()
         super().configure_train(server_round, arrays, config, grid)  # samples, encodes the model
         self.budget.tick()
-        self._learn_partitions(grid, self.sampled)
-        unknown = [n for n in self.sampled if n not in self.partition_of]
-        nodes = {n: self.partition_of[n] for n in self.sampled if n in self.partition_of}
-        for node in unknown:
-            self.excluded.add(node)
-            self.drop_reasons.append(f"node {node} did not tell its partition id; left out")
+        bad = self._learn_partitions(grid, self.sampled)
+        drops = list(bad.values())
+        nodes = {n: self.partition_of[n] for n in self.sampled if n not in bad}
         plan = None
-        if self.mode in MASKED_MODES:
+        if self.mode in MASKED_MODES:  # the round's one plan: priced for all, narrowed to who can pay
             plan = make_plan(self.cfg, server_round, sorted(nodes.values()), self.shapes, self.clips,
                              self.round_seed(server_round))
         start = self.budget.clock_s
@@ -157,60 +559,25 @@ class SecureFedAvg(QflFedAvg):
         self.key_wait_s = self.budget.clock_s - start
         if admission.waited_s:
             log(INFO, "round %s waited %.1f simulated s for QKD key", server_round, admission.waited_s)
-        nodes = self._leave_out(nodes, set(admission.participants), admission.left_out)
+        admitted = set(admission.participants)
+        for node, pid in sorted(nodes.items()):
+            if pid not in admitted:
+                drops.append(Drop(node, pid, DropReason.KEY_BUDGET, admission.left_out.get(pid, "not admitted")))
+        nodes = {n: p for n, p in nodes.items() if p in admitted}
+        self.excluded |= set(self.sampled) - set(nodes)
+        for drop in drops:
+            log(WARNING, "round %s: %s", server_round, drop.text())
         model = encode_update(self.current_weights, self.downlink_codec)
         if plan is None:  # channel-pad
+            self.drop_reasons += [d.text() for d in drops]
             self.downlink_bytes = payload_bytes(model) * len(nodes)
             record = RecordDict({"arrays": model, "config": config, "secagg": ConfigRecord({"mode": self.mode})})
             return self._construct_messages(record, sorted(nodes), MessageType.TRAIN)
-        return self._setup_masked(server_round, config, model, nodes, grid)
-
-    def _setup_masked(self, server_round, config, model, nodes: dict[int, int], grid: Grid) -> list[Message]:
-        if len(nodes) < self.cfg.secure_min_clients:
-            self._too_few(server_round, len(nodes), "admitted")
-            return []
-        plan = make_plan(self.cfg, server_round, sorted(nodes.values()), self.shapes, self.clips,
-                         self.round_seed(server_round))
-        setup = [
-            Message(RecordDict({"config": config, "secagg": ConfigRecord(plan.to_config())}), dst_node_id=n,
-                    message_type=SETUP)
-            for n in sorted(nodes)
-        ]
-        key_ids: dict[int, dict[int, str]] = {}  # master pid -> {slave pid: key id}
-        for reply in self._send(grid, setup):
-            node = reply.metadata.src_node_id
-            if reply.has_error() or "pair-keys" not in reply.content.config_records:
-                why = reply.error.reason if reply.has_error() else "no 'pair-keys' record"
-                self.drop_reasons.append(f"client {nodes.get(node)} failed the key setup: {why}")
-                continue
-            rec = reply.content["pair-keys"]
-            key_ids[nodes[node]] = dict(zip((int(p) for p in rec["peers"]), (str(k) for k in rec["key-ids"])))
-        ready = {n: p for n, p in nodes.items() if p in key_ids and all(
-            q in key_ids[p] for q in nodes.values() if q > p)}
-        for node in set(nodes) - set(ready):
-            self.excluded.add(node)
-            if not any(f"client {nodes[node]} failed" in r for r in self.drop_reasons):
-                self.drop_reasons.append(f"client {nodes[node]} did not complete the key setup")
-        if len(ready) < self.cfg.secure_min_clients:
-            self._too_few(server_round, len(ready), "set up keys")
-            return []
-        self.plan = plan = make_plan(self.cfg, server_round, sorted(ready.values()), self.shapes, self.clips,
-                                     self.round_seed(server_round))
-        self.node_of = {p: n for n, p in ready.items()}
-        self.downlink_bytes = payload_bytes(model) * len(ready)
-        messages = []
-        for node, pid in sorted(ready.items()):
-            masters = {i: key_ids[i][pid] for i in plan.participants if i < pid}
-            sec = ConfigRecord({**plan.to_config(), "masters": list(masters), "master-key-ids": list(masters.values())})
-            messages.append(Message(RecordDict({"arrays": model, "config": config, "secagg": sec}),
-                                    dst_node_id=node, message_type=MessageType.TRAIN))
-        return messages
-
-    def _too_few(self, server_round: int, count: int, stage: str) -> None:
-        text = (f"round {server_round}: only {count} clients {stage}, fewer than secure_min_clients="
-                f"{self.cfg.secure_min_clients}; no masked sum this round (the model is unchanged)")
-        self.drop_reasons.append(text)
-        log(WARNING, text)
+        self.masked = MaskedRound(
+            self.cfg, self.budget.source, lambda messages: self._send(grid, messages), config,
+            plan.with_participants(nodes.values()), nodes, drops, self._example_cap,
+        )
+        return self.masked.setup_keys(model)
 
     # -- channel-pad ----------------------------------------------------------------------------
     def _update_record(self, msg: Message) -> ArrayRecord:
@@ -218,17 +585,17 @@ class SecureFedAvg(QflFedAvg):
             return super()._update_record(msg)
         node = msg.metadata.src_node_id
         pid = self.partition_of.get(node)
-        if pid is None or "seal" not in msg.content.config_records:
-            raise SecAggError("the reply is not sealed (no 'seal' record)")
-        seal = msg.content["seal"]
+        if pid is None:
+            raise SecAggError(f"node {node} has no known partition id")
+        key_id, tag = _seal_fields(msg.content, "seal")
         padded = msg.content["update"]
         cipher = b"".join(bytes(a.data) for a in padded.values())
         self.max_upload = max(self.max_upload, len(cipher))
-        plain = open_pad(self.budget.source, pid, self._round, cipher, str(seal["key-id"]), bytes(seal["tag"]))
+        plain = open_pad(self.budget.source, pid, self._round, cipher, key_id, tag)
         out, start = ArrayRecord(), 0
         for name, array in padded.items():
             n = len(array.data)
-            out[name] = type(array)(dtype="uint8", shape=(n,), stype=array.stype.removesuffix("+pad"),
+            out[name] = type(array)(dtype="uint8", shape=(n,), stype=str(array.stype).removesuffix("+pad"),
                                     data=plain[start : start + n])
             start += n
         return out
@@ -252,119 +619,44 @@ class SecureFedAvg(QflFedAvg):
         self.key_links = {k: after[k] - self.key_usage_before.get(k, 0) for k in after if after[k] != self.key_usage_before.get(k, 0)}
         if metrics is not None:
             metrics["key-bits-used"] = self._key_bits_used()
-            metrics["uplink-bytes"] = int(metrics["uplink-bytes"]) + self.extra_uplink
 
     def _key_bits_used(self) -> int:
         return self.budget.physical(self.key_links) if self.key_links else 0
 
     def _aggregate_masked(self, server_round: int, replies: list[Message]):
-        plan = self.plan
-        uploads: dict[int, bytes] = {}
-        losses: dict[int, tuple[int, float]] = {}
-        uplink = 0
-        answered = {m.metadata.src_node_id for m in replies}
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            pid = self.partition_of.get(node)
-            if msg.has_error():
-                self._drop(msg, f"the client failed: {msg.error.reason}")
-                continue
-            try:
-                blob, seal, metrics = self._open_reply(msg)
-                uplink += len(blob)
-                if plan is None or pid not in plan.participants:
-                    raise SecAggError(f"node {node} is not a participant of this round")
-                if len(blob) != plan.upload_bytes():
-                    raise SecAggError(f"masked upload has {len(blob)} bytes, the plan needs {plan.upload_bytes()}")
-                open_seal(self.budget.source, pid, plan.mode, "upload", server_round, blob,
-                          str(seal["key-id"]), bytes(seal["tag"]))
-            except SecAggError as err:
-                self._drop(msg, str(err))
-                continue
-            uploads[pid] = blob
-            losses[pid] = (int(metrics.get("num-examples", 0)), float(metrics.get("train-loss", float("nan"))))
-        if plan is not None:
-            for node in (self.node_of[p] for p in plan.participants):
-                if node not in answered:
-                    self.drop_reasons.append(f"node {node} did not reply in time")
+        assert self.masked is not None, "configure_train runs before aggregate_train"
+        outcome = self.masked.finish(replies)
+        self.key_split = outcome.keys
+        self.drop_reasons = outcome.reasons()
+        result = outcome.total
         metrics = MetricRecord({
-            "uplink-bytes": uplink, "uploads": len(uploads), "downlink-bytes": self.downlink_bytes,
+            "uplink-bytes": outcome.uplink_bytes, "uploads": outcome.uploads, "downlink-bytes": outcome.downlink_bytes,
             "clients": 0, "sampled": len(self.sampled), "dropped": len(self.sampled), "key-bits-used": 0,
         })
-        if plan is None or len(uploads) < self.cfg.secure_min_clients:
-            if plan is not None:
-                self._too_few(server_round, len(uploads), "uploaded a valid masked update")
-            return None, metrics
-        # The dropped set is fixed here, before any reveal; later uploads are never used.
-        dropped = sorted(set(plan.participants) - set(uploads))
-        reveals: dict[int, bytes] = {}
-        if dropped:
-            reveals = self._collect_reveals(server_round, plan, sorted(uploads), dropped)
-            if reveals is None:
-                return None, metrics
-        try:
-            result = unmask_sum(plan, uploads, reveals, dropped)
-        except SecAggError as err:
-            self.drop_reasons.append(f"round {server_round}: the masked sum cannot be opened: {err}")
-            log(WARNING, self.drop_reasons[-1])
+        self.downlink_bytes = outcome.downlink_bytes
+        if outcome.train_loss is not None:
+            metrics["train-loss"] = outcome.train_loss
+        if result is None:
             return None, metrics
         mean = {name: result.total[name] / result.clients for name in self.shapes}
-        if not all(np.isfinite(v).all() for v in mean.values()):
-            self.drop_reasons.append(f"round {server_round}: the decoded sum is not finite; model unchanged")
+        saved = {slot: dict(tensors) for slot, tensors in self.optimizer.state.items()}
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = all(np.isfinite(v).all() for v in mean.values())
+            new_weights = self.optimizer.step(self.current_weights, mean) if finite else None
+            finite = finite and all(np.isfinite(w).all() for w in new_weights.values()) and all(
+                np.isfinite(a).all() for a in self.optimizer.state_arrays().values())
+        if not finite:
+            self.optimizer.state = saved
+            text = f"round {server_round}: the decoded sum or the new model is not finite; the model is unchanged"
+            self.drop_reasons.append(text)
+            log(WARNING, text)
             return None, metrics
         for name in self.shapes:
             self.clips[name] = adapt_clip(self.clips[name], result.over[name], result.under[name], result.clients)
         metrics["clients"] = result.clients
         metrics["dropped"] = len(self.sampled) - result.clients
-        total = sum(n for n, _ in losses.values())
-        if total:
-            metrics["train-loss"] = sum(n * loss for n, loss in losses.values()) / total
-        new_weights = self.optimizer.step(self.current_weights, mean)
         return weights_to_record(new_weights), metrics
-
-    def _open_reply(self, msg: Message):
-        content = msg.content
-        if "update" not in content.array_records or "seal" not in content.config_records:
-            raise SecAggError("reply lacks the 'update' ArrayRecord or the 'seal' ConfigRecord")
-        arrays = list(content["update"].values())
-        if len(arrays) != 1:
-            raise SecAggError(f"a masked upload is one array, got {len(arrays)}")
-        metrics = content["metrics"] if "metrics" in content.metric_records else {}
-        return bytes(arrays[0].data), content["seal"], metrics
-
-    def _collect_reveals(self, server_round: int, plan: RoundPlan, survivors: list[int], dropped: list[int]):
-        log(INFO, "round %s: clients %s dropped; survivors reveal their masks with them", server_round, dropped)
-        messages = [
-            Message(RecordDict({"config": self.config,
-                                "secagg": ConfigRecord({**plan.to_config(), "dropped": dropped})}),
-                    dst_node_id=self.node_of[i], message_type=REVEAL)
-            for i in survivors
-        ]
-        reveals: dict[int, bytes] = {}
-        for reply in self._send(self.grid, messages):
-            pid = self.partition_of.get(reply.metadata.src_node_id)
-            if reply.has_error() or "reveal" not in reply.content.config_records or pid not in survivors:
-                continue
-            rec = reply.content["reveal"]
-            blob = bytes(rec["masks"])
-            self.extra_uplink += len(blob)
-            try:
-                open_seal(self.budget.source, pid, plan.mode, "reveal", server_round, blob, str(rec["key-id"]),
-                          bytes(rec["tag"]))
-            except SecAggError as err:
-                self.drop_reasons.append(f"reveal of client {pid}: {err}")
-                continue
-            reveals[pid] = blob
-        missing = sorted(set(survivors) - set(reveals))
-        if missing:
-            text = (f"round {server_round}: survivors {missing} did not reveal their masks with the dropped "
-                    f"{dropped}; the sum cannot be opened and the model is unchanged this round")
-            self.drop_reasons.append(text)
-            log(WARNING, text)
-            return None
-        return reveals
 
     def checkpoint_state(self) -> dict[str, float]:
         """What a resumed run needs: the clip bounds (stored in the round's metrics)."""
         return dict(self.clips)
-

@@ -1,7 +1,7 @@
 """The secure-aggregation protocol on a real key store, without Flower.
 
 Proves by test: the masked sum equals the plaintext sum of the codes bit for
-bit (with up to 30% dropouts recovered), codecs that do not commute with sum
+bit, with double and single masking (with up to 30% dropouts recovered), codecs that do not commute with sum
 are refused by name, sealed uploads reject tampering and replay, the channel
 pad round-trips, and no key bit is handed out twice (the store's ledger).
 """
@@ -15,9 +15,9 @@ from scipy import stats
 
 from qfl.compression.summable import SumForm, adapt_clip, decode_code_sum, encode_codes
 from qfl.config import ConfigError, resolve_config
-from qfl.server.preflight import check_components
 from qfl.security import secagg as sa
 from qfl.security.keystore import KeyStore
+from qfl.server.preflight import check_components
 
 SHAPES = {"w": (12, 30), "b": (9,)}
 
@@ -40,6 +40,17 @@ def _keys(store, plan):
     return keys
 
 
+def open_round(plan, keys, uploads, dropped):
+    """The server's unmask stage in memory: requests to the survivors, their answers (through the wire
+    forms), then the sum. ``uploads`` are the survivors' MaskedUploads."""
+    requests = sa.unmask_requests(plan, {i: u.shares for i, u in uploads.items()}, dropped)
+    replies = {}
+    for j, request in requests.items():
+        answer = sa.answer_unmask(plan, j, keys[j], sa.UnmaskRequest.from_config(plan, request.to_config()))
+        replies[j] = sa.UnmaskReply.decode(plan, j, answer.body(), request.survivors, request.dropped)
+    return sa.unmask_sum(plan, {i: u.blob for i, u in uploads.items()}, replies, dropped)
+
+
 def _deltas(n, seed=0):
     rng = np.random.default_rng(seed)
     return {i: {k: rng.normal(0, 0.2, s).astype(np.float32) for k, s in SHAPES.items()} for i in range(n)}
@@ -57,21 +68,22 @@ CODECS = [
 ]
 
 
+@pytest.mark.parametrize("masking", ["double", "single"])
 @pytest.mark.parametrize("codec,params", CODECS)
 @pytest.mark.parametrize("n,dropped", [(2, []), (5, []), (10, [2, 5, 9])])
-def test_masked_sum_equals_plaintext_sum_bit_for_bit(tmp_path, codec, params, n, dropped):
+def test_masked_sum_equals_plaintext_sum_bit_for_bit(tmp_path, codec, params, n, dropped, masking):
     mode = "masked-sum"
     if codec.startswith("expanded-"):
         mode, codec = "expanded", codec.removeprefix("expanded-")
-    cfg = resolve_config({"security": mode, "codec": codec, "clients": n, **params})
+    cfg = resolve_config({"security": mode, "codec": codec, "clients": n, "secure_masking": masking, **params})
     store = _store(tmp_path, n)
     plan = sa.make_plan(cfg, 4, list(range(n)), SHAPES, {"w": 0.3, "b": 0.1}, round_seed=99)
     keys = _keys(store, plan)
     deltas = _deltas(n)
     uploads = {i: sa.masked_upload(plan, i, deltas[i], keys[i], np.random.default_rng(i)) for i in range(n)}
     survivors = {i: uploads[i] for i in range(n) if i not in dropped}
-    reveals = {i: sa.reveal_masks(plan, i, keys[i], dropped) for i in survivors} if dropped else {}
-    result = sa.unmask_sum(plan, survivors, reveals, dropped)
+    assert all(bool(u.shares) == (masking == "double") for u in uploads.values())
+    result = open_round(plan, keys, survivors, dropped)
     # plaintext: the same codes (same rounding noise), summed without masks
     for name, clip in zip(plan.tensors, plan.clips):
         codes = {}
@@ -98,7 +110,7 @@ def test_fp32_masked_sum_is_close_to_the_float_sum(tmp_path):
     keys = _keys(store, plan)
     deltas = _deltas(n)
     uploads = {i: sa.masked_upload(plan, i, deltas[i], keys[i], np.random.default_rng(i)) for i in range(n)}
-    result = sa.unmask_sum(plan, uploads, {}, [])
+    result = open_round(plan, keys, uploads, [])
     for name in SHAPES:
         true = sum(deltas[i][name].astype(np.float64) for i in range(n))
         assert np.abs(result.total[name] - true).max() <= n * 2.0 / (2**32 - 1) * 1.01  # n grid steps
@@ -157,7 +169,8 @@ def test_a_masked_upload_is_uniform_and_independent_of_the_data(tmp_path):
         plan = sa.make_plan(cfg, r, list(range(n)), shapes, {"w": 1.0}, round_seed=r)
         keys = _keys(store, plan)
         for which, delta in ((0, zeros), (1, spikes)):
-            samples[which].append(np.frombuffer(sa.masked_upload(plan, 1, delta, keys[1], np.random.default_rng(r)), np.uint8))
+            blob = sa.masked_upload(plan, 1, delta, keys[1], np.random.default_rng(r)).blob
+            samples[which].append(np.frombuffer(blob, np.uint8))
     a, b = np.concatenate(samples[0]), np.concatenate(samples[1])
     # the last byte of each upload holds zero padding bits: test the full bytes only
     full = len(samples[0][0]) - 1
@@ -211,6 +224,13 @@ def test_round_plan_survives_the_config_record():
     assert sa.RoundPlan.from_config(plan.to_config()) == plan
     with pytest.raises(sa.SecAggError, match="malformed"):
         sa.RoundPlan.from_config({"round": 1})
+    # the threshold never goes below a strict majority of the peers, whatever the plan says
+    hostile = {**plan.to_config(), "threshold": -5, "participants": list(range(7))}
+    with pytest.raises(sa.SecAggError, match="secure_threshold must be >= 0"):
+        sa.RoundPlan.from_config(hostile)
+    assert sa.RoundPlan.from_config({**hostile, "threshold": 1}).threshold == 4
+    with pytest.raises(sa.SecAggError, match="needs at least 8 participants"):
+        sa.RoundPlan.from_config({**hostile, "threshold": 7})
 
 
 def test_clip_adapts_to_the_summed_flags():

@@ -3,7 +3,8 @@
 The faulty ClientApp lives in a script run as __main__ so Ray ships it to its
 workers by value. It wraps qfl's real client: in round 2 three of ten clients
 (30%) fail; in round 3 one client's masked upload is tampered with in transit
-and another replays its round-2 upload. The survivors' masks are recovered,
+and another replays its round-2 upload (double masking, the default). The
+dropped clients' pair masks and the survivors' self-masks are recovered,
 the bad uploads are rejected and counted, and the ledger shows no key bit
 used twice.
 """
@@ -44,9 +45,10 @@ SCRIPT = textwrap.dedent(
         if pid == 5 and rnd == 2:  # keep this upload to replay it next round
             context.state["old-update"] = reply.content["update"]
             context.state["old-seal"] = reply.content["seal"]
+            context.state["old-shares"] = reply.content["shares"]
         if rnd != 3 or pid not in (2, 5):
             return reply
-        content = RecordDict({"metrics": reply.content["metrics"]})
+        content = RecordDict({"metrics": reply.content["metrics"], "shares": reply.content["shares"]})
         if pid == 2:  # flip one bit in transit
             array = reply.content["update"]["masked"]
             data = bytearray(array.data)
@@ -57,6 +59,7 @@ SCRIPT = textwrap.dedent(
         else:  # replay round 2
             content["update"] = context.state["old-update"]
             content["seal"] = context.state["old-seal"]
+            content["shares"] = context.state["old-shares"]
         return Message(content, reply_to=msg)
 
     faulty.evaluate()(real.evaluate)
@@ -83,10 +86,15 @@ def test_masked_sum_survives_dropouts_tampering_and_replay(tmp_path):
     out, history = _run(tmp_path, "security=masked-sum", "codec=fp32", "local_epochs=1")
     first, second, third = history
     assert first["clients"] == 10 and first["dropped"] == 0
-    # round 2: 30% dropped, their masks revealed by the 7 survivors, the sum still opens
+    # double masking (the default): the key split by use adds up to the ledger in a round without faults
+    split = first["key_bits_pair_masks"] + first["key_bits_share_pads"] + first["key_bits_macs"]
+    assert first["key_bits_share_pads"] > first["key_bits_pair_masks"] > 0 and split == first["key_bits_used"]
+    # round 2: 30% dropped, their pair masks revealed by the 7 survivors (t = 5 shares of each
+    # survivor's self-mask), the sum still opens
     assert second["clients"] == 7 and second["dropped"] == 3
     assert sum("client failed" in r for r in second["drop_reasons"]) == 3
-    # round 3: a tampered and a replayed upload are rejected and recovered like dropouts
+    # round 3: a tampered and a replayed upload are rejected and recovered like dropouts (their self-masks
+    # are never unmasked)
     assert third["clients"] == 8 and third["dropped"] == 2
     reasons = " | ".join(third["drop_reasons"])
     assert "fails its MAC" in reasons and "already used" in reasons

@@ -1,0 +1,310 @@
+"""SecureFedAvg's masked round in memory: the server workflow against qfl's real client handlers
+(hello, setup, masked train reply, unmask) over a fake Grid and a real key store, without Ray.
+
+Checks: an honest double-masked round opens the exact mean and prices its key by use; single
+masking never asks for the pair masks of a received upload; a client answers one unmask
+request per round and uploads once; every hostile field a client can send drops that
+client with a reason and never raises out of ``aggregate_train``.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+
+from qfl.clients import app as client_app
+from qfl.clients import secure as client_secure
+from qfl.compression import make_codec
+from qfl.config import resolve_config
+from qfl.server.keys import KeyBudget
+from qfl.server.optimizers import make_server_optimizer
+from qfl.server.preflight import check_components
+from qfl.server.secure import HELLO, REVEAL, SETUP, DropReason, SecureFedAvg
+from qfl.server.strategy import record_to_weights, weights_to_record
+
+SHAPES = {"w": (4, 5), "b": (3,)}
+N = 6
+
+
+def _delta(pid):
+    rng = np.random.default_rng(100 + pid)
+    return {k: rng.uniform(-0.5, 0.5, s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def _fake_train(msg, context):
+    """qfl's masked train reply for a fixed Δ per partition (no local training)."""
+    cfg, _ = client_app._run_config(msg.content["config"])
+    pid = int(context.node_config["partition-id"])
+    content = client_secure.masked_reply(msg, context, cfg, pid, _delta(pid), seed=pid)
+    content["metrics"] = MetricRecord({"num-examples": 10, "train-loss": 0.5 + pid, "partition-id": pid})
+    return Message(content, reply_to=msg)
+
+
+HANDLERS = {
+    HELLO: client_app.secagg_hello,
+    SETUP: client_app.secagg_setup,
+    REVEAL: client_app.secagg_reveal,
+    MessageType.TRAIN: _fake_train,
+}
+
+
+class FakeGrid:
+    """Routes each message to the real client handler of its node; ``faults[(type, pid)](msg, reply)``
+    may replace a reply (None: no reply)."""
+
+    def __init__(self, n, faults=None, forge=None):
+        self.contexts = {
+            100 + p: Context(run_id=1, node_id=100 + p, node_config={"partition-id": p, "num-partitions": n},
+                             state=RecordDict(), run_config={})
+            for p in range(n)
+        }
+        self.faults = faults or {}
+        self.forge = forge or {}  # (type, pid) -> msg -> the message the client gets instead
+        self.sent: list[tuple[str, int, Message]] = []
+
+    def get_node_ids(self):
+        return sorted(self.contexts)
+
+    def deliver(self, msg):
+        context = self.contexts[msg.metadata.dst_node_id]
+        try:
+            return HANDLERS[msg.metadata.message_type](msg, context)
+        except Exception as err:  # noqa: BLE001 -- Flower turns a raising ClientApp into an error reply
+            return Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+
+    def send_and_receive(self, messages, timeout=None):
+        out = []
+        for msg in messages:
+            pid = self.contexts[msg.metadata.dst_node_id].node_config["partition-id"]
+            self.sent.append((msg.metadata.message_type, pid, msg))
+            forge = self.forge.get((msg.metadata.message_type, pid))
+            reply = self.deliver(forge(msg) if forge else msg)
+            hook = self.faults.get((msg.metadata.message_type, pid))
+            reply = hook(msg, reply) if hook else reply
+            if reply is not None:
+                out.append(reply)
+        return out
+
+
+def _strategy(tmp_path, **values):
+    cfg = check_components(resolve_config({
+        "security": "masked-sum", "codec": "fp32", "clients": N, "qkd_rate": 1e8, "key_policy": "wait",
+        "fed_eval": False, "secure_clip": 1.0, **values,
+    }))
+    budget = KeyBudget(cfg, tmp_path)
+    strategy = SecureFedAvg(
+        codec=make_codec(cfg.codec, cfg.codec_params), downlink_codec=make_codec("fp32"), shapes=SHAPES,
+        optimizer=make_server_optimizer(cfg), min_nodes=N, wait_timeout=1, cfg=cfg, budget=budget,
+        round_seed=lambda r: r,
+    )
+    flat = {**cfg.to_flat(), "key_store": str(budget.store_path)}
+    return strategy, flat, budget
+
+
+def _round(strategy, flat, grid, rnd=1):
+    weights = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    messages = list(strategy.configure_train(rnd, weights_to_record(weights), ConfigRecord(dict(flat)), grid))
+    new, metrics = strategy.aggregate_train(rnd, grid.send_and_receive(messages))
+    return (record_to_weights(new) if new is not None else None), metrics
+
+
+def _mean(pids):
+    return {k: np.mean([_delta(p)[k] for p in pids], axis=0) for k in SHAPES}
+
+
+def _sent(grid, kind):
+    return sorted(pid for t, pid, _ in grid.sent if t == kind)
+
+
+def test_an_honest_double_masked_round_opens_the_mean_and_prices_its_key(tmp_path, task_identity):
+    strategy, flat, _ = _strategy(tmp_path)
+    grid = FakeGrid(N)
+    new, metrics = _round(strategy, flat, grid)
+    assert metrics["clients"] == N and metrics["dropped"] == 0 and strategy.drop_reasons == []
+    expected = _mean(range(N))
+    assert all(np.abs(new[k] - expected[k]).max() < 1e-6 for k in SHAPES)
+    assert math.isclose(metrics["train-loss"], 0.5 + 2.5)
+    assert _sent(grid, REVEAL) == list(range(N))  # double masking always unmasks
+    # the key split adds up to the ledger (a mesh, nothing lost): pair keys of 15 pairs + 12 server MAC keys
+    plan = strategy.masked.plan
+    split = strategy.key_split
+    pairs = N * (N - 1) // 2
+    assert split.pair_masks == 8 * pairs * plan.upload_bytes()
+    assert split.share_pads == 8 * pairs * 2 * plan.share_bytes()
+    assert split.macs == 8 * 16 * (2 * pairs + 2 * N)
+    assert split.pair_masks + split.share_pads + split.macs == metrics["key-bits-used"]
+
+
+def test_a_crash_and_a_tampered_upload_are_dropped_and_never_unmasked(tmp_path, task_identity):
+    def crash(msg, reply):
+        return Message(Error(code=0, reason="client crashed (test)"), reply_to=msg)
+
+    def flip(msg, reply):
+        data = bytearray(reply.content["update"]["masked"].data)
+        data[3] ^= 0x10
+        reply.content["update"] = ArrayRecord({"masked": Array(dtype="uint8", shape=(len(data),), stype="x",
+                                                               data=bytes(data))})
+        return reply
+
+    strategy, flat, _ = _strategy(tmp_path)
+    grid = FakeGrid(N, {(MessageType.TRAIN, 1): crash, (MessageType.TRAIN, 4): flip})
+    new, metrics = _round(strategy, flat, grid)
+    assert metrics["clients"] == 4 and metrics["dropped"] == 2
+    expected = _mean([0, 2, 3, 5])
+    assert all(np.abs(new[k] - expected[k]).max() < 1e-6 for k in SHAPES)
+    reasons = " | ".join(strategy.drop_reasons)
+    assert "client 1 (node 101): the client failed: client crashed" in reasons
+    assert "client 4 (node 104): " + DropReason.BAD_SEAL.value in reasons and "fails its MAC" in reasons
+    # the unmask requests list 4 as dropped and carry no share of b_4 (nor of b_1)
+    for kind, pid, msg in grid.sent:
+        if kind == REVEAL:
+            sec = msg.content["secagg"]
+            assert sec["dropped"] == [1, 4] and not {1, 4} & set(sec["share-from"])
+
+
+def test_single_masking_never_asks_for_the_pair_masks_of_a_received_upload(tmp_path, task_identity):
+    def flip(msg, reply):
+        data = bytearray(reply.content["update"]["masked"].data)
+        data[0] ^= 1
+        reply.content["update"] = ArrayRecord({"masked": Array(dtype="uint8", shape=(len(data),), stype="x",
+                                                               data=bytes(data))})
+        return reply
+
+    strategy, flat, _ = _strategy(tmp_path, secure_masking="single")
+    grid = FakeGrid(N, {(MessageType.TRAIN, 2): flip})
+    new, metrics = _round(strategy, flat, grid)
+    assert new is None and metrics["clients"] == 0
+    assert _sent(grid, REVEAL) == []  # nobody was asked for anything
+    assert any("single masking never asks for the pair masks" in r for r in strategy.drop_reasons)
+    # a client that sent nothing is different: its pair masks are revealed and the round opens
+    strategy, flat, _ = _strategy(tmp_path / "b", secure_masking="single")
+    grid = FakeGrid(N, {(MessageType.TRAIN, 2): lambda msg, reply: None})
+    new, metrics = _round(strategy, flat, grid)
+    assert metrics["clients"] == N - 1 and _sent(grid, REVEAL) == [0, 1, 3, 4, 5]
+    expected = _mean([0, 1, 3, 4, 5])
+    assert all(np.abs(new[k] - expected[k]).max() < 1e-6 for k in SHAPES)
+    assert strategy.key_split.share_pads == 0
+
+
+def test_a_client_answers_one_unmask_request_and_uploads_once_per_round(tmp_path, task_identity):
+    strategy, flat, _ = _strategy(tmp_path)
+    grid = FakeGrid(N)
+    _round(strategy, flat, grid)
+    reveal_to_0 = next(msg for kind, pid, msg in grid.sent if kind == REVEAL and pid == 0)
+    again = grid.deliver(reveal_to_0)
+    assert again.has_error() and "already answered an unmask request for round 1" in again.error.reason
+    # a different story the second time (0's peer 3 "dropped") is refused just the same
+    lie = ConfigRecord({**dict(reveal_to_0.content["secagg"]), "survivors": [0, 1, 2, 4, 5], "dropped": [3]})
+    msg = Message(RecordDict({"config": reveal_to_0.content["config"], "secagg": lie}), dst_node_id=100,
+                  message_type=REVEAL)
+    assert "already answered" in grid.deliver(msg).error.reason
+    train_to_0 = next(msg for kind, pid, msg in grid.sent if kind == MessageType.TRAIN and pid == 0)
+    assert "refusing a second upload" in grid.deliver(train_to_0).error.reason
+
+
+def test_a_client_refuses_a_request_that_breaks_the_rules(tmp_path, task_identity):
+    def lie(msg):  # too few survivors for t = 3: a server fishing for pair masks
+        sec = ConfigRecord({**dict(msg.content["secagg"]), "survivors": [0, 1, 2], "dropped": [3, 4, 5]})
+        return Message(RecordDict({"config": msg.content["config"], "secagg": sec}), dst_node_id=100,
+                       message_type=REVEAL)
+
+    strategy, flat, _ = _strategy(tmp_path)
+    grid = FakeGrid(N, forge={(REVEAL, 0): lie})
+    _, metrics = _round(strategy, flat, grid)
+    (reason,) = strategy.drop_reasons
+    assert reason.startswith("client 0 (node 100): " + DropReason.NO_UNMASK.value) and "at least t + 1 = 4" in reason
+    assert metrics["clients"] == N  # nobody dropped: the other five survivors hold t shares of every self-mask
+
+
+def _hostile_train(kind):
+    def hook(msg, reply):
+        c = reply.content
+        if kind == "tag-int":
+            c["seal"] = ConfigRecord({"key-id": c["seal"]["key-id"], "tag": 10**12})
+        elif kind == "key-id-list":
+            c["seal"] = ConfigRecord({"key-id": ["a", "b"], "tag": c["seal"]["tag"]})
+        elif kind == "no-seal":
+            del c["seal"]
+        elif kind == "two-arrays":
+            arr = c["update"]["masked"]
+            c["update"] = ArrayRecord({"masked": arr, "extra": arr})
+        elif kind == "short-shares":
+            arr = c["shares"]["ciphers"]
+            c["shares"] = ArrayRecord({"ciphers": Array(dtype="uint8", shape=(3,), stype="x", data=bytes(arr.data)[:3]),
+                                       "tags": c["shares"]["tags"]})
+        elif kind == "no-shares":
+            del c["shares"]
+        else:  # a metric
+            field, value = kind
+            metrics = MetricRecord({})
+            metrics.__dict__["_data"].update({**dict(c["metrics"]), field: value})
+            c["metrics"] = metrics
+        return reply
+    return hook
+
+
+HOSTILE = ["tag-int", "key-id-list", "no-seal", "two-arrays", "short-shares", "no-shares",
+           ("num-examples", float("nan")), ("num-examples", 10**30), ("num-examples", "7"),
+           ("train-loss", float("inf")), ("train-loss", [1.0])]
+
+
+@pytest.mark.parametrize("kind", HOSTILE, ids=str)
+def test_a_hostile_upload_drops_only_that_client(tmp_path, task_identity, kind):
+    strategy, flat, _ = _strategy(tmp_path)
+    grid = FakeGrid(N, {(MessageType.TRAIN, 3): _hostile_train(kind)})
+    new, metrics = _round(strategy, flat, grid)
+    assert metrics["clients"] == N - 1 and metrics["dropped"] == 1
+    expected = _mean([0, 1, 2, 4, 5])
+    assert all(np.abs(new[k] - expected[k]).max() < 1e-6 for k in SHAPES)
+    (reason,) = strategy.drop_reasons
+    assert reason.startswith("client 3 (node 103): ")
+
+
+@pytest.mark.parametrize("kind", ["garbage-body", "tag-int", "error"])
+def test_a_hostile_unmask_reply_is_ignored_when_the_others_suffice(tmp_path, task_identity, kind):
+    def hook(msg, reply):
+        if kind == "error":
+            return Message(Error(code=0, reason="x" * 10_000), reply_to=msg)
+        rec = dict(reply.content["reveal"])
+        rec.update({"body": b"\xff" * 11} if kind == "garbage-body" else {"tag": 10**12})
+        reply.content["reveal"] = ConfigRecord(rec)
+        return reply
+
+    strategy, flat, _ = _strategy(tmp_path)
+    grid = FakeGrid(N, {(REVEAL, 2): hook})
+    new, metrics = _round(strategy, flat, grid)
+    # nobody dropped, so 2's reply only carried shares: the other 4 survivors give t = 3 shares of each b_k
+    assert metrics["clients"] == N
+    expected = _mean(range(N))
+    assert all(np.abs(new[k] - expected[k]).max() < 1e-6 for k in SHAPES)
+    (reason,) = strategy.drop_reasons
+    assert reason.startswith("client 2 (node 102): " + DropReason.NO_UNMASK.value) and len(reason) < 500
+
+
+@pytest.mark.parametrize("claim", ["7", 99, -1, float("nan"), "dup"])
+def test_a_bad_partition_id_leaves_that_node_out(tmp_path, task_identity, claim):
+    def hook(msg, reply):
+        metrics = MetricRecord({})
+        metrics.__dict__["_data"]["partition-id"] = 4 if claim == "dup" else claim
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    strategy, flat, _ = _strategy(tmp_path)
+    grid = FakeGrid(N, {(HELLO, 5): hook})
+    new, metrics = _round(strategy, flat, grid)
+    left_out = [5] if claim != "dup" else [4, 5]  # two nodes claiming one partition: neither is trusted
+    assert metrics["clients"] == N - len(left_out)
+    assert not set(left_out) & set(_sent(grid, MessageType.TRAIN))
+    assert len(strategy.drop_reasons) == len(left_out)
+    expected = _mean([p for p in range(N) if p not in left_out])
+    assert all(np.abs(new[k] - expected[k]).max() < 1e-6 for k in SHAPES)
