@@ -26,14 +26,39 @@ def dataset_for(cfg: RunConfig) -> Dataset:
     return load_dataset(cfg.dataset, cfg.data_dir, cfg.test_fraction, cfg.seed)
 
 
-def shard(cfg: RunConfig, labels: np.ndarray, partition_id: int, num_partitions: int, salt: int) -> np.ndarray:
-    """Indices of client ``partition_id``'s share of ``labels``."""
+def partitions(cfg: RunConfig, labels: np.ndarray, num_partitions: int, salt: int) -> list[np.ndarray]:
+    """Every client's indices into ``labels`` (IID, or Dirichlet(alpha) label skew), seeded by the run."""
     seed = cfg.seed * 7919 + salt
     if cfg.alpha is None:
-        parts = partition_iid(len(labels), num_partitions, seed)
-    else:
-        parts = partition_dirichlet(labels, num_partitions, cfg.alpha, seed)
-    return parts[partition_id]
+        return list(partition_iid(len(labels), num_partitions, seed))
+    return list(partition_dirichlet(labels, num_partitions, cfg.alpha, seed))
+
+
+def shard(cfg: RunConfig, labels: np.ndarray, partition_id: int, num_partitions: int, salt: int) -> np.ndarray:
+    """Indices of client ``partition_id``'s share of ``labels``."""
+    return partitions(cfg, labels, num_partitions, salt)[partition_id]
+
+
+def validation_count(shard_size: int, local_val_fraction: float) -> int:
+    """Examples of a shard kept for federated evaluation (none from a one-example shard)."""
+    return int(round(shard_size * local_val_fraction)) if shard_size > 1 else 0
+
+
+def split_shard(
+    cfg: RunConfig, labels: np.ndarray, partition_id: int, num_partitions: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, local validation indices) of one client's shard of ``labels``."""
+    idx = np.random.default_rng([cfg.seed, partition_id, 1]).permutation(
+        shard(cfg, labels, partition_id, num_partitions, salt=0)
+    )
+    n_val = validation_count(len(idx), cfg.local_val_fraction)
+    return np.sort(idx[n_val:]), np.sort(idx[:n_val])
+
+
+def training_sizes(cfg: RunConfig, labels: np.ndarray, num_partitions: int) -> list[int]:
+    """Training examples of every client, as :func:`split_shard` counts them (the server's weight caps)."""
+    return [len(p) - validation_count(len(p), cfg.local_val_fraction)
+            for p in partitions(cfg, labels, num_partitions, salt=0)]
 
 
 def model_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
@@ -45,12 +70,7 @@ def model_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
 
 def local_split(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[np.ndarray, np.ndarray]:
     """(training indices, local validation indices) of one client's shard."""
-    data = dataset_for(cfg)
-    idx = shard(cfg, data.y_train, partition_id, num_partitions, salt=0)
-    rng = np.random.default_rng([cfg.seed, partition_id, 1])
-    idx = rng.permutation(idx)
-    n_val = int(round(len(idx) * cfg.local_val_fraction)) if len(idx) > 1 else 0
-    return np.sort(idx[n_val:]), np.sort(idx[:n_val])
+    return split_shard(cfg, dataset_for(cfg).y_train, partition_id, num_partitions)
 
 
 def local_update(
@@ -122,3 +142,6 @@ class ClassicalTask:
 
     def check_partition(self, num_partitions: int) -> None:
         shard(self.cfg, self.data.y_train, 0, num_partitions, salt=0)
+
+    def training_sizes(self, num_partitions: int) -> list[int]:
+        return training_sizes(self.cfg, self.data.y_train, num_partitions)

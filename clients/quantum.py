@@ -66,7 +66,7 @@ from qfl.quantum import qdata, vqc
 
 from qfl.seeds import task_seed
 
-from .classical import shard
+from .classical import shard, split_shard, training_sizes
 from .training import evaluate, train
 
 KINDS = ("quantum", "classical", "hybrid")
@@ -263,10 +263,7 @@ def train_labels(cfg: RunConfig) -> np.ndarray:
 
 def local_split(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[np.ndarray, np.ndarray]:
     """(training indices, local validation indices) of one client's shard (as for classical clients)."""
-    idx = shard(cfg, train_labels(cfg), partition_id, num_partitions, salt=0)
-    idx = np.random.default_rng([cfg.seed, partition_id, 1]).permutation(idx)
-    n_val = int(round(len(idx) * cfg.local_val_fraction)) if len(idx) > 1 else 0
-    return np.sort(idx[n_val:]), np.sort(idx[:n_val])
+    return split_shard(cfg, train_labels(cfg), partition_id, num_partitions)
 
 
 def kind_of(cfg: RunConfig, partition_id: int, num_partitions: int) -> str:
@@ -403,6 +400,9 @@ class QuantumTask:
 
     def train_size(self) -> int:
         return len(train_labels(self.cfg))
+
+    def training_sizes(self, num_partitions: int) -> list[int]:
+        return training_sizes(self.cfg, train_labels(self.cfg), num_partitions)
 
     def check_partition(self, num_partitions: int) -> None:
         shard(self.cfg, train_labels(self.cfg), 0, num_partitions, salt=0)

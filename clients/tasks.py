@@ -50,6 +50,10 @@ class ClientTask(Protocol):
     def check_partition(self, num_partitions: int) -> None:
         """Raise ValueError if ``num_partitions`` shards cannot be cut (e.g. Dirichlet leaves one empty)."""
 
+    def training_sizes(self, num_partitions: int) -> list[int]:
+        """Training examples of each of ``num_partitions`` clients: what an honest client reports, so
+        the server caps each client's averaging weight at its own partition's size."""
+
 
 def task_for(cfg: RunConfig) -> ClientTask:
     """The task ``cfg.model`` names."""

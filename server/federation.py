@@ -110,6 +110,8 @@ def run_federation(
         seed=cfg.seed,
         fed_eval=cfg.fed_eval,
         wait_timeout=cfg.timeout_s,
+        num_partitions=cfg.clients,  # nodes are started with num-partitions = clients
+        example_caps=dict(enumerate(evaluator.task.training_sizes(cfg.clients))),
     )
     flat_config = cfg.to_flat()
     budget = None
