@@ -639,13 +639,15 @@ class SecureFedAvg(QflFedAvg):
         if result is None:
             return None, metrics
         mean = {name: result.total[name] / result.clients for name in self.shapes}
-        saved = {slot: dict(tensors) for slot, tensors in self.optimizer.state.items()}
-        with np.errstate(over="ignore", invalid="ignore"):
-            finite = all(np.isfinite(v).all() for v in mean.values())
-            new_weights = self.optimizer.step(self.current_weights, mean) if finite else None
-            finite = finite and all(np.isfinite(w).all() for w in new_weights.values()) and all(
-                np.isfinite(a).all() for a in self.optimizer.state_arrays().values())
-        if not finite:
+        saved = {slot: dict(tensors) for slot, tensors in self.optimizer.state.items()}  # step replaces arrays
+        new_weights = None
+        if all(np.isfinite(v).all() for v in mean.values()):
+            with np.errstate(over="ignore", invalid="ignore"):
+                new_weights = self.optimizer.step(self.current_weights, mean)
+            if not (all(np.isfinite(w).all() for w in new_weights.values())
+                    and all(np.isfinite(a).all() for a in self.optimizer.state_arrays().values())):
+                new_weights = None
+        if new_weights is None:
             self.optimizer.state = saved
             text = f"round {server_round}: the decoded sum or the new model is not finite; the model is unchanged"
             self.drop_reasons.append(text)

@@ -308,3 +308,14 @@ def test_a_bad_partition_id_leaves_that_node_out(tmp_path, task_identity, claim)
     assert len(strategy.drop_reasons) == len(left_out)
     expected = _mean([p for p in range(N) if p not in left_out])
     assert all(np.abs(new[k] - expected[k]).max() < 1e-6 for k in SHAPES)
+
+
+def test_too_few_self_mask_shares_leave_the_model_unchanged_with_the_reason(tmp_path, task_identity):
+    silent = {(REVEAL, p): (lambda msg, reply: None) for p in (0, 1, 2)}  # half the survivors never answer
+    strategy, flat, _ = _strategy(tmp_path)
+    grid = FakeGrid(N, silent)
+    new, metrics = _round(strategy, flat, grid)
+    assert new is None and metrics["clients"] == 0
+    reasons = " | ".join(strategy.drop_reasons)
+    assert "only 2 of the 3 shares of client" in reasons and "the model is unchanged" in reasons
+    assert reasons.count(DropReason.NO_UNMASK.value) == 3
