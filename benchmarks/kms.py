@@ -1,8 +1,8 @@
 """Throughput of the ETSI GS QKD 014 KME over loopback with concurrent mutual-TLS clients.
 
 ``bench_kms()`` builds a throw-away PKI and SQLite key store, starts
-:class:`qfl.security.kms.KmsServer` on a free port and runs ``n_clients``
-threads, each one SAE with its own :class:`~qfl.security.kms_client.KmsKeySource`
+:class:`qfl.security.keys.kms.KmsServer` on a free port and runs ``n_clients``
+threads, each one SAE with its own :class:`~qfl.security.keys.kms_client.KmsKeySource`
 (so its own kept-alive TLS connection; the handshake happens before the clock
 starts). Each thread makes ``requests_per_client`` requests of one kind:
 
@@ -33,10 +33,10 @@ def bench_kms(
     work_dir: str | Path | None = None,
 ) -> float:
     """Requests per second over all clients (wall clock from the first request to the last answer)."""
-    from qfl.security.certs import make_pki
-    from qfl.security.keystore import KeyStore
-    from qfl.security.kms import KmsServer
-    from qfl.security.kms_client import KmsKeySource
+    from qfl.security.keys.certs import make_pki
+    from qfl.security.keys.store import KeyStore
+    from qfl.security.keys.kms import KmsServer
+    from qfl.security.keys.kms_client import KmsKeySource
 
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")

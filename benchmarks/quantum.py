@@ -1,6 +1,6 @@
 """`qfl bench quantum`: circuit and gradient throughput of the VQC backends, and one client round.
 
-Every backend runs the same circuit (:mod:`qfl.quantum.vqc`): a state-vector
+Every backend runs the same circuit (:mod:`qfl.quantum.ml.vqc`): a state-vector
 input (``embedding = "state"``, random Haar states), ``layers`` hardware-efficient
 layers, ⟨Z_i⟩ of every qubit. Per backend and width:
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from qfl.benchmarks.timing import best_of
-from qfl.quantum import vqc
+from qfl.quantum.ml import vqc
 
 
 def _haar_states(batch: int, qubits: int, seed: int) -> np.ndarray:

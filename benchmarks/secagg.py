@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from qfl.benchmarks.timing import best_of
-from qfl.security.masking import (
+from qfl.security.primitives.masking import (
     add_packed,
     aggregate,
     apply_masks,

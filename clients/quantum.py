@@ -6,7 +6,7 @@ like a CNN's, so compression and secure aggregation treat them the same way:
 
 * ``q.weights`` — the circuit's rotation angles, ``(layers, qubits, 2)``
   (hardware-efficient) or ``(layers, qubits, 3)`` (strongly entangling), see
-  :mod:`qfl.quantum.vqc`;
+  :mod:`qfl.quantum.ml.vqc`;
 * ``head.weight`` ``(classes, qubits)``, ``head.bias`` ``(classes,)`` — the
   readout: logits = W·⟨Z⟩ + b from the Pauli expectations ⟨Z_i⟩ of every qubit;
 * ``pre.0.*``, ``pre.2.*`` — only when hybrid clients take part: a small
@@ -15,7 +15,7 @@ like a CNN's, so compression and secure aggregation treat them the same way:
 
 Models and data
 ---------------
-* ``vqc`` on a quantum dataset (``ntangled``, ``magic``; :mod:`qfl.quantum.qdata`)
+* ``vqc`` on a quantum dataset (``ntangled``, ``magic``; :mod:`qfl.quantum.ml.qdata`)
   with ``embedding = "state"``: the dataset's state vectors are prepared
   exactly. ``data_qubits`` (0 = ``qubits``) is the width of the states; a wider
   circuit pads them with |0⟩ ancillas.
@@ -34,7 +34,7 @@ parameter vector (each sends Δ = 0 for tensors it does not use):
 * ``quantum``: feeds the states themselves to the circuit;
 * ``classical``: has no quantum memory, only a classical summary of each state —
   ⟨X_i⟩, ⟨Y_i⟩, ⟨Z_i⟩ of every qubit estimated from
-  :data:`~qfl.quantum.qdata.SUMMARY_SHOTS` shots per basis — and feeds the
+  :data:`~qfl.quantum.ml.qdata.SUMMARY_SHOTS` shots per basis — and feeds the
   closest product state (each qubit along its estimated Bloch direction) to
   the same circuit;
 * ``hybrid``: feeds the same summary (3 numbers per qubit) through the small
@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from qfl.config import RunConfig
-from qfl.quantum import qdata, vqc
+from qfl.quantum.ml import qdata, vqc
 
 from qfl.seeds import task_seed
 

@@ -23,7 +23,7 @@ The codecs and their forms (:func:`sum_form`):
                    round-shared seed, values scaled by d/k before clipping
 
 Bits per client and coordinate sent: ``B``; key per pairwise mask: ``B`` bits
-per coordinate sent (``qfl.security.masking``).
+per coordinate sent (``qfl.security.primitives.masking``).
 
 Clipping is the only bias: a coordinate with ``|x| > C`` contributes ``±C``.
 The clip bound trades that bias against the rounding variance ``C²/s²``: a

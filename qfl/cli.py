@@ -91,7 +91,7 @@ def _cmd_bench_quantum(args: argparse.Namespace) -> int:
 def _cmd_bench_qkd(args: argparse.Namespace) -> int:
     import json
 
-    from qfl.quantum.bb84 import bench_bb84
+    from qfl.quantum.qkd.bb84 import bench_bb84
 
     result = bench_bb84(args.pulses, distance_km=args.distance_km)
     figures = {k: result[k] for k in ("pulses_per_s", "cascade_bits_per_s", "toeplitz_bits_per_s")}
@@ -149,7 +149,7 @@ def _cmd_experiment_quantum_mixed(args: argparse.Namespace) -> int:
 def _cmd_qkd_rate(args: argparse.Namespace) -> int:
     import json
 
-    from qfl.quantum.keyrate import LinkParams, format_report, link_report
+    from qfl.quantum.qkd.keyrate import LinkParams, format_report, link_report
 
     try:
         params = LinkParams(
@@ -172,7 +172,7 @@ def _cmd_qkd_rate(args: argparse.Namespace) -> int:
 def _cmd_qkd_simulate(args: argparse.Namespace) -> int:
     import json
 
-    from qfl.quantum.bb84 import format_result, result_json, simulate_bb84
+    from qfl.quantum.qkd.bb84 import format_result, result_json, simulate_bb84
 
     try:
         result = simulate_bb84(
@@ -187,7 +187,7 @@ def _cmd_qkd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
-    from qfl.security.certs import make_pki
+    from qfl.security.keys.certs import make_pki
 
     try:
         make_pki(args.out, args.sae, kme_host=args.host)  # the CA key is never written to disk
@@ -229,7 +229,7 @@ def _key_store_of(run_dir: Path) -> Path:
 def _cmd_keys_audit(args: argparse.Namespace) -> int:
     import json
 
-    from qfl.security.keystore import KeyStore, StoreCorrupt
+    from qfl.security.keys.store import KeyStore, StoreCorrupt
 
     path = _key_store_of(Path(args.run_dir))
     try:
@@ -285,9 +285,9 @@ def _cmd_kms_serve(args: argparse.Namespace) -> int:
     import threading
     import time
 
-    from qfl.quantum.network import QuantumNetwork
-    from qfl.security.keystore import KeyStore
-    from qfl.security.kms import serve
+    from qfl.quantum.qkd.network import QuantumNetwork
+    from qfl.security.keys.store import KeyStore
+    from qfl.security.keys.kms import serve
 
     stop = threading.Event()
     feeder_store = KeyStore(args.store)
@@ -445,8 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     from qfl.clients.datasets import DatasetNotFound
     from qfl.config import ConfigError
     from qfl.server.federation import ResumeError
-    from qfl.security.keystore import StoreOutdated
-    from qfl.server.keys import KeyBudgetExceeded
+    from qfl.security.keys.store import StoreOutdated
+    from qfl.server.key_budget import KeyBudgetExceeded
 
     args = build_parser().parse_args(argv)
     try:

@@ -56,7 +56,7 @@ class RunConfig:
     codec_params: dict[str, Any] = field(default_factory=dict)
     downlink_codec: str = "fp32"  # how the global model travels to clients (stateless codecs only)
     downlink_codec_params: dict[str, Any] = field(default_factory=dict)
-    # -- secure aggregation (qfl.security.secagg) and the simulated QKD network (qfl.quantum.network)
+    # -- secure aggregation (qfl.security.secagg) and the simulated QKD network (qfl.quantum.qkd.network)
     security: str = "masked-sum"  # none | masked-sum | channel-pad | expanded
     key_policy: str = "wait"  # a link short of key: wait (simulated clock) | skip (leave clients out) | abort
     key_source: str = "store"  # store (SQLite pools, simulations) | kms (ETSI GS QKD 014 service)

@@ -1,1 +1,1 @@
-"""QKD protocol simulation, the quantum network, VQC models and quantum datasets."""
+"""Two subjects: QKD physics and the quantum network (:mod:`qfl.quantum.qkd`), and quantum ML (:mod:`qfl.quantum.ml`)."""

@@ -1,1 +1,1 @@
-"""Key sources (in-process pools, the ETSI GS QKD 014 KMS), certificates; secure-aggregation modes come next."""
+"""Security by layer: primitives (:mod:`.primitives`), key infrastructure (:mod:`.keys`), and the secure-aggregation protocol built on both (:mod:`.secagg`)."""

@@ -32,7 +32,7 @@ PRG). Client ``i`` uploads::
    (``secrets``; never from the run seed), adds it and the pair masks, packs
    ``y_j`` at ``B`` bits and seals it with a Wegman–Carter tag under a fresh
    16-byte key of link ``client-j~server``. It Shamir-shares ``b_j`` (its
-   packed bytes, as 16-bit chunks over GF(65537), :mod:`qfl.security.shamir`)
+   packed bytes, as 16-bit chunks over GF(65537), :mod:`qfl.security.primitives.shamir`)
    with threshold ``t`` to its peers (peer ``k`` gets the point ``k + 1``), and
    sends each share one-time-pad encrypted and MAC'ed under the pair key
    ``j~k`` along with the upload: the server relays shares it can neither read
@@ -111,9 +111,9 @@ from qfl.compression import make_codec
 from qfl.compression.payload import tensor_seed
 from qfl.compression.summable import SumForm, decode_code_sum, encode_codes, sum_form
 
-from . import mac, shamir
-from .keys import KeyContainer, KeySource, UnknownKey
-from .masking import (
+from qfl.security.primitives import mac, shamir
+from qfl.security.keys.source import KeyContainer, KeySource, UnknownKey
+from qfl.security.primitives.masking import (
     add_packed,
     expand_key,
     key_bytes_needed,

@@ -29,7 +29,7 @@ from qfl.files import atomic_write_bytes, atomic_write_json
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .optimizers import make_server_optimizer
-from .keys import KeyBudget
+from qfl.server.key_budget import KeyBudget
 from .secure import SecureFedAvg
 from .strategy import QflFedAvg, record_to_weights, weights_to_record
 

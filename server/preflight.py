@@ -68,7 +68,7 @@ def _check_security(cfg: RunConfig) -> None:
     """The QKD network keys parse and name real nodes; a masked mode has a codec that commutes with sum."""
     from qfl.compression import make_codec
     from qfl.compression.summable import sum_form
-    from qfl.quantum.network import parse_link_spec
+    from qfl.quantum.qkd.network import parse_link_spec
     from qfl.security.secagg import MASKED_MODES, network_nodes
 
     nodes = network_nodes(cfg.clients)

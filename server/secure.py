@@ -1,7 +1,7 @@
 """SecureFedAvg: QflFedAvg with QKD-keyed secure aggregation (the server half).
 
 The protocol's steps are in :mod:`qfl.security.secagg`; the budget and the
-network in :mod:`qfl.server.keys`. For ``security=masked-sum`` or
+network in :mod:`qfl.server.key_budget`. For ``security=masked-sum`` or
 ``expanded`` a round is a :class:`MaskedRound`, an explicit staged workflow
 (the ``query.*`` messages are Flower query messages):
 
@@ -65,7 +65,7 @@ from flwr.supercore import log
 from qfl.compression import encode_update, payload_bytes
 from qfl.compression.summable import adapt_clip
 from qfl.config import RunConfig
-from qfl.security.keys import KeySource
+from qfl.security.keys.source import KeySource
 from qfl.security.secagg import (
     MAC_KEY_BYTES,
     MASKED_MODES,
@@ -85,7 +85,7 @@ from qfl.security.secagg import (
     unmask_sum,
 )
 
-from .keys import KeyBudget
+from qfl.server.key_budget import KeyBudget
 from .strategy import MAX_ABS_LOSS, QflFedAvg, weights_to_record
 from .untrusted import UntrustedValue, capped_examples, finite_float, int_in_range
 

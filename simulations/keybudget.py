@@ -25,7 +25,7 @@ from typing import Any
 
 from qfl.config import resolve_config
 from qfl.files import atomic_write_bytes, atomic_write_json
-from qfl.quantum.network import parse_link_spec, resolve_rate
+from qfl.quantum.qkd.network import parse_link_spec, resolve_rate
 from qfl.security.secagg import network_nodes
 
 from .report import pyplot, save_png

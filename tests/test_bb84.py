@@ -1,4 +1,4 @@
-"""BB84 Monte-Carlo (qfl.quantum.bb84) and its Qiskit Aer cross-check (qfl.quantum.bb84_circuits)."""
+"""BB84 Monte-Carlo (qfl.quantum.qkd.bb84) and its Qiskit Aer cross-check (qfl.quantum.qkd.bb84_circuits)."""
 
 import json
 import math
@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from qfl.quantum import keyrate
-from qfl.quantum.bb84 import (
+from qfl.quantum.qkd import keyrate
+from qfl.quantum.qkd.bb84 import (
     ASYMPTOTIC_LABEL,
     DEFAULT_PULSES,
     bench_bb84,
@@ -194,7 +194,7 @@ def test_a_small_block_emits_no_key_and_names_the_fix():
     r = simulate_bb84(10**7, 10.0, seed=5)
     assert r.aborted and r.key_bits == 0 and r.alice_key.size == 0
     assert "no finite-key secure key" in r.abort_reason and "send more pulses: about" in r.abort_reason
-    assert "QBER" not in r.abort_reason  # server/keys.py kills a link only on a QBER abort
+    assert "QBER" not in r.abort_reason  # server/key_budget.py kills a link only on a QBER abort
     assert r.asymptotic_key_bits > 1000  # what the asymptotic bound would have emitted
     assert r.finite_key is not None and r.finite_key["length_bits"] == 0
     # the named block size is where the planning model first gives key on this link
@@ -308,7 +308,7 @@ def test_throughput_targets():
 
 
 def test_aer_qber_with_misalignment_noise_agrees_with_the_monte_carlo(run_0km):
-    from qfl.quantum.bb84_circuits import simulate_bb84_circuits
+    from qfl.quantum.qkd.bb84_circuits import simulate_bb84_circuits
 
     mc = run_0km
     for noise in ("depolarizing", "bitflip"):
@@ -321,7 +321,7 @@ def test_aer_qber_with_misalignment_noise_agrees_with_the_monte_carlo(run_0km):
 
 
 def test_aer_intercept_resend_agrees_with_the_monte_carlo():
-    from qfl.quantum.bb84_circuits import simulate_bb84_circuits
+    from qfl.quantum.qkd.bb84_circuits import simulate_bb84_circuits
 
     mc = simulate_bb84(1_000_000, 0.0, eve_fraction=1.0, seed=23)
     aer = simulate_bb84_circuits(4000, e_d=E_D, eve_fraction=1.0, seed=24)
@@ -334,7 +334,7 @@ def test_aer_intercept_resend_agrees_with_the_monte_carlo():
 
 
 def test_aer_bad_input():
-    from qfl.quantum.bb84_circuits import simulate_bb84_circuits
+    from qfl.quantum.qkd.bb84_circuits import simulate_bb84_circuits
 
     with pytest.raises(ValueError, match="qubits"):
         simulate_bb84_circuits(0)

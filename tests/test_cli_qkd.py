@@ -13,7 +13,7 @@ def test_qkd_rate_json_has_the_documented_fields(capsys):
     assert {"distance_km", "mu", "gain", "qber", "rate_per_pulse", "bits_per_s", "cutoff_km"} <= set(report)
     assert report["distance_km"] == 50 and 0 < report["rate_per_pulse"] < 1e-3 and 130 < report["cutoff_km"] < 150
     # the finite-key rate is the one the simulated network's links make key at
-    from qfl.quantum.network import resolve_rate
+    from qfl.quantum.qkd.network import resolve_rate
 
     assert report["finite_key_bits_per_s"] == pytest.approx(resolve_rate(None, 50.0))
     assert report["block_pulses"] == 10**10 and report["eps_sec"] == 1e-10
@@ -58,7 +58,7 @@ def test_qkd_simulate_at_1e7_pulses_emits_no_asymptotic_sized_key(capsys):
 
 
 def test_qkd_simulate_defaults_give_finite_key_secure_key(capsys):
-    from qfl.quantum import keyrate
+    from qfl.quantum.qkd import keyrate
 
     assert main(["qkd", "simulate", "--seed", "3", "--json"]) == 0  # 1e8 pulses over 10 km
     out = json.loads(capsys.readouterr().out)

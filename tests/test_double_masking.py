@@ -18,9 +18,9 @@ from scipy import stats
 from qfl.compression.summable import decode_code_sum, encode_codes
 from qfl.config import resolve_config
 from qfl.security import secagg as sa
-from qfl.security import shamir
-from qfl.security.keystore import KeyStore
-from qfl.security.masking import add_packed, pack_ring
+from qfl.security.primitives import shamir
+from qfl.security.keys.store import KeyStore
+from qfl.security.primitives.masking import add_packed, pack_ring
 
 SHAPES = {"w": (8, 30), "b": (6,)}
 CLIPS = {"w": 0.3, "b": 0.1}

@@ -23,11 +23,11 @@ import pytest
 from helpers import QFL, REPO, kill_group, run_qfl
 from qfl.cli import main as qfl_main
 from qfl.config import resolve_config
-from qfl.quantum.network import QuantumNetwork
-from qfl.security import keystore as keystore_module
-from qfl.security.keystore import CHUNK_BYTES, KeyStore, StoreOutdated
+from qfl.quantum.qkd.network import QuantumNetwork
+from qfl.security.keys import store as keystore_module
+from qfl.security.keys.store import CHUNK_BYTES, KeyStore, StoreOutdated
 from qfl.server.checkpoint import load_checkpoint
-from qfl.server.keys import KeyBudget
+from qfl.server.key_budget import KeyBudget
 
 
 def _cfg(**values):

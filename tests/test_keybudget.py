@@ -4,7 +4,7 @@ import pytest
 
 from qfl.config import ConfigError, resolve_config
 from qfl.security.secagg import SERVER_SAE, client_sae
-from qfl.server.keys import KeyBudget, KeyBudgetExceeded
+from qfl.server.key_budget import KeyBudget, KeyBudgetExceeded
 from qfl.server.preflight import check_components
 
 

@@ -1,4 +1,4 @@
-"""Tests of the analytic decoy-state BB84 link model (qfl.quantum.keyrate).
+"""Tests of the analytic decoy-state BB84 link model (qfl.quantum.qkd.keyrate).
 
 Literature used for the reference figures:
 
@@ -18,7 +18,7 @@ import math
 
 import pytest
 
-from qfl.quantum.keyrate import (
+from qfl.quantum.qkd.keyrate import (
     DEFAULT_BLOCK_PULSES,
     DEFAULT_EPS_SEC,
     E0,
@@ -327,7 +327,7 @@ def test_finite_key_rate_for_the_network():
 
 
 def test_network_default_rate_is_the_finite_key_rate():
-    from qfl.quantum.network import resolve_rate
+    from qfl.quantum.qkd.network import resolve_rate
 
     for d in (0.0, 10.0, 50.0, 80.0):
         p = GYS.with_distance(d)

@@ -1,4 +1,4 @@
-"""The SQLite key store (security/keystore.py) and the QKD network on a simulated clock (quantum/network.py)."""
+"""The SQLite key store (security/keys/store.py) and the QKD network on a simulated clock (quantum/qkd/network.py)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qfl.quantum.network import QuantumNetwork
-from qfl.security.keys import KeyExhausted, KeySource, UnknownKey, UnknownLink
-from qfl.security.keystore import CHUNK_BYTES, KeyStore, link_name, take_with_policy
+from qfl.quantum.qkd.network import QuantumNetwork
+from qfl.security.keys.source import KeyExhausted, KeySource, UnknownKey, UnknownLink
+from qfl.security.keys.store import CHUNK_BYTES, KeyStore, link_name, take_with_policy
 
 
 @pytest.fixture
@@ -197,7 +197,7 @@ def test_random_operations_never_hand_out_a_bit_twice(ops):
 _TAKER = textwrap.dedent(
     """
     import sys
-    from qfl.security.keystore import KeyStore
+    from qfl.security.keys.store import KeyStore
     path, count, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     import os, time
     s = KeyStore(path)
@@ -297,7 +297,7 @@ def test_a_forked_child_opens_its_own_connection(store):
 _KILLED = textwrap.dedent(
     """
     import os, sys
-    from qfl.security.keystore import KeyStore
+    from qfl.security.keys.store import KeyStore
     s = KeyStore(sys.argv[1])
     with open(sys.argv[2], "a") as f:
         while True:
@@ -487,7 +487,7 @@ def test_policies_on_a_relayed_link(store):
 
 
 def test_rates_from_the_analytic_key_rate_model(store):
-    keyrate = pytest.importorskip("qfl.quantum.keyrate")
+    keyrate = pytest.importorskip("qfl.quantum.qkd.keyrate")
     net = QuantumNetwork(store)
     net.add_link("a", "b", distance_km=50.0)  # no bits_per_s: the model's defaults at 50 km
     # (the model's finite-key rate, blocks of 1e10 pulses: no key beyond ~69 km, hence 60 km here)

@@ -16,11 +16,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from qfl.security.certs import certificate_common_name, issue_certificate, make_pki, write_pair
-from qfl.security.keys import KeyContainer, KeyExhausted, UnknownKey, UnknownLink
-from qfl.security.keystore import KeyStore
-from qfl.security.kms import KmsLimits, KmsServer
-from qfl.security.kms_client import (
+from qfl.security.keys.certs import certificate_common_name, issue_certificate, make_pki, write_pair
+from qfl.security.keys.source import KeyContainer, KeyExhausted, UnknownKey, UnknownLink
+from qfl.security.keys.store import KeyStore
+from qfl.security.keys.kms import KmsLimits, KmsServer
+from qfl.security.keys.kms_client import (
     KmsBadRequest,
     KmsKeySource,
     KmsUnauthorized,
@@ -305,7 +305,7 @@ CBC_TLS12 = "ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384:ECDHE-RSA-AES12
 
 
 def test_only_aead_suites_are_negotiable_on_the_kme_and_its_client(pki):
-    from qfl.security.kms import server_context
+    from qfl.security.keys.kms import server_context
 
     for ctx in (server_context(pki.dir), client_context(pki.sae_cert("A"), pki.sae_key("A"), pki.ca_cert)):
         suites = ctx.get_ciphers()
@@ -481,7 +481,7 @@ def test_pki_rejects_bad_sae_ids(tmp_path):
 
 
 def test_serve_runs_until_stopped(pki, tmp_path):
-    from qfl.security.kms import serve
+    from qfl.security.keys.kms import serve
 
     db = tmp_path / "serve.db"
     with KeyStore(db) as s:

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from qfl.compression import EncodeContext
 from qfl.compression.identity import Fp32Codec
 from qfl.compression.sparsify import RandKCodec, randk_support, support_size
-from qfl.security import mac, masking
-from qfl.security.masking import (
+from qfl.security.primitives import mac, masking
+from qfl.security.primitives.masking import (
     add_packed,
     aggregate,
     apply_masks,

@@ -13,7 +13,7 @@ import pytest
 
 from qfl.benchmarks.secagg import bench_masking
 from qfl.benchmarks.timing import best_of
-from qfl.security.masking import (
+from qfl.security.primitives.masking import (
     add_packed,
     aggregate,
     apply_masks,

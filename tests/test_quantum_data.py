@@ -6,7 +6,7 @@ from functools import reduce
 import numpy as np
 import pytest
 
-from qfl.quantum import qdata
+from qfl.quantum.ml import qdata
 
 _PAULIS = [np.eye(2), np.array([[0, 1], [1, 0]]), np.array([[0, -1j], [1j, 0]]), np.diag([1.0, -1.0])]
 

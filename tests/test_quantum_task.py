@@ -110,7 +110,7 @@ def test_classical_clients_see_product_states_only():
     quantum_x, y = _inputs(cfg, "quantum", "train")
     classical_x, y2 = _inputs(cfg, "classical", "train")
     assert np.array_equal(y, y2) and quantum_x.shape == classical_x.shape == (240, 32)
-    from qfl.quantum import qdata
+    from qfl.quantum.ml import qdata
 
     states = classical_x[:, :16] + 1j * classical_x[:, 16:]
     assert qdata.concentratable_entanglement(states) == pytest.approx(np.zeros(240), abs=1e-10)

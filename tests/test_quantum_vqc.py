@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qfl.quantum import qdata, vqc
+from qfl.quantum.ml import qdata, vqc
 
 
 def _inputs(spec, batch, seed):

@@ -16,7 +16,7 @@ from scipy import stats
 from qfl.compression.summable import SumForm, adapt_clip, decode_code_sum, encode_codes
 from qfl.config import ConfigError, resolve_config
 from qfl.security import secagg as sa
-from qfl.security.keystore import KeyStore
+from qfl.security.keys.store import KeyStore
 from qfl.server.preflight import check_components
 
 SHAPES = {"w": (12, 30), "b": (9,)}

@@ -27,7 +27,7 @@ from qfl.clients import app as client_app
 from qfl.clients import secure as client_secure
 from qfl.compression import make_codec
 from qfl.config import resolve_config
-from qfl.server.keys import KeyBudget
+from qfl.server.key_budget import KeyBudget
 from qfl.server.optimizers import make_server_optimizer
 from qfl.server.preflight import check_components
 from qfl.server.secure import HELLO, REVEAL, SETUP, DropReason, SecureFedAvg

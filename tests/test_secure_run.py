@@ -16,7 +16,7 @@ import textwrap
 
 from helpers import REPO
 
-from qfl.security.keystore import KeyStore
+from qfl.security.keys.store import KeyStore
 
 SCRIPT = textwrap.dedent(
     """

@@ -134,7 +134,7 @@ def hea_states(params: np.ndarray, qubits: int) -> np.ndarray:
     """States of the hardware-efficient ansatz on |0…0⟩; ``params`` is ``(B, layers, qubits, 2)``.
 
     Each layer: RY(θ[l, i, 0]) then RZ(θ[l, i, 1]) on every qubit i, then the CNOT ring.
-    The same circuit as :mod:`qfl.quantum.vqc` builds for ``ansatz="hardware-efficient"``.
+    The same circuit as :mod:`qfl.quantum.ml.vqc` builds for ``ansatz="hardware-efficient"``.
     """
     psi = zero_states(params.shape[0], qubits)
     for layer in range(params.shape[1]):

@@ -1,7 +1,7 @@
 """The server's view of the key layer during a run: the QKD network, the budget, the accounting.
 
 With ``key_source = "store"`` (simulations) the server builds the simulated
-QKD network (:class:`qfl.quantum.network.QuantumNetwork`) over the SAEs
+QKD network (:class:`qfl.quantum.qkd.network.QuantumNetwork`) over the SAEs
 ``server`` and ``client-0 … client-(n−1)``, depositing into the SQLite pools
 at ``key_store`` (default ``<run dir>/keys.db``) that the clients open too.
 The server owns the simulated clock:
@@ -15,7 +15,7 @@ The server owns the simulated clock:
   checkpoint stays valid; resume once the pools are refilled or the policy is
   changed).
 - The clock and the links' generation state live in the store (see
-  :mod:`qfl.quantum.network`): a resumed run's network continues from the
+  :mod:`qfl.quantum.qkd.network`): a resumed run's network continues from the
   store's clock, whatever metrics.json says, so a crash between a tick and the
   round's record never makes key for the same simulated time twice. Key bits
   come from the OS CSPRNG, never from the run seed (``seed`` only drives the
@@ -42,12 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qfl.config import RunConfig
-from qfl.quantum.bb84 import simulate_bb84
-from qfl.quantum.network import QuantumNetwork, RelayedLink, parse_link_spec
-from qfl.security.keys import KeyExhausted, KeySource
-from qfl.security.keystore import KeyStore, link_name
+from qfl.quantum.qkd.bb84 import simulate_bb84
+from qfl.quantum.qkd.network import QuantumNetwork, RelayedLink, parse_link_spec
+from qfl.security.keys.source import KeyExhausted, KeySource
+from qfl.security.keys.store import KeyStore, link_name
 from qfl.security.secagg import SERVER_SAE, client_sae, network_nodes
-from qfl.security.sources import KeySourceConfig, open_key_source
+from qfl.security.keys.sources import KeySourceConfig, open_key_source
 
 log = logging.getLogger("qfl.keys")
 
@@ -123,7 +123,7 @@ class KeyBudget:
         """The key the links make while one round runs (``qkd_round_s`` of simulated time).
 
         First scrubs the store's WAL: the previous round's consumed key leaves
-        the files (see :meth:`qfl.security.keystore.KeyStore.scrub`).
+        the files (see :meth:`qfl.security.keys.store.KeyStore.scrub`).
         """
         if self.store is not None:
             self.store.scrub()

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bb84 import expected_qber
+from qfl.quantum.qkd.bb84 import expected_qber
 
 __all__ = [
     "CircuitBB84Result",

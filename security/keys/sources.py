@@ -3,7 +3,7 @@
     key_source = "store"   →  KeyStore(key_store)             (SQLite file; simulations)
     key_source = "kms"     →  KmsKeySource(kms_url, …)        (ETSI GS QKD 014 over mTLS; deployments)
 
-Both implement :class:`qfl.security.keys.KeySource`, so code that uses keys
+Both implement :class:`qfl.security.keys.source.KeySource`, so code that uses keys
 never knows which one it has. A KMS source speaks for one SAE (the CN of its
 certificate ``<kms_certs>/<sae>.pem``), so each process opens its own.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .keys import KeySource
+from qfl.security.keys.source import KeySource
 
 KEY_SOURCES = ("store", "kms")
 
@@ -36,10 +36,10 @@ def open_key_source(cfg: KeySourceConfig, sae: str) -> KeySource:
     """The KeySource through which SAE ``sae`` gets its keys."""
     cfg.check()
     if cfg.key_source == "store":
-        from .keystore import KeyStore
+        from qfl.security.keys.store import KeyStore
 
         return KeyStore(cfg.key_store)
-    from .kms_client import KmsKeySource
+    from qfl.security.keys.kms_client import KmsKeySource
 
     certs = Path(cfg.kms_certs)
     missing = [p for p in (certs / "ca.pem", certs / f"{sae}.pem", certs / f"{sae}.key") if not p.exists()]

@@ -9,21 +9,21 @@ Methods (clause 5), each under ``https://<host>:<port>/api/v1/keys/``:
   ``?key_ID=``, POST Key IDs (6.3); answer: Key container (6.4)
 
 The calling SAE is the subject CN of its TLS client certificate, which must be
-signed by the PKI's CA (:mod:`qfl.security.certs`); nothing in the request can
+signed by the PKI's CA (:mod:`qfl.security.keys.certs`); nothing in the request can
 name the caller. Status codes are the four the specification uses: 200; 400 for a
 malformed request, an unknown SAE or link, an unknown / foreign / already
 delivered key_ID, a size that is not a multiple of 8 or outside
 [min_key_size, max_key_size], more keys than max_key_per_request; 401 when the
 certificate carries no usable identity; 503 when the link's pool holds too little
-key (:class:`~qfl.security.keys.KeyExhausted`) or the store fails. (Paths and
+key (:class:`~qfl.security.keys.source.KeyExhausted`) or the store fails. (Paths and
 methods outside the API get plain HTTP 404, 405 or 501.) Error bodies
 use the Error format (6.5): ``{"message": str, "details": [{...}]}``; the first
-detail has a ``"qfl_error"`` code that :mod:`qfl.security.kms_client` maps back to
+detail has a ``"qfl_error"`` code that :mod:`qfl.security.keys.kms_client` maps back to
 the key-layer exceptions. Validation happens before the store is touched and
 the store takes nothing when it raises, so a failed request takes no key.
 
 TLS: version 1.2 or 1.3, and AEAD cipher suites only, on the KME and on its
-client alike (:func:`qfl.security.kms_client.restrict_to_aead`): on TLS 1.2
+client alike (:func:`qfl.security.keys.kms_client.restrict_to_aead`): on TLS 1.2
 ECDHE with AES-GCM or ChaCha20-Poly1305; TLS 1.3 suites are all AEAD. A peer
 that offers only CBC (or static-RSA) suites fails the handshake.
 
@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from qfl.security.certs import CA_FILE, KME_CERT_FILE, KME_KEY_FILE
-from qfl.security.keys import KeyContainer, KeyExhausted, KeySource, LinkStatus, UnknownKey, UnknownLink
-from qfl.security.kms_client import restrict_to_aead
+from qfl.security.keys.certs import CA_FILE, KME_CERT_FILE, KME_KEY_FILE
+from qfl.security.keys.source import KeyContainer, KeyExhausted, KeySource, LinkStatus, UnknownKey, UnknownLink
+from qfl.security.keys.kms_client import restrict_to_aead
 
 log = logging.getLogger(__name__)
 
@@ -434,7 +434,7 @@ class _TlsHttpServer(ThreadingHTTPServer):
 
 def server_context(certs_dir: str | Path) -> ssl.SSLContext:
     """TLS ≥ 1.2 with AEAD suites only (ECDHE + AES-GCM / ChaCha20-Poly1305 on TLS 1.2, see
-    :data:`qfl.security.kms_client.TLS12_AEAD_CIPHERS`), the KME's certificate, and client
+    :data:`qfl.security.keys.kms_client.TLS12_AEAD_CIPHERS`), the KME's certificate, and client
     certificates required and checked against ca.pem."""
     d = Path(certs_dir)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -538,7 +538,7 @@ def serve(
     """
     import signal
 
-    from qfl.security.keystore import KeyStore
+    from qfl.security.keys.store import KeyStore
 
     store = KeyStore(store_path)
     server = KmsServer(store, certs_dir, host, port, limits=limits)

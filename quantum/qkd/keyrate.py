@@ -82,7 +82,7 @@ Hoeffding deviations on the counts, the decoy bounds on the vacuum and
 single-photon detections and on the single-photon errors, the random-sampling
 correction to the phase error, and the eps_sec / eps_cor terms of Eq. (1). Its
 docstring spells out the bounds and the simplifications. The Monte-Carlo
-(:mod:`qfl.quantum.bb84`) sizes privacy amplification with it from a run's own
+(:mod:`qfl.quantum.qkd.bb84`) sizes privacy amplification with it from a run's own
 counts; :func:`finite_key` feeds it expected counts (a planning estimate for a
 link), :func:`finite_key_bits_per_s` turns that into bits/s for blocks of
 ``DEFAULT_BLOCK_PULSES`` = 10^10 pulses (10 s at 1 GHz) at eps_sec = 1e-10 --
@@ -487,7 +487,7 @@ DEFAULT_EPS_SEC = 1e-10
 #: Correctness parameter: Alice's and Bob's keys differ with probability <= eps_cor.
 DEFAULT_EPS_COR = 1e-15
 #: Block (pulses) the finite-key *rate* of a link is quoted for: 10^10 pulses, 10 s at 1 GHz.
-#: The simulated network's key clock (:mod:`qfl.quantum.network`) makes key at this rate.
+#: The simulated network's key clock (:mod:`qfl.quantum.qkd.network`) makes key at this rate.
 DEFAULT_BLOCK_PULSES = 10**10
 #: Largest block :func:`min_block_pulses` looks at.
 _MAX_BLOCK_PULSES = 10**16
@@ -554,7 +554,7 @@ def _check_pulses(n_pulses: Any) -> int:
 @dataclass(frozen=True)
 class DecoyCounts:
     """One block's decoy statistics: per intensity k, the sifted detections ``n_k`` and the bit
-    errors ``m_k`` among them -- counted in a run (:mod:`qfl.quantum.bb84`) or expected values
+    errors ``m_k`` among them -- counted in a run (:mod:`qfl.quantum.qkd.bb84`) or expected values
     (:func:`expected_counts`).
 
     Each of the ``n_pulses`` pulses gets intensity ``mu`` (signal), ``nu1`` (weak decoy) or

@@ -37,17 +37,17 @@ changes (a hop short of key raises KeyExhausted). Paths with several relays
 two hop keys, B XORs everything published with its own hop key.
 
 Relayed pools are filled on demand — :meth:`relay`, or :meth:`supply`, which
-:func:`qfl.security.keystore.take_with_policy` calls — never automatically on
+:func:`qfl.security.keys.store.take_with_policy` calls — never automatically on
 a tick, so the direct links' key is not spent on pairs that never ask.
 
 Rates. ``bits_per_s`` is a number of secret-key bits per second, a function
-``f(distance_km) -> bits/s``, a :class:`qfl.quantum.keyrate.LinkParams`, or
-None — then the analytic decoy-BB84 model of :mod:`qfl.quantum.keyrate` (its
+``f(distance_km) -> bits/s``, a :class:`qfl.quantum.qkd.keyrate.LinkParams`, or
+None — then the analytic decoy-BB84 model of :mod:`qfl.quantum.qkd.keyrate` (its
 default, GYS-experiment parameters, 1 GHz) gives the *finite-key* rate at the
 link's ``distance_km``: the Lim et al. (2014) secure length of a block of
 ``keyrate.DEFAULT_BLOCK_PULSES`` = 10^10 pulses (10 s at 1 GHz) at
 eps_sec = ``keyrate.DEFAULT_EPS_SEC`` = 1e-10, divided by the block's duration
-(:func:`qfl.quantum.keyrate.finite_key_bits_per_s`). Over whole blocks the clock
+(:func:`qfl.quantum.qkd.keyrate.finite_key_bits_per_s`). Over whole blocks the clock
 so hands out at most the finite-key secure length. At 10 km that is 844 kbit/s
 (the asymptotic rate, used before, was 1.40 Mbit/s); blocks of 10^10 pulses give
 no key beyond about 69 km — pass ``bits_per_s`` (e.g. from
@@ -60,7 +60,7 @@ key derived from it would be known to anyone. Masks cancel in the aggregate, so
 runs stay reproducible although their key differs.
 
 Lazy materialisation. A tick does not write key: it *credits* each direct link
-with the whole bytes its clock made (:meth:`qfl.security.keystore.StoreTransaction.credit`);
+with the whole bytes its clock made (:meth:`qfl.security.keys.store.StoreTransaction.credit`);
 the store draws them from the CSPRNG inside the transaction of the take that
 needs them. So the store holds no key that nobody takes, and the accounting —
 made/used/left bits, :meth:`time_to_make`, :meth:`supply`, KeyExhausted — is the
@@ -85,8 +85,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qfl.security.keys import KeyExhausted, UnknownLink
-from qfl.security.keystore import GeneratorState, KeyStore, link_name
+from qfl.security.keys.source import KeyExhausted, UnknownLink
+from qfl.security.keys.store import GeneratorState, KeyStore, link_name
 
 __all__ = ["DirectLink", "QuantumNetwork", "RelayedLink", "RelayRecord", "parse_link_spec", "resolve_rate"]
 
@@ -99,7 +99,7 @@ def resolve_rate(bits_per_s: RateSpec | object | None, distance_km: float) -> fl
     """Secret-key bits per second of a link of ``distance_km``.
 
     ``bits_per_s`` is a number, a function ``f(distance_km) -> bits/s``, a
-    :class:`qfl.quantum.keyrate.LinkParams` (the analytic decoy-BB84 model,
+    :class:`qfl.quantum.qkd.keyrate.LinkParams` (the analytic decoy-BB84 model,
     evaluated at ``distance_km``), or ``None``: the analytic model with its
     default parameters (the GYS experiment, 1 GHz source) at ``distance_km``.
     The analytic model gives the finite-key rate for blocks of
@@ -128,16 +128,16 @@ def _is_link_params(obj: object) -> bool:
 
 
 def _keyrate_bits_per_s(params: object | None, distance_km: float) -> float:
-    """Adapter to :mod:`qfl.quantum.keyrate`: finite-key secret bits/s at ``distance_km``.
+    """Adapter to :mod:`qfl.quantum.qkd.keyrate`: finite-key secret bits/s at ``distance_km``.
 
     ``l(N) * pulse_rate_hz / N`` with ``l`` the finite-key length of a block of
     N = ``keyrate.DEFAULT_BLOCK_PULSES`` pulses at eps_sec = ``keyrate.DEFAULT_EPS_SEC``.
     """
     try:
-        from qfl.quantum import keyrate
+        from qfl.quantum.qkd import keyrate
     except ImportError as exc:
         raise ValueError(
-            "no bits_per_s given and the analytic key-rate model (qfl.quantum.keyrate) is not available; "
+            "no bits_per_s given and the analytic key-rate model (qfl.quantum.qkd.keyrate) is not available; "
             "pass bits_per_s= (a number or a function of distance_km)"
         ) from exc
     p = keyrate.LinkParams(distance_km=distance_km) if params is None else params.with_distance(distance_km)
@@ -406,7 +406,7 @@ class QuantumNetwork:
         already on the hops; with ``wait``, first advance the clock until every
         hop holds enough, without, relay only what the hops hold now. Raises
         KeyExhausted when the key can never come (a link of rate 0). This is
-        the :class:`qfl.security.keystore.KeySupplier` protocol.
+        the :class:`qfl.security.keys.store.KeySupplier` protocol.
         """
         found = self.link(master, slave)
         nbytes = -(-int(bits) // 8)

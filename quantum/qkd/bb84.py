@@ -47,7 +47,7 @@ pulses and returns the final keys of both ends:
 6. **Privacy amplification** with a random Toeplitz matrix (shared seed) down
    to the secure length. By default that is the **finite-key** length of Lim,
    Curty, Walenta, Xu, Zbinden, PRA 89, 022307 (2014), computed from this run's
-   own counts by :func:`qfl.quantum.keyrate.finite_key_from_counts`::
+   own counts by :func:`qfl.quantum.qkd.keyrate.finite_key_from_counts`::
 
        l = floor(s0 + s1 (1 - H2(phi)) - lambda_EC - 6 log2(21/eps_sec) - log2(2/eps_cor))
 
@@ -97,7 +97,7 @@ from typing import Any
 
 import numpy as np
 
-from .keyrate import DEFAULT_EPS_SEC, DecoyCounts, LinkParams, finite_key_from_counts, min_block_pulses
+from qfl.quantum.qkd.keyrate import DEFAULT_EPS_SEC, DecoyCounts, LinkParams, finite_key_from_counts, min_block_pulses
 
 __all__ = [
     "ASYMPTOTIC_LABEL",
@@ -683,7 +683,7 @@ def simulate_bb84(
     the count deviations of the rarely sent intensities, amplified by 1/p_k in
     the decoy bounds, dominate small blocks. A block too small for any
     key aborts and says how many pulses would do
-    (``qfl.quantum.keyrate.min_block_pulses``).
+    (``qfl.quantum.qkd.keyrate.min_block_pulses``).
     """
     params = dict(mu=mu, nu=nu, p_signal=p_signal, p_decoy=p_decoy, alpha_db_per_km=alpha_db_per_km,
                   eta_det=eta_det, dark_count=dark_count, e_detector=e_detector, sample_fraction=sample_fraction,
@@ -828,7 +828,7 @@ def simulate_bb84(
 
 def _block_hint(pulses: int, distance_km: float, p: dict, leak_ratio: float | None, eps_cor: float) -> str:
     """The fix for a block too small for finite-key key: the block size the planning model
-    (:func:`qfl.quantum.keyrate.min_block_pulses`, expected counts, this run's Cascade
+    (:func:`qfl.quantum.qkd.keyrate.min_block_pulses`, expected counts, this run's Cascade
     efficiency and QBER sample) says gives some key on this link, without Eve."""
     try:
         link = LinkParams(

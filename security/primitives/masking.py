@@ -2,7 +2,7 @@
 
 Pure functions on numpy arrays and bytes: nothing here talks to Flower or to a
 key store. Key material comes in as ``bytes`` (from
-:meth:`qfl.security.keys.KeySource.enc_keys` / ``dec_keys`` in the caller).
+:meth:`qfl.security.keys.source.KeySource.enc_keys` / ``dec_keys`` in the caller).
 
 The ring
 --------

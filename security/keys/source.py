@@ -7,8 +7,8 @@ containers, each with a ``key_id``; it tells the *slave* the ids; the slave
 fetches the same keys by id (``dec_keys``), once. A key is then gone: no bit is
 ever handed out twice.
 
-Both :class:`qfl.security.keystore.KeyStore` (SQLite, in-process) and
-:class:`qfl.security.kms_client.KmsKeySource` (HTTPS + mTLS to ``qfl kms
+Both :class:`qfl.security.keys.store.KeyStore` (SQLite, in-process) and
+:class:`qfl.security.keys.kms_client.KmsKeySource` (HTTPS + mTLS to ``qfl kms
 serve``) implement :class:`KeySource`, so a run can switch between them by
 config.
 """

@@ -1,6 +1,6 @@
 """Durable key pools, one per link, in one SQLite file.
 
-:class:`KeyStore` implements :class:`qfl.security.keys.KeySource` for the
+:class:`KeyStore` implements :class:`qfl.security.keys.source.KeySource` for the
 simulation engine: every process (the ServerApp, Ray workers running
 ClientApps, the KMS server's request threads) opens the same file and sees the
 same pools. Nothing about the pools lives in a Python object.
@@ -43,7 +43,7 @@ Deposits. Every block that enters a stream gets a ``deposits`` row: its place
 ``[offset_bits, offset_bits + size_bits)`` (the rows of a link tile
 ``[0, mat_bits)``), its kind — ``qkd`` (materialised from the credit),
 ``given`` (bytes passed to :meth:`KeyStore.deposit`) or ``relay`` (made by XOR
-relay over other links, :mod:`qfl.quantum.network`) — and its SHA-256. A relay
+relay over other links, :mod:`qfl.quantum.qkd.network`) — and its SHA-256. A relay
 block is by construction a copy of its first hop's key, so its digest is taken
 under a domain tag (SHA-256 of ``b"qfl-relay\\0" + block``): the copy is not
 mistaken for key made twice, two relays of the same bits still collide. Blocks
@@ -53,7 +53,7 @@ same digest mean the same key was made twice; :meth:`KeyStore.verify` reports
 them and :meth:`KeyStore.audit` counts them.
 
 Clock. ``meta.clock_s`` and the links' ``gen_*`` columns are the state of the
-simulated QKD clock (:class:`qfl.quantum.network.QuantumNetwork`): whole bits
+simulated QKD clock (:class:`qfl.quantum.qkd.network.QuantumNetwork`): whole bits
 the link's clock made (``gen_bits``), bits not yet a whole byte
 (``gen_pending``, 0–7) and the fraction of a bit carried (``gen_carry``). A
 clock tick writes them in the same transaction as its credits, so a network
@@ -105,7 +105,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
-from qfl.security.keys import KeyContainer, KeyExhausted, KeyLayerError, LinkStatus, UnknownKey, UnknownLink
+from qfl.security.keys.source import KeyContainer, KeyExhausted, KeyLayerError, LinkStatus, UnknownKey, UnknownLink
 
 __all__ = [
     "CHUNK_BYTES",
@@ -551,7 +551,7 @@ class KeyStore:
     def transaction(self) -> AbstractContextManager[StoreTransaction]:
         """``with store.transaction() as tx:`` — several pool operations as one atomic transaction.
 
-        Used by :mod:`qfl.quantum.network` (a clock tick deposits into every
+        Used by :mod:`qfl.quantum.qkd.network` (a clock tick deposits into every
         link at once; a relay takes from two links and deposits into a third).
         An exception inside the block rolls everything back.
         """
@@ -780,7 +780,7 @@ POLICIES: tuple[str, ...] = ("wait", "skip", "abort")
 
 @runtime_checkable
 class KeySupplier(Protocol):
-    """Something that can make more key for a pair, e.g. :class:`qfl.quantum.network.QuantumNetwork`."""
+    """Something that can make more key for a pair, e.g. :class:`qfl.quantum.qkd.network.QuantumNetwork`."""
 
     def supply(self, master: str, slave: str, bits: int, *, wait: bool) -> float:
         """Try to add ``bits`` bits to the pool of master~slave.

@@ -1,4 +1,4 @@
-"""A :class:`~qfl.security.keys.KeySource` that asks a KME over ETSI GS QKD 014 (HTTPS + mutual TLS).
+"""A :class:`~qfl.security.keys.source.KeySource` that asks a KME over ETSI GS QKD 014 (HTTPS + mutual TLS).
 
 One ``KmsKeySource`` speaks for one SAE: the one named in its client
 certificate's subject CN (:attr:`KmsKeySource.sae_id`). It can therefore be
@@ -7,10 +7,10 @@ for that SAE; asking for another raises :class:`WrongSae` before anything is
 sent (the KME would ignore the name anyway and use the certificate).
 
 HTTP answers map back to the key-layer errors with the server's message:
-503 with ``key_exhausted`` -> :class:`~qfl.security.keys.KeyExhausted`
+503 with ``key_exhausted`` -> :class:`~qfl.security.keys.source.KeyExhausted`
 (same link and bit counts), 400 ``unknown_key`` ->
-:class:`~qfl.security.keys.UnknownKey`, 400 ``unknown_link`` ->
-:class:`~qfl.security.keys.UnknownLink`, other 400 -> :class:`KmsBadRequest`
+:class:`~qfl.security.keys.source.UnknownKey`, 400 ``unknown_link`` ->
+:class:`~qfl.security.keys.source.UnknownLink`, other 400 -> :class:`KmsBadRequest`
 (also a ValueError), 401 -> :class:`KmsUnauthorized`; a connection or TLS
 failure -> :class:`KmsUnavailable` (its ``__cause__`` is the ``ssl.SSLError``
 or ``OSError``).
@@ -31,8 +31,8 @@ import threading
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from qfl.security.certs import certificate_common_name
-from qfl.security.keys import KeyContainer, KeyExhausted, KeyLayerError, LinkStatus, UnknownKey, UnknownLink
+from qfl.security.keys.certs import certificate_common_name
+from qfl.security.keys.source import KeyContainer, KeyExhausted, KeyLayerError, LinkStatus, UnknownKey, UnknownLink
 
 API_PREFIX = "/api/v1/keys/"
 

@@ -24,7 +24,7 @@ Arithmetic: values are below ``p < 2^17``, so a product of two is below
 ``2^34`` and a sum of up to ``2^29`` such products fits a uint64.
 
 Wire form of a share: its values packed at 17 bits each with
-:func:`qfl.security.masking.pack_ring` (``ceil(17·c/8)`` bytes for ``c``
+:func:`qfl.security.primitives.masking.pack_ring` (``ceil(17·c/8)`` bytes for ``c``
 chunks, :func:`share_bytes`); :func:`unpack_share` also rejects values
 ``>= p``.
 """
@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .masking import key_bytes_needed, pack_ring, unpack_ring
+from qfl.security.primitives.masking import key_bytes_needed, pack_ring, unpack_ring
 
 __all__ = [
     "SHARE_BITS",
