@@ -8,7 +8,9 @@ security layer can refuse combinations that cannot work, before a round runs:
 - ``contractive``: ||decode(encode(x)) - x||² <= (1 - δ)||x||² for some δ > 0;
   such a codec needs error feedback to converge.
 - ``commutes_with_sum``: given parameters shared by every client of a round,
-  the sum of encodings decodes to the sum of inputs (what masked sums need).
+  the sum of encodings decodes to the sum of inputs (what masked sums need);
+  such a codec implements the ring form below (``ring_levels``, ``ring_round``,
+  ``encode_ring``, ``decode_ring_sum``) with its own quantizer.
 - ``stateful``: keeps a per-client residual between rounds.
 - ``lossless``: decode(encode(x)) == x bit for bit.
 
@@ -28,10 +30,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
+
+from .summable import clip_flags, decode_grid_sum, ring_input, summable_codec_names
 
 
 class CodecError(ValueError):
@@ -124,5 +129,81 @@ class Codec(ABC):
             raise CodecError(f"payload decoded to shape {tensor.shape}, expected {shape}")
         return tensor
 
+    # ------------------------------------------------------------ ring form (masked sums)
+    #
+    # A codec that declares ``commutes_with_sum`` provides its integer form
+    # for a masked sum (after TensorFlow Federated's encoding stages): given
+    # the round's shared clip bound C and seed, it sends integer codes in
+    # [0, s] on the grid −C + k·Δ, Δ = 2C/s, by its own rounding, so that the
+    # sum of n clients' codes decodes to the sum of their (clipped) inputs.
+    # ``qfl.compression.summable`` holds the codec-independent parts.
+
+    #: Config parameters (``codec.NAME``) that have no ring form, with why and
+    #: the fix; a masked sum refuses them (``registry.make_summable_codec``).
+    ring_refuses: ClassVar[Mapping[str, str]] = {}
+
+    def ring_levels(self) -> int:
+        """s: ring codes are integers in ``[0, s]``. Raises ValueError unless the codec commutes with sum."""
+        raise ValueError(_not_summable(self))
+
+    def ring_coords(self, seed: int, d: int) -> int:
+        """How many codes a tensor of ``d`` elements contributes for round seed ``seed`` (default: d)."""
+        return d
+
+    def ring_support(self, seed: int, d: int) -> np.ndarray | None:
+        """The coordinates sent of a tensor of ``d`` elements (None, the default: all of them)."""
+        return None
+
+    def ring_values(self, flat: np.ndarray, seed: int) -> np.ndarray:
+        """The values the codes stand for, from the flat float64 tensor (default: the tensor itself)."""
+        return flat
+
+    def ring_round(self, values: np.ndarray, clip: float, rng: np.random.Generator) -> np.ndarray:
+        """uint64 codes k ∈ [0, s] of ``values`` with E[k·Δ − C] = clip(v, −C, C), Δ = 2C/s, C = ``clip``.
+
+        The rounding noise comes from ``rng``. Raises ValueError unless the codec commutes with sum.
+        """
+        raise ValueError(_not_summable(self))
+
+    def encode_ring(
+        self, x: np.ndarray, clip: float, seed: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, int, int]:
+        """One tensor's ring codes (uint64, one per sent coordinate) and its clip flags (over, under).
+
+        ``clip`` (C) and ``seed`` are shared by every client of the round,
+        ``rng`` is this client's. Codes: :meth:`ring_round` of
+        :meth:`ring_values`; flags: ``summable.clip_flags`` of those values.
+        Raises ValueError on NaN/Inf, a bad clip bound, or a codec that does
+        not commute with sum.
+        """
+        levels = self.ring_levels()
+        values = self.ring_values(ring_input(x, clip), seed)
+        over, under = clip_flags(values, clip, levels)
+        return self.ring_round(values, clip, rng), over, under
+
+    def decode_ring_sum(
+        self, code_sum: np.ndarray, clip: float, n_clients: int, seed: int, shape: tuple[int, ...]
+    ) -> np.ndarray:
+        """The sum of ``n_clients`` decoded tensors (float64, dense) from the sum of their ring codes.
+
+        ``Σk·Δ − n·C`` per sent coordinate, zero off :meth:`ring_support`.
+        """
+        values = decode_grid_sum(code_sum, clip, self.ring_levels(), n_clients)
+        d = math.prod(shape)
+        support = self.ring_support(seed, d)
+        if support is None:
+            return values.reshape(shape)
+        out = np.zeros(d, dtype=np.float64)
+        out[support] = values
+        return out.reshape(shape)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _not_summable(codec: Codec) -> str:
+    name = getattr(codec, "name", type(codec).__name__)
+    return (
+        f"codec {name!r} does not commute with sum (its encodings cannot be added under masks); "
+        f"masked sums accept {summable_codec_names()}; use security=channel-pad for any codec"
+    )

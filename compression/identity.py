@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from .codec import Codec, CodecError, CodecTraits, EncodeContext
+from .summable import FIXED_POINT_LEVELS, grid_codes
 from .wire import pack_header, unpack_header
 
 
 class Fp32Codec(Codec):
     """Sends the tensor as is. Lossless, unbiased, commutes with sum.
 
-    Bits: 32·d + 8·(6 + 4·ndim). Variance: 0.
+    Bits: 32·d + 8·(6 + 4·ndim). Variance: 0. Under a masked sum (ring form)
+    the values are sent as 32-bit fixed point over the round's clip bound.
     """
 
     name = "fp32"
@@ -29,6 +31,15 @@ class Fp32Codec(Codec):
         x = np.asarray(x, dtype="<f4")  # keeps 0-d tensors 0-d
         flat = np.ascontiguousarray(x).reshape(-1)  # one copy at most; 0-d keeps its header shape
         return [pack_header(self.codec_id, x.dtype, x.shape), memoryview(flat).cast("B")]
+
+    def ring_levels(self) -> int:
+        """s = 2³² − 1: the masked sum's ring form is 32-bit fixed point over [−C, C]."""
+        return FIXED_POINT_LEVELS
+
+    def ring_round(self, values: np.ndarray, clip: float, rng: np.random.Generator) -> np.ndarray:
+        """Codes on the fixed-point grid Δ = 2C/(2³² − 1), stochastic rounding (``summable.grid_codes``):
+        E[k·Δ − C] = clip(v, −C, C), Var ≤ Δ²/4 = C²/(2³² − 1)²."""
+        return grid_codes(values, clip, FIXED_POINT_LEVELS, rng)
 
     def decode(self, payload: bytes) -> np.ndarray:
         header = unpack_header(payload, self.codec_id)

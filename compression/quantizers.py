@@ -474,6 +474,17 @@ _MAGIC = 1.5 * 2.0**23  # float32 sums in [2**23, 2**24) are integers: adding it
 _SMALL_SCALE = np.float32(1e-30)  # bucket scales above it have a finite s/2m (s < 256)
 
 
+def _f32_clip(clip: float) -> np.float32:
+    """The clip bound as a float32 scale; ValueError if float32 cannot hold it as a normal number."""
+    m = np.float32(clip)
+    if not np.finfo(np.float32).tiny <= m < np.inf:
+        raise ValueError(
+            f"clip bound {clip!r} is outside float32's normal range; qsgd and ternary quantize in float32: "
+            "set secure_clip between 1e-30 and 1e30"
+        )
+    return m
+
+
 class QsgdCodec(Codec):
     """QSGD (Alistarh et al. 2017) with per-bucket max scaling and stochastic rounding.
 
@@ -505,9 +516,11 @@ class QsgdCodec(Codec):
 
     Commutes with sum given a scale shared by the round: this codec picks its
     own scale per bucket, but with one clip bound C for every client (what a
-    masked sum's round plan sets, ``qfl.compression.summable``) the grid
-    indices of n clients add up to an index of the sum on the same grid
-    (widened by ⌈log2 n⌉ bits). In that form m = C is not sent.
+    masked sum's round plan sets) the grid indices of n clients add up to an
+    index of the sum on the same grid (widened by ⌈log2 n⌉ bits). That ring
+    form (:meth:`ring_round`) is this quantizer with m = C for every
+    coordinate, after clipping to [−C, C]; m is not sent, and ``bucket`` has
+    no meaning there (a masked sum refuses ``codec.bucket``).
     """
 
     name = "qsgd"
@@ -527,6 +540,32 @@ class QsgdCodec(Codec):
 
     def __repr__(self) -> str:
         return f"QsgdCodec(bits={self.bits}, bucket={self.bucket})"
+
+    ring_refuses = {
+        "bucket": "a masked sum scales every coordinate by the round's shared clip bound C, so qsgd has "
+        "no per-bucket scales there; remove codec.bucket (or use security=channel-pad to keep buckets)",
+    }
+
+    def ring_levels(self) -> int:
+        """s = 2^bits − 1: QSGD's grid."""
+        return (1 << self.bits) - 1
+
+    def ring_round(self, values: np.ndarray, clip: float, rng: np.random.Generator) -> np.ndarray:
+        """QSGD's own quantizer (:meth:`quantize_into`) with the shared scale m = C on ``clip(v, −C, C)``.
+
+        Codes k ∈ [0, s] on the grid −C + kΔ, Δ = 2C/s:
+        E[kΔ − C] = clip(v, −C, C), Var ≤ Δ²/4 = C²/s² per coordinate (n clients' sum: ≤ n·C²/s²),
+        up to the float32 resolution of the class docstring, with C rounded to
+        float32 (a relative error below 2⁻²⁴). The noise: one 64-bit draw of ``rng``.
+        """
+        m = _f32_clip(clip)
+        flat = np.clip(np.asarray(values, dtype=_F32).reshape(-1), -m, m)
+        data = np.empty(self.quantized_size(flat.size), np.uint8)
+        self.quantize_into(flat, data, rng, scale=m)
+        codes = np.empty(flat.size, np.uint8)
+        if flat.size:
+            _unpack_into(data[4 * -(-flat.size // self.bucket) :], self.bits, codes)
+        return codes.astype(np.uint64)
 
     @staticmethod
     def _block_length(bucket: int) -> int:
@@ -593,16 +632,24 @@ class QsgdCodec(Codec):
         """Bytes of the scales and packed indices of ``n`` coordinates (the body after bits and bucket)."""
         return 4 * -(-n // self.bucket) + packed_size(n, self.bits)
 
-    def quantize_into(self, flat: np.ndarray, out: np.ndarray, rng: np.random.Generator | None = None) -> None:
+    def quantize_into(
+        self, flat: np.ndarray, out: np.ndarray, rng: np.random.Generator | None = None, scale: float | None = None
+    ) -> None:
         """Write the scales and packed indices of ``flat`` (1-D float32) into ``out``.
 
         ``out``: uint8, :meth:`quantized_size` bytes. The rounding noise comes
         from ``rng`` (default: this codec's generator; one 64-bit draw).
+        ``scale``: one scale m for every bucket in place of each bucket's
+        max |xᵢ| (the ring form's shared clip bound; ``flat`` must lie in
+        [−m, m]); the scales written are then all m.
         """
         n, bucket = flat.size, self.bucket
         nbuckets = -(-n // bucket)
         scales = np.empty(nbuckets, _F32)  # aligned; copied into ``out`` at the end
-        if bucket > _QSGD_BLOCK:  # a bucket spans blocks: scales first
+        shared = scale is not None
+        if shared:
+            scales[:] = scale
+        elif bucket > _QSGD_BLOCK:  # a bucket spans blocks: scales first
             for j in range(nbuckets):
                 end = min(n, (j + 1) * bucket)
                 parts = [
@@ -615,12 +662,12 @@ class QsgdCodec(Codec):
         blocks = list(self._blocks(n, bucket))
         threads = encode_threads(n)
         if threads == 1:
-            self._quantize_blocks(flat, blocks, scales, packed, uniforms)
+            self._quantize_blocks(flat, blocks, scales, packed, uniforms, shared)
         else:  # consecutive runs of blocks, one a thread; numpy releases the GIL in its loops
             bounds = [len(blocks) * i // threads for i in range(threads + 1)]
             with ThreadPoolExecutor(threads) as pool:
                 runs = [blocks[a:b] for a, b in zip(bounds, bounds[1:])]
-                for done in [pool.submit(self._quantize_blocks, flat, run, scales, packed, uniforms) for run in runs]:
+                for done in [pool.submit(self._quantize_blocks, flat, run, scales, packed, uniforms, shared) for run in runs]:
                     done.result()
         out[: 4 * nbuckets] = scales.view(np.uint8)
 
@@ -631,8 +678,10 @@ class QsgdCodec(Codec):
         scales: np.ndarray,
         packed: np.ndarray,
         uniforms: _Uniforms,
+        shared: bool = False,
     ) -> None:
-        """The scales (when a bucket fits a block) and packed indices of ``blocks``."""
+        """The scales (when a bucket fits a block and they are not ``shared``, i.e. given) and packed
+        indices of ``blocks``."""
         n, bits, bucket = flat.size, self.bits, self.bucket
         s = (1 << bits) - 1
         half = np.float32(s / 2)
@@ -654,7 +703,7 @@ class QsgdCodec(Codec):
                 for start, stop, rows, first in pieces:
                     xv = flat[start:stop].reshape(rows, -1)
                     uv = work[start - lo : stop - lo].reshape(rows, -1)
-                    if bucket <= _QSGD_BLOCK:  # uv is free until the multiply: scratch for the magnitudes
+                    if bucket <= _QSGD_BLOCK and not shared:  # uv is free until the multiply: scratch for the magnitudes
                         scales[first : first + rows] = self._absmax(xv, uv.view(_U32))
                     m = scales[first : first + rows]
                     finite = finite and bool(m.max() < np.inf)
@@ -743,7 +792,7 @@ class TernaryCodec(Codec):
 
     up to float32 rounding (the Bernoulli draws compare 23-bit uniforms with
     |xᵢ|/s rounded to float32). Commutes with sum given a scale s shared by the
-    round (codes {0, 1, 2} add up; ``qfl.compression.summable``). Body: float32 s, then one 2-bit code per
+    round (codes {0, 1, 2} add up; :meth:`ring_round`, s = the clip bound C). Body: float32 s, then one 2-bit code per
     coordinate: 0 = −s, 1 = 0, 2 = +s (3 is invalid). Bits: 2·d + 32 +
     8·(6 + 4·ndim). Randomness as :class:`QsgdCodec`: an instance-owned
     generator seeded with ``seed`` (None: OS entropy).
@@ -768,34 +817,59 @@ class TernaryCodec(Codec):
             if n % 4:
                 packed[-1] &= (1 << 2 * (n % 4)) - 1
         else:
-            with np.errstate(over="ignore"):
-                inv = np.float32(1) / scale  # Inf if the scale is subnormal
-            length = min(n, BLOCK)
-            p = np.empty(length, _F32)
-            keep = np.empty(length, np.bool_)
-            neg = np.empty(length, np.bool_)
-            code = np.empty(length, np.uint8)
-            uniforms = _Uniforms(self.rng, length)
-            for lo in range(0, n, BLOCK):
-                hi = min(lo + BLOCK, n)
-                chunk = flat[lo:hi]
-                pv, kv, nv, cv = p[: hi - lo], keep[: hi - lo], neg[: hi - lo], code[: hi - lo]
-                np.abs(chunk, out=pv)
-                if np.isfinite(inv):
-                    pv *= inv
-                else:
-                    pv /= scale
-                pv += np.float32(1)  # 1 + |x|/s in [1, 2]
-                for r0, r1, r in uniforms.pieces(hi - lo):
-                    np.less(r, pv[r0:r1], out=kv[r0:r1])  # probability |x|/s
-                np.less(chunk, np.float32(0), out=nv)
-                nv &= kv
-                np.add(kv.view(np.uint8), np.uint8(1), out=cv)  # 1 (zero) or 2 (+s)
-                shifted = nv.view(np.uint8)
-                shifted <<= np.uint8(1)
-                cv ^= shifted  # 2 -> 0 (-s) where negative
+            for lo, hi, cv in self._code_blocks(flat, scale, self.rng):
                 _pack_into(cv, 2, packed[lo // 4 : packed_size(hi, 2)])
         return _join(pack_header(self.codec_id, _F32, shape), _SCALE.pack(scale), packed)
+
+    @staticmethod
+    def _code_blocks(
+        flat: np.ndarray, scale: np.float32, rng: np.random.Generator
+    ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yield (lo, hi, codes) per block of ``flat`` (float32, |x| ≤ ``scale``, 0 < scale < Inf):
+        code 1 + sign(x)·b, b ~ Bernoulli(|x|/scale); ``codes`` (uint8) is reused by the next block."""
+        n = flat.size
+        with np.errstate(over="ignore"):
+            inv = np.float32(1) / scale  # Inf if the scale is subnormal
+        length = min(n, BLOCK)
+        p = np.empty(length, _F32)
+        keep = np.empty(length, np.bool_)
+        neg = np.empty(length, np.bool_)
+        code = np.empty(length, np.uint8)
+        uniforms = _Uniforms(rng, length)
+        for lo in range(0, n, BLOCK):
+            hi = min(lo + BLOCK, n)
+            chunk = flat[lo:hi]
+            pv, kv, nv, cv = p[: hi - lo], keep[: hi - lo], neg[: hi - lo], code[: hi - lo]
+            np.abs(chunk, out=pv)
+            if np.isfinite(inv):
+                pv *= inv
+            else:
+                pv /= scale
+            pv += np.float32(1)  # 1 + |x|/s in [1, 2]
+            for r0, r1, r in uniforms.pieces(hi - lo):
+                np.less(r, pv[r0:r1], out=kv[r0:r1])  # probability |x|/s
+            np.less(chunk, np.float32(0), out=nv)
+            nv &= kv
+            np.add(kv.view(np.uint8), np.uint8(1), out=cv)  # 1 (zero) or 2 (+s)
+            shifted = nv.view(np.uint8)
+            shifted <<= np.uint8(1)
+            cv ^= shifted  # 2 -> 0 (-s) where negative
+            yield lo, hi, cv
+
+    def ring_levels(self) -> int:
+        """s = 2: codes {0, 1, 2} for {−C, 0, +C}."""
+        return 2
+
+    def ring_round(self, values: np.ndarray, clip: float, rng: np.random.Generator) -> np.ndarray:
+        """TernGrad's own rounding with the shared scale C on ``clip(v, −C, C)``: code 1 + sign(v)·b,
+        b ~ Bernoulli(|v|/C), so E[(k − 1)·C] = clip(v, −C, C) and Var = |v|(C − |v|) ≤ C²/4
+        (the grid's Δ²/4 with Δ = C), up to float32 rounding of C and |v|/C."""
+        m = _f32_clip(clip)
+        flat = np.clip(np.asarray(values, dtype=_F32).reshape(-1), -m, m)
+        codes = np.empty(flat.size, np.uint64)
+        for lo, hi, cv in self._code_blocks(flat, m, rng):
+            codes[lo:hi] = cv
+        return codes
 
     def decode(self, payload: bytes) -> np.ndarray:
         header, scale, packed = _open_scaled(payload, self, 2)

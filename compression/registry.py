@@ -15,6 +15,12 @@ run before round 1:
 Stochastic codecs (qsgd, ternary, randk with bits < 32) draw their rounding noise from ``seed``;
 callers pass one per client and round so runs are reproducible and clients'
 noise is independent.
+
+``make_summable_codec(name, params)`` builds the codec of a masked sum (its
+ring form, ``Codec.encode_ring``) and refuses, naming the parameter and the
+fix, what has no ring form: a codec that does not commute with sum,
+``codec.entropy``, ``codec.feedback=true`` and the codec's own
+``ring_refuses`` (qsgd's ``codec.bucket``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from .identity import Fp32Codec
 from .lowrank import PowerSGDCodec
 from .quantizers import Bf16Codec, Fp16Codec, QsgdCodec, SignCodec, TernaryCodec
 from .sparsify import RandKCodec, TopKCodec
+from .summable import summable_codec_names
 
 # name -> (class, {parameter: type}, error feedback by default)
 _CODECS: dict[str, tuple[type[Codec], dict[str, type], bool]] = {
@@ -83,4 +90,38 @@ def make_codec(name: str, params: Mapping[str, Any] | None = None, seed: int | N
         raise ValueError(f"codec.entropy must be one of {', '.join(ENTROPY_METHODS)}, got {entropy!r}")
     if entropy != "none":
         codec = EntropyCodec(codec, entropy)
+    return codec
+
+
+def make_summable_codec(name: str, params: Mapping[str, Any] | None = None, seed: int | None = None) -> Codec:
+    """The codec ``name`` for a masked sum, every parameter checked for a ring form.
+
+    Raises ValueError naming the cause and the fix if the codec does not
+    commute with sum, or a parameter would be ignored by its ring form:
+    ``codec.entropy`` other than none (the server adds ring codes, never
+    compressed bytes), ``codec.feedback=true`` (a per-client residual is
+    state the sum cannot carry), or one of the codec's ``ring_refuses``.
+    """
+    params = dict(params or {})
+    if name in _CODECS and not _CODECS[name][0].traits.commutes_with_sum:
+        raise ValueError(
+            f"codec {name!r} does not commute with sum (its encodings cannot be added under masks); "
+            f"masked sums accept {summable_codec_names()}; use security=channel-pad for any codec"
+        )
+    codec = make_codec(name, params, seed)  # unknown names and bad values first
+    entropy = params.get("entropy", "none")
+    if entropy != "none":
+        raise ValueError(
+            f"codec.entropy={entropy} has no ring form: a masked sum adds integer codes, never compressed "
+            "bytes; remove codec.entropy (or use security=channel-pad to compress)"
+        )
+    if codec.traits.stateful:
+        raise ValueError(
+            f"codec.feedback=true keeps a per-client residual, which a masked sum of codec {name!r} cannot "
+            "carry; set codec.feedback=false (or use security=channel-pad)"
+        )
+    refused = sorted(set(params) & set(type(codec).ring_refuses))
+    if refused:
+        raise ValueError(f"codec.{refused[0]} for {name}: {type(codec).ring_refuses[refused[0]]}")
+    codec.ring_levels()  # ValueError if the codec declares commutes_with_sum but has no ring form
     return codec

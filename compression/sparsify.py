@@ -19,6 +19,7 @@ from .bitpack import packed_size
 from .codec import Codec, CodecError, CodecTraits, EncodeContext
 from .golomb import MAX_RICE_PARAMETER, best_rice_parameter, rice_decode, rice_encode
 from .quantizers import QsgdCodec
+from .summable import FIXED_POINT_LEVELS, grid_codes
 from .wire import Header, pack_header, unpack_header
 
 _FP16_MAX = float(np.finfo(np.float16).max)
@@ -346,7 +347,7 @@ class RandKCodec(Codec):
     Algebra: unbiased (over the seed and the rounding); commutes with sum
     (with a shared seed the supports match, so the sum of the value vectors is
     the encoding of the sum; with bits < 32 the indices add up when the
-    clients also share the scale, as the masked sums of ``summable.py`` do);
+    clients also share the scale, as the ring form :meth:`ring_round` does);
     not contractive (the d/k scaling expands); stateless.
     """
 
@@ -371,6 +372,32 @@ class RandKCodec(Codec):
     def support(self, seed: int, d: int) -> np.ndarray:
         """The sorted coordinates this codec keeps of a ``d``-element tensor for round seed ``seed``."""
         return randk_support(int(seed) & _U64, d, support_size(self.ratio, d))
+
+    def ring_levels(self) -> int:
+        """s = 2^bits − 1 (QSGD's grid), or 2³² − 1 (32-bit fixed point) for bits = 32."""
+        return FIXED_POINT_LEVELS if self.bits == 32 else (1 << self.bits) - 1
+
+    def ring_coords(self, seed: int, d: int) -> int:
+        """k = max(1, ⌈ratio·d⌉) codes per tensor (0 when d = 0)."""
+        return support_size(self.ratio, d)
+
+    def ring_support(self, seed: int, d: int) -> np.ndarray:
+        """The round-shared support (:meth:`support`): every client sends the same k coordinates."""
+        return self.support(seed, d)
+
+    def ring_values(self, flat: np.ndarray, seed: int) -> np.ndarray:
+        """The sent values x[support]·(d/k) (float64), as :meth:`encode` sends them."""
+        support = self.support(seed, flat.size)
+        return flat[support] * (flat.size / max(len(support), 1))
+
+    def ring_round(self, values: np.ndarray, clip: float, rng: np.random.Generator) -> np.ndarray:
+        """The codes of the k scaled values: as :meth:`encode` quantizes them (QSGD with one
+        bucket, :meth:`QsgdCodec.ring_round`, m = C) for bits in 1..8; for bits = 32,
+        32-bit fixed point (``summable.grid_codes``). E[kΔ − C] = clip(v, −C, C),
+        Var ≤ Δ²/4 = C²/s² per sent value."""
+        if self.bits == 32:
+            return grid_codes(values, clip, FIXED_POINT_LEVELS, rng)
+        return QsgdCodec(self.bits, bucket=max(1, values.size), seed=0).ring_round(values, clip, rng)
 
     def encode(self, x: np.ndarray, ctx: EncodeContext | None = None) -> bytes:
         x, flat = _flat_f32(x)

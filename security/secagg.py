@@ -9,8 +9,10 @@ Modes (``security=``):
 
 **masked-sum** — information-theoretically hiding. A round's plan
 (:class:`RoundPlan`, chosen by the server) fixes the participants, the
-codec's integer form (``qfl.compression.summable``: ``s`` levels, rand-k
-support), the clip bound per tensor, the ring ``B = bit_length(n·s)``, the
+codec and its parameters (every participant builds the same codec with
+``make_summable_codec`` and encodes through its ring form,
+``Codec.encode_ring``: ``s`` levels, rand-k support), the clip bound per
+tensor, the ring ``B = bit_length(n·s)``, the
 masking form (``secure_masking``: double, the default, or single) and the
 Shamir threshold ``t``.
 
@@ -104,12 +106,13 @@ import secrets
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 
-from qfl.compression import make_codec
+from qfl.compression import Codec, make_summable_codec
 from qfl.compression.payload import tensor_seed
-from qfl.compression.summable import SumForm, decode_code_sum, encode_codes, sum_form
+from qfl.compression.summable import ring_bits
 
 from qfl.security.primitives import mac, shamir
 from qfl.security.keys.source import KeyContainer, KeySource, UnknownKey
@@ -202,7 +205,8 @@ class RoundPlan:
     round: int
     mode: str
     participants: tuple[int, ...]  # partition ids, sorted
-    form: SumForm
+    codec_name: str  # every participant builds make_summable_codec(codec_name, codec_params)
+    codec_params: tuple[tuple[str, object], ...]  # sorted (key, value) pairs of codec.KEY
     tensors: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     clips: tuple[float, ...]
@@ -210,9 +214,18 @@ class RoundPlan:
     masking: str = "double"
     min_threshold: int = 0
 
+    @cached_property
+    def codec(self) -> Codec:
+        """The round's codec (its ring form is what clients encode with and the server decodes with).
+
+        Raises ValueError naming the parameter if the codec or a parameter has no ring form.
+        """
+        return make_summable_codec(self.codec_name, dict(self.codec_params))
+
     @property
     def ring_bits(self) -> int:
-        return self.form.ring_bits(len(self.participants))
+        """``B = bit_length(n·s)``, s the codec's :meth:`~qfl.compression.Codec.ring_levels`."""
+        return ring_bits(self.codec.ring_levels(), len(self.participants))
 
     @property
     def double(self) -> bool:
@@ -232,7 +245,7 @@ class RoundPlan:
 
     def coords(self) -> list[int]:
         """Codes per tensor."""
-        return [self.form.coords(self.seed(name), int(np.prod(shape))) for name, shape in zip(self.tensors, self.shapes)]
+        return [self.codec.ring_coords(self.seed(name), int(np.prod(shape))) for name, shape in zip(self.tensors, self.shapes)]
 
     def elements(self) -> int:
         """Ring elements per upload: every tensor's codes, then two flags per tensor."""
@@ -285,6 +298,10 @@ class RoundPlan:
             raise SecAggError(f"participants must be distinct partition ids in [0, {MAX_PARTICIPANTS})")
         if self.min_threshold < 0:
             raise SecAggError(f"secure_threshold must be >= 0, got {self.min_threshold}")
+        try:
+            self.codec
+        except ValueError as err:
+            raise SecAggError(f"the round's codec {self.codec_name!r} cannot be summed under masks: {err}") from None
         if self.ring_bits > 64:
             raise SecAggError(f"the round needs a {self.ring_bits}-bit ring; at most 64 bits are supported")
         if self.double and n >= 2 and self.threshold > n - 1:
@@ -300,8 +317,8 @@ class RoundPlan:
             "round": self.round,
             "mode": self.mode,
             "participants": list(self.participants),
-            "levels": str(self.form.levels),  # exact as text (2^32 − 1 fits int64, but keep it exact)
-            "ratio": -1.0 if self.form.ratio is None else self.form.ratio,
+            "codec": self.codec_name,
+            "codec-params": json.dumps(dict(self.codec_params), sort_keys=True),
             "tensors": json.dumps(list(self.tensors)),
             "shapes": json.dumps([list(s) for s in self.shapes]),
             "clips": list(self.clips),
@@ -314,12 +331,15 @@ class RoundPlan:
     def from_config(cls, values: Mapping[str, object]) -> RoundPlan:
         """Parse and :meth:`check` a plan; SecAggError if anything is missing, mistyped or unusable."""
         try:
-            ratio = float(values["ratio"])
+            params = json.loads(str(values["codec-params"]))
+            if not isinstance(params, dict):
+                raise TypeError(f"codec-params must be a JSON object, got {params!r}")
             plan = cls(
                 round=int(values["round"]),
                 mode=str(values["mode"]),
                 participants=tuple(sorted(int(p) for p in values["participants"])),
-                form=SumForm(int(values["levels"]), None if ratio < 0 else ratio),
+                codec_name=str(values["codec"]),
+                codec_params=tuple(sorted(params.items())),
                 tensors=tuple(str(t) for t in json.loads(values["tensors"])),
                 shapes=tuple(tuple(int(x) for x in s) for s in json.loads(values["shapes"])),
                 clips=tuple(float(c) for c in values["clips"]),
@@ -336,14 +356,17 @@ def make_plan(
     cfg, server_round: int, participants: list[int], shapes: Mapping[str, tuple[int, ...]], clips: Mapping[str, float],
     round_seed: int,
 ) -> RoundPlan:
-    """The server's plan for a round: the codec's integer form, the clip bounds, ``secure_masking``, ``secure_threshold``."""
-    form = sum_form(make_codec(cfg.codec, cfg.codec_params))
+    """The server's plan for a round: the codec and its parameters, the clip bounds, ``secure_masking``,
+    ``secure_threshold``. Raises ValueError if the codec or a parameter has no ring form."""
+    params = tuple(sorted(dict(cfg.codec_params).items()))
+    make_summable_codec(cfg.codec, dict(params))  # refuse here, on the server, naming the parameter
     names = tuple(shapes)
     return RoundPlan(
         round=server_round,
         mode=cfg.security,
         participants=tuple(sorted(participants)),
-        form=form,
+        codec_name=cfg.codec,
+        codec_params=params,
         tensors=names,
         shapes=tuple(tuple(shapes[n]) for n in names),
         clips=tuple(float(clips[n]) for n in names),
@@ -505,7 +528,7 @@ def masked_upload(
     materials = _materials(plan, me, pair_keys, peers)
     parts, flags = [], []
     for name, clip in zip(plan.tensors, plan.clips):
-        codes, over, under = encode_codes(delta[name], plan.form, clip, plan.seed(name), rng)
+        codes, over, under = plan.codec.encode_ring(delta[name], clip, plan.seed(name), rng)
         parts.append(codes)
         flags += [over, under]
     q = np.concatenate([*parts, np.asarray(flags, dtype=np.uint64)])
@@ -780,7 +803,7 @@ def unmask_sum(
                 raise SecAggError(f"the self-mask of client {k} cannot be rebuilt: {err}") from None
     out, over, under, start = {}, {}, {}, 0
     for name, shape, clip, c in zip(plan.tensors, plan.shapes, plan.clips, plan.coords()):
-        out[name] = decode_code_sum(total[start : start + c], plan.form, clip, len(survivors), plan.seed(name), shape)
+        out[name] = plan.codec.decode_ring_sum(total[start : start + c], clip, len(survivors), plan.seed(name), shape)
         start += c
     for name in plan.tensors:
         over[name], under[name] = int(total[start]), int(total[start + 1])

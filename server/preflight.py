@@ -65,9 +65,10 @@ def _check_codecs(cfg: RunConfig) -> None:
 
 
 def _check_security(cfg: RunConfig) -> None:
-    """The QKD network keys parse and name real nodes; a masked mode has a codec that commutes with sum."""
-    from qfl.compression import make_codec
-    from qfl.compression.summable import sum_form
+    """The QKD network keys parse and name real nodes; a masked mode has a codec that commutes with sum
+    and no codec parameter its ring form would ignore (``make_summable_codec``)."""
+    from qfl.compression import make_summable_codec
+    from qfl.compression.summable import ring_bits
     from qfl.quantum.qkd.network import parse_link_spec
     from qfl.security.secagg import MASKED_MODES, network_nodes
 
@@ -82,10 +83,11 @@ def _check_security(cfg: RunConfig) -> None:
                     f"qkd_eavesdropped fractions (the share of pulses Eve intercepts) must be in (0, 1], got {fraction}"
                 )
         if cfg.security in MASKED_MODES:
-            form = sum_form(make_codec(cfg.codec, cfg.codec_params))  # ValueError naming the accepted codecs
-            if form.ring_bits(cfg.clients) > 64:
+            codec = make_summable_codec(cfg.codec, cfg.codec_params)  # ValueError naming the parameter or codecs
+            bits = ring_bits(codec.ring_levels(), cfg.clients)
+            if bits > 64:
                 raise ValueError(
-                    f"{cfg.clients} clients with codec {cfg.codec!r} need a {form.ring_bits(cfg.clients)}-bit ring; "
+                    f"{cfg.clients} clients with codec {cfg.codec!r} need a {bits}-bit ring; "
                     "at most 64 bits are supported; use fewer bits (codec.bits) or fewer clients"
                 )
     except ValueError as err:

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from qfl.compression.summable import decode_code_sum, encode_codes
 from qfl.config import resolve_config
 from qfl.security import secagg as sa
 from qfl.security.primitives import shamir
@@ -57,7 +56,7 @@ def _codes(plan, delta, seed):
     rng = np.random.default_rng(seed)
     parts, flags = [], []
     for name, clip in zip(plan.tensors, plan.clips):
-        codes, over, under = encode_codes(delta[name], plan.form, clip, plan.seed(name), rng)
+        codes, over, under = plan.codec.encode_ring(delta[name], clip, plan.seed(name), rng)
         parts.append(codes)
         flags += [over, under]
     return np.concatenate([*parts, np.asarray(flags, dtype=np.uint64)])
@@ -67,7 +66,7 @@ def _plain_sum(plan, deltas, survivors):
     total = sum(_codes(plan, deltas[i], i) for i in survivors)
     out, start = {}, 0
     for name, shape, clip, c in zip(plan.tensors, plan.shapes, plan.clips, plan.coords()):
-        out[name] = decode_code_sum(total[start : start + c], plan.form, clip, len(survivors), plan.seed(name), shape)
+        out[name] = plan.codec.decode_ring_sum(total[start : start + c], clip, len(survivors), plan.seed(name), shape)
         start += c
     return out
 

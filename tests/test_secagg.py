@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from qfl.compression.summable import SumForm, adapt_clip, decode_code_sum, encode_codes
+from qfl.compression import make_summable_codec
+from qfl.compression.summable import adapt_clip
 from qfl.config import ConfigError, resolve_config
 from qfl.security import secagg as sa
 from qfl.security.keys.store import KeyStore
@@ -90,11 +91,11 @@ def test_masked_sum_equals_plaintext_sum_bit_for_bit(tmp_path, codec, params, n,
         for i in survivors:
             rng = np.random.default_rng(i)
             for t, c in zip(plan.tensors, plan.clips):  # replay the per-tensor draws in order
-                out = encode_codes(deltas[i][t], plan.form, c, plan.seed(t), rng)
+                out = plan.codec.encode_ring(deltas[i][t], c, plan.seed(t), rng)
                 if t == name:
                     codes[i] = out
         code_sum = sum(c[0] for c in codes.values())
-        expected = decode_code_sum(code_sum, plan.form, clip, len(survivors), plan.seed(name), SHAPES[name])
+        expected = plan.codec.decode_ring_sum(code_sum, clip, len(survivors), plan.seed(name), SHAPES[name])
         assert np.array_equal(result.total[name], expected)
         assert result.over[name] == sum(c[1] for c in codes.values())
         assert result.under[name] == sum(c[2] for c in codes.values())
@@ -125,20 +126,17 @@ def test_fp32_masked_sum_is_close_to_the_float_sum(tmp_path):
     ("randk", {"codec.ratio": 0.25, "codec.bits": 8}, 255, 13),
 ])
 def test_the_ring_is_as_small_as_the_codes_allow(codec, params, levels, ring):
-    from qfl.compression import make_codec
-    from qfl.compression.summable import sum_form
-
     cfg = resolve_config({"security": "masked-sum", "codec": codec, "clients": 20, **params})
-    form = sum_form(make_codec(cfg.codec, cfg.codec_params))
-    assert form.levels == levels and form.ring_bits(20) == ring
+    plan = sa.make_plan(cfg, 1, list(range(20)), SHAPES, {"w": 0.3, "b": 0.1}, round_seed=1)
+    assert plan.codec.ring_levels() == levels and plan.ring_bits == ring
 
 
 def test_randk_masked_sum_is_unbiased():
-    form = SumForm((1 << 32) - 1, 0.25)
+    codec = make_summable_codec("randk", {"ratio": 0.25})
     x = np.random.default_rng(0).normal(0, 0.1, 400)
     seeds = range(400)
     est = np.mean([
-        decode_code_sum(encode_codes(x, form, 2.0, s, np.random.default_rng(s))[0], form, 2.0, 1, s, x.shape)
+        codec.decode_ring_sum(codec.encode_ring(x, 2.0, s, np.random.default_rng(s))[0], 2.0, 1, s, x.shape)
         for s in seeds
     ], axis=0)
     # rand-k variance per coordinate: (d/k − 1)·x² → standard error sqrt(3·x²/400)
