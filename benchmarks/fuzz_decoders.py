@@ -291,6 +291,7 @@ def run_decode(codec: Codec, payload: bytes, shape: tuple[int, ...], record: boo
     tracemalloc.reset_peak()
     if abort_s:
         signal.setitimer(signal.ITIMER_REAL, abort_s)
+    expected: type[Exception] = PayloadError if record else CodecError
     start = time.perf_counter()
     try:
         if record:
@@ -302,7 +303,7 @@ def run_decode(codec: Codec, payload: bytes, shape: tuple[int, ...], record: boo
             status, detail = "crash", f"returned {out.dtype} {out.shape}, expected float32 {shape}"
         else:
             status, detail = "ok", ""
-    except (PayloadError if record else CodecError) as err:
+    except expected as err:
         status, detail = "rejected", str(err)[:120]
     except _Abort:
         status, detail = "crash", f"aborted after {abort_s} s"

@@ -34,9 +34,9 @@ def bench_kms(
 ) -> float:
     """Requests per second over all clients (wall clock from the first request to the last answer)."""
     from qfl.security.keys.certs import make_pki
-    from qfl.security.keys.store import KeyStore
     from qfl.security.keys.kms import KmsServer
     from qfl.security.keys.kms_client import KmsKeySource
+    from qfl.security.keys.store import KeyStore
 
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")

@@ -25,9 +25,8 @@ from flwr.clientapp import ClientApp
 
 from qfl.compression import decode_update, encode_update, make_codec
 from qfl.config import RunConfig, resolve_config
-from qfl.seeds import round_seed, task_seed
-
 from qfl.security.secagg import MASKED_MODES
+from qfl.seeds import round_seed, task_seed
 
 from . import secure
 from .tasks import task_for

@@ -39,6 +39,7 @@ from flwr.app import (
 
 from qfl.config import RunConfig
 from qfl.security.keys.source import KeySource
+from qfl.security.keys.sources import KeySourceConfig, open_key_source
 from qfl.security.secagg import (
     SEALED_STYPE,
     RoundPlan,
@@ -53,7 +54,6 @@ from qfl.security.secagg import (
     seal,
     take_pair_keys,
 )
-from qfl.security.keys.sources import KeySourceConfig, open_key_source
 
 KEYS_STATE = "secagg-keys"
 PLAN_STATE = "secagg-plan"

@@ -22,14 +22,13 @@ from flwr.serverapp import Grid
 from qfl.clients.tasks import ClientTask, task_for
 from qfl.compression import make_codec
 from qfl.config import RunConfig, resolve_config
-from qfl.seeds import round_seed
-from qfl.security.secagg import MASKED_MODES, SECURITY_LEVELS
-
 from qfl.files import atomic_write_bytes, atomic_write_json
+from qfl.security.secagg import MASKED_MODES, SECURITY_LEVELS
+from qfl.seeds import round_seed
+from qfl.server.key_budget import KeyBudget
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .optimizers import make_server_optimizer
-from qfl.server.key_budget import KeyBudget
 from .secure import SecureFedAvg
 from .strategy import QflFedAvg, record_to_weights, weights_to_record
 

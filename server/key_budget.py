@@ -45,9 +45,9 @@ from qfl.config import RunConfig
 from qfl.quantum.qkd.bb84 import simulate_bb84
 from qfl.quantum.qkd.network import QuantumNetwork, RelayedLink, parse_link_spec
 from qfl.security.keys.source import KeyExhausted, KeySource
+from qfl.security.keys.sources import KeySourceConfig, open_key_source
 from qfl.security.keys.store import KeyStore, link_name
 from qfl.security.secagg import SERVER_SAE, client_sae, network_nodes
-from qfl.security.keys.sources import KeySourceConfig, open_key_source
 
 log = logging.getLogger("qfl.keys")
 
@@ -167,7 +167,7 @@ class KeyBudget:
             )
         if live and self.cfg.key_policy == "wait":
             start = net.now
-            for (a, b), missing in sorted(live.items()):
+            for a, b in sorted(live):
                 try:
                     still = self._shortfalls({(a, b): needs[(a, b)]}).get((a, b), 0)
                     if still:

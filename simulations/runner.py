@@ -16,8 +16,8 @@ from typing import Any
 from qfl.config import RunConfig
 from qfl.server.app import make_server_app
 from qfl.server.checkpoint import load_checkpoint
-from qfl.server.preflight import preflight
 from qfl.server.federation import SUMMARY_NAME, Reporter
+from qfl.server.preflight import preflight
 
 from .report import ConsoleReporter
 

@@ -20,10 +20,10 @@ def run_qfl(args: list[str], timeout: float = 300, cwd: Path | None = None) -> s
     )
     try:
         out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as err:
         kill_group(proc)
         out, _ = proc.communicate()
-        raise AssertionError(f"qfl {' '.join(args)} timed out after {timeout}s:\n{out[-4000:]}")
+        raise AssertionError(f"qfl {' '.join(args)} timed out after {timeout}s:\n{out[-4000:]}") from err
     finally:
         kill_group(proc)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")

@@ -17,8 +17,8 @@ from scipy import stats
 
 from qfl.config import resolve_config
 from qfl.security import secagg as sa
-from qfl.security.primitives import shamir
 from qfl.security.keys.store import KeyStore
+from qfl.security.primitives import shamir
 from qfl.security.primitives.masking import add_packed, pack_ring
 
 SHAPES = {"w": (8, 30), "b": (6,)}

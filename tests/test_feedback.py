@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from qfl.compression import EncodeContext, encode_update, decode_update, make_codec
+from qfl.compression import EncodeContext, decode_update, encode_update, make_codec
 from qfl.compression.feedback import RESIDUAL, ErrorFeedback
 
 

@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 import pytest
-
 from helpers import QFL, REPO, kill_group, run_qfl
+
 from qfl.cli import main as qfl_main
 from qfl.config import resolve_config
 from qfl.quantum.qkd.network import QuantumNetwork

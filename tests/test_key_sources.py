@@ -3,10 +3,10 @@
 import pytest
 
 from qfl.security.keys.certs import make_pki
-from qfl.security.keys.store import KeyStore
 from qfl.security.keys.kms import KmsServer
 from qfl.security.keys.kms_client import KmsKeySource
 from qfl.security.keys.sources import KeySourceConfig, open_key_source
+from qfl.security.keys.store import KeyStore
 
 
 def test_store_and_kms_by_config_give_the_same_keys(tmp_path):

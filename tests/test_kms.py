@@ -17,8 +17,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from qfl.security.keys.certs import certificate_common_name, issue_certificate, make_pki, write_pair
-from qfl.security.keys.source import KeyContainer, KeyExhausted, UnknownKey, UnknownLink
-from qfl.security.keys.store import KeyStore
 from qfl.security.keys.kms import KmsLimits, KmsServer
 from qfl.security.keys.kms_client import (
     KmsBadRequest,
@@ -28,6 +26,8 @@ from qfl.security.keys.kms_client import (
     WrongSae,
     client_context,
 )
+from qfl.security.keys.source import KeyContainer, KeyExhausted, UnknownKey, UnknownLink
+from qfl.security.keys.store import KeyStore
 
 POOL_BYTES = 4096  # per link
 SAES = ["A", "B", "C"]

@@ -8,10 +8,10 @@ import sys
 import time
 
 import pytest
-
 from helpers import REPO
-from qfl.security.keys.source import UnknownKey
+
 from qfl.security.keys.kms_client import KmsKeySource
+from qfl.security.keys.source import UnknownKey
 
 
 def test_kms_process_serves_keys_made_by_its_links(tmp_path):

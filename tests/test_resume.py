@@ -5,8 +5,8 @@ import subprocess
 import time
 
 import numpy as np
-
 from helpers import QFL, REPO, kill_group, run_qfl
+
 from qfl.server.checkpoint import load_checkpoint
 
 SETTINGS = ["--set", "rounds=8", "--set", "clients=3", "--set", "server_opt=fedadam", "--set", "server_lr=0.01",

@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-
 from helpers import run_qfl
 
 FIELDS = {

@@ -167,7 +167,7 @@ def test_a_crash_and_a_tampered_upload_are_dropped_and_never_unmasked(tmp_path, 
     assert "client 1 (node 101): the client failed: client crashed" in reasons
     assert "client 4 (node 104): " + DropReason.BAD_SEAL.value in reasons and "fails its MAC" in reasons
     # the unmask requests list 4 as dropped and carry no share of b_4 (nor of b_1)
-    for kind, pid, msg in grid.sent:
+    for kind, _pid, msg in grid.sent:
         if kind == REVEAL:
             sec = msg.content["secagg"]
             assert sec["dropped"] == [1, 4] and not {1, 4} & set(sec["share-from"])

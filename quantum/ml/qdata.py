@@ -341,7 +341,7 @@ def make_magic(
     rng = np.random.default_rng([seed, 0x3A6])
     labels = np.arange(samples) % 2
     states = np.empty((samples, 2**qubits), dtype=np.complex128)
-    slots_all = [(l, q) for l in range(layers) for q in range(qubits)]
+    slots_all = [(layer, q) for layer in range(layers) for q in range(qubits)]
     for k, label in enumerate(labels):
         for _ in range(1000):
             slots: set[tuple[int, int]] = set()

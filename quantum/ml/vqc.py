@@ -216,7 +216,9 @@ class QiskitCircuit:
         n = spec.qubits
         self.shape = weight_shape(n, spec.layers, spec.ansatz)
         self.num_weights = int(np.prod(self.shape))
-        q = lambda wire: n - 1 - wire  # PennyLane wire → Qiskit qubit
+        def q(wire: int) -> int:  # PennyLane wire → Qiskit qubit
+            return n - 1 - wire
+
         x = ParameterVector("in", n if spec.input_mode == "angle" else 0)
         w = ParameterVector("w", self.num_weights)
         wt = np.array(list(w), dtype=object).reshape(self.shape)

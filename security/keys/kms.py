@@ -48,8 +48,8 @@ from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from qfl.security.keys.certs import CA_FILE, KME_CERT_FILE, KME_KEY_FILE
-from qfl.security.keys.source import KeyContainer, KeyExhausted, KeySource, LinkStatus, UnknownKey, UnknownLink
 from qfl.security.keys.kms_client import restrict_to_aead
+from qfl.security.keys.source import KeyContainer, KeyExhausted, KeySource, LinkStatus, UnknownKey, UnknownLink
 
 log = logging.getLogger(__name__)
 
