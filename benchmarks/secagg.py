@@ -10,9 +10,7 @@ ratio to ``numpy.copyto`` of a float32 array of ``d`` elements, timed in the
 same run (best of ``repeat``), so the figure holds on a noisy machine. All of
 it is single-threaded. Also reported: ``bytes_ratio``, the cost of only
 materialising an upload-sized ``bytes`` (allocation, page faults, copy; a
-floor under *mask*), and ``composed_*``, the same two steps through the
-separate functions (``mask_from_key`` + ``apply_masks`` + ``pack_ring``;
-``unpack_ring`` + ``aggregate``).
+floor under *mask*).
 
 ``bench_round_overhead``: the same short federation (digits, fp32 or another
 codec) with ``security=none`` and with ``security=masked-sum``; the mean wall
@@ -31,19 +29,15 @@ import numpy as np
 from qfl.benchmarks.timing import best_of
 from qfl.security.primitives.masking import (
     add_packed,
-    aggregate,
-    apply_masks,
     key_bytes_needed,
-    mask_from_key,
     masked_pack,
-    pack_ring,
-    unpack_ring,
 )
 
 
 def bench_masking(
-    d: int = 1 << 24, ring_bits: tuple[int, ...] = (8, 16, 34, 37), repeat: int = 3, composed: bool = True
+    d: int = 1 << 24, ring_bits: tuple[int, ...] = (8, 16, 34, 37), repeat: int = 3
 ) -> list[dict[str, Any]]:
+    """One row per ring size ``B``: the mask and unmask times as ratios to a numpy copy (module docstring)."""
     rng = np.random.default_rng(0)
     src = rng.standard_normal(d).astype(np.float32)
     dst = np.empty_like(src)
@@ -69,16 +63,6 @@ def bench_masking(
             "mask_gbps": d * B / 8 / t_mask / 1e9, "unmask_gbps": d * B / 8 / t_unmask / 1e9,
             "bytes_ratio": t_bytes / copy,
         }
-        if composed:
-            slow: dict[str, Any] = {}
-
-            def mask_composed() -> None:
-                slow.pop("y", None)
-                slow["y"] = pack_ring(apply_masks(q, 0, {1: mask_from_key(key, d, B)}, B), B)
-
-            t_cm = best_of(mask_composed, repeat)[0]
-            t_cu = best_of(lambda: aggregate([q, unpack_ring(slow["y"], B, d)], B), repeat)[0]
-            row.update(composed_mask_ratio=t_cm / copy, composed_unmask_ratio=t_cu / copy)
         rows.append(row)
     return rows
 
