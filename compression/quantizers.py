@@ -633,7 +633,11 @@ class QsgdCodec(Codec):
         return 4 * -(-n // self.bucket) + packed_size(n, self.bits)
 
     def quantize_into(
-        self, flat: np.ndarray, out: np.ndarray, rng: np.random.Generator | None = None, scale: float | None = None
+        self,
+        flat: np.ndarray,
+        out: np.ndarray,
+        rng: np.random.Generator | None = None,
+        scale: float | np.float32 | None = None,
     ) -> None:
         """Write the scales and packed indices of ``flat`` (1-D float32) into ``out``.
 

@@ -299,7 +299,7 @@ class RoundPlan:
         if self.min_threshold < 0:
             raise SecAggError(f"secure_threshold must be >= 0, got {self.min_threshold}")
         try:
-            self.codec
+            _ = self.codec  # builds (and caches) the codec: every parameter has a ring form
         except ValueError as err:
             raise SecAggError(f"the round's codec {self.codec_name!r} cannot be summed under masks: {err}") from None
         if self.ring_bits > 64:
