@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from qfl.quantum.qkd.network import QuantumNetwork
 from qfl.security.keys.source import KeyExhausted, KeySource, UnknownKey, UnknownLink
-from qfl.security.keys.store import CHUNK_BYTES, KeyStore, link_name, take_with_policy
+from qfl.security.keys.store import CHUNK_BYTES, KeyStore, link_name
 
 
 @pytest.fixture
@@ -446,38 +446,35 @@ def test_star_network_clock_and_relayed_pools(store):
     assert math.isclose(net.time_to_make("x~y", 1024), 2.0)
 
 
-def test_exhaustion_policies(store):
+def test_supply_on_a_direct_link(store):
     net = QuantumNetwork.mesh(store, ["a", "b"], bits_per_s=1000.0)
     net.advance(0.256)  # 256 bits
     before = counters(store, "a", "b")
     with pytest.raises(KeyExhausted):
-        take_with_policy(store, "a", "b", 2, 256, "abort")
-    assert take_with_policy(store, "a", "b", 2, 256, "skip") is None
-    assert take_with_policy(store, "a", "b", 2, 256, "skip", net) is None  # a direct link cannot make key in no time
+        store.enc_keys("a", "b", 2, 256)
+    assert net.supply("a", "b", 256, wait=False) == 0.0  # a direct link cannot make key in no time
     assert counters(store, "a", "b") == before and net.now == pytest.approx(0.256)
-    keys = store.take_with_policy("a", "b", 4, 256, "wait", net)
-    assert len(keys) == 4 and net.now == pytest.approx(1.024)  # waited exactly for the missing 768 bits
+    assert net.supply("a", "b", 768, wait=True) == pytest.approx(0.768)  # waits exactly for the missing bits
+    keys = store.enc_keys("a", "b", 4, 256)
+    assert len(keys) == 4 and net.now == pytest.approx(1.024)
     assert counters(store, "a", "b") == (1024, 1024, 0)
-    with pytest.raises(ValueError):
-        take_with_policy(store, "a", "b", 1, 256, "wait")  # no clock to wait on
-    with pytest.raises(ValueError):
-        take_with_policy(store, "a", "b", 1, 256, "retry", net)
     zero = QuantumNetwork(store)
     zero.add_link("a", "z", bits_per_s=0.0)
     with pytest.raises(KeyExhausted):
-        take_with_policy(store, "a", "z", 1, 8, "wait", zero)  # never comes: do not spin
+        zero.supply("a", "z", 8, wait=True)  # never comes: do not spin
 
 
-def test_policies_on_a_relayed_link(store):
+def test_supply_on_a_relayed_link(store):
     net = QuantumNetwork.star(store, ["hub", "p", "q"], hub="hub", bits_per_s=1000.0)
     net.advance(1.0)  # 1000 bits on each hop, nothing relayed yet
-    # skip/abort with a clock relay what the hops already hold, in zero simulated time
-    keys = take_with_policy(store, "p", "q", 2, 256, "skip", net)
-    assert len(keys) == 2 and net.now == 1.0
-    assert take_with_policy(store, "p", "q", 4, 256, "skip", net) is None  # hops hold 488 bits each
+    # without waiting, a relay moves what the hops already hold, in zero simulated time
+    assert net.supply("p", "q", 512, wait=False) == 0.0
+    assert len(store.enc_keys("p", "q", 2, 256)) == 2 and net.now == 1.0
+    net.supply("p", "q", 1024, wait=False)  # hops hold 488 bits each
     assert counters(store, "p", "q")[2] == 488  # ...which were relayed, but are not enough
     # wait: advance until both hops can relay the rest
-    keys = take_with_policy(store, "q", "p", 4, 256, "wait", net)
+    net.supply("q", "p", 1024 - 488, wait=True)
+    keys = store.enc_keys("q", "p", 4, 256)
     assert len(keys) == 4 and net.now == pytest.approx(1.0 + (1024 - 488) / 1000.0)
     assert store.dec_keys("p", "q", [k.key_id for k in keys]) == keys
     for leaf in "pq":

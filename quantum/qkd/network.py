@@ -37,7 +37,7 @@ changes (a hop short of key raises KeyExhausted). Paths with several relays
 two hop keys, B XORs everything published with its own hop key.
 
 Relayed pools are filled on demand — :meth:`relay`, or :meth:`supply`, which
-:func:`qfl.security.keys.store.take_with_policy` calls — never automatically on
+the server's key budget (``key_policy``) calls — never automatically on
 a tick, so the direct links' key is not spent on pairs that never ask.
 
 Rates. ``bits_per_s`` is a number of secret-key bits per second, a function
@@ -405,8 +405,8 @@ class QuantumNetwork:
         without, nothing can be done (returns 0). Relayed link: relay from key
         already on the hops; with ``wait``, first advance the clock until every
         hop holds enough, without, relay only what the hops hold now. Raises
-        KeyExhausted when the key can never come (a link of rate 0). This is
-        the :class:`qfl.security.keys.store.KeySupplier` protocol.
+        KeyExhausted when the key can never come (a link of rate 0).
+        :meth:`qfl.server.key_budget.KeyBudget.admit` calls it to apply ``key_policy``.
         """
         found = self.link(master, slave)
         nbytes = -(-int(bits) // 8)

@@ -99,11 +99,10 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
 
 from qfl.security.keys.source import KeyContainer, KeyExhausted, KeyLayerError, LinkStatus, UnknownKey, UnknownLink
 
@@ -113,13 +112,11 @@ __all__ = [
     "Block",
     "GeneratorState",
     "KeyStore",
-    "KeySupplier",
     "LedgerEntry",
     "StoreCorrupt",
     "StoreOutdated",
     "StoreTransaction",
     "link_name",
-    "take_with_policy",
 ]
 
 SCHEMA_VERSION = 2
@@ -763,82 +760,3 @@ class KeyStore:
     def scrub(self) -> None:
         """Checkpoint and truncate the WAL, so page images of deleted key material leave the WAL file."""
         self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-
-    def take_with_policy(
-        self, master: str, slave: str, number: int, size_bits: int, policy: Policy,
-        clock: KeySupplier | None = None, **kwargs: object,
-    ) -> list[KeyContainer] | None:
-        """:func:`take_with_policy` on this store."""
-        return take_with_policy(self, master, slave, number, size_bits, policy, clock, **kwargs)
-
-
-# -- exhaustion policy ---------------------------------------------------------------------------
-
-Policy = Literal["wait", "skip", "abort"]
-POLICIES: tuple[str, ...] = ("wait", "skip", "abort")
-
-
-@runtime_checkable
-class KeySupplier(Protocol):
-    """Something that can make more key for a pair, e.g. :class:`qfl.quantum.qkd.network.QuantumNetwork`."""
-
-    def supply(self, master: str, slave: str, bits: int, *, wait: bool) -> float:
-        """Try to add ``bits`` bits to the pool of master~slave.
-
-        With ``wait=False`` only what needs no simulated time (a relay from key
-        already made on the physical links); with ``wait=True`` the simulated
-        clock may advance until the link has made the key. Returns the
-        simulated seconds advanced; raises KeyExhausted if the key can never
-        come (a link with rate 0).
-        """
-
-
-def take_with_policy(
-    source: object,
-    master: str,
-    slave: str,
-    number: int,
-    size_bits: int,
-    policy: Policy,
-    clock: KeySupplier | Callable[..., float] | None = None,
-    *,
-    max_tries: int = 64,
-) -> list[KeyContainer] | None:
-    """``source.enc_keys(...)`` with an exhaustion policy.
-
-    - ``"abort"``: raise :class:`KeyExhausted` (the default behaviour of ``enc_keys``).
-    - ``"skip"``: return ``None``; the caller drops this client/pair for the round.
-    - ``"wait"``: ask ``clock.supply(master, slave, missing_bits, wait=True)``
-      to advance the simulated clock until the link has made the missing key,
-      then take. Needs ``clock``. Retries (another process may have taken the
-      new key first) up to ``max_tries`` times, then raises KeyExhausted.
-
-    With a ``clock``, "skip" and "abort" first try ``supply(..., wait=False)``
-    once (a trusted relay can fill a leaf–leaf pool from key already made, in
-    zero simulated time). ``source`` is any KeySource (the store or a KMS
-    client). ``clock`` may also be a plain function with ``supply``'s signature.
-    """
-    if policy not in POLICIES:
-        raise ValueError(f"exhaustion policy must be one of {POLICIES}, got {policy!r}")
-    if policy == "wait" and clock is None:
-        raise ValueError("policy 'wait' needs a clock (a KeySupplier such as QuantumNetwork) that makes more key")
-    supply = None if clock is None else (clock.supply if isinstance(clock, KeySupplier) else clock)
-    _check_request(number, size_bits)
-    tried_instant = False
-    for _ in range(max_tries):
-        try:
-            return source.enc_keys(master, slave, number, size_bits)
-        except KeyExhausted as exc:
-            missing = exc.requested_bits - exc.available_bits
-            if policy == "wait":
-                supply(master, slave, missing, wait=True)
-                continue
-            if supply is not None and not tried_instant:
-                tried_instant = True
-                supply(master, slave, missing, wait=False)
-                continue
-            if policy == "skip":
-                return None
-            raise
-    raise KeyExhausted(link_name(master, slave), number * size_bits, source.status(master, slave).left_bits)
-
