@@ -68,7 +68,7 @@ def _check_security(cfg: RunConfig) -> None:
     """The QKD network keys parse and name real nodes; a masked mode has a codec that commutes with sum
     and no codec parameter its ring form would ignore (``make_summable_codec``)."""
     from qfl.compression import make_summable_codec
-    from qfl.compression.summable import ring_bits
+    from qfl.compression.summable import MAX_CLIP, MIN_CLIP, ring_bits
     from qfl.quantum.qkd.network import parse_link_spec
     from qfl.security.secagg import MASKED_MODES, network_nodes
 
@@ -89,6 +89,11 @@ def _check_security(cfg: RunConfig) -> None:
                 raise ValueError(
                     f"{cfg.clients} clients with codec {cfg.codec!r} need a {bits}-bit ring; "
                     "at most 64 bits are supported; use fewer bits (codec.bits) or fewer clients"
+                )
+            if not MIN_CLIP <= cfg.secure_clip <= MAX_CLIP:
+                raise ValueError(
+                    f"secure_clip={cfg.secure_clip} is outside [2^-100, 2^100], where ring forms quantize "
+                    "(qsgd and ternary in float32); set secure_clip between 1e-30 and 1e30"
                 )
     except ValueError as err:
         raise ConfigError(str(err)) from None

@@ -104,6 +104,13 @@ def test_parameters_without_a_ring_form_are_refused_by_name(values, named, mode)
     check_components(resolve_config({"security": "channel-pad", "clients": 4, **values}))  # any codec there
 
 
+def test_a_clip_bound_outside_the_ring_range_is_refused():
+    with pytest.raises(ConfigError, match="secure_clip=1e-40"):
+        check_components(resolve_config({"security": "masked-sum", "codec": "qsgd", "secure_clip": 1e-40}))
+    with pytest.raises(ValueError, match="outside float32's normal range"):
+        make_summable_codec("ternary").encode_ring(np.ones(3), 1e-40, 0, np.random.default_rng(0))
+
+
 def test_a_plan_with_a_parameter_without_a_ring_form_is_refused():
     cfg = resolve_config({"security": "masked-sum", "codec": "qsgd", "clients": 3})
     plan = sa.make_plan(cfg, 1, [0, 1, 2], SHAPES, CLIPS, round_seed=1).to_config()
