@@ -25,6 +25,7 @@ from flwr.clientapp import ClientApp
 
 from qfl.compression import decode_update, encode_update, make_codec
 from qfl.config import RunConfig, resolve_config
+from qfl.records import as_int
 from qfl.security.secagg import MASKED_MODES
 from qfl.seeds import round_seed, task_seed
 
@@ -38,7 +39,7 @@ app = ClientApp()
 
 def _run_config(record: ConfigRecord):
     values = {k: v for k, v in record.items() if k != "server-round"}
-    return resolve_config(values), int(record["server-round"])
+    return resolve_config(values), as_int(record["server-round"])
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -53,7 +54,7 @@ def _partition(context: Context) -> tuple[int, int]:
 
 def _global_weights(msg: Message, cfg: RunConfig) -> dict[str, np.ndarray]:
     codec = make_codec(cfg.downlink_codec, cfg.downlink_codec_params)
-    return decode_update(msg.content["arrays"], codec, task_for(cfg).shapes())
+    return decode_update(msg.content.array_records["arrays"], codec, task_for(cfg).shapes())
 
 
 def load_codec_state(context: Context) -> dict[str, dict[str, np.ndarray]]:
@@ -74,7 +75,7 @@ def save_codec_state(context: Context, states: dict[str, dict[str, np.ndarray]])
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
-    cfg, server_round = _run_config(msg.content["config"])
+    cfg, server_round = _run_config(msg.content.config_records["config"])
     partition_id, num_partitions = _partition(context)
     delta, num_examples, loss = task_for(cfg).local_update(_global_weights(msg, cfg), partition_id, num_partitions, server_round)
     metrics = MetricRecord({"num-examples": num_examples, "train-loss": loss, "partition-id": partition_id})
@@ -103,20 +104,20 @@ def secagg_hello(msg: Message, context: Context) -> Message:
 
 @app.query("secagg_setup")
 def secagg_setup(msg: Message, context: Context) -> Message:
-    cfg, _ = _run_config(msg.content["config"])
+    cfg, _ = _run_config(msg.content.config_records["config"])
     return secure.setup(msg, context, cfg, _partition(context)[0])
 
 
 @app.query("secagg_reveal")
 def secagg_reveal(msg: Message, context: Context) -> Message:
-    cfg, _ = _run_config(msg.content["config"])
+    cfg, _ = _run_config(msg.content.config_records["config"])
     return secure.reveal(msg, context, cfg, _partition(context)[0])
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
-    cfg, _ = _run_config(msg.content["config"])
+    cfg, _ = _run_config(msg.content.config_records["config"])
     partition_id, num_partitions = _partition(context)
     loss, accuracy, n = task_for(cfg).local_evaluate(_global_weights(msg, cfg), partition_id, num_partitions)
     metrics = MetricRecord({"num-examples": n, "eval-loss": loss, "eval-accuracy": accuracy, "partition-id": partition_id})

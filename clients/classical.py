@@ -112,9 +112,9 @@ class ClassicalTask:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.data = dataset_for(cfg)
-        self._model = None
+        self._model: torch.nn.Module | None = None
 
-    def _central_model(self):
+    def _central_model(self) -> torch.nn.Module:
         if self._model is None:
             self._model = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes, seed=self.cfg.seed)
         return self._model

@@ -41,7 +41,7 @@ class Dataset:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+        return tuple(self.x_train.shape[1:])
 
 
 def load_dataset(name: str, data_dir: str = "data", test_fraction: float = 0.2, seed: int = 0) -> Dataset:

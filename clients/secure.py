@@ -38,6 +38,7 @@ from flwr.app import (
 )
 
 from qfl.config import RunConfig
+from qfl.records import as_int, as_list
 from qfl.security.keys.source import KeySource
 from qfl.security.keys.sources import KeySourceConfig, open_key_source
 from qfl.security.secagg import (
@@ -77,7 +78,7 @@ def _save_keys(context: Context, server_round: int, keys: dict[int, bytes]) -> N
 
 
 def _load_keys(context: Context, server_round: int) -> dict[int, bytes]:
-    record = context.state.array_records.get(KEYS_STATE) or {}
+    record = context.state.array_records.get(KEYS_STATE) or ArrayRecord()
     out = {}
     for name, array in record.items():
         rnd, _, peer = name.partition("/")
@@ -91,7 +92,7 @@ def _log(context: Context) -> tuple[int, int]:
     record = context.state.config_records.get(LOG_STATE)
     if record is None:
         return 0, 0
-    return int(record["uploaded"]), int(record["answered"])
+    return as_int(record["uploaded"]), as_int(record["answered"])
 
 
 def _set_log(context: Context, uploaded: int, answered: int) -> None:
@@ -137,7 +138,7 @@ def masked_reply(
     source = key_source(cfg, partition_id)
     keys = _load_keys(context, plan.round)
     try:
-        masters = dict(zip((int(p) for p in sec["masters"]), (str(k) for k in sec["master-key-ids"])))
+        masters = dict(zip((int(p) for p in as_list(sec["masters"])), (str(k) for k in as_list(sec["master-key-ids"]))))
     except (KeyError, TypeError, ValueError) as err:
         raise SecAggError(f"the train message lacks the key ids of the lower peers: {err}") from None
     keys.update(fetch_pair_keys(source, partition_id, masters))

@@ -22,6 +22,7 @@ def train(
     mean training loss of the last epoch."""
     generator = torch.Generator().manual_seed(seed)
     xs, ys = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+    step: torch.optim.Optimizer
     if optimizer == "adam":
         step = torch.optim.Adam(model.parameters(), lr=lr)
     else:

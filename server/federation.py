@@ -23,6 +23,7 @@ from qfl.clients.tasks import ClientTask, task_for
 from qfl.compression import make_codec
 from qfl.config import RunConfig, resolve_config
 from qfl.files import atomic_write_bytes, atomic_write_json
+from qfl.records import as_int
 from qfl.security.secagg import MASKED_MODES, SECURITY_LEVELS
 from qfl.seeds import round_seed
 from qfl.server.key_budget import KeyBudget
@@ -99,7 +100,7 @@ def run_federation(
         atomic_write_bytes(run_dir / CONFIG_NAME, cfg.to_toml().encode())
     initial_loss, initial_acc = evaluator(evaluator.initial_weights())
 
-    common = dict(
+    common: dict[str, Any] = dict(
         codec=make_codec(cfg.codec, cfg.codec_params),
         downlink_codec=make_codec(cfg.downlink_codec, cfg.downlink_codec_params),
         shapes=shapes,
@@ -133,6 +134,7 @@ def run_federation(
         messages = strategy.configure_train(rnd, weights_to_record(weights), ConfigRecord(dict(flat_config)), grid)
         replies = grid.send_and_receive(messages, timeout=cfg.timeout_s)
         new_record, train = strategy.aggregate_train(rnd, replies)
+        assert train is not None  # both strategies return the round's metrics, even with no usable update
         if new_record is not None:
             weights = record_to_weights(new_record)
         fed: dict[str, Any] = {}
@@ -142,7 +144,7 @@ def run_federation(
         loss, accuracy = evaluator(weights)
         wall = time.perf_counter() - t0
         elapsed += wall
-        uploads = int(train["uploads"])
+        uploads = as_int(train["uploads"])
         record = {
             "round": rnd,
             "accuracy": accuracy,
@@ -150,16 +152,16 @@ def run_federation(
             "fed_accuracy": fed.get("fed-accuracy"),
             "fed_loss": fed.get("fed-loss"),
             "train_loss": train.get("train-loss"),
-            "uplink_bytes": int(train["uplink-bytes"]),
-            "downlink_bytes": int(train["downlink-bytes"]),
+            "uplink_bytes": as_int(train["uplink-bytes"]),
+            "downlink_bytes": as_int(train["downlink-bytes"]),
             "eval_downlink_bytes": strategy.eval_downlink_bytes,
-            "bits_per_param_up": 8.0 * int(train["uplink-bytes"]) / (num_params * uploads) if uploads else None,
-            "key_bits_used": int(train["key-bits-used"]),
-            "clients": int(train["clients"]),
-            "sampled": int(train["sampled"]),
-            "dropped": int(train["dropped"]),
+            "bits_per_param_up": 8.0 * as_int(train["uplink-bytes"]) / (num_params * uploads) if uploads else None,
+            "key_bits_used": as_int(train["key-bits-used"]),
+            "clients": as_int(train["clients"]),
+            "sampled": as_int(train["sampled"]),
+            "dropped": as_int(train["dropped"]),
             "drop_reasons": list(strategy.drop_reasons),
-            **(_key_record(strategy, budget) if budget is not None else {}),
+            **(_key_record(strategy, budget) if isinstance(strategy, SecureFedAvg) and budget is not None else {}),
             "wall_s": wall,
             "elapsed_s": elapsed,
         }

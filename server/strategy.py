@@ -51,7 +51,7 @@ from qfl.compression import Codec, PayloadError, decode_update, encode_update, p
 from qfl.config import RunConfig
 from qfl.security.secagg import SecAggError
 
-from .optimizers import ServerOptimizer
+from .optimizers import ServerOptimizer, weighted_mean
 from .untrusted import UntrustedValue, capped_examples, finite_float, int_in_range
 
 MAX_PARTITION_ID = 2**31 - 1  # when the strategy is not told how many partitions there are
@@ -225,7 +225,7 @@ class QflFedAvg(FedAvg):
         if "update" not in content.array_records or "metrics" not in content.metric_records:
             self._drop(msg, "reply lacks the 'update' ArrayRecord or the 'metrics' MetricRecord")
             return None
-        metrics = content["metrics"]
+        metrics = content.metric_records["metrics"]
         node = msg.metadata.src_node_id
         try:
             partition = self._partition(metrics)
@@ -250,14 +250,14 @@ class QflFedAvg(FedAvg):
 
     def _update_record(self, msg: Message) -> ArrayRecord:
         """The codec payloads of a reply (a subclass may first unwrap a channel pad)."""
-        return msg.content["update"]
+        return msg.content.array_records["update"]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         uplink = sum(
-            payload_bytes(m.content["update"]) for m in replies if not m.has_error() and "update" in m.content.array_records
+            payload_bytes(m.content.array_records["update"]) for m in replies if not m.has_error() and "update" in m.content.array_records
         )
         uploads = sum(1 for m in replies if not m.has_error() and "update" in m.content.array_records)
         answered = {m.metadata.src_node_id for m in replies}
@@ -281,13 +281,10 @@ class QflFedAvg(FedAvg):
         if not accepted or self.current_weights is None:
             log(WARNING, "round %s: no usable update; the global model is unchanged", server_round)
             return None, metrics
-        total = sum(r[1] for r in accepted)
-        mean_delta = {
-            name: sum(r[1] * r[3][name].astype(np.float64) for r in accepted) / total for name in self.shapes
-        }
-        with_loss = [r for r in accepted if r[2] is not None]
-        loss_weight = sum(r[1] for r in with_loss)
-        metrics["train-loss"] = sum(r[1] * r[2] for r in with_loss) / loss_weight if with_loss else float("nan")
+        mean_delta = weighted_mean([(r[1], r[3]) for r in accepted], self.shapes)
+        with_loss = [(r[1], r[2]) for r in accepted if r[2] is not None]
+        loss_weight = sum(n for n, _ in with_loss)
+        metrics["train-loss"] = sum(n * loss for n, loss in with_loss) / loss_weight if with_loss else float("nan")
         saved = {slot: dict(tensors) for slot, tensors in self.optimizer.state.items()}  # step replaces arrays
         with np.errstate(over="ignore", invalid="ignore"):
             new_weights = self.optimizer.step(self.current_weights, mean_delta)
@@ -321,7 +318,7 @@ class QflFedAvg(FedAvg):
             node = msg.metadata.src_node_id
             if msg.has_error() or "metrics" not in msg.content.metric_records:
                 continue  # a failed or empty evaluation: nothing to use, as before
-            m = msg.content["metrics"]
+            m = msg.content.metric_records["metrics"]
             if m.get("num-examples") == 0 and not isinstance(m.get("num-examples"), bool):
                 continue  # an empty validation share (honest): nothing to average
             try:
