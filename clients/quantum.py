@@ -53,7 +53,6 @@ circuit (backprop on ``default``, adjoint on ``lightning``, parameter shift on
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -409,32 +408,3 @@ class QuantumTask:
         if self.cfg.client_kinds:
             parse_client_kinds(self.cfg.client_kinds, num_partitions, natural_kind(self.cfg))
 
-
-# ----------------------------------------------------------------------------- FedAvg without Flower
-
-
-def simulate_fedavg(cfg: RunConfig, rounds: int | None = None, clients: Sequence[int] | None = None) -> list[dict[str, Any]]:
-    """Plain FedAvg by function calls (no Flower, no compression, no security): one row per round.
-
-    Every round each client in ``clients`` (default: all) runs
-    :meth:`QuantumTask.local_update`; the server adds ``server_lr`` times the
-    example-weighted mean Δ. Row 0 is the initial model. Deterministic in ``cfg.seed``.
-    """
-    task = QuantumTask(cfg)
-    weights = task.initial_weights()
-    members = list(range(cfg.clients)) if clients is None else list(clients)
-    loss, acc = task.central_evaluate(weights)
-    history: list[dict[str, Any]] = [{"round": 0, "loss": loss, "accuracy": acc, "train_loss": float("nan")}]
-    for rnd in range(1, (rounds or cfg.rounds) + 1):
-        total: dict[str, np.ndarray] = {k: np.zeros(v.shape, np.float64) for k, v in weights.items()}
-        examples, train_losses = 0, []
-        for pid in members:
-            delta, n, train_loss = task.local_update(weights, pid, cfg.clients, rnd)
-            for k in total:
-                total[k] += n * delta[k].astype(np.float64)
-            examples += n
-            train_losses.append(train_loss)
-        weights = {k: (weights[k] + cfg.server_lr * total[k] / max(examples, 1)).astype(np.float32) for k in weights}
-        loss, acc = task.central_evaluate(weights)
-        history.append({"round": rnd, "loss": loss, "accuracy": acc, "train_loss": float(np.mean(train_losses))})
-    return history

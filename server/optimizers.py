@@ -14,12 +14,31 @@ continues exactly where it stopped.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from qfl.config import RunConfig
 
 Weights = dict[str, np.ndarray]
+
+
+def weighted_mean(updates: Sequence[tuple[int, Weights]], names: Iterable[str]) -> Weights:
+    """The example-weighted mean update Δ̄ = Σ n_i Δ_i / Σ n_i over ``(n_i, Δ_i)`` pairs, in float64.
+
+    ``names`` are the tensors to average (every Δ_i holds them). Raises
+    ValueError if the weights do not sum to a positive number.
+    """
+    total = sum(n for n, _ in updates)
+    if total <= 0:
+        raise ValueError(f"the mean update needs a positive total weight, got {total}")
+    mean: Weights = {}
+    for name in names:
+        acc = np.zeros(np.shape(updates[0][1][name]), np.float64)
+        for n, delta in updates:
+            acc += n * delta[name].astype(np.float64)
+        mean[name] = acc / total
+    return mean
 
 
 class ServerOptimizer(ABC):

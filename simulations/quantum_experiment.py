@@ -6,7 +6,7 @@ one client that feeds the states themselves to the circuit should raise the
 global model's accuracy on the (true) test states.
 
 Arms, all with the same clients, shards, rounds and seed (FedAvg by function
-calls, :func:`qfl.clients.quantum.simulate_fedavg`; no Flower needed):
+calls, :func:`fedavg_by_calls`; no Flower needed):
 
 * ``classical``: every client is ``classical`` — it sees each state only through
   its few-shot single-qubit Pauli summary (16 shots per basis and qubit) and
@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from qfl.clients.quantum import simulate_fedavg
-from qfl.config import resolve_config
+from qfl.clients.quantum import QuantumTask
+from qfl.config import RunConfig, resolve_config
+from qfl.server.optimizers import make_server_optimizer, weighted_mean
 
 ARMS: dict[str, str] = {"classical": "classical:{n}", "mixed": "quantum:1,classical:{m}", "quantum": "quantum:{n}"}
 
@@ -47,6 +48,30 @@ DEFAULTS: dict[str, Any] = {
     "lr": 0.1,
     "quantum_samples": 400,
 }
+
+
+def fedavg_by_calls(cfg: RunConfig) -> list[dict[str, Any]]:
+    """``cfg.rounds`` rounds of FedAvg over every client by function calls: one row per round, row 0 the initial model.
+
+    No Flower, no compression, no security: each round every client runs
+    :meth:`~qfl.clients.quantum.QuantumTask.local_update`, and the server step is
+    the federation's own (:func:`qfl.server.optimizers.weighted_mean` of the
+    updates, then ``cfg.server_opt``'s step). Deterministic in ``cfg.seed``.
+    """
+    task = QuantumTask(cfg)
+    optimizer = make_server_optimizer(cfg)
+    weights = task.initial_weights()
+    loss, acc = task.central_evaluate(weights)
+    history: list[dict[str, Any]] = [{"round": 0, "loss": loss, "accuracy": acc, "train_loss": float("nan")}]
+    for rnd in range(1, cfg.rounds + 1):
+        updates = [task.local_update(weights, pid, cfg.clients, rnd) for pid in range(cfg.clients)]
+        weighted = [(n, delta) for delta, n, _ in updates if n > 0]
+        if weighted:
+            weights = optimizer.step(weights, weighted_mean(weighted, weights))
+        loss, acc = task.central_evaluate(weights)
+        train_loss = float(np.mean([train_loss for _, _, train_loss in updates]))
+        history.append({"round": rnd, "loss": loss, "accuracy": acc, "train_loss": train_loss})
+    return history
 
 
 def mixed_federation_experiment(
@@ -73,7 +98,7 @@ def mixed_federation_experiment(
                 raise ValueError(f"unknown arm {arm!r}; choose among {', '.join(ARMS)}")
             kinds = ARMS[arm].format(n=n, m=n - 1)
             cfg = resolve_config({**values, "seed": int(seed), "client_kinds": kinds})
-            history = simulate_fedavg(cfg)
+            history = fedavg_by_calls(cfg)
             curve = [r["accuracy"] for r in history]
             rows.append(
                 {

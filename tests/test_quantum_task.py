@@ -11,12 +11,12 @@ from qfl.clients.quantum import (
     _inputs,
     local_split,
     parse_client_kinds,
-    simulate_fedavg,
 )
 from qfl.clients.tasks import task_for
 from qfl.clients.training import evaluate
 from qfl.config import ConfigError, resolve_config
 from qfl.server.preflight import check_components
+from qfl.simulations.quantum_experiment import fedavg_by_calls
 
 NTANGLED = {
     "model": "vqc",
@@ -142,7 +142,7 @@ def test_wider_circuit_pads_states_with_ancillas():
 
 
 def test_fedavg_over_quantum_clients_improves_on_round_one():
-    history = simulate_fedavg(cfg_of(rounds=8, seed=0))
+    history = fedavg_by_calls(cfg_of(rounds=8, seed=0))
     acc = [r["accuracy"] for r in history]
     loss = [r["loss"] for r in history]
     assert acc[-1] > acc[1] + 0.1
