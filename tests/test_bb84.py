@@ -11,7 +11,6 @@ from qfl.quantum.qkd.bb84 import (
     ASYMPTOTIC_LABEL,
     DEFAULT_PULSES,
     bench_bb84,
-    binary_entropy,
     cascade_correct,
     expected_qber,
     format_result,
@@ -71,7 +70,7 @@ def test_key_length_respects_sampling_and_leakage(run_10km):
     assert 0 < s1 < 1 and d["e1_upper"] >= 0
     assert r.key_bits == gllp_secure_length(remaining, s1, d["e1_upper"], r.leaked_bits, 1e-10)
     assert r.key_bits == math.floor(
-        remaining * s1 * (1 - binary_entropy(d["e1_upper"])) - r.leaked_bits - 2 * math.log2(1e10)
+        remaining * s1 * (1 - keyrate.h2(d["e1_upper"])) - r.leaked_bits - 2 * math.log2(1e10)
     )
     # the photon-number split makes the key strictly shorter than the PNS-blind formula
     assert r.key_bits < secure_length(remaining, r.qber, r.leaked_bits, 1e-10)
@@ -249,7 +248,7 @@ def test_cascade_corrects_everything_near_the_shannon_limit(e):
     res = cascade_correct(alice, bob, errors / n, seed=1)
     assert np.array_equal(res.corrected, alice)
     assert res.corrected_errors == errors  # every bisection ends on a real error
-    ratio = res.leaked_bits / (n * binary_entropy(errors / n))
+    ratio = res.leaked_bits / (n * keyrate.h2(errors / n))
     # measured: 1.13 (1%), 1.15 (2%), 1.18 (4%), 1.21 (8%)
     assert 1.05 < ratio < 1.35, ratio
     assert res.block_sizes[0] == math.ceil(0.73 / (errors / n))

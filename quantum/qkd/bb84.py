@@ -97,7 +97,7 @@ from typing import Any
 
 import numpy as np
 
-from qfl.quantum.qkd.keyrate import DEFAULT_EPS_SEC, DecoyCounts, LinkParams, finite_key_from_counts, min_block_pulses
+from qfl.quantum.qkd.keyrate import DEFAULT_EPS_SEC, DecoyCounts, LinkParams, finite_key_from_counts, h2, min_block_pulses
 
 __all__ = [
     "ASYMPTOTIC_LABEL",
@@ -107,7 +107,6 @@ __all__ = [
     "BB84Result",
     "CascadeResult",
     "bench_bb84",
-    "binary_entropy",
     "cascade_correct",
     "expected_qber",
     "format_result",
@@ -131,14 +130,6 @@ ASYMPTOTIC_LABEL = "ASYMPTOTIC (not finite-size secure)"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def binary_entropy(p: float) -> float:
-    """Shannon entropy H2(p) in bits; 0 at p = 0 and p = 1."""
-    p = float(p)
-    if p <= 0.0 or p >= 1.0:
-        return 0.0
-    return -p * math.log2(p) - (1.0 - p) * math.log2(1.0 - p)
 
 
 def expected_qber(e_d: float, eve_fraction: float = 0.0) -> float:
@@ -442,7 +433,7 @@ class BB84Result:
 
 def gllp_secure_length(n: int, single_fraction: float, e1: float, leaked_bits: int, eps_pa: float) -> int:
     """``floor(n s1 (1 - H2(e1)) - leaked_bits - 2 log2(1/eps_pa))``, at least 0 (GLLP)."""
-    value = n * min(max(single_fraction, 0.0), 1.0) * (1.0 - binary_entropy(min(e1, 0.5)))
+    value = n * min(max(single_fraction, 0.0), 1.0) * (1.0 - h2(min(e1, 0.5)))
     value -= leaked_bits + 2.0 * math.log2(1.0 / eps_pa)
     return max(int(math.floor(value)), 0)
 
@@ -452,7 +443,7 @@ def secure_length(n: int, qber: float, leaked_bits: int, eps_pa: float) -> int:
 
     No photon-number split: not secure against PNS attacks; for comparison only.
     """
-    value = n * (1.0 - binary_entropy(qber)) - leaked_bits - 2.0 * math.log2(1.0 / eps_pa)
+    value = n * (1.0 - h2(qber)) - leaked_bits - 2.0 * math.log2(1.0 / eps_pa)
     return max(int(math.floor(value)), 0)
 
 
@@ -627,7 +618,7 @@ def _decoy_stats(pulses_by_kind, clicks_by_kind, sifted_by_kind, errors_by_kind,
             q1 = y1 * mu * math.exp(-mu)
             if E_mu is not None:
                 f = leak_ratio if leak_ratio else 1.16
-                rate = 0.5 * p["p_signal"] * (q1 * (1 - binary_entropy(e1)) - f * Q_mu * binary_entropy(E_mu))
+                rate = 0.5 * p["p_signal"] * (q1 * (1 - h2(e1)) - f * Q_mu * h2(E_mu))
                 bits = max(int(math.floor(rate * sum(pulses_by_kind))), 0)
     out.update({"Y0": Y0, "Y1_lower": y1, "e1_upper": e1, "Q1_lower": q1, "gllp_key_bits": bits})
     return out
@@ -776,7 +767,7 @@ def simulate_bb84(
     tag_seed = toeplitz_seed(public, n_rest, tag_bits)
     verified = np.array_equal(toeplitz_hash(alice_rest, tag_bits, tag_seed), toeplitz_hash(ec.corrected, tag_bits, tag_seed))
     leaked = ec.leaked_bits + tag_bits
-    h = binary_entropy(qber)
+    h = h2(qber)
     leak_ratio = ec.leaked_bits / (n_rest * h) if h > 0 else None
     t5 = time.perf_counter()
     timings["verification"] = t5 - t4
@@ -935,7 +926,7 @@ def bench_bb84(
         "pulses_per_s": pulses / before,
         "cascade_bits_per_s": cascade_bits / t_cascade,
         "cascade_residual_errors": int(np.count_nonzero(ec.corrected != alice)),
-        "cascade_leak_ratio": ec.leaked_bits / (cascade_bits * binary_entropy(n_err / cascade_bits)),
+        "cascade_leak_ratio": ec.leaked_bits / (cascade_bits * h2(n_err / cascade_bits)),
         "toeplitz_bits_per_s": toeplitz_bits / t_toeplitz,
         "run": result_json(run),
         "timings": dict(t),
