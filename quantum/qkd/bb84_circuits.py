@@ -235,7 +235,7 @@ def simulate_bb84_circuits(
     sim_seeds = [int(x) for x in rng.integers(2**31, size=2)]
     if eve_mode == "mid-circuit":
         w_of = [min(batch, qubits - s) for s in range(0, qubits, batch)]
-        both = _run_batches(sim, lambda *c: mid_circuit_eve_circuit(*c, noise),
+        both = _run_batches(sim, lambda a, ab, m, eb, bb: mid_circuit_eve_circuit(a, ab, m, eb, bb, noise),
                             (a_bits, a_bases, eve_mask, e_bases, b_bases), batch, sim_seeds[1])
         bob = np.concatenate([both[2 * s : 2 * s + w] for s, w in zip(np.cumsum([0] + w_of[:-1]), w_of)])
         eve = np.concatenate([both[2 * s + w : 2 * s + 2 * w] for s, w in zip(np.cumsum([0] + w_of[:-1]), w_of)])

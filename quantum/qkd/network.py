@@ -82,11 +82,16 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 
+from qfl.quantum.qkd import keyrate
 from qfl.security.keys.source import KeyExhausted, UnknownLink
 from qfl.security.keys.store import GeneratorState, KeyStore, link_name
+
+if TYPE_CHECKING:
+    from qfl.quantum.qkd.keyrate import LinkParams
 
 __all__ = ["DirectLink", "QuantumNetwork", "RelayedLink", "RelayRecord", "parse_link_spec", "resolve_rate"]
 
@@ -123,23 +128,16 @@ def resolve_rate(bits_per_s: RateSpec | object | None, distance_km: float) -> fl
     return rate
 
 
-def _is_link_params(obj: object) -> bool:
-    return type(obj).__name__ == "LinkParams" and hasattr(obj, "with_distance")
+def _is_link_params(obj: object) -> TypeGuard[LinkParams]:
+    return isinstance(obj, keyrate.LinkParams)
 
 
-def _keyrate_bits_per_s(params: object | None, distance_km: float) -> float:
+def _keyrate_bits_per_s(params: LinkParams | None, distance_km: float) -> float:
     """Adapter to :mod:`qfl.quantum.qkd.keyrate`: finite-key secret bits/s at ``distance_km``.
 
     ``l(N) * pulse_rate_hz / N`` with ``l`` the finite-key length of a block of
     N = ``keyrate.DEFAULT_BLOCK_PULSES`` pulses at eps_sec = ``keyrate.DEFAULT_EPS_SEC``.
     """
-    try:
-        from qfl.quantum.qkd import keyrate
-    except ImportError as exc:
-        raise ValueError(
-            "no bits_per_s given and the analytic key-rate model (qfl.quantum.qkd.keyrate) is not available; "
-            "pass bits_per_s= (a number or a function of distance_km)"
-        ) from exc
     p = keyrate.LinkParams(distance_km=distance_km) if params is None else params.with_distance(distance_km)
     return float(keyrate.finite_key_bits_per_s(p, keyrate.DEFAULT_BLOCK_PULSES, eps_sec=keyrate.DEFAULT_EPS_SEC))
 
@@ -222,11 +220,11 @@ class QuantumNetwork:
         """
         nodes = list(dict.fromkeys(nodes))
         net = cls(store)
-        overrides = {frozenset(k): dict(v) for k, v in (overrides or {}).items()}
+        by_pair = {frozenset(k): dict(v) for k, v in (overrides or {}).items()}
 
-        def params(a: str, b: str) -> dict[str, object]:
-            p = {"bits_per_s": bits_per_s, "distance_km": distance_km}
-            p.update(overrides.get(frozenset((a, b)), {}))
+        def params(a: str, b: str) -> dict[str, Any]:  # add_link's keyword arguments
+            p: dict[str, Any] = {"bits_per_s": bits_per_s, "distance_km": distance_km}
+            p.update(by_pair.get(frozenset((a, b)), {}))
             return p
 
         if topology == "mesh":
@@ -247,11 +245,11 @@ class QuantumNetwork:
         return net
 
     @classmethod
-    def mesh(cls, store: KeyStore, nodes: Sequence[str], **kwargs: object) -> QuantumNetwork:
+    def mesh(cls, store: KeyStore, nodes: Sequence[str], **kwargs: Any) -> QuantumNetwork:
         return cls.build(store, nodes, "mesh", **kwargs)
 
     @classmethod
-    def star(cls, store: KeyStore, nodes: Sequence[str], hub: str, **kwargs: object) -> QuantumNetwork:
+    def star(cls, store: KeyStore, nodes: Sequence[str], hub: str, **kwargs: Any) -> QuantumNetwork:
         return cls.build(store, nodes, "star", hub=hub, **kwargs)
 
     def add_node(self, name: str) -> None:
@@ -452,10 +450,10 @@ class QuantumNetwork:
                 "made_bits": link.made_bits, "pending_bits": link.pending_bits, "relay_bits": link.relay_bits,
                 "pool_made_bits": st.made_bits, "pool_used_bits": st.used_bits, "pool_left_bits": st.left_bits,
             }
-        for link in self.relayed.values():
-            st = self.store.status(link.a, link.b)
-            out[link.name] = {
-                "kind": "relayed", "path": list(link.path), "relayed_bits": link.relayed_bits,
+        for relayed in self.relayed.values():
+            st = self.store.status(relayed.a, relayed.b)
+            out[relayed.name] = {
+                "kind": "relayed", "path": list(relayed.path), "relayed_bits": relayed.relayed_bits,
                 "pool_made_bits": st.made_bits, "pool_used_bits": st.used_bits, "pool_left_bits": st.left_bits,
             }
         return out
@@ -496,5 +494,5 @@ def parse_link_spec(text: str, nodes: Sequence[str], *, default: float | None = 
             raise ValueError(f"link entry {entry!r} needs a value: {link.strip()}=NUMBER")
         else:
             number = float(default)
-        out[tuple(sorted((a, b)))] = number
+        out[(min(a, b), max(a, b))] = number  # sorted pair
     return out
