@@ -37,6 +37,7 @@ fails replies with an error and is dropped from the round.
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,7 @@ class KeyBudget:
     def _build_network(self) -> QuantumNetwork:
         cfg = self.cfg
         nodes = network_nodes(cfg.clients)
+        assert self.store is not None  # a network is built only over a key store (key_source = "store")
         overrides = {pair: {"distance_km": km} for pair, km in parse_link_spec(cfg.qkd_links, nodes).items()}
         net = QuantumNetwork.build(
             self.store, nodes, cfg.qkd_topology, hub=SERVER_SAE if cfg.qkd_topology == "star" else None,
@@ -109,10 +111,10 @@ class KeyBudget:
                 link.bits_per_s = 0.0
                 self.dead[link.name] = f"its BB84 run aborted: {result.abort_reason}"
                 log.warning("QKD link %s makes no key: %s", link.name, self.dead[link.name])
-        for link in net.relayed.values():
-            bad = [link_name(x, y) for x, y in link.hops if link_name(x, y) in self.dead]
+        for relayed in net.relayed.values():
+            bad = [link_name(x, y) for x, y in relayed.hops if link_name(x, y) in self.dead]
             if bad:
-                self.dead[link.name] = f"it is relayed over {', '.join(bad)}, which makes no key"
+                self.dead[relayed.name] = f"it is relayed over {', '.join(bad)}, which makes no key"
         return net
 
     @property
@@ -122,23 +124,28 @@ class KeyBudget:
     def tick(self) -> None:
         """The key the links make while one round runs (``qkd_round_s`` of simulated time).
 
-        First scrubs the store's WAL: the previous round's consumed key leaves
-        the files (see :meth:`qfl.security.keys.store.KeyStore.scrub`).
+        First wipes the keys earlier rounds took but never used (a master's key
+        whose slave never fetched it: :meth:`~qfl.security.keys.store.KeyStore.expire_undelivered`),
+        then scrubs the store's WAL, so the previous round's key leaves the files
+        (see :meth:`qfl.security.keys.store.KeyStore.scrub`).
         """
         if self.store is not None:
+            self.store.expire_undelivered(time.time())
             self.store.scrub()
         if self.network is not None and self.cfg.qkd_round_s > 0:
             self.network.advance(self.cfg.qkd_round_s)
 
     def close(self) -> None:
-        """End of the run: scrub the store's WAL and close this thread's connection."""
+        """End of the run: wipe unused taken keys, scrub the store's WAL, close this thread's connection."""
         if self.store is not None:
+            self.store.expire_undelivered(time.time())
             self.store.scrub()
             self.store.close()
 
     # -- admission -----------------------------------------------------------------------------
 
     def _shortfalls(self, needs: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+        assert self.store is not None  # only called with a network, i.e. with a key store
         short = {}
         for (a, b), bits in needs.items():
             left = self.store.status(a, b).left_bits
@@ -214,6 +221,7 @@ class KeyBudget:
 
     def _status(self, name: str):
         a, _, b = name.partition("~")
+        assert self.store is not None  # only called with a network, i.e. with a key store
         return self.store.status(a, b)
 
     def physical(self, per_link: dict[str, int]) -> int:

@@ -281,3 +281,27 @@ def test_crash_and_resume_makes_no_key_twice(run_pair):
     for p in killed.iterdir():
         if p.name.startswith("keys.db"):
             assert stat.S_IMODE(p.stat().st_mode) == 0o600, p.name
+
+
+def test_a_key_no_slave_fetched_is_wiped_when_its_round_is_over(tmp_path):
+    import time
+
+    from qfl.security.keys.source import UnknownKey
+    from qfl.security.keys.store import KeyStore
+
+    store = KeyStore(tmp_path / "keys.db")
+    store.add_link("a", "b")
+    store.deposit("a", "b", bytes(range(64)))
+    orphan = store.enc_keys("a", "b", 1, 128)[0]
+    time.sleep(0.01)
+    later = time.time()
+    time.sleep(0.01)
+    fresh = store.enc_keys("a", "b", 1, 128)[0]
+    assert store.expire_undelivered(later) == 1
+    with pytest.raises(UnknownKey):
+        store.dec_keys("b", "a", [orphan.key_id])
+    assert store.dec_keys("b", "a", [fresh.key_id])[0].key == fresh.key
+    assert store.verify() == []
+    store.scrub()
+    raw = (tmp_path / "keys.db").read_bytes()
+    assert orphan.key not in raw

@@ -133,6 +133,7 @@ _INHERITED: list[sqlite3.Connection] = []  # connections a forked child got from
 STATE_DELIVERED = "delivered-to-master"
 STATE_CONSUMED = "consumed"
 STATE_RELAYED = "relayed"  # taken by a trusted relay to make key on another link; never delivered
+STATE_EXPIRED = "expired"  # taken by a master, never fetched by the slave before its round ended; wiped
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -163,7 +164,8 @@ CREATE TABLE IF NOT EXISTS keys (
     slave        TEXT NOT NULL,
     offset_bits  INTEGER NOT NULL CHECK (offset_bits >= 0),
     size_bits    INTEGER NOT NULL CHECK (size_bits > 0),
-    state        TEXT NOT NULL CHECK (state IN ('{STATE_DELIVERED}', '{STATE_CONSUMED}', '{STATE_RELAYED}')),
+    state        TEXT NOT NULL CHECK (state IN ('{STATE_DELIVERED}', '{STATE_CONSUMED}', '{STATE_RELAYED}',
+                                                '{STATE_EXPIRED}')),
     material     BLOB,
     created_at   REAL NOT NULL,
     delivered_at REAL,
@@ -627,6 +629,21 @@ class KeyStore:
                 )
                 out.append(KeyContainer(key_id, row[4]))
             return out
+
+    def expire_undelivered(self, taken_before: float) -> int:
+        """Wipe every key a master took before ``taken_before`` (a ``time.time()``) that no slave fetched.
+
+        Such a key belongs to a round that is over (a client crashed between
+        taking and using it, or an upload came too late to be opened): its
+        material is deleted, its id can never be fetched again, and its bits
+        stay spent. Returns how many keys were wiped.
+        """
+        with self._tx() as tx:
+            cur = tx._con.execute(
+                "UPDATE keys SET state = ?, material = NULL WHERE state = ? AND created_at < ?",
+                (STATE_EXPIRED, STATE_DELIVERED, float(taken_before)),
+            )
+            return int(cur.rowcount)
 
     def status(self, master: str, slave: str) -> LinkStatus:
         """made/used/left bits of the link joining master and slave (UnknownLink if none)."""
