@@ -52,7 +52,8 @@ def bench_quantum(
             layer = vqc.quantum_layer(spec, backend)
             rng = np.random.default_rng(seed)
             with torch.no_grad():
-                layer.weights.copy_(torch.as_tensor(rng.normal(0, 1, tuple(layer.weights.shape))))
+                weights = layer.get_parameter("weights")
+                weights.copy_(torch.as_tensor(rng.normal(0, 1, tuple(weights.shape))))
             x = torch.as_tensor(vqc.pack_states(_haar_states(batch, n, seed)))
 
             def forward() -> None:

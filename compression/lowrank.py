@@ -69,7 +69,7 @@ class PowerSGDCodec(Codec):
             raise ValueError(f"powersgd rank must be an integer >= 1, got {rank!r}")
         if rank < 1:
             raise ValueError(f"powersgd rank must be >= 1, got {rank}")
-        self.rank = int(rank)
+        self.rank: int = int(rank)
 
     def __repr__(self) -> str:
         return f"PowerSGDCodec(rank={self.rank})"

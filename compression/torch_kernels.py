@@ -30,7 +30,7 @@ from .wire import pack_header
 
 _FP16_MAX = 65504.0
 _BF16_MAX = float(np.array([0x7F7F0000], dtype="<u4").view("<f4")[0])
-_WEIGHTS = {}
+_WEIGHTS: dict[torch.device, torch.Tensor] = {}
 
 
 def _bit_weights(device: torch.device) -> torch.Tensor:

@@ -180,7 +180,7 @@ def _check(cfg: RunConfig) -> None:
     need(cfg.key_policy in KEY_POLICIES, f"unknown key_policy {cfg.key_policy!r}; choose one of {', '.join(KEY_POLICIES)}")
     need(cfg.key_source in KEY_SOURCES, f"unknown key_source {cfg.key_source!r}; choose one of {', '.join(KEY_SOURCES)}")
     need(
-        cfg.key_source != "kms" or (cfg.kms_url.startswith("https://") and cfg.kms_certs),
+        cfg.key_source != "kms" or (cfg.kms_url.startswith("https://") and bool(cfg.kms_certs)),
         "key_source='kms' needs kms_url='https://host:port' and kms_certs=DIR (made by `qfl certs`)",
     )
     need(
@@ -228,7 +228,8 @@ def _check(cfg: RunConfig) -> None:
 def resolve_config(values: Mapping[str, Any]) -> RunConfig:
     """Build a checked RunConfig from flat keys (``codec.bits`` style allowed)."""
     kwargs: dict[str, Any] = {}
-    tables: dict[str, dict[str, Any]] = {name: {} for name in _PARAM_TABLES.values()}
+    # RunConfig's *_params fields, each a dict[str, Any]; typed Any so that **tables type-checks beside **kwargs
+    tables: dict[str, Any] = {name: {} for name in _PARAM_TABLES.values()}
     for key, value in values.items():
         prefix, dot, rest = key.partition(".")
         if dot and prefix in _PARAM_TABLES:
@@ -242,8 +243,8 @@ def resolve_config(values: Mapping[str, Any]) -> RunConfig:
         else:
             close = difflib.get_close_matches(key, list(_FIELDS) + [p + ".NAME" for p in _PARAM_TABLES], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            tables = ", ".join(f"{p}.NAME" for p in _PARAM_TABLES)
-            raise ConfigError(f"unknown config key {key!r}{hint} (valid keys: {', '.join(sorted(_FIELDS))}, {tables})")
+            table_keys = ", ".join(f"{p}.NAME" for p in _PARAM_TABLES)
+            raise ConfigError(f"unknown config key {key!r}{hint} (valid keys: {', '.join(sorted(_FIELDS))}, {table_keys})")
     cfg = RunConfig(**kwargs, **tables)
     _check(cfg)
     return cfg

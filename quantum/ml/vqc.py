@@ -312,7 +312,7 @@ class QiskitCircuit:
 
 class _QiskitFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, inputs: torch.Tensor, weights: torch.Tensor, circuit: QiskitCircuit) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, inputs: torch.Tensor, weights: torch.Tensor, circuit: QiskitCircuit) -> torch.Tensor:
         x = inputs.detach().cpu().numpy()
         w = weights.detach().cpu().numpy()
         if weights.requires_grad or inputs.requires_grad:
@@ -324,7 +324,7 @@ class _QiskitFunction(torch.autograd.Function):
         return torch.from_numpy(value).to(weights.dtype)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         dw, dx = ctx.saved_tensors
         g = grad.to(dw.dtype)
         grad_w = torch.einsum("bi,bip->p", g, dw).reshape(ctx.weight_shape)
@@ -365,5 +365,5 @@ def expectations(spec: CircuitSpec, backend: str, inputs: np.ndarray, weights: n
     """⟨Z_i⟩ of the circuit for each input row (angles, or packed states from :func:`pack_states`)."""
     layer = quantum_layer(spec, backend)
     with torch.no_grad():
-        layer.weights.copy_(torch.as_tensor(np.asarray(weights, dtype=np.float64)))
+        layer.get_parameter("weights").copy_(torch.as_tensor(np.asarray(weights, dtype=np.float64)))
         return layer(torch.from_numpy(np.array(inputs, dtype=np.float64))).numpy()

@@ -285,7 +285,8 @@ def peer_identity(tls: ssl.SSLSocket) -> str | None:
         return None
     if not cert:
         return None
-    cns = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+    # subject: a tuple of RDNs, each a tuple of (name, value) pairs; typeshed types a value as str | tuple
+    cns = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]  # type: ignore[str-unpack]
     if len(cns) != 1 or not cns[0]:
         return None
     return cns[0]
@@ -301,7 +302,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.caller = peer_identity(self.connection)  # type: ignore[arg-type]
+        self.caller = peer_identity(self.connection)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         log.debug("%s %s", self.address_string(), format % args)
@@ -407,7 +408,7 @@ class _TlsHttpServer(ThreadingHTTPServer):
             self._live.add(tls)
             self.handshakes += 1
         try:
-            self.RequestHandlerClass(tls, client_address, self)
+            self.RequestHandlerClass(tls, client_address, self)  # type: ignore[arg-type]  # typeshed wants Self of BaseServer
         except (ssl.SSLError, OSError) as e:
             log.debug("connection from %s ended: %s", client_address, e)
         finally:
