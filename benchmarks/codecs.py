@@ -167,6 +167,8 @@ def bench_codecs_torch(device: str = "cuda", size: int = 1 << 24, repeats: int =
         "sign": lambda: tk.encode_sign(x),
     }
     rows = []
+    encode: Callable[..., Any]  # lambdas with bound defaults (p=params, h=half)
+    decode: Callable[..., Any]
     for label, name, params in TORCH_CODECS:
         if name == "qsgd":
             encode = lambda p=params: tk.encode_qsgd(x, p["bits"], p["bucket"], gen)  # noqa: E731

@@ -58,6 +58,7 @@ from qfl.compression import PAYLOAD_STYPE, Codec, EncodeContext, PayloadError, c
 from qfl.compression.codec import CodecError
 from qfl.compression.entropy import EntropyCodec
 from qfl.compression.wire import pack_header
+from qfl.errors import QflError
 
 F32 = np.dtype("<f4")
 SHAPES: list[tuple[int, ...]] = [(), (0,), (1,), (5,), (3, 4), (64,), (17, 9), (2, 3, 4), (1, 1, 1, 2), (513,), (40, 50), (257, 300)]
@@ -226,12 +227,12 @@ def make_payload(kind: str, codec: Codec, shape: tuple[int, ...], rng: np.random
         return rng.bytes(int(rng.integers(0, 2 * valid_len + 16)))
     if kind == "header+random":
         valid = valid_payload(codec, shape, seed)
-        head = len(pack_header(codec.codec_id, F32, shape))
-        length = max(0, len(valid) - head + int(rng.integers(-8, 9)))
+        head_len = len(pack_header(codec.codec_id, F32, shape))
+        length = max(0, len(valid) - head_len + int(rng.integers(-8, 9)))
         if rng.random() < 0.5:  # the real fields, random bits after them
-            keep = min(len(valid), head + int(rng.integers(0, 24)))
+            keep = min(len(valid), head_len + int(rng.integers(0, 24)))
             return valid[:keep] + rng.bytes(max(0, len(valid) - keep + int(rng.integers(-4, 5))))
-        return valid[:head] + rng.bytes(length)
+        return valid[:head_len] + rng.bytes(length)
     if kind == "mutated":
         return apply_mutations(valid_payload(codec, shape, seed), random_ops(rng, numel, int(rng.integers(1, 5))))
     if kind == "inner-mutated":
@@ -266,7 +267,7 @@ def make_payload(kind: str, codec: Codec, shape: tuple[int, ...], rng: np.random
 # -------------------------------------------------------------------- running
 
 
-class _Abort(Exception):
+class _Abort(QflError):
     """Raised by SIGALRM in a case past the abort limit."""
 
 
@@ -416,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    progress=lambda n: print(f"  {n} cases, {time.perf_counter() - start:.0f} s", file=sys.stderr))
     print(format_table(tallies))
     failures = {label: t for label, t in tallies.items() if t.crashes or t.hangs or t.oversize}
-    kinds = Counter()
+    kinds: Counter[str] = Counter()
     for t in failures.values():
         kinds.update(crashes=t.crashes, hangs=t.hangs, oversize=t.oversize)
     print(f"\n{sum(t.cases for t in tallies.values())} cases over {len(tallies)} targets in "

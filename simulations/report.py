@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from qfl.config import RunConfig
@@ -104,7 +104,7 @@ class ConsoleReporter:
         self.console = console or Console(width=None if sys.stdout.isatty() else 140)
         self.live = live and self.console.is_terminal
         self.progress: Progress | None = None
-        self.task = None
+        self.task: TaskID | None = None
         self.run_dir = Path(".")
 
     def start(self, cfg: RunConfig, run_dir: Path, first_round: int) -> None:
@@ -135,7 +135,7 @@ class ConsoleReporter:
 
     def round(self, record: dict[str, Any]) -> None:
         line = "  ".join(f"{h}={_cell(fmt, record.get(k))}" for k, h, fmt in COLUMNS)
-        if self.progress is not None:
+        if self.progress is not None and self.task is not None:  # start() sets both
             self.progress.update(self.task, advance=1, status=f"acc {record['accuracy']:.3f}")
             self.progress.console.print(line)
 

@@ -52,7 +52,7 @@ def run_simulation_job(
         logging.getLogger("flwr").setLevel(logging.ERROR)
     errors: list[BaseException] = []
     server_app = make_server_app(cfg, run_dir, reporter or ConsoleReporter(), resume, errors)
-    backend_config = {
+    backend_config: dict[str, dict[str, Any]] = {
         "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
         "init_args": {"logging_level": "ERROR", "log_to_driver": verbose, "include_dashboard": False},
     }
