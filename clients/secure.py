@@ -38,7 +38,7 @@ from flwr.app import (
 )
 
 from qfl.config import RunConfig
-from qfl.records import as_int, as_list
+from qfl.records import as_int, as_iterable
 from qfl.security.keys.source import KeySource
 from qfl.security.keys.sources import KeySourceConfig, open_key_source
 from qfl.security.secagg import (
@@ -138,7 +138,7 @@ def masked_reply(
     source = key_source(cfg, partition_id)
     keys = _load_keys(context, plan.round)
     try:
-        masters = dict(zip((int(p) for p in as_list(sec["masters"])), (str(k) for k in as_list(sec["master-key-ids"]))))
+        masters = dict(zip((as_int(p) for p in as_iterable(sec["masters"])), (str(k) for k in as_iterable(sec["master-key-ids"]))))
     except (KeyError, TypeError, ValueError) as err:
         raise SecAggError(f"the train message lacks the key ids of the lower peers: {err}") from None
     keys.update(fetch_pair_keys(source, partition_id, masters))
