@@ -25,9 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class DatasetNotFound(FileNotFoundError):
-    """The files of a dataset are not where they were expected."""
+from qfl.errors import DatasetNotFound
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from qfl.errors import PartitionError
+
 _MAX_DRAWS = 1000
-
-
-class PartitionError(ValueError):
-    """The requested split is impossible (more clients than samples, ...)."""
 
 
 def partition_iid(num_samples: int, num_clients: int, seed: int) -> list[np.ndarray]:

@@ -36,11 +36,9 @@ from typing import ClassVar
 
 import numpy as np
 
+from qfl.errors import CodecError
+
 from .summable import clip_flags, decode_grid_sum, ring_input, summable_codec_names
-
-
-class CodecError(ValueError):
-    """A payload cannot be decoded (malformed, truncated, tampered or foreign)."""
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,11 @@ from collections.abc import Mapping, MutableMapping
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from qfl.errors import PayloadError
+
 from .codec import Codec, CodecError, EncodeContext
 
 PAYLOAD_STYPE = "qfl.codec/v1"
-
-
-class PayloadError(ValueError):
-    """An update record is missing tensors, has foreign arrays, or non-finite values."""
 
 
 def tensor_seed(round_seed: int, name: str) -> int:

@@ -442,16 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qfl.clients.datasets import DatasetNotFound
-    from qfl.config import ConfigError
-    from qfl.server.federation import ResumeError
-    from qfl.security.keys.store import StoreOutdated
-    from qfl.server.key_budget import KeyBudgetExceeded
+    """Run one ``qfl`` command; a :class:`~qfl.errors.QflError` ends it with one line on stderr and status 2."""
+    from qfl.errors import QflError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DatasetNotFound, ResumeError, KeyBudgetExceeded, StoreOutdated) as err:
+    except QflError as err:
         print(f"qfl {args.command}: {err}", file=sys.stderr)
         return 2
 

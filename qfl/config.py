@@ -23,6 +23,8 @@ from typing import Any
 
 import tomli_w
 
+from qfl.errors import ConfigError
+
 MODELS = ("cnn", "mlp", "vqc", "hybrid")
 DATASETS = ("digits", "mnist", "cifar10", "ntangled", "magic")
 SECURITY_MODES = ("none", "masked-sum", "channel-pad", "expanded")
@@ -32,10 +34,6 @@ KEY_SOURCES = ("store", "kms")
 QKD_TOPOLOGIES = ("mesh", "star")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
 _PARAM_TABLES = {"codec": "codec_params", "downlink_codec": "downlink_codec_params"}
-
-
-class ConfigError(ValueError):
-    """A configuration key or value is invalid; the message names the fix."""
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,7 @@ import numpy as np
 from qfl.compression import Codec, make_summable_codec
 from qfl.compression.payload import tensor_seed
 from qfl.compression.summable import ring_bits
+from qfl.errors import SecAggError, UnknownKeyId
 
 from qfl.security.primitives import mac, shamir
 from qfl.security.keys.source import KeyContainer, KeySource, UnknownKey
@@ -141,14 +142,6 @@ TAG_BYTES = mac.MAC_TAG_BYTES
 SEALED_STYPE = "qfl.secagg/v1"
 MAX_PARTICIPANTS = shamir.P - 1  # evaluation points pid + 1 must stay below p
 _TAG_DOMAIN = b"qfl-secagg/v1\x00"
-
-
-class SecAggError(ValueError):
-    """An upload, share or reveal that must not be used: tampered, replayed, malformed or refused."""
-
-
-class UnknownKeyId(SecAggError):
-    """A sealed message names a key id the key layer does not (or no longer) hold: replayed or forged."""
 
 
 def client_sae(partition_id: int) -> str:

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from qfl.clients.tasks import ClientTask, task_for
 from qfl.compression import make_codec
 from qfl.config import RunConfig, resolve_config
+from qfl.errors import ResumeError
 from qfl.files import atomic_write_bytes, atomic_write_json
 from qfl.records import as_int
 from qfl.security.secagg import MASKED_MODES, SECURITY_LEVELS
@@ -44,10 +45,6 @@ class Reporter(Protocol):
     def start(self, cfg: RunConfig, run_dir: Path, first_round: int) -> None: ...
     def round(self, record: dict[str, Any]) -> None: ...
     def finish(self, summary: dict[str, Any], history: list[dict[str, Any]]) -> None: ...
-
-
-class ResumeError(RuntimeError):
-    """A run directory cannot be resumed."""
 
 
 @dataclass

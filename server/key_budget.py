@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qfl.config import RunConfig
+from qfl.errors import KeyBudgetExceeded
 from qfl.quantum.qkd.bb84 import simulate_bb84
 from qfl.quantum.qkd.network import QuantumNetwork, RelayedLink, parse_link_spec
 from qfl.security.keys.source import KeyExhausted, KeySource
@@ -53,10 +54,6 @@ from qfl.security.secagg import SERVER_SAE, client_sae, network_nodes
 log = logging.getLogger("qfl.keys")
 
 MIN_EVE_CHECK_PULSES = 1_000_000
-
-
-class KeyBudgetExceeded(RuntimeError):
-    """key_policy = abort and a link cannot pay for the round."""
 
 
 @dataclass

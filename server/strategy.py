@@ -49,6 +49,7 @@ from flwr.supercore import log
 
 from qfl.compression import Codec, PayloadError, decode_update, encode_update, payload_bytes
 from qfl.config import RunConfig
+from qfl.errors import NotEnoughNodes
 from qfl.security.secagg import SecAggError
 
 from .optimizers import ServerOptimizer, weighted_mean
@@ -56,10 +57,6 @@ from .untrusted import UntrustedValue, capped_examples, finite_float, int_in_ran
 
 MAX_PARTITION_ID = 2**31 - 1  # when the strategy is not told how many partitions there are
 MAX_ABS_LOSS = 1e15  # a larger |loss| is no honest loss, and could overflow the weighted mean
-
-
-class NotEnoughNodes(RuntimeError):
-    """Fewer nodes connected than the run needs, within the timeout."""
 
 
 def weights_to_record(weights: dict[str, np.ndarray]) -> ArrayRecord:

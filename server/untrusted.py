@@ -21,11 +21,9 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
+from qfl.errors import UntrustedValue
+
 __all__ = ["UntrustedValue", "finite_float", "int_in_range", "capped_examples"]
-
-
-class UntrustedValue(ValueError):
-    """A client-sent value is of the wrong type, non-finite or out of range."""
 
 
 def _show(value: object) -> str:

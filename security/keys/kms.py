@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from qfl.errors import ApiError
 from qfl.security.keys.certs import CA_FILE, KME_CERT_FILE, KME_KEY_FILE
 from qfl.security.keys.kms_client import restrict_to_aead
 from qfl.security.keys.source import KeyContainer, KeyExhausted, KeySource, LinkStatus, UnknownKey, UnknownLink
@@ -74,17 +75,6 @@ class KmsLimits:
             raise ValueError("KmsLimits needs min_key_size <= key_size <= max_key_size")
         if self.max_key_per_request < 1:
             raise ValueError("KmsLimits.max_key_per_request must be >= 1")
-
-
-class ApiError(Exception):
-    """An error answered with the Error data format (6.5)."""
-
-    def __init__(self, status: int, code: str, message: str, **detail: Any) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.detail = status, code, message, detail
-
-    def body(self) -> dict[str, Any]:
-        return {"message": self.message, "details": [{"qfl_error": self.code, **self.detail}]}
 
 
 def _bad(message: str, code: str = "bad_request", **detail: Any) -> ApiError:

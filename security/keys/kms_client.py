@@ -31,34 +31,11 @@ import threading
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from qfl.errors import KmsBadRequest, KmsError, KmsUnauthorized, KmsUnavailable, WrongSae
 from qfl.security.keys.certs import certificate_common_name
-from qfl.security.keys.source import KeyContainer, KeyExhausted, KeyLayerError, LinkStatus, UnknownKey, UnknownLink
+from qfl.security.keys.source import KeyContainer, KeyExhausted, LinkStatus, UnknownKey, UnknownLink
 
 API_PREFIX = "/api/v1/keys/"
-
-
-class KmsError(KeyLayerError):
-    """The KME answered with an error that is not one of the key-layer errors."""
-
-    def __init__(self, status: int, message: str, details: list[Any] | None = None) -> None:
-        self.status, self.message, self.details = status, message, details or []
-        super().__init__(f"KME answered {status}: {message}" if status else message)
-
-
-class KmsBadRequest(KmsError, ValueError):
-    """400: the KME found the request malformed (size not a multiple of 8, too many keys...)."""
-
-
-class KmsUnauthorized(KmsError):
-    """401: the client certificate carries no usable SAE identity."""
-
-
-class KmsUnavailable(KmsError, ConnectionError):
-    """The KME could not be reached, or the TLS handshake failed."""
-
-
-class WrongSae(KmsError, ValueError):
-    """The call names an SAE other than the one this source's certificate speaks for."""
 
 
 #: The TLS 1.2 cipher suites the KME and its clients negotiate (OpenSSL cipher string): ECDHE

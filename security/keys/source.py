@@ -18,28 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-
-class KeyLayerError(Exception):
-    """Base class of key-layer errors."""
-
-
-class KeyExhausted(KeyLayerError):
-    """A link's pool holds fewer bits than requested; nothing was taken."""
-
-    def __init__(self, link: str, requested_bits: int, available_bits: int) -> None:
-        self.link, self.requested_bits, self.available_bits = link, requested_bits, available_bits
-        super().__init__(
-            f"link {link!r} has {available_bits} key bits left, {requested_bits} requested; "
-            "wait for the link to make more key, lower the key cost (a smaller codec), or change the exhaustion policy"
-        )
-
-
-class UnknownKey(KeyLayerError):
-    """A key_id that does not exist, belongs to another link/SAE, or was already delivered."""
-
-
-class UnknownLink(KeyLayerError):
-    """No link joins the two SAEs named."""
+from qfl.errors import KeyExhausted as KeyExhausted
+from qfl.errors import KeyLayerError as KeyLayerError
+from qfl.errors import UnknownKey as UnknownKey
+from qfl.errors import UnknownLink as UnknownLink
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,8 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from qfl.security.keys.source import KeyContainer, KeyExhausted, KeyLayerError, LinkStatus, UnknownKey, UnknownLink
+from qfl.errors import StoreCorrupt, StoreOutdated
+from qfl.security.keys.source import KeyContainer, KeyExhausted, LinkStatus, UnknownKey, UnknownLink
 
 __all__ = [
     "CHUNK_BYTES",
@@ -183,14 +184,6 @@ CREATE TABLE IF NOT EXISTS deposits (
 );
 CREATE INDEX IF NOT EXISTS deposits_by_digest ON deposits (sha256);
 """
-
-
-class StoreCorrupt(KeyLayerError):
-    """The store's counters and its pool content disagree (never expected; the file was edited or damaged)."""
-
-
-class StoreOutdated(StoreCorrupt):
-    """The file was written by an older qfl with another schema; the message names the fix."""
 
 
 @dataclass(frozen=True)
