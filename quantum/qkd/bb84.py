@@ -149,8 +149,8 @@ def _make_rngs(seed) -> tuple[np.random.Generator, np.random.Generator]:
         private, public = seed.spawn(2)
         return private, public
     ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
-    private, public = ss.spawn(2)
-    return np.random.default_rng(private), np.random.default_rng(public)
+    private_ss, public_ss = ss.spawn(2)
+    return np.random.default_rng(private_ss), np.random.default_rng(public_ss)
 
 
 def _as_rng(seed) -> np.random.Generator:
@@ -461,7 +461,7 @@ def _is_finite_number(x) -> bool:
 
 def _validate(pulses, distance_km, eve_fraction, p) -> None:
     _check(
-        isinstance(pulses, numbers.Integral) and not isinstance(pulses, bool) and pulses > 0,
+        isinstance(pulses, numbers.Integral) and not isinstance(pulses, bool) and int(pulses) > 0,
         f"pulses must be a positive integer, got {pulses!r}; pass the number of laser pulses, e.g. pulses=1_000_000",
     )
     _check(
@@ -490,7 +490,7 @@ def _validate(pulses, distance_km, eve_fraction, p) -> None:
     _check(0 < p["eps_sec"] < 1, f"eps_sec must be in (0, 1), got {p['eps_sec']}; the finite-key security parameter, e.g. 1e-10")
     _check(2.0**-1024 < p["eps_cor"] < 1,
            f"eps_cor must be in (0, 1), got {p['eps_cor']}; the chance the keys differ, e.g. 2**-64 (a 64-bit tag)")
-    _check(isinstance(p["cascade_passes"], numbers.Integral) and p["cascade_passes"] >= 1,
+    _check(isinstance(p["cascade_passes"], numbers.Integral) and int(p["cascade_passes"]) >= 1,
            f"cascade_passes must be an integer >= 1, got {p['cascade_passes']!r}")
 
 
@@ -609,7 +609,7 @@ def _decoy_stats(pulses_by_kind, clicks_by_kind, sifted_by_kind, errors_by_kind,
     Q_mu, Q_nu, Y0 = gains["signal"], gains["decoy"], gains["vacuum"]
     E_mu, E_nu = qbers["signal"], qbers["decoy"]
     y1 = e1 = q1 = bits = None
-    if None not in (Q_mu, Q_nu, Y0, E_nu) and nu > 0:
+    if Q_mu is not None and Q_nu is not None and Y0 is not None and E_nu is not None and nu > 0:
         y1 = float(mu / (mu * nu - nu * nu) * (
             Q_nu * math.exp(nu) - Q_mu * math.exp(mu) * nu * nu / (mu * mu) - (mu * mu - nu * nu) / (mu * mu) * Y0
         ))
@@ -757,6 +757,7 @@ def simulate_bb84(
 
     if n_sift < 2 or n_rest == 0:
         return finish(f"too few sifted bits ({n_sift}) for estimation and a key; send more pulses or shorten the fiber")
+    assert qber is not None  # n_sift >= 2, so n_sample >= 1
     if qber > qber_threshold:
         return finish(f"estimated QBER {qber:.4f} > threshold {qber_threshold:g}: possible eavesdropping, key discarded")
 
