@@ -14,6 +14,15 @@ short-lived; the context is not).
 The node's ``partition-id`` and ``num-partitions`` come from its node config:
 the simulation engine sets them; on the deployment engine pass them with
 ``flower-supernode --node-config "partition-id=0 num-partitions=2"``.
+
+Secure aggregation is the mod :func:`qfl.clients.secure.secagg_mod`, installed
+on the app. It answers the workflow's ``query.secagg_*`` messages itself and
+wraps the train handler, whose only part in it is one check: under a masked
+mode the mod marks the train message (:func:`qfl.clients.secure.wants_raw_delta`)
+and the handler replies with the raw Δ under the record ``"delta"``
+(float32, :func:`qfl.clients.secure.raw_delta_record`) instead of ``update``;
+the mod masks and seals it, and Δ itself never leaves the node. Under
+channel-pad the handler replies as usual and the mod pads the ``update``.
 """
 
 from __future__ import annotations
@@ -26,7 +35,6 @@ from flwr.clientapp import ClientApp
 from qfl.compression import decode_update, encode_update, make_codec
 from qfl.config import RunConfig, resolve_config
 from qfl.records import as_int
-from qfl.security.secagg import MASKED_MODES
 from qfl.seeds import round_seed, task_seed
 
 from . import secure
@@ -34,7 +42,8 @@ from .tasks import task_for
 
 CODEC_STATE = "codec-state"
 
-app = ClientApp()
+app = ClientApp(mods=[secure.secagg_mod])
+secure.route_queries(app)  # the query.secagg_* messages reach secagg_mod, which answers them
 
 
 def _run_config(record: ConfigRecord):
@@ -79,39 +88,14 @@ def train(msg: Message, context: Context) -> Message:
     partition_id, num_partitions = _partition(context)
     delta, num_examples, loss = task_for(cfg).local_update(_global_weights(msg, cfg), partition_id, num_partitions, server_round)
     metrics = MetricRecord({"num-examples": num_examples, "train-loss": loss, "partition-id": partition_id})
-    seed = task_seed(cfg.seed, server_round, partition_id)
-    mode = msg.content["secagg"]["mode"] if "secagg" in msg.content.config_records else "none"
-    if mode in MASKED_MODES:
-        content = secure.masked_reply(msg, context, cfg, partition_id, delta, seed)
-        content["metrics"] = metrics
-        return Message(content, reply_to=msg)
-    codec = make_codec(cfg.codec, cfg.codec_params, seed=seed)
+    if secure.wants_raw_delta(msg):  # a masked mode: secagg_mod masks Δ; it never leaves the node
+        return Message(RecordDict({secure.RAW_DELTA: secure.raw_delta_record(delta), "metrics": metrics}), reply_to=msg)
+    codec = make_codec(cfg.codec, cfg.codec_params, seed=task_seed(cfg.seed, server_round, partition_id))
     states = load_codec_state(context) if codec.traits.stateful else None
     update = encode_update(delta, codec, round_seed(cfg.seed, server_round), states)
     if states is not None:
         save_codec_state(context, states)
-    if mode == "channel-pad":
-        content = secure.padded_reply(cfg, partition_id, server_round, update)
-        content["metrics"] = metrics
-        return Message(content, reply_to=msg)
     return Message(RecordDict({"update": update, "metrics": metrics}), reply_to=msg)
-
-
-@app.query("secagg_hello")
-def secagg_hello(msg: Message, context: Context) -> Message:
-    return secure.hello(msg, _partition(context)[0])
-
-
-@app.query("secagg_setup")
-def secagg_setup(msg: Message, context: Context) -> Message:
-    cfg, _ = _run_config(msg.content.config_records["config"])
-    return secure.setup(msg, context, cfg, _partition(context)[0])
-
-
-@app.query("secagg_reveal")
-def secagg_reveal(msg: Message, context: Context) -> Message:
-    cfg, _ = _run_config(msg.content.config_records["config"])
-    return secure.reveal(msg, context, cfg, _partition(context)[0])
 
 
 @app.evaluate()

@@ -1,5 +1,23 @@
 """The client half of secure aggregation (see qfl.security.secagg and qfl.server.secure).
 
+It is one Flower mod, :func:`secagg_mod`, installed on the ClientApp
+(``ClientApp(mods=[secagg_mod])``), as Flower's own SecAgg+ is. The mod answers
+the workflow's queries (``query.secagg_hello|setup|reveal``) without calling
+the app, and wraps the app's train handler:
+
+- masked-sum / expanded: the mod marks the train message; seeing the mark
+  (:func:`wants_raw_delta`), the train handler replies with the raw Δ as
+  float32 arrays under the record name ``"delta"`` (:func:`raw_delta_record`)
+  plus its ``metrics``, instead of a codec payload. The mod masks and seals Δ
+  and replies with ``update``/``seal``/``shares`` and the ``metrics`` only; the
+  raw Δ never leaves the node (a failure is an error reply, never Δ).
+- channel-pad: the train handler encodes as usual; the mod pads and seals the
+  ``update`` it returns (a transport step).
+- security=none, evaluate: passed through untouched.
+
+The train handler knows nothing of masking or padding beyond that one signal.
+Message formats are those of qfl.server.secure.
+
 State, in the node's ``context.state`` (Flower keeps it across the messages of
 a run):
 
@@ -32,16 +50,22 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
+    Error,
     Message,
+    MessageType,
     MetricRecord,
     RecordDict,
 )
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
 
-from qfl.config import RunConfig
+from qfl.config import RunConfig, resolve_config
 from qfl.records import as_int, as_iterable
 from qfl.security.keys.source import KeySource
 from qfl.security.keys.sources import KeySourceConfig, open_key_source
 from qfl.security.secagg import (
+    MASKED_MODES,
     SEALED_STYPE,
     RoundPlan,
     SecAggError,
@@ -55,12 +79,17 @@ from qfl.security.secagg import (
     seal,
     take_pair_keys,
 )
+from qfl.seeds import task_seed
 
 KEYS_STATE = "secagg-keys"
 PLAN_STATE = "secagg-plan"
 LOG_STATE = "secagg-log"
 PADDED_SUFFIX = "+pad"
 PIN_MASKING = "secure-masking"  # node config key: "double" refuses single-masking plans
+# the query messages of qfl.server.secure's workflow (the same strings as there)
+HELLO, SETUP, REVEAL = "query.secagg_hello", "query.secagg_setup", "query.secagg_reveal"
+RAW_DELTA = "delta"  # the train handler's reply record under a masked mode: Δ as float32, never sent
+RAW_DELTA_MARK = "secagg-raw-delta"  # set by secagg_mod only, on a masked-mode train message
 
 
 def key_source(cfg: RunConfig, partition_id: int) -> KeySource:
@@ -125,16 +154,23 @@ def setup(msg: Message, context: Context, cfg: RunConfig, partition_id: int) -> 
     return Message(RecordDict({"pair-keys": ids}), reply_to=msg)
 
 
-def masked_reply(
-    msg: Message, context: Context, cfg: RunConfig, partition_id: int, delta: dict[str, np.ndarray], seed: int
-) -> RecordDict:
-    """Mask, pack and seal Δ for a masked-sum / expanded round; the self-mask shares travel beside it."""
-    sec = msg.content["secagg"]
+def _upload_plan(msg: Message, context: Context, partition_id: int) -> RoundPlan:
+    """The plan of a masked train message; SecAggError if this client may not upload under it (one upload a round)."""
     plan = _plan(msg, context)
     uploaded, answered = _log(context)
     if plan.round <= max(uploaded, answered):
         raise SecAggError(f"client {partition_id} already uploaded in round {uploaded}; refusing a second upload "
                           f"for round {plan.round}")
+    return plan
+
+
+def masked_reply(
+    msg: Message, context: Context, cfg: RunConfig, partition_id: int, delta: dict[str, np.ndarray], seed: int
+) -> RecordDict:
+    """Mask, pack and seal Δ for a masked-sum / expanded round; the self-mask shares travel beside it."""
+    sec = msg.content["secagg"]
+    plan = _upload_plan(msg, context, partition_id)
+    _, answered = _log(context)
     source = key_source(cfg, partition_id)
     keys = _load_keys(context, plan.round)
     try:
@@ -201,3 +237,156 @@ def reveal(msg: Message, context: Context, cfg: RunConfig, partition_id: int) ->
     body = answer.body()
     key_id, tag = seal(key_source(cfg, partition_id), partition_id, plan.mode, "reveal", plan.round, body)
     return Message(RecordDict({"reveal": ConfigRecord({"body": body, "key-id": key_id, "tag": tag})}), reply_to=msg)
+
+
+# --------------------------------------------------------------------------- the Flower mod
+
+
+def wants_raw_delta(msg: Message) -> bool:
+    """True if :func:`secagg_mod` asks the train handler for the raw Δ instead of a codec payload.
+
+    The handler then replies with :func:`raw_delta_record` under the record name
+    :data:`RAW_DELTA` (and its ``metrics``); the mod masks it and never sends it.
+    Only the mod sets the mark (:data:`RAW_DELTA_MARK`), and it refuses a train
+    message that arrives with one.
+    """
+    return RAW_DELTA_MARK in msg.content.config_records
+
+
+def raw_delta_record(delta: dict[str, np.ndarray]) -> ArrayRecord:
+    """Δ as the train handler hands it to :func:`secagg_mod`: one float32 array per tensor."""
+    return ArrayRecord({name: Array(np.ascontiguousarray(arr, dtype=np.float32)) for name, arr in delta.items()})
+
+
+def _mode(msg: Message) -> str:
+    """The security mode a train message asks for (``none`` when it carries no ``secagg`` record)."""
+    if "secagg" not in msg.content.config_records:
+        return "none"
+    return str(msg.content.config_records["secagg"]["mode"])
+
+
+def _run_config(msg: Message) -> tuple[RunConfig, int]:
+    """The run configuration and the server round a message carries."""
+    record = msg.content.config_records["config"]
+    values = {k: v for k, v in record.items() if k != "server-round"}
+    return resolve_config(values), as_int(record.get("server-round", 0))
+
+
+def _partition_id(context: Context) -> int:
+    try:
+        return int(context.node_config["partition-id"])
+    except KeyError:
+        raise SecAggError('node config lacks partition-id; start the SuperNode with '
+                          '--node-config "partition-id=<i> num-partitions=<n>"') from None
+
+
+def _refuse(msg: Message, err: Exception) -> Message:
+    """The error reply the mod sends in place of an update it could not protect."""
+    return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+
+
+def _answer_query(msg: Message, context: Context) -> Message:
+    """Answer one of the workflow's queries (hello, setup, reveal); raises to send an error reply."""
+    kind = msg.metadata.message_type
+    if kind == HELLO:
+        return hello(msg, _partition_id(context))
+    cfg, _ = _run_config(msg)
+    if kind == SETUP:
+        return setup(msg, context, cfg, _partition_id(context))
+    return reveal(msg, context, cfg, _partition_id(context))
+
+
+def _with_metrics(content: RecordDict, reply: Message) -> RecordDict:
+    """``content`` plus the ``metrics`` of the train handler's ``reply``, if any."""
+    if "metrics" in reply.content.metric_records:
+        content["metrics"] = reply.content.metric_records["metrics"]
+    return content
+
+
+def _masked_train(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """masked-sum / expanded: check the plan, let the app train for the raw Δ, mask and seal it."""
+    try:
+        cfg, server_round = _run_config(msg)
+        partition_id = _partition_id(context)
+        _upload_plan(msg, context, partition_id)  # refuse a bad plan or a second upload before training
+    except Exception as err:  # noqa: BLE001 -- any failure is this node's error reply
+        return _refuse(msg, err)
+    msg.content[RAW_DELTA_MARK] = ConfigRecord({"by": "secagg_mod"})
+    try:
+        reply = call_next(msg, context)
+    finally:
+        del msg.content[RAW_DELTA_MARK]
+    if reply.has_error():
+        return reply
+    if RAW_DELTA not in reply.content.array_records:
+        return _refuse(msg, SecAggError(f"the train handler returned no {RAW_DELTA!r} record under a masked mode"))
+    try:
+        delta = {name: array.numpy() for name, array in reply.content.array_records[RAW_DELTA].items()}
+        seed = task_seed(cfg.seed, server_round, partition_id)
+        content = masked_reply(msg, context, cfg, partition_id, delta, seed)
+    except Exception as err:  # noqa: BLE001 -- never the Δ: an error reply instead
+        return _refuse(msg, err)
+    return Message(_with_metrics(content, reply), reply_to=msg)
+
+
+def _padded_train(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """channel-pad: let the app train and encode, then pad and seal its ``update`` (a transport step)."""
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    try:
+        cfg, server_round = _run_config(msg)
+        content = padded_reply(cfg, _partition_id(context), server_round, reply.content.array_records["update"])
+    except Exception as err:  # noqa: BLE001 -- never the update in clear: an error reply instead
+        return _refuse(msg, err)
+    return Message(_with_metrics(content, reply), reply_to=msg)
+
+
+def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The client half of secure aggregation as a Flower mod (``ClientApp(mods=[secagg_mod])``).
+
+    - The workflow's queries (:data:`HELLO`, :data:`SETUP`, :data:`REVEAL`) are
+      answered here; the app is not called.
+    - A train message under a masked mode (masked-sum, expanded) is marked
+      (:func:`wants_raw_delta`) and passed to the app, whose train handler
+      replies with the raw Δ (:data:`RAW_DELTA`) and ``metrics``. The mod masks
+      and seals Δ and replies with ``update``, ``seal``, (double) ``shares`` and
+      the ``metrics``; nothing else of the app's reply leaves the node. If it
+      cannot mask, it replies with an error.
+    - A train message under channel-pad goes to the app unchanged; the mod pads
+      and seals the app's ``update`` (codec payload) before it leaves.
+    - Anything else (``security=none``, evaluate, other queries) passes through
+      untouched, except that a train reply carrying the raw Δ record is turned
+      into an error, and a train message that arrives already marked is refused.
+    """
+    kind = msg.metadata.message_type
+    if kind in (HELLO, SETUP, REVEAL):
+        return _answer_query(msg, context)
+    if kind != MessageType.TRAIN:
+        return call_next(msg, context)
+    if RAW_DELTA_MARK in msg.content.config_records:
+        return _refuse(msg, SecAggError(f"a train message may not carry {RAW_DELTA_MARK!r}; only secagg_mod sets it"))
+    mode = _mode(msg)
+    if mode in MASKED_MODES:
+        return _masked_train(msg, context, call_next)
+    if mode == "channel-pad":
+        return _padded_train(msg, context, call_next)
+    reply = call_next(msg, context)
+    if not reply.has_error() and RAW_DELTA in reply.content.array_records:
+        return _refuse(msg, SecAggError(f"the train reply carries the raw {RAW_DELTA!r} record; not sent"))
+    return reply
+
+
+def _answered_by_mod(msg: Message, context: Context) -> Message:
+    raise SecAggError(f"{msg.metadata.message_type} reached the app: install secagg_mod (ClientApp(mods=[secagg_mod]))")
+
+
+def route_queries(app: ClientApp) -> None:
+    """Register the workflow's query actions on ``app`` so that Flower routes them through its mods.
+
+    Flower hands a message to the mods only if a handler is registered for its
+    type; :func:`secagg_mod` answers these queries, so the registered handler
+    only raises (if the mod is missing).
+    """
+    for kind in (HELLO, SETUP, REVEAL):
+        app.query(kind.partition(".")[2])(_answered_by_mod)

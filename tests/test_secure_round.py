@@ -1,5 +1,5 @@
-"""SecureFedAvg's masked round in memory: the server workflow against qfl's real client handlers
-(hello, setup, masked train reply, unmask) over a fake Grid and a real key store, without Ray.
+"""SecureFedAvg's masked round in memory: the server workflow against qfl's real client half
+(the ClientApp's secagg_mod: hello, setup, masked train reply, unmask) over a fake Grid and a real key store, without Ray.
 
 Checks: an honest double-masked round opens the exact mean and prices its key by use; single
 masking never asks for the pair masks of a received upload; a client answers one unmask
@@ -43,19 +43,24 @@ def _delta(pid):
 
 
 def _fake_train(msg, context):
-    """qfl's masked train reply for a fixed Δ per partition (no local training)."""
-    cfg, _ = client_app._run_config(msg.content["config"])
+    """The app's train handler under a masked mode for a fixed Δ per partition (no local training)."""
+    assert client_secure.wants_raw_delta(msg)
     pid = int(context.node_config["partition-id"])
-    content = client_secure.masked_reply(msg, context, cfg, pid, _delta(pid), seed=pid)
-    content["metrics"] = MetricRecord({"num-examples": 10, "train-loss": 0.5 + pid, "partition-id": pid})
-    return Message(content, reply_to=msg)
+    metrics = MetricRecord({"num-examples": 10, "train-loss": 0.5 + pid, "partition-id": pid})
+    return Message(RecordDict({client_secure.RAW_DELTA: client_secure.raw_delta_record(_delta(pid)),
+                               "metrics": metrics}), reply_to=msg)
 
 
-HANDLERS = {
-    HELLO: client_app.secagg_hello,
-    SETUP: client_app.secagg_setup,
-    REVEAL: client_app.secagg_reveal,
-    MessageType.TRAIN: _fake_train,
+def _train_through_mod(msg, context):
+    """A train message through qfl's secagg_mod, wrapped around the fake train handler."""
+    return client_secure.secagg_mod(msg, context, _fake_train)
+
+
+HANDLERS = {  # the queries go through the real ClientApp (its secagg_mod answers them)
+    HELLO: client_app.app,
+    SETUP: client_app.app,
+    REVEAL: client_app.app,
+    MessageType.TRAIN: _train_through_mod,
 }
 
 
