@@ -25,7 +25,7 @@ from flwr.app import (
 
 from qfl.clients import app as client_app
 from qfl.clients import secure as client_secure
-from qfl.compression import make_codec
+from qfl.compression import encode_update, make_codec
 from qfl.config import resolve_config
 from qfl.server.key_budget import KeyBudget
 from qfl.server.optimizers import make_server_optimizer
@@ -43,12 +43,15 @@ def _delta(pid):
 
 
 def _fake_train(msg, context):
-    """The app's train handler under a masked mode for a fixed Δ per partition (no local training)."""
-    assert client_secure.wants_raw_delta(msg)
+    """The app's train handler for a fixed Δ per partition (no local training), keeping the app/mod contract:
+    the raw Δ when the mod asks for it (a masked mode), else the fp32 codec payload."""
     pid = int(context.node_config["partition-id"])
     metrics = MetricRecord({"num-examples": 10, "train-loss": 0.5 + pid, "partition-id": pid})
-    return Message(RecordDict({client_secure.RAW_DELTA: client_secure.raw_delta_record(_delta(pid)),
-                               "metrics": metrics}), reply_to=msg)
+    if client_secure.wants_raw_delta(msg):
+        record = {client_secure.RAW_DELTA: client_secure.raw_delta_record(_delta(pid))}
+    else:
+        record = {"update": encode_update(_delta(pid), make_codec("fp32"))}
+    return Message(RecordDict({**record, "metrics": metrics}), reply_to=msg)
 
 
 def _train_through_mod(msg, context):
@@ -324,3 +327,121 @@ def test_too_few_self_mask_shares_leave_the_model_unchanged_with_the_reason(tmp_
     reasons = " | ".join(strategy.drop_reasons)
     assert "only 2 of the 3 shares of client" in reasons and "the model is unchanged" in reasons
     assert reasons.count(DropReason.NO_UNMASK.value) == 3
+
+
+# --------------------------------------------------------------------------- secagg_mod on its own
+
+
+def _keep_replies(replies):
+    def hook(msg, reply):
+        replies.append(reply)
+        return reply
+    return hook
+
+
+@pytest.mark.parametrize("masking", ["double", "single"])
+def test_the_masked_reply_leaving_the_mod_never_carries_the_raw_delta(tmp_path, task_identity, masking):
+    replies: list[Message] = []
+    strategy, flat, _ = _strategy(tmp_path, secure_masking=masking)
+    grid = FakeGrid(N, {(MessageType.TRAIN, p): _keep_replies(replies) for p in range(N)})
+    new, _ = _round(strategy, flat, grid)
+    assert all(np.abs(new[k] - _mean(range(N))[k]).max() < 1e-6 for k in SHAPES)
+    assert len(replies) == N
+    for reply in replies:
+        pid = int(reply.content["metrics"]["partition-id"])
+        expected = {"update", "seal", "metrics"} | ({"shares"} if masking == "double" else set())
+        assert set(reply.content.keys()) == expected and client_secure.RAW_DELTA not in reply.content.array_records
+        sent = b"".join(bytes(a.data) for rec in reply.content.array_records.values() for a in rec.values())
+        assert all(bytes(np.ascontiguousarray(v).data) not in sent for v in _delta(pid).values())
+    # the mark is the mod's own: it never stays on (or travels with) the server's message
+    assert not any(client_secure.RAW_DELTA_MARK in m.content.config_records for _, _, m in grid.sent)
+
+
+def test_a_mod_that_cannot_mask_replies_with_an_error_not_the_delta(tmp_path, task_identity):
+    strategy, flat, _ = _strategy(tmp_path)
+    grid = FakeGrid(N)
+    _round(strategy, flat, grid)
+    train_to_0 = next(msg for kind, pid, msg in grid.sent if kind == MessageType.TRAIN and pid == 0)
+    calls = []
+
+    def app_train(msg, context):
+        calls.append(msg)
+        return _fake_train(msg, context)
+
+    # a node that never took part in the key setup trains, then lacks its pair keys: an error reply, no Δ
+    fresh = Context(run_id=1, node_id=100, node_config={"partition-id": 0, "num-partitions": N},
+                    state=RecordDict(), run_config={})
+    reply = client_secure.secagg_mod(train_to_0, fresh, app_train)
+    assert len(calls) == 1 and reply.has_error() and not reply.has_content()
+    # a handler that answers a masked round with a codec payload instead of Δ: refused, not forwarded
+    fresh = Context(run_id=1, node_id=100, node_config={"partition-id": 0, "num-partitions": N},
+                    state=RecordDict(), run_config={})
+
+    def codec_train(msg, context):
+        return Message(RecordDict({"update": encode_update(_delta(0), make_codec("fp32"))}), reply_to=msg)
+
+    reply = client_secure.secagg_mod(train_to_0, fresh, codec_train)
+    assert reply.has_error() and "no 'delta' record" in reply.error.reason
+
+
+def test_channel_pad_is_a_transport_step_of_the_mod(tmp_path, task_identity):
+    replies: list[Message] = []
+    strategy, flat, _ = _strategy(tmp_path, security="channel-pad")
+    grid = FakeGrid(N, {(MessageType.TRAIN, p): _keep_replies(replies) for p in range(N)})
+    new, metrics = _round(strategy, flat, grid)
+    assert metrics["clients"] == N
+    assert all(np.abs(new[k] - _mean(range(N))[k]).max() < 1e-6 for k in SHAPES)
+    for reply in replies:
+        assert set(reply.content.keys()) == {"update", "seal", "metrics"}
+        assert all(a.stype.endswith(client_secure.PADDED_SUFFIX) for a in reply.content["update"].values())
+
+
+def _plain_message(message_type, secagg=None):
+    content = RecordDict({"config": ConfigRecord({"server-round": 1})})
+    if secagg is not None:
+        content["secagg"] = ConfigRecord(secagg)
+    return Message(content, dst_node_id=100, message_type=message_type)
+
+
+@pytest.mark.parametrize("message_type,secagg", [(MessageType.TRAIN, None), (MessageType.TRAIN, {"mode": "none"}),
+                                                 (MessageType.EVALUATE, None), ("query.other", None)])
+def test_the_mod_passes_other_messages_through_untouched(task_identity, message_type, secagg):
+    msg = _plain_message(message_type, secagg)
+    before = msg.content.object_id
+    context = Context(run_id=1, node_id=100, node_config={"partition-id": 0, "num-partitions": N},
+                      state=RecordDict(), run_config={})
+    seen = []
+    answer = Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+
+    def app(m, c):
+        seen.append((m, c))
+        return answer
+
+    assert client_secure.secagg_mod(msg, context, app) is answer
+    assert seen == [(msg, context)] and msg.content.object_id == before and len(context.state) == 0
+
+
+def test_the_mod_refuses_a_forged_mark_and_a_raw_delta_in_the_clear(task_identity):
+    context = Context(run_id=1, node_id=100, node_config={"partition-id": 0, "num-partitions": N},
+                      state=RecordDict(), run_config={})
+    forged = _plain_message(MessageType.TRAIN, {"mode": "none"})
+    forged.content[client_secure.RAW_DELTA_MARK] = ConfigRecord({"by": "server"})
+    reply = client_secure.secagg_mod(forged, context, lambda m, c: pytest.fail("the app must not run"))
+    assert reply.has_error() and "only secagg_mod sets it" in reply.error.reason
+
+    def leaky(m, c):
+        return Message(RecordDict({client_secure.RAW_DELTA: client_secure.raw_delta_record(_delta(0))}), reply_to=m)
+
+    reply = client_secure.secagg_mod(_plain_message(MessageType.TRAIN), context, leaky)
+    assert reply.has_error() and not reply.has_content()
+
+
+def test_the_client_app_routes_the_workflow_queries_to_its_mod(task_identity):
+    assert (client_secure.HELLO, client_secure.SETUP, client_secure.REVEAL) == (HELLO, SETUP, REVEAL)
+    context = Context(run_id=1, node_id=100, node_config={"partition-id": 3, "num-partitions": N},
+                      state=RecordDict(), run_config={})
+    reply = client_app.app(Message(RecordDict({}), dst_node_id=100, message_type=HELLO), context)
+    assert reply.content["metrics"]["partition-id"] == 3
+    # without the mod the registered endpoint only raises
+    with pytest.raises(Exception, match="install secagg_mod"):
+        client_secure._answered_by_mod(Message(RecordDict({}), dst_node_id=100, message_type=HELLO), context)
