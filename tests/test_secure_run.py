@@ -1,7 +1,8 @@
 """Secure aggregation inside real Flower rounds (simulation engine).
 
 The faulty ClientApp lives in a script run as __main__ so Ray ships it to its
-workers by value. It wraps qfl's real client: in round 2 three of ten clients
+workers by value. It wraps qfl's real client (its train handler and evaluate, with
+qfl's secagg_mod, plus an outer mod that plays the network): in round 2 three of ten clients
 (30%) fail; in round 3 one client's masked upload is tampered with in transit
 and another replays its round-2 upload (double masking, the default). The
 dropped clients' pair masks and the survivors' self-masks are recovered,
@@ -27,21 +28,19 @@ SCRIPT = textwrap.dedent(
     from flwr.clientapp import ClientApp
 
     from qfl.clients import app as real
+    from qfl.clients import secure
     from qfl.config import build_config
     from qfl.simulations.runner import run_simulation_job
 
     FAULTS = "security=masked-sum" in sys.argv  # captured by value when Ray ships train()
-    faulty = ClientApp()
 
-    @faulty.train()
-    def train(msg, context):
+
+    def in_transit(msg, context, call_next):  # the network: tampers with and replays masked uploads
+        reply = call_next(msg, context)
+        if not FAULTS or msg.metadata.message_type != "train":
+            return reply
         rnd = int(msg.content["config"]["server-round"])
         pid = int(context.node_config["partition-id"])
-        if not FAULTS:
-            return real.train(msg, context)
-        if rnd == 2 and pid in (1, 4, 7):
-            raise RuntimeError("client crashed (test)")
-        reply = real.train(msg, context)
         if pid == 5 and rnd == 2:  # keep this upload to replay it next round
             context.state["old-update"] = reply.content["update"]
             context.state["old-seal"] = reply.content["seal"]
@@ -62,9 +61,21 @@ SCRIPT = textwrap.dedent(
             content["shares"] = context.state["old-shares"]
         return Message(content, reply_to=msg)
 
+
+    faulty = ClientApp(mods=[in_transit, secure.secagg_mod])  # in_transit sees what secagg_mod sends
+
+
+    @faulty.train()
+    def train(msg, context):
+        rnd = int(msg.content["config"]["server-round"])
+        pid = int(context.node_config["partition-id"])
+        if FAULTS and rnd == 2 and pid in (1, 4, 7):
+            raise RuntimeError("client crashed (test)")
+        return real.train(msg, context)
+
+
     faulty.evaluate()(real.evaluate)
-    for action in ("secagg_hello", "secagg_setup", "secagg_reveal"):
-        faulty.query(action)(getattr(real, action))
+    secure.route_queries(faulty)
 
     cfg = build_config(None, [*sys.argv[2:], "rounds=3", "clients=10"])
     run_simulation_job(cfg, Path(sys.argv[1]), client_app=faulty)
