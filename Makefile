@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qfl-installed
 
-.PHONY: demo test install clean fuzz bench-codecs bench-qkd bench-kms bench-secagg bench-quantum \
+.PHONY: demo test lint install clean fuzz bench-codecs bench-qkd bench-kms bench-secagg bench-quantum \
 	experiment-compression experiment-key-budget experiment-quantum-mixed
 
 $(STAMP): pyproject.toml
@@ -20,7 +20,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/qfl run
 
-test: $(STAMP)
+# ruff over the sources (config in pyproject.toml), then mypy over the package
+# as installed (`-p qfl` from the repo root follows the qfl/<folder> symlinks).
+lint: $(STAMP)
+	$(BIN)/ruff check --quiet .
+	$(BIN)/mypy -p qfl --no-error-summary
+
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
 # Slower work, kept out of `make test`.
@@ -53,4 +59,4 @@ experiment-quantum-mixed: $(STAMP)
 	$(BIN)/qfl experiment quantum-mixed --out runs/experiment-quantum-mixed
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) runs .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -97,7 +97,14 @@ from typing import Any
 
 import numpy as np
 
-from qfl.quantum.qkd.keyrate import DEFAULT_EPS_SEC, DecoyCounts, LinkParams, finite_key_from_counts, h2, min_block_pulses
+from qfl.quantum.qkd.keyrate import (
+    DEFAULT_EPS_SEC,
+    DecoyCounts,
+    LinkParams,
+    finite_key_from_counts,
+    h2,
+    min_block_pulses,
+)
 
 __all__ = [
     "ASYMPTOTIC_LABEL",
