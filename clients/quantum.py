@@ -62,7 +62,6 @@ from torch import nn
 
 from qfl.config import RunConfig
 from qfl.quantum.ml import qdata, vqc
-
 from qfl.seeds import task_seed
 
 from .classical import shard, split_shard, training_sizes
@@ -235,8 +234,10 @@ def _inputs_cached(key: tuple[Any, ...], kind: str, split: str) -> tuple[np.ndar
     else:
         from .classical import dataset_for
 
-        data = dataset_for(cfg)
-        images, y = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
+        images_data = dataset_for(cfg)
+        images, y = (
+            (images_data.x_train, images_data.y_train) if split == "train" else (images_data.x_test, images_data.y_test)
+        )
         flat = images.reshape(len(images), -1).astype(np.float64)
         if kind == "hybrid":
             x = flat

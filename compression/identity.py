@@ -23,14 +23,13 @@ class Fp32Codec(Codec):
     )
 
     def encode(self, x: np.ndarray, ctx: EncodeContext | None = None) -> bytes:
-        header, body = self.encode_parts(x, ctx)
-        return header + body
+        return b"".join(self.encode_parts(x, ctx))  # the header, then the tensor's bytes
 
     def encode_parts(self, x: np.ndarray, ctx: EncodeContext | None = None) -> list[bytes | memoryview]:
         """The header, then the tensor's own memory (no copy when it is contiguous little-endian float32)."""
         x = np.asarray(x, dtype="<f4")  # keeps 0-d tensors 0-d
         flat = np.ascontiguousarray(x).reshape(-1)  # one copy at most; 0-d keeps its header shape
-        return [pack_header(self.codec_id, x.dtype, x.shape), memoryview(flat).cast("B")]
+        return [pack_header(self.codec_id, x.dtype, x.shape), memoryview(flat).cast("B")]  # type: ignore[arg-type]  # ndarray is a buffer; numpy's stubs say so only for Python >= 3.12
 
     def ring_levels(self) -> int:
         """s = 2³² − 1: the masked sum's ring form is 32-bit fixed point over [−C, C]."""

@@ -96,11 +96,12 @@ def _open_scaled(payload: bytes, codec: Codec, bits: int) -> tuple[Header, np.fl
 
 
 def _join(header: bytes, *parts: np.ndarray | bytes) -> bytes:
-    return b"".join((header, *parts))
+    return b"".join((header, *parts))  # type: ignore[arg-type]  # ndarray is a buffer; numpy's stubs say so only for Python >= 3.12
 
 
 # A bytes object of a given size whose contents the caller fills in (CPython's
 # C API; the documented contract is that the caller fills it before sharing it).
+_new_bytes: Any  # the C function, or None off CPython
 if sys.implementation.name == "cpython":
     _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
     _new_bytes.restype = ctypes.py_object
@@ -114,6 +115,7 @@ else:  # pragma: no cover - other interpreters build a bytearray and copy it onc
 # Where huge pages are off, madvise does nothing.
 _HUGE_PAGE = 1 << 21
 _MADV_HUGEPAGE = 14
+_madvise: Any  # the C function, or None where there is none
 if sys.platform.startswith("linux"):
     try:
         _madvise = ctypes.CDLL(None).madvise
@@ -139,10 +141,12 @@ class _Payload:
         if _new_bytes is not None:
             self._data: bytes | bytearray = _new_bytes(None, total)
             address = ctypes.cast(ctypes.c_char_p(self._data), ctypes.c_void_p).value
+            assert address is not None  # the buffer of a live bytes object
             start, end = -(-address // _HUGE_PAGE) * _HUGE_PAGE, (address + total) // _HUGE_PAGE * _HUGE_PAGE
             if _madvise is not None and end - start >= 2 * _HUGE_PAGE:
                 _madvise(start, end - start, _MADV_HUGEPAGE)  # before the first write faults the pages in
-            whole = np.frombuffer((ctypes.c_char * total).from_address(address), np.uint8)
+            # a ctypes array is a buffer; typeshed says so only for Python >= 3.12
+            whole = np.frombuffer((ctypes.c_char * total).from_address(address), np.uint8)  # type: ignore[call-overload]
         else:  # pragma: no cover
             self._data = bytearray(total)
             whole = np.frombuffer(self._data, np.uint8)
@@ -746,7 +750,7 @@ class QsgdCodec(Codec):
         n = header.numel
         if body.size < _QSGD_PARAMS.size:
             raise CodecError(f"qsgd payload body of {body.size} bytes is shorter than its parameters")
-        bits, bucket = _QSGD_PARAMS.unpack_from(body, 0)
+        bits, bucket = _QSGD_PARAMS.unpack_from(body, 0)  # type: ignore[arg-type]  # ndarray is a buffer; numpy's stubs say so only for Python >= 3.12
         if not 1 <= bits <= 8 or bucket < 1:
             raise CodecError(f"qsgd payload has bits={bits}, bucket={bucket}; need bits in 1..8, bucket >= 1")
         nbuckets = -(-n // bucket)

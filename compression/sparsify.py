@@ -23,7 +23,7 @@ from .summable import FIXED_POINT_LEVELS, grid_codes
 from .wire import Header, pack_header, unpack_header
 
 _FP16_MAX = float(np.finfo(np.float16).max)
-_VALUE_DTYPES = {"fp16": np.dtype("<f2"), "fp32": np.dtype("<f4")}
+_VALUE_DTYPES: dict[str, np.dtype] = {"fp16": np.dtype("<f2"), "fp32": np.dtype("<f4")}
 _U64 = (1 << 64) - 1
 _QUANTIZED = struct.Struct("<QIIB")  # rand-k's quantized layout: seed, 0, k, bits (then m and the indices)
 

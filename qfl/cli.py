@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -234,7 +234,7 @@ def _cmd_keys_audit(args: argparse.Namespace) -> int:
     path = _key_store_of(Path(args.run_dir))
     try:
         with KeyStore(path) as store:
-            report = store.audit()
+            report: dict[str, Any] = store.audit()
     except StoreCorrupt as err:
         _audit_error(str(err))
     ok = report["ledger_ok"] and report["duplicate_blocks"] == 0
@@ -286,8 +286,8 @@ def _cmd_kms_serve(args: argparse.Namespace) -> int:
     import time
 
     from qfl.quantum.qkd.network import QuantumNetwork
-    from qfl.security.keys.store import KeyStore
     from qfl.security.keys.kms import serve
+    from qfl.security.keys.store import KeyStore
 
     stop = threading.Event()
     feeder_store = KeyStore(args.store)

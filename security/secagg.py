@@ -107,6 +107,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
@@ -114,9 +115,9 @@ from qfl.compression import Codec, make_summable_codec
 from qfl.compression.payload import tensor_seed
 from qfl.compression.summable import ring_bits
 from qfl.errors import SecAggError, UnknownKeyId
-
-from qfl.security.primitives import mac, shamir
+from qfl.records import ConfigValue, as_float, as_int, as_iterable
 from qfl.security.keys.source import KeyContainer, KeySource, UnknownKey
+from qfl.security.primitives import mac, shamir
 from qfl.security.primitives.masking import (
     add_packed,
     expand_key,
@@ -184,6 +185,14 @@ class PairKeyLayout:
     @property
     def total(self) -> int:
         return self.mask + self.share_pads + self.macs
+
+
+
+def _json(value: object) -> Any:
+    """json.loads(value) for a str / bytes record value; TypeError otherwise, as json.loads raises."""
+    if isinstance(value, str | bytes | bytearray):
+        return json.loads(value)
+    raise TypeError(f"the JSON object must be str, bytes or bytearray, not {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -304,7 +313,7 @@ class RoundPlan:
             )
         return self
 
-    def to_config(self) -> dict[str, object]:
+    def to_config(self) -> dict[str, ConfigValue]:
         """Flat values for a Flower ConfigRecord."""
         return {
             "round": self.round,
@@ -328,17 +337,17 @@ class RoundPlan:
             if not isinstance(params, dict):
                 raise TypeError(f"codec-params must be a JSON object, got {params!r}")
             plan = cls(
-                round=int(values["round"]),
+                round=as_int(values["round"]),
                 mode=str(values["mode"]),
-                participants=tuple(sorted(int(p) for p in values["participants"])),
+                participants=tuple(sorted(as_int(p) for p in as_iterable(values["participants"]))),
                 codec_name=str(values["codec"]),
                 codec_params=tuple(sorted(params.items())),
-                tensors=tuple(str(t) for t in json.loads(values["tensors"])),
-                shapes=tuple(tuple(int(x) for x in s) for s in json.loads(values["shapes"])),
-                clips=tuple(float(c) for c in values["clips"]),
-                round_seed=int(values["round-seed"]),
+                tensors=tuple(str(t) for t in _json(values["tensors"])),
+                shapes=tuple(tuple(int(x) for x in s) for s in _json(values["shapes"])),
+                clips=tuple(as_float(c) for c in as_iterable(values["clips"])),
+                round_seed=as_int(values["round-seed"]),
                 masking=str(values["masking"]),
-                min_threshold=int(values["threshold"]),
+                min_threshold=as_int(values["threshold"]),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise SecAggError(f"malformed round plan: {err}") from None
@@ -566,7 +575,7 @@ class UnmaskRequest:
     dropped: tuple[int, ...]
     shares: dict[int, SealedShare] = field(default_factory=dict)
 
-    def to_config(self) -> dict[str, object]:
+    def to_config(self) -> dict[str, ConfigValue]:
         senders = sorted(self.shares)
         return {
             "round": self.round,

@@ -84,8 +84,8 @@ from qfl.security.secagg import (
     unmask_requests,
     unmask_sum,
 )
-
 from qfl.server.key_budget import KeyBudget
+
 from .strategy import MAX_ABS_LOSS, QflFedAvg, weights_to_record
 from .untrusted import UntrustedValue, capped_examples, finite_float, int_in_range
 
@@ -181,10 +181,15 @@ def _seal_fields(content: RecordDict, name: str) -> tuple[str, bytes]:
     return key_id, tag
 
 
+def _pair(a: str, b: str) -> tuple[str, str]:
+    """The link's two ends, sorted."""
+    return (a, b) if a <= b else (b, a)
+
+
 def _one_array(content: RecordDict, record: str, name: str) -> bytes:
     if record not in content.array_records:
         raise SecAggError(f"the reply lacks the {record!r} ArrayRecord")
-    arrays = content[record]
+    arrays = content.array_records[record]
     exact = record == "update"  # the upload is one array; the shares record holds two
     if (exact and list(arrays.keys()) != [name]) or name not in arrays:
         raise SecAggError(f"the {record!r} ArrayRecord must hold the array {name!r}" + (" only" if exact else ""))
@@ -359,7 +364,7 @@ class MaskedRound:
         except SecAggError as err:
             return DropReason.WRONG_SIZE, str(err)
         try:
-            metrics = content["metrics"] if "metrics" in content.metric_records else {}
+            metrics = content.metric_records["metrics"] if "metrics" in content.metric_records else MetricRecord()
             examples = capped_examples(metrics.get("num-examples"), self.example_cap(pid))
             loss = None
             if "train-loss" in metrics:
@@ -375,10 +380,10 @@ class MaskedRound:
         plan, out = self.plan, self.outcome
         survivors = sorted(p for p in self.uploads if p not in self.failed)
         dropped = sorted(set(plan.participants) - set(survivors))
-        with_loss = [self.uploads[p] for p in survivors if self.uploads[p].loss is not None]
-        weight = sum(u.examples for u in with_loss)
+        with_loss = [(u.examples, u.loss) for u in (self.uploads[p] for p in survivors) if u.loss is not None]
+        weight = sum(n for n, _ in with_loss)
         if weight:
-            out.train_loss = sum(u.examples * u.loss for u in with_loss) / weight
+            out.train_loss = sum(n * loss for n, loss in with_loss) / weight
         if len(survivors) < self.min_survivors:
             self._fail(f"only {len(survivors)} valid uploads, fewer than the {self.min_survivors} a sum needs")
             return out
@@ -406,21 +411,23 @@ class MaskedRound:
         messages = []
         for pid, request in requests.items():
             fields = request.to_config()
-            self.outcome.downlink_bytes += len(fields["shares"]) + len(fields["share-tags"])
+            shares, tags = fields["shares"], fields["share-tags"]
+            assert isinstance(shares, bytes) and isinstance(tags, bytes)  # UnmaskRequest.to_config joins them
+            self.outcome.downlink_bytes += len(shares) + len(tags)
             messages.append(Message(RecordDict({"config": self.config, "secagg": ConfigRecord(fields)}),
                                     dst_node_id=node_of[pid], message_type=REVEAL))
         replies: dict[int, UnmaskReply] = {}
         heard: set[int] = set()
         for reply in self.send(messages):
             node = reply.metadata.src_node_id
-            pid = self.nodes.get(node)
-            if pid not in requests or pid in heard:
+            sender = self.nodes.get(node)
+            if sender is None or sender not in requests or sender in heard:
                 continue
-            heard.add(pid)
+            heard.add(sender)
             try:
-                replies[pid] = self._open_unmask(reply, pid, survivors, dropped)
+                replies[sender] = self._open_unmask(reply, sender, survivors, dropped)
             except SecAggError as err:
-                self._drop(node, pid, DropReason.NO_UNMASK, str(err))
+                self._drop(node, sender, DropReason.NO_UNMASK, str(err))
         for pid in sorted(set(survivors) - heard):
             self._drop(node_of[pid], pid, DropReason.NO_UNMASK, "no reply in time")
         return replies
@@ -508,7 +515,8 @@ class SecureFedAvg(QflFedAvg):
             holder = next((n for n, p in self.partition_of.items() if p == pid and n != node), None)
             if holder is not None or pid in self.contested:
                 self.contested.setdefault(pid, set()).update({node} | ({holder} if holder is not None else set()))
-                self.partition_of.pop(holder, None)
+                if holder is not None:
+                    self.partition_of.pop(holder, None)
             else:
                 self.partition_of[node] = pid
         for node in nodes:
@@ -528,13 +536,13 @@ class SecureFedAvg(QflFedAvg):
         if plan is None:  # channel-pad: the pad plus its tag key
             server_bits = 8 * (MAC_KEY_BYTES + int(self.max_upload * PAD_MARGIN))
         for i in pids:
-            needs[tuple(sorted((client_sae(i), SERVER_SAE)))] = server_bits
+            needs[_pair(client_sae(i), SERVER_SAE)] = server_bits
         if plan is not None:
             pair_bits = 8 * plan.pair_key_bytes()
             for i in pids:
                 for j in pids:
                     if i < j:
-                        needs[tuple(sorted((client_sae(i), client_sae(j))))] = pair_bits
+                        needs[_pair(client_sae(i), client_sae(j))] = pair_bits
         return needs
 
     # -- configure ------------------------------------------------------------------------------
@@ -567,6 +575,7 @@ class SecureFedAvg(QflFedAvg):
         self.excluded |= set(self.sampled) - set(nodes)
         for drop in drops:
             log(WARNING, "round %s: %s", server_round, drop.text())
+        assert self.current_weights is not None  # configure_train has set the global model
         model = encode_update(self.current_weights, self.downlink_codec)
         if plan is None:  # channel-pad
             self.drop_reasons += [d.text() for d in drops]
@@ -588,7 +597,7 @@ class SecureFedAvg(QflFedAvg):
         if pid is None:
             raise SecAggError(f"node {node} has no known partition id")
         key_id, tag = _seal_fields(msg.content, "seal")
-        padded = msg.content["update"]
+        padded = msg.content.array_records["update"]  # _check_reply has checked that it is one
         cipher = b"".join(bytes(a.data) for a in padded.values())
         self.max_upload = max(self.max_upload, len(cipher))
         plain = open_pad(self.budget.source, pid, self._round, cipher, key_id, tag)
@@ -606,7 +615,7 @@ class SecureFedAvg(QflFedAvg):
         replies = list(replies)
         if self.mode == "channel-pad":
             if not self.max_upload:
-                self.max_upload = max((sum(len(a.data) for a in m.content["update"].values()) for m in replies
+                self.max_upload = max((sum(len(a.data) for a in m.content.array_records["update"].values()) for m in replies
                                        if not m.has_error() and "update" in m.content.array_records), default=0)
             result = super().aggregate_train(server_round, replies)
         else:
@@ -641,6 +650,7 @@ class SecureFedAvg(QflFedAvg):
         mean = {name: result.total[name] / result.clients for name in self.shapes}
         saved = {slot: dict(tensors) for slot, tensors in self.optimizer.state.items()}  # step replaces arrays
         new_weights = None
+        assert self.current_weights is not None  # configure_train has set the global model
         if all(np.isfinite(v).all() for v in mean.values()):
             with np.errstate(over="ignore", invalid="ignore"):
                 new_weights = self.optimizer.step(self.current_weights, mean)

@@ -702,7 +702,7 @@ class KeyStore:
             if con.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
                 problems.append("sqlite integrity_check failed")
             links = con.execute("SELECT id, name, made_bits, mat_bits, used_bits FROM links").fetchall()
-            for link_id, name, made, mat, used in links:
+            for link_id, name, _made, mat, used in links:
                 pool = con.execute(
                     "SELECT coalesce(sum(length(data)), 0) FROM chunks WHERE link_id = ?", (link_id,)
                 ).fetchone()[0]

@@ -185,7 +185,7 @@ def mask_from_key(key: bytes | bytearray | memoryview, d: int, B: int) -> np.nda
 
 _GROUP = 1 << 17  # part of the format (sub-byte fields interleave per group); also the block size
 
-_UINT = {8: np.dtype(np.uint8), 16: np.dtype(np.uint16), 32: np.dtype(np.uint32), 64: np.dtype(np.uint64)}
+_UINT: dict[int, np.dtype] = {8: np.dtype(np.uint8), 16: np.dtype(np.uint16), 32: np.dtype(np.uint32), 64: np.dtype(np.uint64)}
 _WIRE = {w: dt.newbyteorder("<") for w, dt in _UINT.items()}  # the stream's words: little-endian on any host
 
 # Some steps view a uint64 as bytes (its bits 32.. at byte 4, the lanes of a word in memory order);
@@ -220,7 +220,7 @@ class _Layout:
         self.work = _UINT[64 if B > 32 else 32 if B > 16 else 16 if B > 8 else 8]
 
 
-_LAYOUTS = [None] + [_Layout(B) for B in range(1, MAX_RING_BITS + 1)]
+_LAYOUTS: list[_Layout | None] = [None] + [_Layout(B) for B in range(1, MAX_RING_BITS + 1)]
 
 
 class _Stream:
@@ -232,7 +232,9 @@ class _Stream:
         self.lay, self.d = lay, d
         self.body = d - d % 8  # the sub-byte fields cover elements [0, body); the rest is the tail
         pos = d * lay.lo // 8
-        self.lo = buf[:pos].view(_WIRE[lay.lo]) if lay.lo else None
+        # None when the layout has no low field (B < 8); every read of it is under lay.lo != 0,
+        # which the checker cannot follow, so the attribute is typed as the array it is when read
+        self.lo: np.ndarray = buf[:pos].view(_WIRE[lay.lo]) if lay.lo else None  # type: ignore[assignment]
         self.wide = []
         for w in lay.wide:
             self.wide.append(buf[pos : pos + d * w // 8].view(_WIRE[w]))
@@ -430,6 +432,7 @@ def _mask_pack(q: np.ndarray, keys: list[tuple[bool, np.ndarray]], B: int, *, ch
     """
     d = q.size
     lay = _LAYOUTS[B]
+    assert lay is not None  # _LAYOUTS[0] is a placeholder: B >= 1
     if d == 0:
         return b""
     out = _scratch_bytes(key_bytes_needed(d, B))
@@ -449,6 +452,7 @@ def _mask_pack(q: np.ndarray, keys: list[tuple[bool, np.ndarray]], B: int, *, ch
         return out.tobytes()
     ws = _Scratch(C)
     hd = lay.hi_dtype
+    assert hd is not None  # lay.hi != 0
     hbuf, kbuf = np.empty(C, hd), np.empty(C, hd)
     if B < 8:  # sub-byte fields only, added in uint8
         for s in range(0, d, C):
@@ -477,6 +481,7 @@ def _mask_pack(q: np.ndarray, keys: list[tuple[bool, np.ndarray]], B: int, *, ch
             raise _range_error(B)
         lo, h = st.lo[s:e], hbuf[:n]
         if B < 32:
+            assert wbuf is not None  # allocated for B < 32
             yw = wbuf[:n]
             np.copyto(yw, qc, casting="unsafe")
             np.copyto(lo, yw, casting="unsafe")
@@ -517,6 +522,7 @@ def _unpack_add(buf: np.ndarray, B: int, d: int, total: np.ndarray | None, subtr
     if d == 0:
         return out
     lay = _LAYOUTS[B]
+    assert lay is not None  # _LAYOUTS[0] is a placeholder: B >= 1
     st = _Stream(lay, d, buf)
     op = np.subtract if subtract else np.add
     C = min(_GROUP, (d + 7) & ~7)
@@ -530,6 +536,7 @@ def _unpack_add(buf: np.ndarray, B: int, d: int, total: np.ndarray | None, subtr
             elif B == 64:
                 op(out[s:e], st.lo[s:e], out[s:e])
             else:  # in the native width, where the wrap is the reduction mod 2^B
+                assert t is not None  # allocated for a running total and B < 64
                 tc = t[: e - s]
                 np.copyto(tc, out[s:e], casting="unsafe")
                 op(tc, st.lo[s:e], tc)
@@ -563,6 +570,7 @@ def _unpack_add(buf: np.ndarray, B: int, d: int, total: np.ndarray | None, subtr
         return out
     # 32 < B < 64: uint64 words built from the low field and the high bits
     hd = lay.hi_dtype
+    assert hd is not None  # lay.hi != 0
     ring = _ring_mask(B)
     step, first = 8 // hd.itemsize, 4 // hd.itemsize
     y = np.empty(C, np.uint64)
