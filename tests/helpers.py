@@ -35,3 +35,27 @@ def kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def run_killed_after_round(out: Path, args: list[str], after_round: int, timeout: float) -> int:
+    """Start `qfl run --out OUT ARGS`, SIGKILL it (Ray workers included) once its checkpoint holds
+    ``after_round``; return the round the checkpoint holds after the kill."""
+    import time
+
+    from qfl.server.checkpoint import load_checkpoint
+
+    proc = subprocess.Popen(QFL + ["run", "--out", str(out), *args], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ckpt = load_checkpoint(out) if (out / "checkpoint.npz").exists() else None
+            if ckpt is not None and ckpt.round >= after_round:
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.05)
+        kill_group(proc)
+        proc.wait(timeout=60)
+    finally:
+        kill_group(proc)
+    return load_checkpoint(out).round

@@ -14,12 +14,11 @@ import json
 import os
 import sqlite3
 import stat
-import subprocess
 import time
 
 import numpy as np
 import pytest
-from helpers import QFL, REPO, kill_group, run_qfl
+from helpers import run_killed_after_round, run_qfl
 
 from qfl.cli import main as qfl_main
 from qfl.config import resolve_config
@@ -236,21 +235,7 @@ def run_pair(tmp_path_factory):
     result = run_qfl(["run", "--out", str(straight), *RUN], timeout=600)
     assert result.returncode == 0, result.stdout[-4000:]
 
-    proc = subprocess.Popen(QFL + ["run", "--out", str(killed), *RUN], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 480
-        while time.monotonic() < deadline:
-            ckpt = load_checkpoint(killed) if (killed / "checkpoint.npz").exists() else None
-            if ckpt is not None and ckpt.round >= 1:
-                break
-            assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.05)
-        kill_group(proc)  # SIGKILL: the qfl process and its Ray workers
-        proc.wait(timeout=60)
-    finally:
-        kill_group(proc)
-    interrupted_at = load_checkpoint(killed).round
+    interrupted_at = run_killed_after_round(killed, RUN, after_round=1, timeout=480)
     assert 1 <= interrupted_at < 4, f"kill landed after round {interrupted_at}"
 
     result = run_qfl(["run", "--resume", str(killed)], timeout=600)
@@ -284,7 +269,6 @@ def test_crash_and_resume_makes_no_key_twice(run_pair):
 
 
 def test_a_key_no_slave_fetched_is_wiped_when_its_round_is_over(tmp_path):
-    import time
 
     from qfl.security.keys.source import UnknownKey
     from qfl.security.keys.store import KeyStore

@@ -1,11 +1,9 @@
 """kill -9 in the middle of a run, then `qfl run --resume`: same weights as a run never killed."""
 
 import json
-import subprocess
-import time
 
 import numpy as np
-from helpers import QFL, REPO, kill_group, run_qfl
+from helpers import run_killed_after_round, run_qfl
 
 from qfl.server.checkpoint import load_checkpoint
 
@@ -18,21 +16,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     result = run_qfl(["run", "--out", str(straight), *SETTINGS])
     assert result.returncode == 0, result.stdout[-4000:]
 
-    proc = subprocess.Popen(QFL + ["run", "--out", str(killed), *SETTINGS], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            ckpt = load_checkpoint(killed) if (killed / "checkpoint.npz").exists() else None
-            if ckpt is not None and ckpt.round >= 2:
-                break
-            assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.05)
-        kill_group(proc)  # SIGKILL: the qfl process and its Ray workers
-        proc.wait(timeout=30)
-    finally:
-        kill_group(proc)
-    interrupted_at = load_checkpoint(killed).round
+    interrupted_at = run_killed_after_round(killed, SETTINGS, after_round=2, timeout=240)
     assert 2 <= interrupted_at < 8, f"kill landed after round {interrupted_at}"
     assert not (killed / "summary.json").exists()
 
