@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from qfl.config import build_config
+    from qfl.config import build_config, resolve_config
     from qfl.server.app import default_run_dir
     from qfl.server.federation import load_run_config
     from qfl.simulations.runner import run_simulation_job
@@ -21,8 +21,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             )
         run_dir = Path(args.resume)
         cfg = load_run_config(run_dir)
+        if args.ray_address is not None:  # where the clients run is not part of the run's semantics
+            cfg = resolve_config({**cfg.to_flat(), "ray_address": args.ray_address})
     else:
-        cfg = build_config(args.config, args.set)
+        ray = [f"ray_address={args.ray_address}"] if args.ray_address is not None else []
+        cfg = build_config(args.config, [*args.set, *ray])
         run_dir = Path(args.out) if args.out else default_run_dir()
     run_simulation_job(cfg, run_dir, resume=bool(args.resume), verbose=args.verbose)
     return 0
@@ -325,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", metavar="DIR", help="run directory (default runs/<timestamp>)")
     run.add_argument("--resume", metavar="DIR", help="continue a killed run from its last complete round")
     run.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
+    run.add_argument(
+        "--ray-address", metavar="HOST:PORT",
+        help="run the clients on a running Ray cluster (its head's address; same as --set ray_address=...)",
+    )
     run.set_defaults(func=_cmd_run)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)

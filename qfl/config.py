@@ -92,6 +92,9 @@ class RunConfig:
     # whose partition size it does not know; a reply claiming more is dropped.
     max_client_examples: int = 100_000
     client_cpus: float = 1.0  # Ray CPUs per simulated client
+    # HOST:PORT of a running Ray cluster's head (`ray start --head --port=PORT`) to run the clients on;
+    # empty = a private Ray instance on this machine, stopped when the run ends.
+    ray_address: str = ""
     # -- quantum clients (qfl.clients.quantum; checked there)
     qubits: int = 4  # circuit width; quantum datasets have this many qubits
     layers: int = 2  # variational layers
@@ -219,8 +222,18 @@ def _check(cfg: RunConfig) -> None:
         "set it to at least the largest client's training-set size",
     )
     need(cfg.client_cpus > 0, f"client_cpus must be > 0, got {cfg.client_cpus}")
+    need(
+        cfg.ray_address == "" or _is_host_port(cfg.ray_address),
+        f"ray_address must be HOST:PORT of a Ray head node (as printed by `ray start --head`), got {cfg.ray_address!r}; "
+        "leave it empty to run on a private Ray instance on this machine",
+    )
     # Codecs, security rules, QKD link specs, quantum backends and datasets are checked by
     # qfl.server.preflight, which may import the layers that own them; this module imports none.
+
+
+def _is_host_port(address: str) -> bool:
+    host, colon, port = address.rpartition(":")
+    return bool(colon and host and port.isdigit() and 0 < int(port) < 65536)
 
 
 def resolve_config(values: Mapping[str, Any]) -> RunConfig:

@@ -56,6 +56,8 @@ def run_simulation_job(
         "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
         "init_args": {"logging_level": "ERROR", "log_to_driver": verbose, "include_dashboard": False},
     }
+    if cfg.ray_address:  # join a running cluster: its nodes' CPUs host the clients
+        backend_config["init_args"] = {"address": cfg.ray_address, "logging_level": "ERROR", "log_to_driver": verbose}
     run_simulation(
         server_app=server_app,
         client_app=client_app,
