@@ -18,74 +18,106 @@ import difflib
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Self, get_type_hints
 
 import tomli_w
 
 from qfl.errors import ConfigError
 
-MODELS = ("cnn", "mlp", "vqc", "hybrid")
-DATASETS = ("digits", "mnist", "cifar10", "ntangled", "magic")
-SECURITY_MODES = ("none", "masked-sum", "channel-pad", "expanded")
-SECURE_MASKINGS = ("double", "single")
-KEY_POLICIES = ("wait", "skip", "abort")
-KEY_SOURCES = ("store", "kms")
-QKD_TOPOLOGIES = ("mesh", "star")
-SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
 _PARAM_TABLES = {"codec": "codec_params", "downlink_codec": "downlink_codec_params"}
 
 
+class Choice(StrEnum):
+    """A config value from a closed set. Members compare equal to their strings (``cfg.security ==
+    "masked-sum"``); :meth:`parse` turns a bad value into a :class:`ConfigError` naming the key and the choices."""
+
+    @classmethod
+    def parse(cls, key: str, value: object) -> Self:
+        for member in cls:
+            if value == member.value:
+                return member
+        raise ConfigError(f"unknown {key} {value!r}; choose one of {', '.join(member.value for member in cls)}", key=key)
+
+
+class Model(Choice):
+    CNN = "cnn"
+    MLP = "mlp"
+    VQC = "vqc"
+    HYBRID = "hybrid"
+
+
+class Dataset(Choice):
+    DIGITS = "digits"
+    MNIST = "mnist"
+    CIFAR10 = "cifar10"
+    NTANGLED = "ntangled"
+    MAGIC = "magic"
+
+
+class Security(Choice):
+    NONE = "none"
+    MASKED_SUM = "masked-sum"
+    CHANNEL_PAD = "channel-pad"
+    EXPANDED = "expanded"
+
+
+class SecureMasking(Choice):
+    DOUBLE = "double"  # pair masks + Shamir-shared self-masks: safe against a server that lies about dropouts
+    SINGLE = "single"  # pair masks only: safe against an honest-but-curious server only
+
+
+class KeyPolicy(Choice):
+    WAIT = "wait"
+    SKIP = "skip"
+    ABORT = "abort"
+
+
+class KeySource(Choice):
+    STORE = "store"
+    KMS = "kms"
+
+
+class QkdTopology(Choice):
+    MESH = "mesh"
+    STAR = "star"
+
+
+class ServerOptimizer(Choice):
+    FEDAVG = "fedavg"
+    FEDAVGM = "fedavgm"
+    FEDADAM = "fedadam"
+
+
+def _is_host_port(address: str) -> bool:
+    host, colon, port = address.rpartition(":")
+    return bool(colon and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+def _need(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(message, key=key)
+
+
+# Each concern is a frozen dataclass that checks its own values; RunConfig inherits them all, so a
+# component can take the narrow type it reads (``def f(cfg: QkdConfig)``) while a run passes one RunConfig.
+
+
 @dataclass(frozen=True)
-class RunConfig:
-    """Everything one federated run needs. Defaults are the `make demo` run."""
+class _ConfigPart:
+    def check(self) -> None:
+        """Raise :class:`ConfigError` (naming the key and the fix) on the first invalid value."""
+
+
+@dataclass(frozen=True)
+class FederationConfig(_ConfigPart):
+    """Rounds, sampling and the simulation engine."""
 
     rounds: int = 20
     clients: int = 10
     fraction: float = 1.0  # share of clients sampled for training each round
-    alpha: float | None = None  # Dirichlet concentration over labels; None = IID
     seed: int = 0
-    model: str = "cnn"
-    dataset: str = "digits"
-    data_dir: str = "data"  # where MNIST / CIFAR-10 files are looked for
-    test_fraction: float = 0.2  # held-out share of digits for central evaluation
-    local_val_fraction: float = 0.1  # share of each client's data kept for federated evaluation
-    codec: str = "qsgd"  # 4-bit QSGD by default (codec.bits); the demo's masked sums take it
-    codec_params: dict[str, Any] = field(default_factory=dict)
-    downlink_codec: str = "fp32"  # how the global model travels to clients (stateless codecs only)
-    downlink_codec_params: dict[str, Any] = field(default_factory=dict)
-    # -- secure aggregation (qfl.security.secagg) and the simulated QKD network (qfl.quantum.qkd.network)
-    security: str = "masked-sum"  # none | masked-sum | channel-pad | expanded
-    key_policy: str = "wait"  # a link short of key: wait (simulated clock) | skip (leave clients out) | abort
-    key_source: str = "store"  # store (SQLite pools, simulations) | kms (ETSI GS QKD 014 service)
-    key_store: str = ""  # SQLite key store path; empty = <run dir>/keys.db
-    kms_url: str = ""  # https://host:port for key_source = "kms"
-    kms_certs: str = ""  # a `qfl certs` directory for key_source = "kms"
-    qkd_topology: str = "mesh"  # mesh (a link per pair) | star (the server relays; it can read relayed masks)
-    qkd_distance_km: float = 10.0  # fibre length of every direct link
-    qkd_links: str = ""  # per-link distances, e.g. "client-0~client-1=50, client-2~server=80"
-    qkd_eavesdropped: str = ""  # intercept-resend eavesdroppers, e.g. "client-1~client-2" or "client-0~server:0.5"
-    qkd_rate: float = 0.0  # secret-key bits/s of every link; 0 = the decoy-BB84 model at the distance
-    qkd_round_s: float = 1.0  # simulated seconds of key generation per round
-    qkd_check_pulses: int = 0  # pulses of a BB84 Monte-Carlo run that admits every link (0: only eavesdropped links)
-    secure_clip: float = 0.25  # first round's shared clip bound |Δ| <= C of masked sums (adapted per tensor)
-    secure_min_clients: int = 2  # fewest surviving uploads a masked sum may reveal
-    # double (default): every upload also carries a Shamir-shared one-time self-mask, so a server that
-    # lies about who dropped still cannot unmask one update (Bonawitz et al. 2017). single: pair masks
-    # only, ~1/3 of the key, secure against an HONEST-BUT-CURIOUS server only (one that never asks
-    # for the pair masks of a client whose upload it received).
-    secure_masking: str = "double"  # double | single
-    secure_threshold: int = 0  # Shamir threshold t of the self-masks; 0 = a strict majority of each client's peers
-    server_opt: str = "fedavg"
-    server_lr: float = 1.0
-    server_momentum: float = 0.9  # FedAvgM
-    adam_beta1: float = 0.9  # FedAdam
-    adam_beta2: float = 0.99
-    adam_tau: float = 1e-3
-    local_epochs: int = 3
-    batch_size: int = 32
-    lr: float = 0.1  # client SGD learning rate
-    momentum: float = 0.9  # client SGD momentum
     fed_eval: bool = True  # also evaluate on the clients' local data each round
     timeout_s: float = 600.0  # how long the server waits for replies per round
     # Largest 'num-examples' (averaging weight) the server accepts from one client
@@ -95,7 +127,148 @@ class RunConfig:
     # HOST:PORT of a running Ray cluster's head (`ray start --head --port=PORT`) to run the clients on;
     # empty = a private Ray instance on this machine, stopped when the run ends.
     ray_address: str = ""
-    # -- quantum clients (qfl.clients.quantum; checked there)
+
+    def check(self) -> None:
+        super().check()
+        _need(self.rounds >= 1, "rounds", f"rounds must be >= 1, got {self.rounds}")
+        _need(self.clients >= 1, "clients", f"clients must be >= 1, got {self.clients}; set e.g. clients=10")
+        _need(0.0 < self.fraction <= 1.0, "fraction", f"fraction must be in (0, 1], got {self.fraction}")
+        _need(self.timeout_s > 0, "timeout_s", f"timeout_s must be > 0, got {self.timeout_s}")
+        _need(
+            1 <= self.max_client_examples <= 2**53, "max_client_examples",
+            f"max_client_examples must be in [1, 2**53], got {self.max_client_examples}; "
+            "set it to at least the largest client's training-set size",
+        )
+        _need(self.client_cpus > 0, "client_cpus", f"client_cpus must be > 0, got {self.client_cpus}")
+        _need(
+            self.ray_address == "" or _is_host_port(self.ray_address), "ray_address",
+            f"ray_address must be HOST:PORT of a Ray head node (as printed by `ray start --head`), got "
+            f"{self.ray_address!r}; leave it empty to run on a private Ray instance on this machine",
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig(_ConfigPart):
+    """Which data, and how it is split between clients and held out."""
+
+    dataset: Dataset = Dataset.DIGITS
+    data_dir: str = "data"  # where MNIST / CIFAR-10 files are looked for
+    alpha: float | None = None  # Dirichlet concentration over labels; None = IID
+    test_fraction: float = 0.2  # held-out share of digits for central evaluation
+    local_val_fraction: float = 0.1  # share of each client's data kept for federated evaluation
+
+    def check(self) -> None:
+        super().check()
+        _need(
+            self.alpha is None or self.alpha > 0, "alpha",
+            f"alpha must be > 0 (smaller = more label skew), got {self.alpha}; leave it out for IID",
+        )
+        _need(0.0 < self.test_fraction < 1.0, "test_fraction", f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        _need(
+            0.0 <= self.local_val_fraction < 1.0, "local_val_fraction",
+            f"local_val_fraction must be in [0, 1), got {self.local_val_fraction}",
+        )
+
+
+@dataclass(frozen=True)
+class TrainingConfig(_ConfigPart):
+    """The model, the clients' local SGD and the server's optimizer."""
+
+    model: Model = Model.CNN
+    local_epochs: int = 3
+    batch_size: int = 32
+    lr: float = 0.1  # client SGD learning rate
+    momentum: float = 0.9  # client SGD momentum
+    server_opt: ServerOptimizer = ServerOptimizer.FEDAVG
+    server_lr: float = 1.0
+    server_momentum: float = 0.9  # FedAvgM
+    adam_beta1: float = 0.9  # FedAdam
+    adam_beta2: float = 0.99
+    adam_tau: float = 1e-3
+
+    def check(self) -> None:
+        super().check()
+        _need(self.local_epochs >= 1, "local_epochs", f"local_epochs must be >= 1, got {self.local_epochs}")
+        _need(self.batch_size >= 1, "batch_size", f"batch_size must be >= 1, got {self.batch_size}")
+        _need(self.lr > 0, "lr", f"lr must be > 0, got {self.lr}")
+        _need(0 <= self.momentum < 1, "momentum", f"momentum must be in [0, 1), got {self.momentum}")
+        _need(self.server_lr > 0, "server_lr", f"server_lr must be > 0, got {self.server_lr}")
+        _need(
+            0 <= self.server_momentum < 1, "server_momentum",
+            f"server_momentum must be in [0, 1), got {self.server_momentum}",
+        )
+        _need(0 <= self.adam_beta1 < 1, "adam_beta1", f"adam_beta1 must be in [0, 1), got {self.adam_beta1}")
+        _need(0 <= self.adam_beta2 < 1, "adam_beta2", f"adam_beta2 must be in [0, 1), got {self.adam_beta2}")
+        _need(self.adam_tau > 0, "adam_tau", f"adam_tau must be > 0, got {self.adam_tau}")
+
+
+@dataclass(frozen=True)
+class CodecConfig(_ConfigPart):
+    """How updates travel up and the model travels down (codec names and parameters are checked by
+    :func:`qfl.server.preflight.check_components`, which may import the codec registry)."""
+
+    codec: str = "qsgd"  # 4-bit QSGD by default (codec.bits); the demo's masked sums take it
+    codec_params: dict[str, Any] = field(default_factory=dict)
+    downlink_codec: str = "fp32"  # how the global model travels to clients (stateless codecs only)
+    downlink_codec_params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SecurityConfig(_ConfigPart):
+    """Secure aggregation (qfl.security.secagg) and where its keys come from."""
+
+    security: Security = Security.MASKED_SUM
+    key_policy: KeyPolicy = KeyPolicy.WAIT  # a link short of key: wait (simulated clock) | skip (leave clients out) | abort
+    key_source: KeySource = KeySource.STORE  # store (SQLite pools, simulations) | kms (ETSI GS QKD 014 service)
+    key_store: str = ""  # SQLite key store path; empty = <run dir>/keys.db
+    kms_url: str = ""  # https://host:port for key_source = "kms"
+    kms_certs: str = ""  # a `qfl certs` directory for key_source = "kms"
+    secure_clip: float = 0.25  # first round's shared clip bound |Δ| <= C of masked sums (adapted per tensor)
+    secure_min_clients: int = 2  # fewest surviving uploads a masked sum may reveal
+    # double (default): every upload also carries a Shamir-shared one-time self-mask, so a server that
+    # lies about who dropped still cannot unmask one update (Bonawitz et al. 2017). single: pair masks
+    # only, ~1/3 of the key, secure against an HONEST-BUT-CURIOUS server only (one that never asks
+    # for the pair masks of a client whose upload it received).
+    secure_masking: SecureMasking = SecureMasking.DOUBLE
+    secure_threshold: int = 0  # Shamir threshold t of the self-masks; 0 = a strict majority of each client's peers
+
+    def check(self) -> None:
+        super().check()
+        _need(
+            self.key_source != KeySource.KMS or (self.kms_url.startswith("https://") and bool(self.kms_certs)),
+            "kms_url", "key_source='kms' needs kms_url='https://host:port' and kms_certs=DIR (made by `qfl certs`)",
+        )
+        _need(self.secure_clip > 0, "secure_clip", f"secure_clip must be > 0, got {self.secure_clip}")
+        _need(
+            self.secure_min_clients >= 2, "secure_min_clients",
+            f"secure_min_clients must be >= 2 (one upload would be revealed), got {self.secure_min_clients}",
+        )
+
+
+@dataclass(frozen=True)
+class QkdConfig(_ConfigPart):
+    """The simulated QKD network (qfl.quantum.qkd.network); link specs are parsed by preflight."""
+
+    qkd_topology: QkdTopology = QkdTopology.MESH  # mesh (a link per pair) | star (the server relays; it can read relayed masks)
+    qkd_distance_km: float = 10.0  # fibre length of every direct link
+    qkd_links: str = ""  # per-link distances, e.g. "client-0~client-1=50, client-2~server=80"
+    qkd_eavesdropped: str = ""  # intercept-resend eavesdroppers, e.g. "client-1~client-2" or "client-0~server:0.5"
+    qkd_rate: float = 0.0  # secret-key bits/s of every link; 0 = the decoy-BB84 model at the distance
+    qkd_round_s: float = 1.0  # simulated seconds of key generation per round
+    qkd_check_pulses: int = 0  # pulses of a BB84 Monte-Carlo run that admits every link (0: only eavesdropped links)
+
+    def check(self) -> None:
+        super().check()
+        _need(self.qkd_distance_km >= 0, "qkd_distance_km", f"qkd_distance_km must be >= 0, got {self.qkd_distance_km}")
+        _need(self.qkd_rate >= 0, "qkd_rate", f"qkd_rate must be >= 0 (0 = the decoy-BB84 model), got {self.qkd_rate}")
+        _need(self.qkd_round_s >= 0, "qkd_round_s", f"qkd_round_s must be >= 0, got {self.qkd_round_s}")
+        _need(self.qkd_check_pulses >= 0, "qkd_check_pulses", f"qkd_check_pulses must be >= 0, got {self.qkd_check_pulses}")
+
+
+@dataclass(frozen=True)
+class QuantumConfig(_ConfigPart):
+    """Quantum clients (qfl.clients.quantum, which checks the combinations through preflight)."""
+
     qubits: int = 4  # circuit width; quantum datasets have this many qubits
     layers: int = 2  # variational layers
     ansatz: str = "hardware-efficient"  # hardware-efficient | strongly-entangling
@@ -107,6 +280,21 @@ class RunConfig:
     data_qubits: int = 0  # qubits of the ntangled / magic states; 0 = qubits (a wider circuit adds |0> ancillas)
     client_kinds: str = ""  # mixed federations, e.g. "quantum:1,classical:3" (in partition order)
 
+
+@dataclass(frozen=True)
+class RunConfig(QuantumConfig, QkdConfig, SecurityConfig, CodecConfig, TrainingConfig, DataConfig, FederationConfig):
+    """Everything one federated run needs, one concern per base class. Defaults are the `make demo` run."""
+
+    def check(self) -> None:
+        """Every concern's own checks, then those across concerns."""
+        super().check()
+        _need(
+            0 <= self.secure_threshold < self.clients, "secure_threshold",
+            f"secure_threshold must be in [0, clients) (0 = a strict majority of the peers), got {self.secure_threshold}",
+        )
+        # Codecs, security rules, QKD link specs, quantum backends and datasets are checked by
+        # qfl.server.preflight, which may import the layers that own them; this module imports none.
+
     def to_flat(self) -> dict[str, Any]:
         """Flat key/value view (codec params as ``codec.NAME``), None values left out."""
         flat: dict[str, Any] = {}
@@ -115,6 +303,8 @@ class RunConfig:
             if f.name in _PARAM_TABLES.values():
                 prefix = next(k for k, v in _PARAM_TABLES.items() if v == f.name)
                 flat.update({f"{prefix}.{k}": v for k, v in value.items()})
+            elif isinstance(value, Choice):
+                flat[f.name] = value.value  # a plain str: Flower's records and TOML take no subclasses
             elif value is not None:
                 flat[f.name] = value
         return flat
@@ -129,7 +319,7 @@ class RunConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name not in _PARAM_TABLES.values()}
-_TYPES = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+_TYPES = get_type_hints(RunConfig)
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -137,103 +327,24 @@ def _coerce(key: str, value: Any) -> Any:
     if key == "alpha":
         if value is None or (isinstance(value, str) and value.lower() in ("none", "iid", "")):
             return None
-        kind = "float"
-    if kind == "bool":
+        kind = float
+    if isinstance(kind, type) and issubclass(kind, Choice):
+        return kind.parse(key, value)
+    if kind is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-    elif kind == "int":
+    elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-    elif kind == "float":
+    elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-    elif kind == "str":
+    elif kind is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"config key {key!r} must be {kind}, got {value!r}")
-
-
-def _check(cfg: RunConfig) -> None:
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
-
-    need(
-        0.0 <= cfg.local_val_fraction < 1.0,
-        f"local_val_fraction must be in [0, 1), got {cfg.local_val_fraction}",
-    )
-    need(cfg.rounds >= 1, f"rounds must be >= 1, got {cfg.rounds}")
-    need(cfg.clients >= 1, f"clients must be >= 1, got {cfg.clients}; set e.g. clients=10")
-    need(0.0 < cfg.fraction <= 1.0, f"fraction must be in (0, 1], got {cfg.fraction}")
-    need(
-        cfg.alpha is None or cfg.alpha > 0,
-        f"alpha must be > 0 (smaller = more label skew), got {cfg.alpha}; leave it out for IID",
-    )
-    need(cfg.model in MODELS, f"unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}")
-    need(cfg.dataset in DATASETS, f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
-    need(0.0 < cfg.test_fraction < 1.0, f"test_fraction must be in (0, 1), got {cfg.test_fraction}")
-    need(
-        cfg.security in SECURITY_MODES,
-        f"unknown security mode {cfg.security!r}; choose one of {', '.join(SECURITY_MODES)}",
-    )
-    need(cfg.key_policy in KEY_POLICIES, f"unknown key_policy {cfg.key_policy!r}; choose one of {', '.join(KEY_POLICIES)}")
-    need(cfg.key_source in KEY_SOURCES, f"unknown key_source {cfg.key_source!r}; choose one of {', '.join(KEY_SOURCES)}")
-    need(
-        cfg.key_source != "kms" or (cfg.kms_url.startswith("https://") and bool(cfg.kms_certs)),
-        "key_source='kms' needs kms_url='https://host:port' and kms_certs=DIR (made by `qfl certs`)",
-    )
-    need(
-        cfg.qkd_topology in QKD_TOPOLOGIES,
-        f"unknown qkd_topology {cfg.qkd_topology!r}; choose one of {', '.join(QKD_TOPOLOGIES)}",
-    )
-    need(cfg.qkd_distance_km >= 0, f"qkd_distance_km must be >= 0, got {cfg.qkd_distance_km}")
-    need(cfg.qkd_rate >= 0, f"qkd_rate must be >= 0 (0 = the decoy-BB84 model), got {cfg.qkd_rate}")
-    need(cfg.qkd_round_s >= 0, f"qkd_round_s must be >= 0, got {cfg.qkd_round_s}")
-    need(cfg.qkd_check_pulses >= 0, f"qkd_check_pulses must be >= 0, got {cfg.qkd_check_pulses}")
-    need(cfg.secure_clip > 0, f"secure_clip must be > 0, got {cfg.secure_clip}")
-    need(cfg.secure_min_clients >= 2, f"secure_min_clients must be >= 2 (one upload would be revealed), got {cfg.secure_min_clients}")
-    need(
-        cfg.secure_masking in SECURE_MASKINGS,
-        f"unknown secure_masking {cfg.secure_masking!r}; choose double (secure against a lying server) or single "
-        "(honest-but-curious server only)",
-    )
-    need(
-        0 <= cfg.secure_threshold < cfg.clients,
-        f"secure_threshold must be in [0, clients) (0 = a strict majority of the peers), got {cfg.secure_threshold}",
-    )
-    need(
-        cfg.server_opt in SERVER_OPTIMIZERS,
-        f"unknown server_opt {cfg.server_opt!r}; choose one of {', '.join(SERVER_OPTIMIZERS)}",
-    )
-    need(cfg.server_lr > 0, f"server_lr must be > 0, got {cfg.server_lr}")
-    need(0 <= cfg.server_momentum < 1, f"server_momentum must be in [0, 1), got {cfg.server_momentum}")
-    need(0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1, "adam_beta1 and adam_beta2 must be in [0, 1)")
-    need(cfg.adam_tau > 0, f"adam_tau must be > 0, got {cfg.adam_tau}")
-    need(cfg.local_epochs >= 1, f"local_epochs must be >= 1, got {cfg.local_epochs}")
-    need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
-    need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
-    need(0 <= cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum}")
-    need(cfg.timeout_s > 0, f"timeout_s must be > 0, got {cfg.timeout_s}")
-    need(
-        1 <= cfg.max_client_examples <= 2**53,
-        f"max_client_examples must be in [1, 2**53], got {cfg.max_client_examples}; "
-        "set it to at least the largest client's training-set size",
-    )
-    need(cfg.client_cpus > 0, f"client_cpus must be > 0, got {cfg.client_cpus}")
-    need(
-        cfg.ray_address == "" or _is_host_port(cfg.ray_address),
-        f"ray_address must be HOST:PORT of a Ray head node (as printed by `ray start --head`), got {cfg.ray_address!r}; "
-        "leave it empty to run on a private Ray instance on this machine",
-    )
-    # Codecs, security rules, QKD link specs, quantum backends and datasets are checked by
-    # qfl.server.preflight, which may import the layers that own them; this module imports none.
-
-
-def _is_host_port(address: str) -> bool:
-    host, colon, port = address.rpartition(":")
-    return bool(colon and host and port.isdigit() and 0 < int(port) < 65536)
+    raise ConfigError(f"config key {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}", key=key)
 
 
 def resolve_config(values: Mapping[str, Any]) -> RunConfig:
@@ -255,9 +366,11 @@ def resolve_config(values: Mapping[str, Any]) -> RunConfig:
             close = difflib.get_close_matches(key, list(_FIELDS) + [p + ".NAME" for p in _PARAM_TABLES], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             table_keys = ", ".join(f"{p}.NAME" for p in _PARAM_TABLES)
-            raise ConfigError(f"unknown config key {key!r}{hint} (valid keys: {', '.join(sorted(_FIELDS))}, {table_keys})")
+            raise ConfigError(
+                f"unknown config key {key!r}{hint} (valid keys: {', '.join(sorted(_FIELDS))}, {table_keys})", key=key
+            )
     cfg = RunConfig(**kwargs, **tables)
-    _check(cfg)
+    cfg.check()
     return cfg
 
 

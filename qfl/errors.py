@@ -79,7 +79,12 @@ class QflError(Exception):
 
 
 class ConfigError(QflError, ValueError):
-    """A configuration key or value is invalid; the message names the fix."""
+    """A configuration key or value is invalid; the message names the fix, ``key`` the config key at fault
+    (None where no single key is: an unreadable file, a ``--set`` without ``=``)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 # --------------------------------------------------------------------------- data (qfl.clients)

@@ -40,12 +40,12 @@ def preflight(cfg: RunConfig) -> None:
     if cfg.clients > task.train_size():
         raise ConfigError(
             f"clients={cfg.clients} exceeds the {task.train_size()} training samples of {cfg.dataset}; "
-            "use fewer clients"
+            "use fewer clients", key="clients",
         )
     try:
         task.check_partition(cfg.clients)
     except ValueError as err:
-        raise ConfigError(str(err)) from None
+        raise ConfigError(str(err), key="clients") from None
 
 
 def _check_codecs(cfg: RunConfig) -> None:
@@ -53,14 +53,17 @@ def _check_codecs(cfg: RunConfig) -> None:
 
     try:
         make_codec(cfg.codec, cfg.codec_params)
+    except ValueError as err:
+        raise ConfigError(str(err), key="codec") from None
+    try:
         downlink = make_codec(cfg.downlink_codec, cfg.downlink_codec_params)
     except ValueError as err:
-        raise ConfigError(str(err)) from None
+        raise ConfigError(str(err), key="downlink_codec") from None
     if downlink.traits.stateful:
         raise ConfigError(
             f"downlink_codec {cfg.downlink_codec!r} keeps state (error feedback / warm start), but the server "
             "broadcasts one model to clients that were not all there last round; set downlink_codec.feedback=false "
-            "or pick a stateless codec (fp32, fp16, bf16, qsgd, ternary, randk)"
+            "or pick a stateless codec (fp32, fp16, bf16, qsgd, ternary, randk)", key="downlink_codec",
         )
 
 
@@ -73,16 +76,19 @@ def _check_security(cfg: RunConfig) -> None:
     from qfl.security.secagg import MASKED_MODES, network_nodes
 
     nodes = network_nodes(cfg.clients)
+    key = "qkd_links"
     try:
         for km in parse_link_spec(cfg.qkd_links, nodes).values():
             if not (math.isfinite(km) and km >= 0):
                 raise ValueError(f"qkd_links distances must be finite and >= 0 km, got {km}")
+        key = "qkd_eavesdropped"
         for fraction in parse_link_spec(cfg.qkd_eavesdropped, nodes, default=1.0).values():
             if not 0 < fraction <= 1:
                 raise ValueError(
                     f"qkd_eavesdropped fractions (the share of pulses Eve intercepts) must be in (0, 1], got {fraction}"
                 )
         if cfg.security in MASKED_MODES:
+            key = "codec"
             codec = make_summable_codec(cfg.codec, cfg.codec_params)  # ValueError naming the parameter or codecs
             bits = ring_bits(codec.ring_levels(), cfg.clients)
             if bits > 64:
@@ -90,10 +96,11 @@ def _check_security(cfg: RunConfig) -> None:
                     f"{cfg.clients} clients with codec {cfg.codec!r} need a {bits}-bit ring; "
                     "at most 64 bits are supported; use fewer bits (codec.bits) or fewer clients"
                 )
+            key = "secure_clip"
             if not MIN_CLIP <= cfg.secure_clip <= MAX_CLIP:
                 raise ValueError(
                     f"secure_clip={cfg.secure_clip} is outside [2^-100, 2^100], where ring forms quantize "
                     "(qsgd and ternary in float32); set secure_clip between 1e-30 and 1e30"
                 )
     except ValueError as err:
-        raise ConfigError(str(err)) from None
+        raise ConfigError(str(err), key=key) from None

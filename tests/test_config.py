@@ -18,36 +18,48 @@ def test_overrides_parse_toml_literals():
 
 
 def test_unknown_key_names_the_key_and_a_close_match():
-    with pytest.raises(ConfigError, match=r"unknown config key 'round'.*did you mean 'rounds'"):
+    with pytest.raises(ConfigError) as err:
         build_config(overrides=["round=3"])
+    assert err.value.key == "round" and "'rounds'" in str(err.value)  # the close match is the hint
 
 
 @pytest.mark.parametrize(
-    "override, message",
-    [
-        ("clients=-3", r"clients must be >= 1, got -3"),
-        ("clients=0", r"clients must be >= 1"),
-        ("alpha=0", r"alpha must be > 0"),
-        ("alpha=-1.5", r"alpha must be > 0"),
-        ("rounds=0", r"rounds must be >= 1"),
-        ("fraction=1.5", r"fraction must be in \(0, 1\]"),
-        ("model=resnet", r"unknown model 'resnet'; choose one of cnn, mlp"),
-        ("dataset=imagenet", r"unknown dataset 'imagenet'"),
-        ("codec=zip", r"unknown codec .zip.; choose one of: fp32, fp16"),
-        ("security=secret", r"unknown security mode .secret."),
-        ("server_opt=sgd", r"unknown server_opt 'sgd'"),
-        ("clients=ten", r"config key 'clients' must be int, got 'ten'"),
-        ("lr=0", r"lr must be > 0"),
-    ],
+    "override",
+    ["clients=-3", "clients=0", "alpha=0", "alpha=-1.5", "rounds=0", "fraction=1.5", "model=resnet",
+     "dataset=imagenet", "codec=zip", "security=secret", "server_opt=sgd", "clients=ten", "lr=0",
+     "secure_masking=triple", "key_policy=later", "qkd_topology=ring", "ray_address=head"],
 )
-def test_bad_values_are_rejected_with_the_fix(override, message):
-    with pytest.raises(ConfigError, match=message):
+def test_bad_values_are_rejected_naming_the_key(override):
+    with pytest.raises(ConfigError) as err:
         check_components(build_config(overrides=[override]))
+    assert err.value.key == override.partition("=")[0]
+
+
+def test_a_choice_names_every_valid_value():
+    from qfl.config import Security
+
+    with pytest.raises(ConfigError) as err:
+        build_config(overrides=["security=secret"])
+    assert all(member.value in str(err.value) for member in Security)
+    cfg = build_config(overrides=["security=channel-pad"])
+    assert cfg.security is Security.CHANNEL_PAD and cfg.security == "channel-pad"
+    assert type(cfg.to_flat()["security"]) is str  # Flower's records and TOML take plain strings
+
+
+def test_each_concern_is_a_config_of_its_own():
+    from qfl.config import QkdConfig, SecurityConfig
+
+    cfg = build_config(overrides=["qkd_distance_km=25"])
+    assert isinstance(cfg, QkdConfig) and isinstance(cfg, SecurityConfig) and cfg.qkd_distance_km == 25.0
+    with pytest.raises(ConfigError) as err:
+        QkdConfig(qkd_rate=-1.0).check()  # a concern checks its own values without the rest of the run
+    assert err.value.key == "qkd_rate"
 
 
 def test_set_without_equals_is_an_error():
-    with pytest.raises(ConfigError, match="key=value"):
+    with pytest.raises(ConfigError) as err:
         parse_overrides(["rounds"])
+    assert err.value.key is None
 
 
 def test_alpha_iid_spellings():
@@ -70,12 +82,14 @@ def test_config_file_then_overrides(tmp_path):
 
 
 def test_bad_config_file_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read config file"):
+    with pytest.raises(ConfigError) as err:
         build_config(tmp_path / "missing.toml")
+    assert "missing.toml" in str(err.value)
     bad = tmp_path / "bad.toml"
     bad.write_text("rounds = = 3")
-    with pytest.raises(ConfigError, match="not valid TOML"):
+    with pytest.raises(ConfigError) as err:
         build_config(bad)
+    assert "bad.toml" in str(err.value)
 
 
 def test_flwr_app_config_in_pyproject_is_valid():
@@ -90,23 +104,26 @@ def test_flwr_app_config_in_pyproject_is_valid():
 
 
 @pytest.mark.parametrize(
-    "overrides, message",
+    "overrides, key",
     [
-        (["codec=qsgd", "codec.bits=0"], r"qsgd bits must be in 1\.\.8, got 0"),
-        (["codec=qsgd", "codec.bits=9"], r"qsgd bits must be in 1\.\.8, got 9"),
-        (["codec=topk", "codec.ratio=0"], r"topk ratio must be in \(0, 1\].*0 < k ≤ d"),
-        (["codec=topk", "codec.ratio=1.5"], r"topk ratio must be in \(0, 1\]"),
-        (["codec=randk", "codec.ratio=-0.1"], r"randk ratio must be in \(0, 1\]"),
-        (["codec=powersgd", "codec.rank=0"], r"powersgd rank must be >= 1, got 0"),
-        (["codec=sign", "codec.bits=2"], r"codec 'sign' does not take codec\.bits"),
-        (["codec=fp32", "codec.entropy=lzma"], r"codec\.entropy must be one of none, zstd, zlib"),
-        (["downlink_codec=sign"], r"downlink_codec 'sign' keeps state"),
-        (["codec=fp32", "codec.bits=3"], r"codec 'fp32' does not take codec\.bits"),
+        (["codec=qsgd", "codec.bits=0"], "codec"),
+        (["codec=qsgd", "codec.bits=9"], "codec"),
+        (["codec=topk", "codec.ratio=0"], "codec"),
+        (["codec=topk", "codec.ratio=1.5"], "codec"),
+        (["codec=randk", "codec.ratio=-0.1"], "codec"),
+        (["codec=powersgd", "codec.rank=0"], "codec"),
+        (["codec=sign", "codec.bits=2"], "codec"),
+        (["codec=fp32", "codec.entropy=lzma"], "codec"),
+        (["downlink_codec=sign"], "downlink_codec"),
+        (["codec=fp32", "codec.bits=3"], "codec"),
+        (["secure_clip=1e-40"], "secure_clip"),
+        (["qkd_links=client-0~client-99=5"], "qkd_links"),
     ],
 )
-def test_codec_config_errors_stop_before_any_round(overrides, message):
-    with pytest.raises(ConfigError, match=message):
+def test_component_errors_stop_before_any_round_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
         check_components(build_config(overrides=overrides))
+    assert err.value.key == key
 
 
 def test_codec_params_round_trip_through_toml(tmp_path):
