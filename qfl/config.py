@@ -68,6 +68,11 @@ class SecureMasking(Choice):
     SINGLE = "single"  # pair masks only: safe against an honest-but-curious server only
 
 
+class SecureGraph(Choice):
+    SPARSE = "sparse"  # a Harary graph of degree k = O(log n) (Bell et al. 2020); the full graph when k >= n - 1
+    FULL = "full"  # every pair of participants masks together (Bonawitz et al. 2017)
+
+
 class KeyPolicy(Choice):
     WAIT = "wait"
     SKIP = "skip"
@@ -231,9 +236,20 @@ class SecurityConfig(_ConfigPart):
     # for the pair masks of a client whose upload it received).
     secure_masking: SecureMasking = SecureMasking.DOUBLE
     secure_threshold: int = 0  # Shamir threshold t of the self-masks; 0 = a strict majority of each client's peers
+    # The masking graph (qfl.security.graph): sparse picks the least even degree k whose failure bound
+    # (a survivor short of peers, t colluding peers, a split of the honest survivors) is <= 2^-40 for the
+    # dropout and collusion rates below; secure_degree fixes k instead.
+    secure_graph: SecureGraph = SecureGraph.SPARSE
+    secure_degree: int = 0  # peers per client in the sparse graph (rounded up to even); 0 = chosen from the bound
+    secure_dropout: float = 0.1  # share of a round's clients expected to drop (sizes the sparse graph)
+    secure_corrupt: float = 0.1  # share of clients assumed to collude with the server (sizes the sparse graph)
 
     def check(self) -> None:
         super().check()
+        _need(self.secure_degree >= 0, "secure_degree", f"secure_degree must be >= 0 (0 = chosen), got {self.secure_degree}")
+        for key in ("secure_dropout", "secure_corrupt"):
+            value = getattr(self, key)
+            _need(0 <= value < 0.5, key, f"{key} must be in [0, 0.5), got {value}")
         _need(
             self.key_source != KeySource.KMS or (self.kms_url.startswith("https://") and bool(self.kms_certs)),
             "kms_url", "key_source='kms' needs kms_url='https://host:port' and kms_certs=DIR (made by `qfl certs`)",

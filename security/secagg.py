@@ -74,8 +74,19 @@ asks for the pair masks of a client whose upload it received in any form (an
 invalid received upload makes the round unopenable), but a server that does
 ask reads that client's update.
 
+Masking graph (:mod:`qfl.security.graph`). Everything above runs per
+neighbourhood: client ``i`` masks with, shares its self-mask among, and
+unmasks for its *peers* ``N(i)`` only (:meth:`RoundPlan.peers`): every other
+participant in the full graph (``secure_graph = "full"``), ``k = O(log n)``
+of them in a sparse Harary graph (``"sparse"``, the default, which is the
+full graph whenever the bound needs ``k ≥ n − 1``). Each client's threshold
+is a strict majority of its peers, ``t_i = ⌊|N(i)|/2⌋ + 1``, and it answers
+an unmask request only if ``t_i`` of its peers survive, so the argument above
+holds for each neighbourhood with ``n − 1`` replaced by ``|N(i)|``.
+
 Key cost per round, ``n`` participants, ``m`` ring elements per upload
-(``m = Σ coords + 2·tensors``), ``M = ⌈m·B/8⌉``: ``n(n−1)/2`` pair keys of
+(``m = Σ coords + 2·tensors``), ``M = ⌈m·B/8⌉``: ``n·k/2`` pair keys (``k``
+peers each; ``n(n−1)/2`` in the full graph) of
 ``M + 2·⌈17·⌈M/2⌉/8⌉ + 32`` bytes (double; ``M`` single), plus 128 bits per
 sealed message on each client~server link (an upload and an unmask reply).
 The share pads make double masking cost about ``3.1×`` the key of single
@@ -116,6 +127,7 @@ from qfl.compression.payload import tensor_seed
 from qfl.compression.summable import ring_bits
 from qfl.errors import SecAggError, UnknownKeyId
 from qfl.records import ConfigValue, as_float, as_int, as_iterable
+from qfl.security.graph import neighbours, sparse_degree
 from qfl.security.keys.source import KeyContainer, KeySource, UnknownKey
 from qfl.security.primitives import mac, shamir
 from qfl.security.primitives.masking import (
@@ -215,6 +227,34 @@ class RoundPlan:
     round_seed: int  # rand-k supports: tensor_seed(round_seed, name)
     masking: str = "double"
     min_threshold: int = 0
+    degree: int = 0  # masking graph (qfl.security.graph): 0 = full, else the Harary degree k over graph_of
+    graph_of: tuple[int, ...] = ()  # the members the graph was drawn over (setup's participants); () = participants
+
+    @cached_property
+    def graph(self) -> dict[int, frozenset[int]]:
+        """The round's masking graph over :attr:`graph_of` (see :mod:`qfl.security.graph`)."""
+        return neighbours(self.graph_of or self.participants, self.degree, self.round, self.round_seed)
+
+    @cached_property
+    def _peers(self) -> dict[int, list[int]]:
+        taking_part = set(self.participants)
+        return {p: sorted(self.graph.get(p, frozenset()) & taking_part) for p in self.participants}
+
+    def peers(self, me: int) -> list[int]:
+        """``me``'s neighbours in the masking graph that take part in the round, sorted (all others when full)."""
+        return self._peers.get(int(me), [])
+
+    def mask_degree(self) -> float:
+        """Mean number of peers a participant masks with."""
+        return float(np.mean([len(self.peers(p)) for p in self.participants])) if self.participants else 0.0
+
+    def threshold_of(self, me: int) -> int:
+        """Shares that rebuild ``me``'s self-mask: ``max(secure_threshold, ⌊d/2⌋ + 1)``, ``d`` its peers.
+
+        A strict majority of the peers it shares with; in the full graph
+        ``d = n − 1`` (:func:`majority_threshold`).
+        """
+        return max(int(self.min_threshold), len(self.peers(me)) // 2 + 1)
 
     @cached_property
     def codec(self) -> Codec:
@@ -235,15 +275,12 @@ class RoundPlan:
         return self.masking == "double"
 
     @property
-    def threshold(self) -> int:
-        """Shares that rebuild a self-mask: ``max(secure_threshold, ⌊(n−1)/2⌋ + 1)``."""
-        return max(int(self.min_threshold), majority_threshold(len(self.participants)))
-
-    @property
     def min_survivors(self) -> int:
-        """Fewest valid uploads whose sum can be opened: ``t + 1`` (double; each survivor's ``t`` shares
-        come from the other survivors), else 1."""
-        return self.threshold + 1 if self.double else 1
+        """Fewest valid uploads whose sum can be opened: ``t + 1`` for the least ``t`` of the round
+        (double; each survivor's ``t`` shares come from surviving peers), else 1."""
+        if not self.double or not self.participants:
+            return 1
+        return min(self.threshold_of(p) for p in self.participants) + 1
 
     def coords(self) -> list[int]:
         """Codes per tensor."""
@@ -281,8 +318,16 @@ class RoundPlan:
         return self.key_layout().total
 
     def with_participants(self, participants: Iterable[int]) -> RoundPlan:
-        """The same plan for fewer participants (the ring and the threshold follow)."""
-        return replace(self, participants=tuple(sorted(int(p) for p in participants)))
+        """The same plan for fewer participants (the ring and the thresholds follow; the graph is kept)."""
+        return replace(self, participants=tuple(sorted(int(p) for p in participants)),
+                       graph_of=self.graph_of or self.participants)
+
+    def viable(self) -> RoundPlan:
+        """The plan without the participants left with fewer peers than their threshold (repeated until none is)."""
+        plan = self
+        while plan.double and (alone := {p for p in plan.participants if plan.threshold_of(p) > len(plan.peers(p))}):
+            plan = plan.with_participants(set(plan.participants) - alone)
+        return plan
 
     def check(self) -> RoundPlan:
         """Raise SecAggError unless the plan can run; return it.
@@ -306,11 +351,16 @@ class RoundPlan:
             raise SecAggError(f"the round's codec {self.codec_name!r} cannot be summed under masks: {err}") from None
         if self.ring_bits > 64:
             raise SecAggError(f"the round needs a {self.ring_bits}-bit ring; at most 64 bits are supported")
-        if self.double and n >= 2 and self.threshold > n - 1:
-            raise SecAggError(
-                f"threshold t = {self.threshold} needs at least {self.threshold + 1} participants, the round has {n}; "
-                "lower secure_threshold (0 = a strict majority) or admit more clients"
-            )
+        if self.degree < 0 or (self.graph_of and not set(self.participants) <= set(self.graph_of)):
+            raise SecAggError("the masking graph must have a degree >= 0 and be drawn over a superset of the participants")
+        if self.double and n >= 2:
+            short = [p for p in self.participants if self.threshold_of(p) > len(self.peers(p))]
+            if short:
+                p = short[0]
+                raise SecAggError(
+                    f"client {p} shares with {len(self.peers(p))} peers, fewer than its threshold t = "
+                    f"{self.threshold_of(p)}; lower secure_threshold (0 = a strict majority) or admit more clients"
+                )
         return self
 
     def to_config(self) -> dict[str, ConfigValue]:
@@ -327,6 +377,8 @@ class RoundPlan:
             "round-seed": str(self.round_seed),
             "masking": self.masking,
             "threshold": self.min_threshold,
+            "degree": self.degree,
+            "graph-of": list(self.graph_of),
         }
 
     @classmethod
@@ -348,6 +400,8 @@ class RoundPlan:
                 round_seed=as_int(values["round-seed"]),
                 masking=str(values["masking"]),
                 min_threshold=as_int(values["threshold"]),
+                degree=as_int(values["degree"]),
+                graph_of=tuple(sorted(as_int(p) for p in as_iterable(values["graph-of"]))),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise SecAggError(f"malformed round plan: {err}") from None
@@ -359,7 +413,9 @@ def make_plan(
     round_seed: int,
 ) -> RoundPlan:
     """The server's plan for a round: the codec and its parameters, the clip bounds, ``secure_masking``,
-    ``secure_threshold``. Raises ValueError if the codec or a parameter has no ring form."""
+    ``secure_threshold`` and the masking graph (``secure_graph``, ``secure_degree``, or the degree
+    :func:`~qfl.security.graph.sparse_degree` gives for ``secure_dropout`` and ``secure_corrupt``).
+    Raises ValueError if the codec or a parameter has no ring form."""
     params = tuple(sorted(dict(cfg.codec_params).items()))
     make_summable_codec(cfg.codec, dict(params))  # refuse here, on the server, naming the parameter
     names = tuple(shapes)
@@ -375,7 +431,18 @@ def make_plan(
         round_seed=int(round_seed),
         masking=cfg.secure_masking,
         min_threshold=cfg.secure_threshold,
+        degree=round_degree(cfg, len(participants)),
+        graph_of=tuple(sorted(participants)),
     )
+
+
+def round_degree(cfg, participants: int) -> int:
+    """The masking graph's degree for a round of ``participants``: 0 (full) or an even ``k < n − 1``."""
+    if cfg.secure_graph == "full":
+        return 0
+    k = cfg.secure_degree or sparse_degree(participants, cfg.secure_dropout, cfg.secure_corrupt)
+    k += k % 2
+    return 0 if k >= participants - 1 else k
 
 
 # --------------------------------------------------------------------------- pair keys (client side)
@@ -384,11 +451,7 @@ def make_plan(
 def take_pair_keys(source: KeySource, plan: RoundPlan, me: int) -> dict[int, KeyContainer]:
     """Setup, as master: one fresh key per higher peer (``enc_keys``), ``plan.pair_key_bytes()`` each."""
     bits = 8 * plan.pair_key_bytes()
-    return {
-        peer: source.enc_keys(client_sae(me), client_sae(peer), 1, bits)[0]
-        for peer in plan.participants
-        if peer > me
-    }
+    return {peer: source.enc_keys(client_sae(me), client_sae(peer), 1, bits)[0] for peer in plan.peers(me) if peer > me}
 
 
 def fetch_pair_keys(source: KeySource, me: int, key_ids: Mapping[int, str]) -> dict[int, bytes]:
@@ -485,14 +548,15 @@ def _share_message(plan: RoundPlan, sender: int, recipient: int, cipher: bytes) 
 def share_self_mask(
     plan: RoundPlan, me: int, packed_mask: bytes, materials: Mapping[int, PairMaterial]
 ) -> dict[int, SealedShare]:
-    """Shamir-share ``me``'s packed self-mask with threshold ``plan.threshold``; encrypt and MAC each share.
+    """Shamir-share ``me``'s packed self-mask among its peers with threshold ``plan.threshold_of(me)``;
+    encrypt and MAC each share.
 
     Peer ``k`` gets the share at point ``k + 1``, XORed with the pad ``me→k``
     and tagged under the MAC key ``me→k`` (encrypt-then-MAC; the tag binds the
     mode, round, sender and recipient).
     """
-    peers = [p for p in plan.participants if p != me]
-    values = shamir.split(shamir.to_chunks(packed_mask), [p + 1 for p in peers], plan.threshold)
+    peers = plan.peers(me)
+    values = shamir.split(shamir.to_chunks(packed_mask), [p + 1 for p in peers], plan.threshold_of(me))
     out = {}
     for peer in peers:
         cipher = xor_pad(shamir.pack_share(values[peer + 1]), materials[peer].pad_out)
@@ -526,7 +590,7 @@ def masked_upload(
     """
     if me not in plan.participants:
         raise SecAggError(f"client {me} is not a participant of round {plan.round}")
-    peers = [p for p in plan.participants if p != me]
+    peers = plan.peers(me)
     materials = _materials(plan, me, pair_keys, peers)
     parts, flags = [], []
     for name, clip in zip(plan.tensors, plan.clips):
@@ -546,7 +610,7 @@ def masked_upload(
 
 def shares_from_wire(plan: RoundPlan, sender: int, ciphers: bytes, tags: bytes) -> dict[int, SealedShare]:
     """The server's parse of the shares beside ``sender``'s upload; SecAggError if the sizes do not match the plan."""
-    peers = [p for p in plan.participants if p != sender]
+    peers = plan.peers(sender)
     S = plan.share_bytes()
     if not plan.double:
         if ciphers or tags:
@@ -637,7 +701,9 @@ class UnmaskReply:
         if len(body) < 8:
             raise SecAggError(f"the unmask reply of client {sender} is truncated")
         n_from, n_rej = struct.unpack_from("<II", body)
-        others = set(survivors) - {sender}
+        mine = set(plan.peers(sender))
+        others = (set(survivors) - {sender}) & mine
+        dropped = sorted(set(dropped) & mine)
         if n_from + n_rej > len(others):
             raise SecAggError(f"the unmask reply of client {sender} lists more senders than survivors")
         head = 8 + 4 * (n_from + n_rej)
@@ -674,8 +740,10 @@ def check_unmask_request(plan: RoundPlan, me: int, request: UnmaskRequest) -> No
     """The rules an honest client applies before it answers (SecAggError naming the broken rule).
 
     ``S`` and ``D`` partition the round's participants (from the client's own
-    plan), ``me ∈ S``, and (double) ``|S| ≥ t + 1`` so that each survivor's
-    self-mask has its ``t`` shares among the other survivors. Answering at most
+    plan), ``me ∈ S``, and (double) at least ``t`` of its peers survive
+    (``|S ∩ N(me)| ≥ t``; ``|S| ≥ t + 1`` in the full graph), so that a peer
+    it reveals pair masks with cannot also be one of the ``t`` holders of
+    shares the server would need. Answering at most
     once per round is the caller's job (it holds the client's state).
     """
     S, D = list(request.survivors), list(request.dropped)
@@ -690,23 +758,27 @@ def check_unmask_request(plan: RoundPlan, me: int, request: UnmaskRequest) -> No
         )
     if me not in S:
         raise SecAggError(f"client {me} is listed as dropped; a dropped client does not unmask")
-    if plan.double and len(S) < plan.threshold + 1:
+    surviving_peers = len(set(S) & set(plan.peers(me)))
+    if plan.double and surviving_peers < plan.threshold_of(me):
         raise SecAggError(
-            f"only {len(S)} survivors; unmasking needs at least t + 1 = {plan.threshold + 1} (threshold {plan.threshold})"
+            f"only {surviving_peers} of client {me}'s peers survive; unmasking needs at least its threshold "
+            f"t = {plan.threshold_of(me)}"
         )
 
 
 def answer_unmask(plan: RoundPlan, me: int, pair_keys: Mapping[int, bytes], request: UnmaskRequest) -> UnmaskReply:
     """Client ``me``'s answer to an unmask request (after :func:`check_unmask_request`, which it runs).
 
-    Returns its pair masks ``s_{me,k}`` for ``k ∈ D`` and (double) the shares
-    of ``b_k`` it received for ``k ∈ S``, each verified under its pair key; a
-    share that fails is withheld and listed in ``rejected``. Never a share of a
-    dropped client, never a pair mask with a survivor.
+    Returns its pair masks ``s_{me,k}`` for its peers ``k ∈ D`` and (double)
+    the shares of ``b_k`` it received from its peers ``k ∈ S``, each verified
+    under its pair key; a share that fails is withheld and listed in
+    ``rejected``. Never a share of a dropped client, never a pair mask with a
+    survivor.
     """
     check_unmask_request(plan, me, request)
-    dropped = sorted(request.dropped)
-    senders = sorted(k for k in request.survivors if k != me) if plan.double else []
+    mine = set(plan.peers(me))
+    dropped = sorted(mine & set(request.dropped))
+    senders = sorted(mine & set(request.survivors)) if plan.double else []
     materials = _materials(plan, me, pair_keys, dropped + senders)
     m, B = plan.elements(), plan.ring_bits
     masks = b"".join(pack_ring(mask_from_key(materials[k].mask, m, B), B) for k in dropped)
@@ -727,9 +799,10 @@ def answer_unmask(plan: RoundPlan, me: int, pair_keys: Mapping[int, bytes], requ
 
 def reveal_masks(plan: RoundPlan, me: int, pair_keys: Mapping[int, bytes], dropped: list[int]) -> bytes:
     """The pair masks ``me`` shared with each dropped peer, packed in sorted order (the masks of an unmask reply)."""
-    materials = _materials(plan, me, pair_keys, sorted(dropped))
+    dropped = sorted(set(plan.peers(me)) & set(dropped))
+    materials = _materials(plan, me, pair_keys, dropped)
     m, B = plan.elements(), plan.ring_bits
-    return b"".join(pack_ring(mask_from_key(materials[k].mask, m, B), B) for k in sorted(dropped))
+    return b"".join(pack_ring(mask_from_key(materials[k].mask, m, B), B) for k in dropped)
 
 
 # --------------------------------------------------------------------------- unmasking (server side)
@@ -739,7 +812,7 @@ def unmask_requests(
     plan: RoundPlan, shares: Mapping[int, Mapping[int, SealedShare]], dropped: Sequence[int]
 ) -> dict[int, UnmaskRequest]:
     """The request for each survivor: ``S`` = the keys of ``shares`` (valid uploads), ``D`` = ``dropped``,
-    and the shares addressed to it by the other survivors (none in single masking)."""
+    and the shares addressed to it by its surviving peers (none in single masking)."""
     survivors = tuple(sorted(shares))
     out = {}
     for j in survivors:
@@ -781,25 +854,25 @@ def unmask_sum(
         raise SecAggError(f"an upload is malformed: {err}") from None
     if dropped:
         size = plan.upload_bytes()
-        missing = [i for i in survivors if i not in replies or len(replies[i].masks) != size * len(dropped)]
+        gone = {i: sorted(set(plan.peers(i)) & set(dropped)) for i in survivors}  # i's dropped peers
+        missing = [i for i in survivors if gone[i] and (i not in replies or len(replies[i].masks) != size * len(gone[i]))]
         if missing:
             raise SecAggError(f"survivors {missing} did not reveal their pair masks with the dropped {sorted(dropped)}")
         for i in survivors:
-            blob = replies[i].masks
-            for idx, k in enumerate(sorted(dropped)):  # survivor i added +s_ik for k > i, −s_ik for k < i
+            blob = replies[i].masks if gone[i] else b""
+            for idx, k in enumerate(gone[i]):  # survivor i added +s_ik for k > i, −s_ik for k < i
                 try:
                     add_packed(total, blob[idx * size : (idx + 1) * size], B, subtract=k > i)
                 except ValueError as err:
                     raise SecAggError(f"the pair masks of survivor {i} are malformed: {err}") from None
     if plan.double:
         for k in survivors:
+            t = plan.threshold_of(k)
             points = {j + 1: replies[j].share_of(plan, k) for j in survivors if j in replies and k in replies[j].share_from}
-            if len(points) < plan.threshold:
-                raise SecAggError(
-                    f"only {len(points)} of the {plan.threshold} shares of client {k}'s self-mask arrived"
-                )
+            if len(points) < t:
+                raise SecAggError(f"only {len(points)} of the {t} shares of client {k}'s self-mask arrived")
             try:
-                packed = shamir.from_chunks(shamir.combine(points, plan.threshold), plan.upload_bytes())
+                packed = shamir.from_chunks(shamir.combine(points, t), plan.upload_bytes())
                 add_packed(total, packed, B, subtract=True)
             except ValueError as err:
                 raise SecAggError(f"the self-mask of client {k} cannot be rebuilt: {err}") from None

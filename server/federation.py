@@ -181,10 +181,12 @@ def _key_record(strategy: SecureFedAvg, budget: KeyBudget) -> dict[str, Any]:
     """The key layer's figures for one round's metrics.json record."""
     return {
         "key_bits_by_link": dict(sorted(strategy.key_links.items())),
-        "key_pools_left": budget.pools(),
+        "key_pools_left": budget.pools(strategy.key_links),
         "key_wait_s": strategy.key_wait_s,
         "qkd_clock_s": budget.clock_s,
         **({"secure_clip": strategy.checkpoint_state()} if strategy.mode in MASKED_MODES else {}),
+        # mean peers a client masked with (security.graph): n − 1 in the full graph, k in a sparse one
+        **({"mask_degree": strategy.masked.plan.mask_degree()} if strategy.masked is not None else {}),
         # key bits by use (pair masks / share pads / MAC keys), end to end; see server.secure.KeySplit
         **(strategy.key_split.record() if strategy.mode in MASKED_MODES else {}),
     }

@@ -4,7 +4,11 @@ With ``key_source = "store"`` (simulations) the server builds the simulated
 QKD network (:class:`qfl.quantum.qkd.network.QuantumNetwork`) over the SAEs
 ``server`` and ``client-0 … client-(n−1)``, depositing into the SQLite pools
 at ``key_store`` (default ``<run dir>/keys.db``) that the clients open too.
-The server owns the simulated clock:
+The network is lazy: a link exists (in the store, and in every tick) only
+from the first round whose plan needs it, credited on arrival with the key it
+made since the clock's start (:meth:`QuantumNetwork.ensure`), so a run's key
+work and store size follow the sampled clients and the masking graph, never
+the ``n(n−1)/2`` pairs of all clients. The server owns the simulated clock:
 
 - each round first advances it by ``qkd_round_s`` (the key the links make
   while a round runs);
@@ -39,13 +43,14 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qfl.config import RunConfig
 from qfl.errors import KeyBudgetExceeded
 from qfl.quantum.qkd.bb84 import simulate_bb84
-from qfl.quantum.qkd.network import QuantumNetwork, RelayedLink, parse_link_spec
+from qfl.quantum.qkd.network import DirectLink, QuantumNetwork, RelayedLink, parse_link_spec
 from qfl.security.keys.source import KeyExhausted, KeySource
 from qfl.security.keys.sources import KeySourceConfig, open_key_source
 from qfl.security.keys.store import KeyStore, link_name
@@ -77,6 +82,7 @@ class KeyBudget:
         self.store: KeyStore | None = None
         self.network: QuantumNetwork | None = None
         self.dead: dict[str, str] = {}  # link -> why it makes no key
+        self.eve: dict[tuple[str, str], float] = {}  # eavesdropped link -> intercepted fraction
         if cfg.key_source == "store":
             self.store = self.source  # type: ignore[assignment]
             self.network = self._build_network()
@@ -90,29 +96,45 @@ class KeyBudget:
         overrides = {pair: {"distance_km": km} for pair, km in parse_link_spec(cfg.qkd_links, nodes).items()}
         net = QuantumNetwork.build(
             self.store, nodes, cfg.qkd_topology, hub=SERVER_SAE if cfg.qkd_topology == "star" else None,
-            bits_per_s=cfg.qkd_rate or None, distance_km=cfg.qkd_distance_km, overrides=overrides,
+            bits_per_s=cfg.qkd_rate or None, distance_km=cfg.qkd_distance_km, overrides=overrides, lazy=True,
         )
-        eve = parse_link_spec(cfg.qkd_eavesdropped, nodes, default=1.0)
-        for pair in eve:
-            if link_name(*pair) not in net.direct:
+        self.eve = parse_link_spec(cfg.qkd_eavesdropped, nodes, default=1.0)
+        for pair in self.eve:
+            if not net.is_direct(*pair):
                 raise ValueError(f"qkd_eavesdropped names {link_name(*pair)}, which is not a direct link of the "
                                  f"{cfg.qkd_topology} network")
-        for link in net.direct.values():
-            fraction = eve.get((link.a, link.b), 0.0)
-            pulses = max(cfg.qkd_check_pulses, MIN_EVE_CHECK_PULSES) if fraction else cfg.qkd_check_pulses
-            if not pulses:
-                continue
-            result = simulate_bb84(pulses, link.distance_km, eve_fraction=fraction,
-                                   seed=[cfg.seed, zlib.crc32(link.name.encode())])
-            if result.aborted and result.qber is not None and "QBER" in (result.abort_reason or ""):
-                link.bits_per_s = 0.0
-                self.dead[link.name] = f"its BB84 run aborted: {result.abort_reason}"
-                log.warning("QKD link %s makes no key: %s", link.name, self.dead[link.name])
-        for relayed in net.relayed.values():
-            bad = [link_name(x, y) for x, y in relayed.hops if link_name(x, y) in self.dead]
-            if bad:
-                self.dead[relayed.name] = f"it is relayed over {', '.join(bad)}, which makes no key"
+        self.network = net
+        for pair in sorted(self.eve):  # the named links exist from the start, so their BB84 runs are in the log
+            self.ensure_link(*pair)
         return net
+
+    def ensure_link(self, a: str, b: str) -> None:
+        """Add the link a~b to the network if it is new (the network is lazy: only links a round needs
+        exist), and admit each new direct link with a BB84 run when it is eavesdropped or
+        ``qkd_check_pulses`` asks for one."""
+        net = self.network
+        assert net is not None  # only called with a network, i.e. with a key store
+        before = set(net.direct)
+        link = net.ensure(a, b)
+        for name in sorted(set(net.direct) - before):
+            self._admit_link(net.direct[name])
+        if isinstance(link, RelayedLink):
+            bad = [link_name(x, y) for x, y in link.hops if link_name(x, y) in self.dead]
+            if bad:
+                self.dead[link.name] = f"it is relayed over {', '.join(bad)}, which makes no key"
+
+    def _admit_link(self, link: DirectLink) -> None:
+        cfg = self.cfg
+        fraction = self.eve.get((link.a, link.b), 0.0)
+        pulses = max(cfg.qkd_check_pulses, MIN_EVE_CHECK_PULSES) if fraction else cfg.qkd_check_pulses
+        if not pulses:
+            return
+        result = simulate_bb84(pulses, link.distance_km, eve_fraction=fraction,
+                               seed=[cfg.seed, zlib.crc32(link.name.encode())])
+        if result.aborted and result.qber is not None and "QBER" in (result.abort_reason or ""):
+            link.bits_per_s = 0.0
+            self.dead[link.name] = f"its BB84 run aborted: {result.abort_reason}"
+            log.warning("QKD link %s makes no key: %s", link.name, self.dead[link.name])
 
     @property
     def clock_s(self) -> float:
@@ -156,6 +178,8 @@ class KeyBudget:
         if self.network is None:
             return result
         net = self.network
+        for a, b in sorted(needs):
+            self.ensure_link(a, b)
         short = self._shortfalls(needs)
         for (a, b), missing in short.items():  # a relay from key already on the hops costs no time
             if isinstance(net.link(a, b), RelayedLink) and link_name(a, b) not in self.dead:
@@ -210,11 +234,12 @@ class KeyBudget:
             return {}
         return {name: self._status(name).used_bits for name in self.network.links()}
 
-    def pools(self) -> dict[str, int]:
-        """left_bits of every link in the store."""
+    def pools(self, links: Iterable[str]) -> dict[str, int]:
+        """left_bits of each of ``links`` (those of the network; empty without a store)."""
         if self.network is None:
             return {}
-        return {name: self._status(name).left_bits for name in self.network.links()}
+        return {name: self._status(name).left_bits for name in sorted(links)
+                if name in self.network.direct or name in self.network.relayed}
 
     def _status(self, name: str):
         a, _, b = name.partition("~")

@@ -247,10 +247,10 @@ class MaskedRound:
     # -- stage 1: keys ----------------------------------------------------------------------------
     def setup_keys(self, model: ArrayRecord) -> list[Message]:
         """Each participant takes its pair keys; return the train messages for those that did."""
+        self.plan = setup_plan = self._viable(self.plan, self.nodes)
         if len(self.nodes) < self.min_survivors:
             self._fail(f"only {len(self.nodes)} clients admitted, fewer than the {self.min_survivors} a sum needs")
             return []
-        setup_plan = self.plan
         record = ConfigRecord(setup_plan.to_config())
         setup = [Message(RecordDict({"config": self.config, "secagg": record}), dst_node_id=n, message_type=SETUP)
                  for n in sorted(self.nodes)]
@@ -268,12 +268,12 @@ class MaskedRound:
         layout = setup_plan.key_layout()
         self.outcome.keys = KeySplit(8 * layout.mask * taken, 8 * layout.share_pads * taken, 8 * layout.macs * taken)
         ready = {n: p for n, p in self.nodes.items() if p in key_ids
-                 and all(q in key_ids[p] for q in self.nodes.values() if q > p)}
+                 and all(q in key_ids[p] for q in setup_plan.peers(p) if q > p)}
         for node, pid in sorted(self.nodes.items()):
             if node not in ready and pid not in self.failed:
                 self._drop(node, pid, DropReason.SETUP_FAILED, "no key ids for every higher peer")
-        self.nodes = ready
-        self.plan = plan = setup_plan.with_participants(ready.values())
+        self.plan = plan = self._viable(setup_plan.with_participants(ready.values()), ready)
+        ready = self.nodes
         if len(ready) < self.min_survivors:
             self._fail(f"only {len(ready)} clients set up keys, fewer than the {self.min_survivors} a sum needs")
             return []
@@ -285,11 +285,20 @@ class MaskedRound:
         self.outcome.downlink_bytes = payload_bytes(model) * len(ready)
         messages = []
         for node, pid in sorted(ready.items()):
-            masters = {i: key_ids[i][pid] for i in plan.participants if i < pid}
+            masters = {i: key_ids[i][pid] for i in plan.peers(pid) if i < pid}
             sec = ConfigRecord({**plan.to_config(), "masters": list(masters), "master-key-ids": list(masters.values())})
             messages.append(Message(RecordDict({"arrays": model, "config": self.config, "secagg": sec}),
                                     dst_node_id=node, message_type=MessageType.TRAIN))
         return messages
+
+    def _viable(self, plan: RoundPlan, nodes: Mapping[int, int]) -> RoundPlan:
+        """``plan.viable()``; drops the clients it leaves out (too few peers to share a self-mask with)."""
+        viable = plan.viable()
+        for node, pid in sorted(nodes.items()):
+            if pid not in viable.participants:
+                self._drop(node, pid, DropReason.SETUP_FAILED, f"only {len(plan.peers(pid))} of its masking peers remain")
+        self.nodes = {n: p for n, p in nodes.items() if p in viable.participants}
+        return viable
 
     def _key_ids(self, reply: Message, pid: int) -> dict[int, str]:
         if reply.has_error():
@@ -302,7 +311,7 @@ class MaskedRound:
             raise SecAggError("'pair-keys' needs two lists of equal length, 'peers' and 'key-ids'")
         out = {}
         for peer, key_id in zip(peers, ids):
-            if (isinstance(peer, bool) or not isinstance(peer, int) or peer not in self.plan.participants
+            if (isinstance(peer, bool) or not isinstance(peer, int) or peer not in self.plan.peers(pid)
                     or peer <= pid or not isinstance(key_id, str) or len(key_id) > MAX_KEY_ID or peer in out):
                 raise SecAggError(f"'pair-keys' names peer {_text(peer)!s} / key id {_text(key_id)!s}, "
                                   "not a key with a higher participant")
@@ -539,8 +548,9 @@ class SecureFedAvg(QflFedAvg):
             needs[_pair(client_sae(i), SERVER_SAE)] = server_bits
         if plan is not None:
             pair_bits = 8 * plan.pair_key_bytes()
+            sampled = plan.with_participants(pids)
             for i in pids:
-                for j in pids:
+                for j in sampled.peers(i):
                     if i < j:
                         needs[_pair(client_sae(i), client_sae(j))] = pair_bits
         return needs

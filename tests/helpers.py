@@ -1,4 +1,4 @@
-"""Shared helpers for tests that run whole simulations in child processes."""
+"""Shared test helpers: whole simulations in child processes, and the codes a masked upload carries."""
 
 from __future__ import annotations
 
@@ -59,3 +59,17 @@ def run_killed_after_round(out: Path, args: list[str], after_round: int, timeout
     finally:
         kill_group(proc)
     return load_checkpoint(out).round
+
+
+def ring_codes(plan, delta, seed):
+    """The codes and flags a client's masked upload carries before any mask, with its rounding drawn
+    from rng(seed) as ``secagg.masked_upload`` draws it."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    parts, flags = [], []
+    for name, clip in zip(plan.tensors, plan.clips):
+        codes, over, under = plan.codec.encode_ring(delta[name], clip, plan.seed(name), rng)
+        parts.append(codes)
+        flags += [over, under]
+    return np.concatenate([*parts, np.asarray(flags, dtype=np.uint64)])

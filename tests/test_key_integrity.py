@@ -48,6 +48,7 @@ def test_same_seed_makes_different_key(tmp_path):
     budgets = [KeyBudget(_cfg(), tmp_path / name) for name in ("a", "b")]
     keys = []
     for budget in budgets:
+        budget.ensure_link("client-0", "client-1")  # the network is lazy: a link exists once a round needs it
         budget.network.advance(2.0)
         keys.append(budget.store.enc_keys("client-0", "client-1", 2, 512))
     assert keys[0][0].key != keys[1][0].key and keys[0][1].key != keys[1][1].key
@@ -83,10 +84,16 @@ def test_consumed_key_leaves_the_files(tmp_path):
     net.advance(1.0)
     net.relay("p", "q", 8 * 2048)  # materialises on both hops, deposits one relay block
     keys = store.enc_keys("p", "q", 2, 8 * 1024) + store.enc_keys("hub", "p", 1, 8 * 1024)
+    # a key waiting for its slave sits in a 0600 file of its own, never in the database
+    assert sorted(store.held.ids()) == sorted(k.key_id for k in keys)
+    assert all(stat.S_IMODE((store.held.folder / k.key_id).stat().st_mode) == 0o600 for k in keys)
+    store.scrub()
+    assert keys[0].key[:64] not in (tmp_path / "keys.db").read_bytes()
     store.dec_keys("q", "p", [k.key_id for k in keys[:2]])
     store.dec_keys("p", "hub", [keys[2].key_id])
+    assert store.held.ids() == []  # wiped once delivered
     store.scrub()
-    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("keys.db"))
+    raw = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
     for k in keys:
         assert k.key[:64] not in raw and k.key[-64:] not in raw
     assert store.verify() == [] and store.audit()["duplicate_blocks"] == 0  # the relay copy is no duplicate
@@ -125,10 +132,12 @@ def test_verify_flags_equal_deposited_blocks(tmp_path):
 def test_keys_audit_command(tmp_path):
     run_dir = tmp_path / "run"
     budget = KeyBudget(_cfg(), run_dir)
+    for peer in ("server", "client-1", "client-2"):
+        budget.ensure_link("client-0", peer)
     budget.tick()
     budget.store.enc_keys("client-0", "server", 1, 256)
     rc, report = _audit(run_dir)
-    assert rc == 0 and report["links"] == 6 and report["ledger_ok"] and report["duplicate_blocks"] == 0
+    assert rc == 0 and report["links"] == 3 and report["ledger_ok"] and report["duplicate_blocks"] == 0
     assert report["bits_deposited"] == report["bits_used"] == 256 and report["clock_s"] == 1.5
     assert report["fingerprints"]["client-0~server"] is not None and report["fingerprints"]["client-0~client-1"] is None
     budget.store.deposit("client-0", "client-1", bytes(32))
@@ -161,9 +170,9 @@ def test_store_files_are_private(tmp_path):
         net.advance(1.0)
         store.enc_keys("a", "b", 1, 256)
         files = sorted(p.name for p in tmp_path.iterdir())
-        assert files == ["keys.db", "keys.db-shm", "keys.db-wal"]
-        for p in tmp_path.iterdir():
-            assert stat.S_IMODE(p.stat().st_mode) == 0o600, p.name
+        assert files == ["keys.db", "keys.db-shm", "keys.db-wal", "keys.db.held"]  # held: keys awaiting slaves
+        for p in [*tmp_path.iterdir(), *(tmp_path / "keys.db.held").iterdir()]:
+            assert stat.S_IMODE(p.stat().st_mode) == (0o700 if p.is_dir() else 0o600), p.name
         store.close()
         # An existing store that others can read is tightened when opened.
         loose = tmp_path / "loose.db"
@@ -181,7 +190,9 @@ def test_store_files_are_private(tmp_path):
 def test_a_resumed_key_budget_continues_the_clock_from_the_store(tmp_path):
     cfg = _cfg(qkd_rate=1000.3)  # a fraction of a bit carries from tick to tick
     first = KeyBudget(cfg, tmp_path)
-    for _ in range(3):
+    first.tick()
+    first.ensure_link("client-0", "client-1")  # added after a tick: credited the key it made since 0
+    for _ in range(2):
         first.tick()
     first.store.enc_keys("client-0", "client-1", 1, 1024)
     link = first.network.link("client-0", "client-1")
@@ -191,6 +202,7 @@ def test_a_resumed_key_budget_continues_the_clock_from_the_store(tmp_path):
 
     again = KeyBudget(cfg, tmp_path)  # e.g. `qfl run --resume`: built from the store alone
     assert again.clock_s == pytest.approx(4.5)
+    again.ensure_link("client-0", "client-1")  # back in the lazily rebuilt network, its state from the store
     relink = again.network.link("client-0", "client-1")
     assert (relink.made_bits, relink.pending_bits, relink.carry) == saved
     assert again.store.status("client-0", "client-1") == status
@@ -263,9 +275,9 @@ def test_crash_and_resume_makes_no_key_twice(run_pair):
     # The resumed clock went on from the store: at least as far as the straight run's.
     assert report["clock_s"] >= _audit(straight)[1]["clock_s"]
     assert load_checkpoint(killed).round == 4
-    for p in killed.iterdir():
-        if p.name.startswith("keys.db"):
-            assert stat.S_IMODE(p.stat().st_mode) == 0o600, p.name
+    for p in [*killed.iterdir(), *(killed / "keys.db.held").iterdir()]:
+        if p.name.startswith("keys.db") or p.parent.name == "keys.db.held":
+            assert stat.S_IMODE(p.stat().st_mode) == (0o700 if p.is_dir() else 0o600), p.name
 
 
 def test_a_key_no_slave_fetched_is_wiped_when_its_round_is_over(tmp_path):

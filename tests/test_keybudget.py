@@ -30,8 +30,10 @@ def test_wait_advances_the_simulated_clock_until_the_links_made_the_key(tmp_path
 
 def test_skip_leaves_out_the_clients_whose_links_are_short(tmp_path):
     budget = KeyBudget(_cfg(key_policy="skip", qkd_links="client-3~server=60, client-2~client-3=60"), tmp_path)
+    budget.ensure_link("client-3", "server")
     budget.network.direct["client-3~server"].bits_per_s = 10.0  # a slow link
-    budget.network.advance(10.0)  # 10,000 bits on every link but client-3~server (100)
+    budget.network.advance(10.0)  # 10,000 bits on every link but client-3~server (100); the others are
+    # added by admit (the network is lazy) with the key they made in those 10 s
     admission = budget.admit([0, 1, 2, 3], _pair_needs(range(4), 8_000))
     assert admission.participants == [0, 1, 2]
     assert "client-3~server" in admission.left_out[3] and admission.waited_s == 0
@@ -76,3 +78,27 @@ def test_star_relays_pair_key_through_the_server(tmp_path):
 def test_bad_key_settings_are_config_errors(values, message):
     with pytest.raises(ConfigError, match=message):
         _cfg(**values)
+
+
+@pytest.mark.parametrize("topology", ["mesh", "star"])
+def test_the_network_holds_only_the_links_a_round_needs_with_the_key_an_eager_one_would(tmp_path, topology):
+    """1,000 clients, 4 sampled: the store gets the sampled clients' links only, and a link added at
+    simulated second 7.5 holds what a link ticked since 0 holds."""
+    from qfl.quantum.qkd.network import QuantumNetwork
+    from qfl.security.keys.store import KeyStore
+
+    budget = KeyBudget(_cfg(clients=1000, qkd_rate=1000.3, qkd_topology=topology, qkd_round_s=2.5), tmp_path)
+    for _ in range(3):
+        budget.tick()
+    sampled = [3, 141, 592, 653]
+    admission = budget.admit(sampled, _pair_needs(sampled, 2_000))
+    assert admission.participants == sampled
+    assert len(budget.store.links()) == 4 + 6  # 4 client~server links and 6 pair links (direct or relayed)
+    eager = QuantumNetwork.build(KeyStore(tmp_path / "eager.db"), ["server", "client-3", "client-141"], topology,
+                                 hub="server" if topology == "star" else None, bits_per_s=1000.3)
+    for _ in range(3):
+        eager.advance(2.5)
+    lazy_link = budget.network.link("client-3", "server")
+    eager_link = eager.link("client-3", "server")
+    assert (lazy_link.made_bits, lazy_link.pending_bits) == (eager_link.made_bits, eager_link.pending_bits)
+    assert lazy_link.carry == pytest.approx(eager_link.carry)

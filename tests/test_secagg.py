@@ -223,12 +223,14 @@ def test_round_plan_survives_the_config_record():
     with pytest.raises(sa.SecAggError, match="malformed"):
         sa.RoundPlan.from_config({"round": 1})
     # the threshold never goes below a strict majority of the peers, whatever the plan says
-    hostile = {**plan.to_config(), "threshold": -5, "participants": list(range(7))}
+    hostile = {**plan.to_config(), "threshold": -5, "participants": list(range(7)), "graph-of": list(range(7))}
     with pytest.raises(sa.SecAggError, match="secure_threshold must be >= 0"):
         sa.RoundPlan.from_config(hostile)
-    assert sa.RoundPlan.from_config({**hostile, "threshold": 1}).threshold == 4
-    with pytest.raises(sa.SecAggError, match="needs at least 8 participants"):
+    assert sa.RoundPlan.from_config({**hostile, "threshold": 1}).threshold_of(0) == 4
+    with pytest.raises(sa.SecAggError):  # t = 7 > the 6 peers each client has
         sa.RoundPlan.from_config({**hostile, "threshold": 7})
+    with pytest.raises(sa.SecAggError):  # participants outside the graph the plan was drawn over
+        sa.RoundPlan.from_config({**hostile, "threshold": 1, "graph-of": [0, 1, 2]})
 
 
 def test_clip_adapts_to_the_summed_flags():

@@ -198,6 +198,9 @@ class QuantumNetwork:
         self.nodes: list[str] = []
         self.direct: dict[str, DirectLink] = {}
         self.relayed: dict[str, RelayedLink] = {}
+        self.topology = "mesh"
+        self.hub: str | None = None
+        self._params: Callable[[str, str], dict[str, Any]] = lambda a, b: {}
 
     # -- building ---------------------------------------------------------------------------------
 
@@ -212,11 +215,16 @@ class QuantumNetwork:
         bits_per_s: RateSpec | object | None = None,
         distance_km: float | None = None,
         overrides: Mapping[tuple[str, str], Mapping[str, object]] | None = None,
+        lazy: bool = False,
     ) -> QuantumNetwork:
         """A ``mesh`` over ``nodes``, or a ``star`` around ``hub`` (one of ``nodes`` or a node of its own).
 
         ``bits_per_s`` / ``distance_km`` apply to every direct link;
         ``overrides[(a, b)] = {"distance_km": …, "bits_per_s": …}`` changes one.
+        ``lazy``: add no link now; :meth:`ensure` adds each link the first time
+        it is needed, with the key it would have made since the clock's start
+        (the pools hold exactly what an eager network's would, but the store
+        and every tick touch only the links in use: O(links used), not O(n²)).
         """
         nodes = list(dict.fromkeys(nodes))
         net = cls(store)
@@ -227,22 +235,69 @@ class QuantumNetwork:
             p.update(by_pair.get(frozenset((a, b)), {}))
             return p
 
-        if topology == "mesh":
-            if hub is not None:
-                raise ValueError("hub is for topology 'star'; a mesh has a direct link per pair")
-            for a, b in itertools.combinations(nodes, 2):
-                net.add_link(a, b, **params(a, b))
-        elif topology == "star":
-            if hub is None:
-                raise ValueError("topology 'star' needs hub= (the trusted relay node, e.g. the server)")
-            leaves = [n for n in nodes if n != hub]
-            for leaf in leaves:
-                net.add_link(hub, leaf, **params(hub, leaf))
-            for a, b in itertools.combinations(leaves, 2):
-                net.add_relayed_link(a, b, via=hub)
-        else:
+        if topology == "mesh" and hub is not None:
+            raise ValueError("hub is for topology 'star'; a mesh has a direct link per pair")
+        if topology == "star" and hub is None:
+            raise ValueError("topology 'star' needs hub= (the trusted relay node, e.g. the server)")
+        if topology not in ("mesh", "star"):
             raise ValueError(f"topology must be 'mesh' or 'star', got {topology!r}")
+        net.topology, net.hub, net._params = topology, hub, params
+        for node in nodes:
+            net.add_node(node)
+        if lazy:
+            return net
+        for a, b in itertools.combinations(nodes, 2):
+            if net.is_direct(a, b):
+                net.ensure(a, b)
+        for a, b in itertools.combinations(nodes, 2):
+            net.ensure(a, b)
         return net
+
+    def is_direct(self, a: str, b: str) -> bool:
+        """Whether the topology joins a and b by a physical link (mesh: every pair; star: hub–leaf)."""
+        return self.topology == "mesh" or self.hub in (a, b)
+
+    def ensure(self, a: str, b: str) -> DirectLink | RelayedLink:
+        """The link a~b of the topology, added now if it is not yet (see ``lazy`` in :meth:`build`).
+
+        A direct link added late is first credited the key it made since the
+        clock's start (:meth:`_catch_up`); a relayed link first adds its hops.
+        """
+        name = link_name(a, b)
+        found = self.direct.get(name) or self.relayed.get(name)
+        if found is not None:
+            return found
+        for node in (a, b):
+            if node not in self.nodes:
+                raise UnknownLink(f"{node!r} is not a node of this network")
+        if self.is_direct(a, b):
+            self.add_link(a, b, **self._params(a, b))
+            self._catch_up(self.direct[name])
+            return self.direct[name]
+        assert self.hub is not None  # only a star has links that are not direct
+        for leaf in (a, b):
+            self.ensure(self.hub, leaf)
+        self.add_relayed_link(a, b, via=self.hub)
+        return self.relayed[name]
+
+    def _catch_up(self, link: DirectLink) -> None:
+        """Credit ``link`` what its clock made from 0 to :attr:`now` beyond what the store records.
+
+        ``floor(rate · now)`` bits in all (the fraction carries), less the
+        bits the store already counts: a no-op for a link that was ticked all
+        along, the whole history for one added now.
+        """
+        with self.store.transaction() as tx:
+            now = tx.clock()
+            old = tx.generator(link.a, link.b)
+            total = link.bits_per_s * now
+            made = math.floor(total + _EPS_BITS)
+            if made <= old.gen_bits:
+                return
+            whole = old.pending_bits + made - old.gen_bits
+            state = GeneratorState(made, whole % 8, max(total - made, 0.0))
+            tx.credit(link.a, link.b, 8 * (whole // 8), state)
+        link._load(state)
 
     @classmethod
     def mesh(cls, store: KeyStore, nodes: Sequence[str], **kwargs: Any) -> QuantumNetwork:

@@ -252,8 +252,11 @@ def _check_request(number: int, size_bits: int) -> None:
 class StoreTransaction:
     """Pool operations inside one open transaction (see :meth:`KeyStore.transaction`)."""
 
-    def __init__(self, con: sqlite3.Connection) -> None:
+    def __init__(self, con: sqlite3.Connection, held: HeldKeys | None = None) -> None:
         self._con = con
+        self._held = held
+        self.written: list[str] = []  # held-key files this transaction wrote (wiped if it rolls back)
+        self.released: list[str] = []  # held-key files to wipe once it commits
 
     def link_row(self, a: str, b: str) -> tuple[int, str, int, int]:
         """(id, name, made_bits, used_bits) of the link joining a and b; UnknownLink if none."""
@@ -410,9 +413,15 @@ class StoreTransaction:
         keys = []
         for i in range(number):
             key = KeyContainer(str(uuid.uuid4()), material[i * size : (i + 1) * size])
-            self.record(link_id, key.key_id, master, slave, offset + i * size_bits, size_bits,
-                        STATE_DELIVERED, key.key)
+            kept: bytes | None = key.key
+            if self._held is not None:  # the slave's copy waits in a file of its own, not in the database
+                self._held.write(key.key_id, key.key)
+                self.written.append(key.key_id)
+                kept = None
+            self.record(link_id, key.key_id, master, slave, offset + i * size_bits, size_bits, STATE_DELIVERED, kept)
             keys.append(key)
+        if self.written:
+            self._held.sync()  # type: ignore[union-attr]  # the files are durable before the rows commit
         return keys
 
     def take_relayed(self, a: str, b: str, nbytes: int, purpose: str) -> bytes:
@@ -447,6 +456,69 @@ def _private_files(path: Path) -> None:
             log.warning("%s is readable by others and not ours to chmod; run `chmod 600 %s`", p, p)
 
 
+class HeldKeys:
+    """The material of keys a master took and its slave has not fetched yet: one 0600 file per key.
+
+    A round takes all its pair keys before any is fetched (``n·k/2`` keys of
+    up to a few hundred KB at scale), so they wait outside the database: its
+    file stays the size of the ledger. A file is written and fsync'd before
+    the transaction that records its key commits (a rollback wipes it), and
+    wiped (overwritten with zeros, then unlinked) after the transaction that
+    delivers or expires the key commits. A crash between a commit and a wipe
+    leaves a file no waiting key owns; :meth:`KeyStore.scrub` wipes those.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def _path(self, key_id: str) -> Path:
+        if not key_id or "/" in key_id or key_id.startswith("."):
+            raise UnknownKey(f"no key {key_id!r} is waiting")
+        return self.folder / key_id
+
+    def write(self, key_id: str, material: bytes) -> None:
+        self.folder.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.folder, 0o700)
+        fd = os.open(self._path(key_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        try:
+            os.write(fd, material)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def sync(self) -> None:
+        """fsync the folder, so the new files' names are durable."""
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read(self, key_id: str) -> bytes | None:
+        try:
+            return self._path(key_id).read_bytes()
+        except (FileNotFoundError, UnknownKey):
+            return None
+
+    def wipe(self, key_ids: list[str]) -> None:
+        for key_id in key_ids:
+            path = self._path(key_id)
+            try:
+                with open(path, "r+b") as f:
+                    f.write(bytes(os.fstat(f.fileno()).st_size))
+                    f.flush()
+                    os.fsync(f.fileno())
+                path.unlink()
+            except FileNotFoundError:
+                continue
+
+    def ids(self, older_than: float | None = None) -> list[str]:
+        if not self.folder.is_dir():
+            return []
+        return [p.name for p in self.folder.iterdir()
+                if older_than is None or p.stat().st_mtime < older_than]
+
+
 class KeyStore:
     """Key pools of QKD links in one SQLite file (see the module docstring for schema and guarantees)."""
 
@@ -456,6 +528,7 @@ class KeyStore:
         self._local = threading.local()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _private_files(self.path)
+        self.held = HeldKeys(Path(f"{self.path}.held"))
         with self._tx() as tx:  # (executescript would COMMIT on its own; run the statements one by one)
             con = tx._con
             has_meta = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
@@ -517,6 +590,7 @@ class KeyStore:
         self.path = Path(state["path"])
         self._busy_timeout_ms = state["busy_timeout_ms"]
         self._local = threading.local()
+        self.held = HeldKeys(Path(f"{self.path}.held"))
 
     def __repr__(self) -> str:
         return f"KeyStore({str(self.path)!r})"
@@ -527,18 +601,22 @@ class KeyStore:
         ``write=False``, a deferred BEGIN (a consistent read snapshot that blocks no writer)."""
         con = self._connection()
         con.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        tx = StoreTransaction(con, self.held)
         try:
-            yield StoreTransaction(con)
+            yield tx
         except BaseException:
             if con.in_transaction:
                 con.execute("ROLLBACK")
+            self.held.wipe(tx.written)
             raise
         try:
             con.execute("COMMIT")
         except BaseException:
             if con.in_transaction:
                 con.execute("ROLLBACK")
+            self.held.wipe(tx.written)
             raise
+        self.held.wipe(tx.released)
 
     def transaction(self) -> AbstractContextManager[StoreTransaction]:
         """``with store.transaction() as tx:`` — several pool operations as one atomic transaction.
@@ -606,6 +684,9 @@ class KeyStore:
                 row = tx._con.execute(
                     "SELECT link_id, master, slave, state, material FROM keys WHERE key_id = ?", (str(key_id),)
                 ).fetchone()
+                if row is not None and row[3] == STATE_DELIVERED and row[4] is None:
+                    row = (*row[:4], self.held.read(str(key_id)))
+                    tx.released.append(str(key_id))
                 if (
                     row is None
                     or row[0] != link_id
@@ -632,6 +713,10 @@ class KeyStore:
         stay spent. Returns how many keys were wiped.
         """
         with self._tx() as tx:
+            tx.released += [r[0] for r in tx._con.execute(
+                "SELECT key_id FROM keys WHERE state = ? AND created_at < ? AND material IS NULL",
+                (STATE_DELIVERED, float(taken_before)),
+            )]
             cur = tx._con.execute(
                 "UPDATE keys SET state = ?, material = NULL WHERE state = ? AND created_at < ?",
                 (STATE_EXPIRED, STATE_DELIVERED, float(taken_before)),
@@ -725,11 +810,17 @@ class KeyStore:
             ):
                 problems.append(f"{count} deposited blocks share SHA-256 {digest[:16]}… (links {names}): "
                                 "the same key was made more than once")
+            waiting = {r[0]: r[1] for r in con.execute(
+                "SELECT key_id, material IS NOT NULL FROM keys WHERE state = ?", (STATE_DELIVERED,))}
+            files = set(self.held.ids())
             bad = con.execute(
-                "SELECT count(*) FROM keys WHERE (state = ?) != (material IS NOT NULL)", (STATE_DELIVERED,)
-            ).fetchone()[0]
+                "SELECT count(*) FROM keys WHERE state != ? AND material IS NOT NULL", (STATE_DELIVERED,)
+            ).fetchone()[0] + sum(1 for key_id, inline in waiting.items() if not inline and key_id not in files)
             if bad:
                 problems.append(f"{bad} keys keep material they should not (or lack material they should have)")
+            stray = files - set(waiting)
+            if stray:
+                problems.append(f"{len(stray)} held-key files belong to no waiting key")
         return problems
 
     def audit(self) -> dict[str, object]:
@@ -768,5 +859,10 @@ class KeyStore:
         }
 
     def scrub(self) -> None:
-        """Checkpoint and truncate the WAL, so page images of deleted key material leave the WAL file."""
+        """Checkpoint and truncate the WAL, so page images of deleted key material leave the WAL file;
+        wipe held-key files that no waiting key owns (left by a crash between a commit and its wipe)."""
         self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        quiet_before = time.time() - 2 * self._busy_timeout_ms / 1000  # older than any open transaction
+        with self._tx(write=False) as tx:
+            waiting = {r[0] for r in tx._con.execute("SELECT key_id FROM keys WHERE state = ?", (STATE_DELIVERED,))}
+        self.held.wipe([k for k in self.held.ids(older_than=quiet_before) if k not in waiting])
