@@ -74,6 +74,19 @@ def _cmd_bench_secagg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_scale(args: argparse.Namespace) -> int:
+    import json
+
+    from qfl.benchmarks.scale import bench_scale, format_rows, plot_rows
+
+    rows = bench_scale(ns=args.n or (10, 100, 1000), params=args.params, dropout=args.dropout,
+                       max_key_gb=args.max_key_gb)
+    if args.plot:
+        plot_rows(rows, Path(args.plot))
+    print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
+    return 0
+
+
 def _cmd_bench_quantum(args: argparse.Namespace) -> int:
     import json
 
@@ -353,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     secb.add_argument("--clients", type=int, default=4)
     secb.add_argument("--json", action="store_true")
     secb.set_defaults(func=_cmd_bench_secagg)
+    bscale = bench.add_parser("scale", help="one aggregation round at n = 10, 100, 1000: none, full and sparse masking")
+    bscale.add_argument("--n", type=int, action="append", help="clients per round (repeatable; default 10, 100, 1000)")
+    bscale.add_argument("--params", type=int, default=2_000, help="floats per update (default 2,000)")
+    bscale.add_argument("--dropout", type=float, default=0.05, help="share of clients that never upload")
+    bscale.add_argument("--max-key-gb", type=float, default=1.0, help="arms needing more pair key are planned, not run")
+    bscale.add_argument("--plot", metavar="PNG", help="also plot key bits and uplink per client against n")
+    bscale.add_argument("--json", action="store_true")
+    bscale.set_defaults(func=_cmd_bench_scale)
     bqkd = bench.add_parser("qkd", help="BB84 Monte-Carlo, Cascade and Toeplitz throughput (one core)")
     bqkd.add_argument("--pulses", type=int, default=10**7)
     bqkd.add_argument("--distance-km", type=float, default=10.0)

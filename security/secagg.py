@@ -128,7 +128,7 @@ from qfl.compression.summable import ring_bits
 from qfl.errors import SecAggError, UnknownKeyId
 from qfl.records import ConfigValue, as_float, as_int, as_iterable
 from qfl.security.graph import neighbours, sparse_degree
-from qfl.security.keys.source import KeyContainer, KeySource, UnknownKey
+from qfl.security.keys.source import KeyContainer, KeySource, UnknownKey, dec_key_each, enc_key_each
 from qfl.security.primitives import mac, shamir
 from qfl.security.primitives.masking import (
     add_packed,
@@ -284,7 +284,11 @@ class RoundPlan:
 
     def coords(self) -> list[int]:
         """Codes per tensor."""
-        return [self.codec.ring_coords(self.seed(name), int(np.prod(shape))) for name, shape in zip(self.tensors, self.shapes)]
+        return list(self._coords)
+
+    @cached_property
+    def _coords(self) -> tuple[int, ...]:
+        return tuple(self.codec.ring_coords(self.seed(n), int(np.prod(shape))) for n, shape in zip(self.tensors, self.shapes))
 
     def elements(self) -> int:
         """Ring elements per upload: every tensor's codes, then two flags per tensor."""
@@ -449,16 +453,17 @@ def round_degree(cfg, participants: int) -> int:
 
 
 def take_pair_keys(source: KeySource, plan: RoundPlan, me: int) -> dict[int, KeyContainer]:
-    """Setup, as master: one fresh key per higher peer (``enc_keys``), ``plan.pair_key_bytes()`` each."""
-    bits = 8 * plan.pair_key_bytes()
-    return {peer: source.enc_keys(client_sae(me), client_sae(peer), 1, bits)[0] for peer in plan.peers(me) if peer > me}
+    """Setup, as master: one fresh key per higher peer (``enc_keys``; one store transaction for all),
+    ``plan.pair_key_bytes()`` each."""
+    higher = [peer for peer in plan.peers(me) if peer > me]
+    taken = enc_key_each(source, client_sae(me), [client_sae(p) for p in higher], 8 * plan.pair_key_bytes())
+    return {peer: taken[client_sae(peer)] for peer in higher}
 
 
 def fetch_pair_keys(source: KeySource, me: int, key_ids: Mapping[int, str]) -> dict[int, bytes]:
     """Train, as slave: the keys lower peers took for us, by id (each delivered once)."""
-    return {
-        peer: source.dec_keys(client_sae(me), client_sae(peer), [key_id])[0].key for peer, key_id in key_ids.items()
-    }
+    fetched = dec_key_each(source, client_sae(me), {client_sae(peer): key_id for peer, key_id in key_ids.items()})
+    return {peer: fetched[client_sae(peer)].key for peer in key_ids}
 
 
 @dataclass(frozen=True)

@@ -104,24 +104,30 @@ class KeyBudget:
                 raise ValueError(f"qkd_eavesdropped names {link_name(*pair)}, which is not a direct link of the "
                                  f"{cfg.qkd_topology} network")
         self.network = net
-        for pair in sorted(self.eve):  # the named links exist from the start, so their BB84 runs are in the log
-            self.ensure_link(*pair)
+        self.ensure_links(sorted(self.eve))  # the named links exist from the start: their BB84 runs are in the log
         return net
 
     def ensure_link(self, a: str, b: str) -> None:
-        """Add the link a~b to the network if it is new (the network is lazy: only links a round needs
-        exist), and admit each new direct link with a BB84 run when it is eavesdropped or
+        """:meth:`ensure_links` for one link."""
+        self.ensure_links([(a, b)])
+
+    def ensure_links(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Add the links of ``pairs`` that are new to the network (the network is lazy: only links a round
+        needs exist), and admit each new direct link with a BB84 run when it is eavesdropped or
         ``qkd_check_pulses`` asks for one."""
         net = self.network
         assert net is not None  # only called with a network, i.e. with a key store
+        pairs = list(pairs)
         before = set(net.direct)
-        link = net.ensure(a, b)
+        net.ensure_all(pairs)
         for name in sorted(set(net.direct) - before):
             self._admit_link(net.direct[name])
-        if isinstance(link, RelayedLink):
-            bad = [link_name(x, y) for x, y in link.hops if link_name(x, y) in self.dead]
-            if bad:
-                self.dead[link.name] = f"it is relayed over {', '.join(bad)}, which makes no key"
+        for a, b in pairs:
+            link = net.link(a, b)
+            if isinstance(link, RelayedLink):
+                bad = [link_name(x, y) for x, y in link.hops if link_name(x, y) in self.dead]
+                if bad:
+                    self.dead[link.name] = f"it is relayed over {', '.join(bad)}, which makes no key"
 
     def _admit_link(self, link: DirectLink) -> None:
         cfg = self.cfg
@@ -178,8 +184,7 @@ class KeyBudget:
         if self.network is None:
             return result
         net = self.network
-        for a, b in sorted(needs):
-            self.ensure_link(a, b)
+        self.ensure_links(sorted(needs))
         short = self._shortfalls(needs)
         for (a, b), missing in short.items():  # a relay from key already on the hops costs no time
             if isinstance(net.link(a, b), RelayedLink) and link_name(a, b) not in self.dead:

@@ -61,3 +61,27 @@ def test_bench_reports_threads_and_single_thread_figures():
     lines = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in format_table(rows).splitlines()[2:-1]}
     assert lines["qsgd-1bit"][1].strip() == "2" and lines["qsgd-1bit"][-1].strip() != "="
     assert lines["sign"][1].strip() == "1" and lines["sign"][-1].strip() == "="
+
+
+def test_scale_bench_measures_each_arm_and_plans_what_is_too_large(capsys):
+    """A tiny run of `qfl bench scale`: none, full and sparse at n = 12 (degree 4 forced); full at
+    n = 12 is measured, and with a key cap of zero the masked arms are planned from the plan instead."""
+    import json
+
+    from qfl.benchmarks.scale import bench_scale
+    from qfl.cli import main
+
+    rows = bench_scale(ns=(12,), params=200, dropout=0.1, degree=4)
+    by_arm = {r["arm"]: r for r in rows}
+    assert set(by_arm) == {"none", "full", "sparse"} and all(r["measured"] for r in rows)
+    assert by_arm["full"]["mask_degree"] == 11 and by_arm["sparse"]["mask_degree"] == 4
+    assert by_arm["sparse"]["key_bits_per_client"] < by_arm["full"]["key_bits_per_client"]
+    assert by_arm["sparse"]["round_s_ratio"] > 0 and by_arm["full"]["uplink_bytes_per_client_ratio"] > 1
+    # the ledger's key per client is what the plan says it costs
+    planned = bench_scale(ns=(12,), params=200, dropout=0.1, degree=4, max_key_gb=0.0)
+    for arm in ("full", "sparse"):
+        (row,) = [r for r in planned if r["arm"] == arm]
+        assert not row["measured"] and row["round_s"] is None
+        assert row["key_bits_per_client"] == pytest.approx(by_arm[arm]["key_bits_per_client"])
+    assert main(["bench", "scale", "--n", "6", "--params", "100", "--json"]) == 0
+    assert {r["arm"] for r in json.loads(capsys.readouterr().out)} == {"none", "full", "sparse"}

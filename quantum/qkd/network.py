@@ -80,7 +80,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -244,13 +244,8 @@ class QuantumNetwork:
         net.topology, net.hub, net._params = topology, hub, params
         for node in nodes:
             net.add_node(node)
-        if lazy:
-            return net
-        for a, b in itertools.combinations(nodes, 2):
-            if net.is_direct(a, b):
-                net.ensure(a, b)
-        for a, b in itertools.combinations(nodes, 2):
-            net.ensure(a, b)
+        if not lazy:
+            net.ensure_all(itertools.combinations(nodes, 2))
         return net
 
     def is_direct(self, a: str, b: str) -> bool:
@@ -258,46 +253,62 @@ class QuantumNetwork:
         return self.topology == "mesh" or self.hub in (a, b)
 
     def ensure(self, a: str, b: str) -> DirectLink | RelayedLink:
-        """The link a~b of the topology, added now if it is not yet (see ``lazy`` in :meth:`build`).
+        """The link a~b of the topology, added now if it is not yet (see ``lazy`` in :meth:`build`)."""
+        self.ensure_all([(a, b)])
+        return self.link(a, b)
 
-        A direct link added late is first credited the key it made since the
-        clock's start (:meth:`_catch_up`); a relayed link first adds its hops.
+    def ensure_all(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Add every link of ``pairs`` the network lacks (and, in a star, the hops a relayed one needs).
+
+        The new links enter the store in one transaction; each new direct link
+        is then credited the key it made since the clock's start
+        (:meth:`_catch_up`), all in a second one. Two disk syncs, however many links.
         """
-        name = link_name(a, b)
-        found = self.direct.get(name) or self.relayed.get(name)
-        if found is not None:
-            return found
-        for node in (a, b):
-            if node not in self.nodes:
-                raise UnknownLink(f"{node!r} is not a node of this network")
-        if self.is_direct(a, b):
-            self.add_link(a, b, **self._params(a, b))
-            self._catch_up(self.direct[name])
-            return self.direct[name]
-        assert self.hub is not None  # only a star has links that are not direct
-        for leaf in (a, b):
-            self.ensure(self.hub, leaf)
-        self.add_relayed_link(a, b, via=self.hub)
-        return self.relayed[name]
+        wanted: list[tuple[str, str]] = []
+        for a, b in pairs:
+            for node in (a, b):
+                if node not in self.nodes:
+                    raise UnknownLink(f"{node!r} is not a node of this network")
+            if not self.is_direct(a, b):
+                assert self.hub is not None  # only a star has links that are not direct
+                wanted += [(self.hub, a), (self.hub, b)]
+            wanted.append((a, b))
+        new = [p for p in dict.fromkeys(wanted) if link_name(*p) not in self.direct and link_name(*p) not in self.relayed]
+        new = list({link_name(*p): p for p in new}.values())
+        if not new:
+            return
+        self.store.add_links(new)
+        fresh = []
+        for a, b in new:
+            if self.is_direct(a, b):
+                fresh.append(self._add_direct(a, b, **self._params(a, b)))
+            else:
+                assert self.hub is not None
+                self._add_relayed(a, b, (a, self.hub, b))
+        self._catch_up(fresh)
 
-    def _catch_up(self, link: DirectLink) -> None:
-        """Credit ``link`` what its clock made from 0 to :attr:`now` beyond what the store records.
+    def _catch_up(self, links: Sequence[DirectLink]) -> None:
+        """Credit each link what its clock made from 0 to :attr:`now` beyond what the store records.
 
         ``floor(rate · now)`` bits in all (the fraction carries), less the
         bits the store already counts: a no-op for a link that was ticked all
-        along, the whole history for one added now.
+        along, the whole history for one added now. One transaction.
         """
+        states: dict[str, GeneratorState] = {}
         with self.store.transaction() as tx:
             now = tx.clock()
-            old = tx.generator(link.a, link.b)
-            total = link.bits_per_s * now
-            made = math.floor(total + _EPS_BITS)
-            if made <= old.gen_bits:
-                return
-            whole = old.pending_bits + made - old.gen_bits
-            state = GeneratorState(made, whole % 8, max(total - made, 0.0))
-            tx.credit(link.a, link.b, 8 * (whole // 8), state)
-        link._load(state)
+            for link in links:
+                old = tx.generator(link.a, link.b)
+                total = link.bits_per_s * now
+                made = math.floor(total + _EPS_BITS)
+                if made <= old.gen_bits:
+                    continue
+                whole = old.pending_bits + made - old.gen_bits
+                states[link.name] = GeneratorState(made, whole % 8, max(total - made, 0.0))
+                tx.credit(link.a, link.b, 8 * (whole // 8), states[link.name])
+        for link in links:
+            if link.name in states:
+                link._load(states[link.name])
 
     @classmethod
     def mesh(cls, store: KeyStore, nodes: Sequence[str], **kwargs: Any) -> QuantumNetwork:
@@ -325,6 +336,16 @@ class QuantumNetwork:
         name = link_name(a, b)
         if name in self.direct or name in self.relayed:
             raise ValueError(f"link {name!r} exists already")
+        if distance_km is not None and not (math.isfinite(distance_km) and distance_km >= 0):
+            raise ValueError(f"distance_km must be a finite number >= 0, got {distance_km!r}")
+        self.store.add_link(a, b)
+        self._add_direct(a, b, bits_per_s=bits_per_s, distance_km=distance_km)
+        return name
+
+    def _add_direct(
+        self, a: str, b: str, *, bits_per_s: RateSpec | object | None = None, distance_km: float | None = None,
+    ) -> DirectLink:
+        """The DirectLink object of a link already in the store, its clock state loaded from there."""
         if distance_km is None:
             distance_km = float(bits_per_s.distance_km) if _is_link_params(bits_per_s) else DEFAULT_DISTANCE_KM
         if not (math.isfinite(distance_km) and distance_km >= 0):
@@ -332,12 +353,11 @@ class QuantumNetwork:
         rate = resolve_rate(bits_per_s, distance_km)
         self.add_node(a)
         self.add_node(b)
-        self.store.add_link(a, b)
         lo, hi = sorted((a, b))
-        link = DirectLink(name, lo, hi, float(distance_km), rate)
+        link = DirectLink(link_name(a, b), lo, hi, float(distance_km), rate)
         link._load(self.store.generator(a, b))  # a link of an existing store continues its clock
-        self.direct[name] = link
-        return name
+        self.direct[link.name] = link
+        return link
 
     def add_relayed_link(self, a: str, b: str, via: str | Sequence[str]) -> str:
         """A link a~b made by XOR relay through ``via`` (one trusted node or a path of them)."""
@@ -351,8 +371,14 @@ class QuantumNetwork:
             if link_name(x, y) not in self.direct:
                 raise UnknownLink(f"relay path {path} needs a direct link {x}–{y}")
         self.store.add_link(a, b)
-        self.relayed[name] = RelayedLink(name, a, b, path)
+        self._add_relayed(a, b, path)
         return name
+
+    def _add_relayed(self, a: str, b: str, path: tuple[str, ...]) -> RelayedLink:
+        """The RelayedLink object of a link already in the store."""
+        link = RelayedLink(link_name(a, b), a, b, path)
+        self.relayed[link.name] = link
+        return link
 
     def link(self, a: str, b: str) -> DirectLink | RelayedLink:
         name = link_name(a, b)

@@ -15,6 +15,7 @@ config.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,3 +52,24 @@ class KeySource(Protocol):
 
     def status(self, master: str, slave: str) -> LinkStatus:
         """Counters of the link joining master and slave."""
+
+
+def enc_key_each(source: KeySource, master: str, slaves: Sequence[str], size_bits: int) -> dict[str, KeyContainer]:
+    """One fresh key of ``size_bits`` from ``master`` to each of ``slaves``.
+
+    A source with an ``enc_key_each`` method of its own (the SQLite
+    :class:`~qfl.security.keys.store.KeyStore`: one transaction, one disk sync,
+    all or nothing) does it at once; otherwise one ``enc_keys`` per slave.
+    """
+    batch = getattr(source, "enc_key_each", None)
+    if batch is not None:
+        return dict(batch(master, list(slaves), size_bits))
+    return {slave: source.enc_keys(master, slave, 1, size_bits)[0] for slave in slaves}
+
+
+def dec_key_each(source: KeySource, slave: str, key_ids: Mapping[str, str]) -> dict[str, KeyContainer]:
+    """The key with id ``key_ids[master]`` from each master, each once (see :func:`enc_key_each`)."""
+    batch = getattr(source, "dec_key_each", None)
+    if batch is not None:
+        return dict(batch(slave, dict(key_ids)))
+    return {master: source.dec_keys(slave, master, [key_id])[0] for master, key_id in key_ids.items()}

@@ -420,8 +420,6 @@ class StoreTransaction:
                 kept = None
             self.record(link_id, key.key_id, master, slave, offset + i * size_bits, size_bits, STATE_DELIVERED, kept)
             keys.append(key)
-        if self.written:
-            self._held.sync()  # type: ignore[union-attr]  # the files are durable before the rows commit
         return keys
 
     def take_relayed(self, a: str, b: str, nbytes: int, purpose: str) -> bytes:
@@ -461,11 +459,15 @@ class HeldKeys:
 
     A round takes all its pair keys before any is fetched (``n·k/2`` keys of
     up to a few hundred KB at scale), so they wait outside the database: its
-    file stays the size of the ledger. A file is written and fsync'd before
-    the transaction that records its key commits (a rollback wipes it), and
-    wiped (overwritten with zeros, then unlinked) after the transaction that
-    delivers or expires the key commits. A crash between a commit and a wipe
-    leaves a file no waiting key owns; :meth:`KeyStore.scrub` wipes those.
+    file stays the size of the ledger. A file is written before the
+    transaction that records its key commits (a rollback wipes it) and wiped
+    (overwritten with zeros, then unlinked) after the transaction that
+    delivers or expires the key commits. The files are not fsync'd: a crash
+    may lose a waiting key, which only makes its slave's fetch fail
+    (:class:`UnknownKey`) — its bits stay spent in the ledger, and a crashed
+    round's keys are expired anyway — and saves two disk syncs per key. A
+    crash between a commit and a wipe leaves a file no waiting key owns;
+    :meth:`KeyStore.scrub` wipes those.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -482,15 +484,6 @@ class HeldKeys:
         fd = os.open(self._path(key_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
             os.write(fd, material)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def sync(self) -> None:
-        """fsync the folder, so the new files' names are durable."""
-        fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -506,8 +499,6 @@ class HeldKeys:
             try:
                 with open(path, "r+b") as f:
                     f.write(bytes(os.fstat(f.fileno()).st_size))
-                    f.flush()
-                    os.fsync(f.fileno())
                 path.unlink()
             except FileNotFoundError:
                 continue
@@ -637,6 +628,15 @@ class KeyStore:
             tx._con.execute("INSERT OR IGNORE INTO links (name, a, b) VALUES (?, ?, ?)", (name, lo, hi))
         return name
 
+    def add_links(self, pairs: list[tuple[str, str]]) -> None:
+        """Create the links joining each pair (idempotent), in one transaction."""
+        rows = []
+        for a, b in pairs:
+            lo, hi = sorted((a, b))
+            rows.append((link_name(a, b), lo, hi))
+        with self._tx() as tx:
+            tx._con.executemany("INSERT OR IGNORE INTO links (name, a, b) VALUES (?, ?, ?)", rows)
+
     def links(self) -> list[str]:
         """Names of all links, sorted."""
         rows = self._connection().execute("SELECT name FROM links ORDER BY name").fetchall()
@@ -664,6 +664,17 @@ class KeyStore:
         with self._tx() as tx:
             return tx.take_keys(master, slave, number, size_bits)
 
+    def enc_key_each(self, master: str, slaves: list[str], size_bits: int) -> dict[str, KeyContainer]:
+        """One fresh key of ``size_bits`` for master→slave for each slave, in one transaction (all or nothing)."""
+        _check_request(1, size_bits)
+        with self._tx() as tx:
+            return {slave: tx.take_keys(master, slave, 1, size_bits)[0] for slave in slaves}
+
+    def dec_key_each(self, slave: str, key_ids: dict[str, str]) -> dict[str, KeyContainer]:
+        """The key with id ``key_ids[master]`` from each master, each once, in one transaction (all or nothing)."""
+        with self._tx() as tx:
+            return {master: self._deliver(tx, slave, master, [key_id])[0] for master, key_id in key_ids.items()}
+
     def dec_keys(self, slave: str, master: str, key_ids: list[str]) -> list[KeyContainer]:
         """The keys with these ids, for the slave they were made for, each exactly once (all or nothing).
 
@@ -677,32 +688,36 @@ class KeyStore:
         if len(set(key_ids)) != len(key_ids):
             raise UnknownKey("a key_id appears twice in one request; each key is delivered once")
         with self._tx() as tx:
-            link_id = tx.link_row(slave, master)[0]
-            out = []
-            now = time.time()
-            for key_id in key_ids:
-                row = tx._con.execute(
-                    "SELECT link_id, master, slave, state, material FROM keys WHERE key_id = ?", (str(key_id),)
-                ).fetchone()
-                if row is not None and row[3] == STATE_DELIVERED and row[4] is None:
-                    row = (*row[:4], self.held.read(str(key_id)))
-                    tx.released.append(str(key_id))
-                if (
-                    row is None
-                    or row[0] != link_id
-                    or row[1] != master
-                    or row[2] != slave
-                    or row[3] != STATE_DELIVERED
-                    or row[4] is None
-                ):
-                    # Same message for every case: do not tell a prober which ids exist.
-                    raise UnknownKey(f"no key {key_id!r} is waiting for slave {slave!r} from master {master!r}")
-                tx._con.execute(
-                    "UPDATE keys SET state = ?, material = NULL, delivered_at = ? WHERE key_id = ?",
-                    (STATE_CONSUMED, now, key_id),
-                )
-                out.append(KeyContainer(key_id, row[4]))
-            return out
+            return self._deliver(tx, slave, master, key_ids)
+
+    def _deliver(self, tx: StoreTransaction, slave: str, master: str, key_ids: list[str]) -> list[KeyContainer]:
+        """The body of :meth:`dec_keys`, inside ``tx``."""
+        link_id = tx.link_row(slave, master)[0]
+        out = []
+        now = time.time()
+        for key_id in key_ids:
+            row = tx._con.execute(
+                "SELECT link_id, master, slave, state, material FROM keys WHERE key_id = ?", (str(key_id),)
+            ).fetchone()
+            if row is not None and row[3] == STATE_DELIVERED and row[4] is None:
+                row = (*row[:4], self.held.read(str(key_id)))
+                tx.released.append(str(key_id))
+            if (
+                row is None
+                or row[0] != link_id
+                or row[1] != master
+                or row[2] != slave
+                or row[3] != STATE_DELIVERED
+                or row[4] is None
+            ):
+                # Same message for every case: do not tell a prober which ids exist.
+                raise UnknownKey(f"no key {key_id!r} is waiting for slave {slave!r} from master {master!r}")
+            tx._con.execute(
+                "UPDATE keys SET state = ?, material = NULL, delivered_at = ? WHERE key_id = ?",
+                (STATE_CONSUMED, now, key_id),
+            )
+            out.append(KeyContainer(key_id, row[4]))
+        return out
 
     def expire_undelivered(self, taken_before: float) -> int:
         """Wipe every key a master took before ``taken_before`` (a ``time.time()``) that no slave fetched.
