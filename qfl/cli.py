@@ -140,8 +140,17 @@ def _cmd_experiment_compression(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment_key_budget(args: argparse.Namespace) -> int:
-    from qfl.simulations.keybudget import format_key_rows, run_key_budget_experiment
+    from qfl.simulations.keybudget import (
+        format_key_rows,
+        format_topology_rows,
+        run_key_budget_experiment,
+        topology_rows,
+    )
 
+    if args.topologies_only:
+        print(format_topology_rows(topology_rows(ns=tuple(args.clients or (10, 100, 1000)), relays=args.relays,
+                                                 distance_km=args.distance_km)))
+        return 0
     out = Path(args.out) if args.out else Path("runs") / "experiment-key-budget"
     rows = run_key_budget_experiment(
         out, rounds=args.rounds, client_counts=tuple(args.clients or (4, 20)), distance_km=args.distance_km,
@@ -461,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     kb.add_argument("--links", default="", help='per-link lengths, e.g. "client-0~client-1=50, client-2~server=80"')
     kb.add_argument("--out", metavar="DIR", help="default runs/experiment-key-budget")
     kb.add_argument("--arm", action="append", help="only this arm (e.g. qsgd-4bit); repeatable")
+    kb.add_argument("--topologies-only", action="store_true",
+                    help="only the rounds/hour of mesh, star and trusted relays at n = 10, 100, 1000 (no training)")
+    kb.add_argument("--relays", type=int, default=4, help="trusted relay nodes of the trusted topology")
     kb.set_defaults(func=_cmd_experiment_key_budget)
     qm = experiment.add_parser("quantum-mixed", help="ntangled: classical-summary clients with and without a quantum client")
     qm.add_argument("--seeds", type=int, default=8, help="seeds 0..N-1")

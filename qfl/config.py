@@ -85,8 +85,9 @@ class KeySource(Choice):
 
 
 class QkdTopology(Choice):
-    MESH = "mesh"
-    STAR = "star"
+    MESH = "mesh"  # a direct link per pair that needs key
+    STAR = "star"  # the server relays every pair's key (it can read the relayed masks)
+    TRUSTED = "trusted"  # clients attach to qkd_relays trusted relay nodes joined by a backbone mesh
 
 
 class ServerOptimizer(Choice):
@@ -265,7 +266,8 @@ class SecurityConfig(_ConfigPart):
 class QkdConfig(_ConfigPart):
     """The simulated QKD network (qfl.quantum.qkd.network); link specs are parsed by preflight."""
 
-    qkd_topology: QkdTopology = QkdTopology.MESH  # mesh (a link per pair) | star (the server relays; it can read relayed masks)
+    qkd_topology: QkdTopology = QkdTopology.MESH  # mesh (a link per pair) | star (the server relays; it can read relayed masks) | trusted
+    qkd_relays: int = 4  # trusted relay nodes of qkd_topology = "trusted" (each learns the keys it relays)
     qkd_distance_km: float = 10.0  # fibre length of every direct link
     qkd_links: str = ""  # per-link distances, e.g. "client-0~client-1=50, client-2~server=80"
     qkd_eavesdropped: str = ""  # intercept-resend eavesdroppers, e.g. "client-1~client-2" or "client-0~server:0.5"
@@ -275,6 +277,7 @@ class QkdConfig(_ConfigPart):
 
     def check(self) -> None:
         super().check()
+        _need(self.qkd_relays >= 1, "qkd_relays", f"qkd_relays must be >= 1, got {self.qkd_relays}")
         _need(self.qkd_distance_km >= 0, "qkd_distance_km", f"qkd_distance_km must be >= 0, got {self.qkd_distance_km}")
         _need(self.qkd_rate >= 0, "qkd_rate", f"qkd_rate must be >= 0 (0 = the decoy-BB84 model), got {self.qkd_rate}")
         _need(self.qkd_round_s >= 0, "qkd_round_s", f"qkd_round_s must be >= 0, got {self.qkd_round_s}")

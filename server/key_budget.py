@@ -97,6 +97,7 @@ class KeyBudget:
         net = QuantumNetwork.build(
             self.store, nodes, cfg.qkd_topology, hub=SERVER_SAE if cfg.qkd_topology == "star" else None,
             bits_per_s=cfg.qkd_rate or None, distance_km=cfg.qkd_distance_km, overrides=overrides, lazy=True,
+            relays=cfg.qkd_relays if cfg.qkd_topology == "trusted" else 0,
         )
         self.eve = parse_link_spec(cfg.qkd_eavesdropped, nodes, default=1.0)
         for pair in self.eve:

@@ -120,6 +120,8 @@ class ConsoleReporter:
             topology = f", QKD {cfg.qkd_topology} at {cfg.qkd_distance_km:g} km" if cfg.key_source == "store" else ""
             if cfg.qkd_topology == "star" and cfg.security in ("masked-sum", "expanded"):
                 topology += " (the server relays the pair keys, so it could read the masks)"
+            if cfg.qkd_topology == "trusted" and cfg.security in ("masked-sum", "expanded"):
+                topology += f" ({cfg.qkd_relays} trusted relays read the pair keys they relay: private only if none colludes)"
             self.console.print(f"security: {SECURITY_LEVELS[cfg.security]}{topology}")
         self.progress = Progress(
             TextColumn("rounds"),

@@ -102,3 +102,36 @@ def test_the_network_holds_only_the_links_a_round_needs_with_the_key_an_eager_on
     eager_link = eager.link("client-3", "server")
     assert (lazy_link.made_bits, lazy_link.pending_bits) == (eager_link.made_bits, eager_link.pending_bits)
     assert lazy_link.carry == pytest.approx(eager_link.carry)
+
+
+def test_trusted_relays_carry_pair_key_over_access_and_backbone_links(tmp_path):
+    """qkd_topology = trusted, 3 relays: client-0 and client-3 share relay-0 (2 hops), client-0 and
+    client-1 sit on relay-0 and relay-1 (3 hops, one backbone link); every hop spends the pair's bits."""
+    budget = KeyBudget(_cfg(clients=6, key_policy="wait", qkd_topology="trusted", qkd_relays=3), tmp_path)
+    net = budget.network
+    assert net.path("client-0", "client-3") == ("client-0", "relay-0", "client-3")
+    assert net.path("client-0", "client-1") == ("client-0", "relay-0", "relay-1", "client-1")
+    assert net.path("client-4", "server") == ("client-4", "relay-1", "relay-0", "server")
+    admission = budget.admit([0, 1, 3], _pair_needs([0, 1, 3], 8_000))
+    assert admission.participants == [0, 1, 3]
+    for a, b in (("client-0", "client-1"), ("client-0", "client-3"), ("client-1", "client-3")):
+        assert budget.store.status(a, b).left_bits >= 8_000  # relayed into the pair's pool
+    usage = budget.usage()
+    assert usage["client-0~relay-0"] >= 2 * 8_000  # client-0's access link carries both of its pairs
+    assert usage["relay-0~relay-1"] >= 2 * 8_000  # 0~1 and 1~3 cross the backbone
+    assert not any(budget.store.has_link("client-0", x) for x in ("client-2", "client-5"))  # nobody asked
+
+
+def test_the_topology_table_charges_every_hop_and_names_who_reads_the_keys(capsys):
+    from qfl.cli import main
+    from qfl.simulations.keybudget import topology_rows
+
+    rows = {r["topology"]: r for r in topology_rows(ns=(10,), relays=2)}
+    mesh, star, trusted = rows["mesh"], rows["star"], rows["trusted"]
+    assert mesh["physical_links"] == 45 + 10 and star["physical_links"] == 10
+    assert trusted["physical_links"] == 1 + 11  # one backbone link, an access link per client and the server
+    # a star's hub link carries every pair of its client (9) plus its MACs; a mesh link one pair
+    assert star["busiest_link_bits"] == 9 * mesh["pair_key_bits"] + 256
+    assert mesh["rounds_per_hour"] > star["rounds_per_hour"] and "server" in star["pair_keys_readable_by"]
+    assert main(["experiment", "key-budget", "--topologies-only", "--clients", "6"]) == 0
+    assert "trusted (4 relays)" in capsys.readouterr().out

@@ -9,6 +9,16 @@ and deposits them into the link's pool in the store. Two topologies:
 - ``star``: a direct link between a hub (a trusted node; in federated learning
   usually the server) and every leaf. Two leaves share key through a *relayed*
   link: hop-by-hop XOR key relay through the hub.
+- ``trusted``: ``h`` trusted relay nodes (``relay-0 … relay-(h−1)``, e.g.
+  metro QKD switches run by a party other than the FL server) joined by a
+  full mesh of backbone links; every other node has one access link to the
+  relay ``attach(node)`` picks (client ``i`` to ``relay-(i mod h)``, the
+  server to ``relay-0``). Two nodes share key over the path node → its relay
+  → (the other's relay) → node: 2 or 3 hops, each relayed bit spent on each.
+  This is how deployed networks reach many users (SECOQC, Tokyo QKD,
+  Beijing–Shanghai); a full mesh of fibres between ``n`` users is not.
+  **Each relay learns every key it relays**: masked sums stay hidden from the
+  server only while no relay on a pair's path colludes with it.
 
 Relay (trusted-node key relay, as in the SECOQC / Tokyo QKD networks). To make
 ``n`` bits for the leaves A and B through hub R:
@@ -200,6 +210,7 @@ class QuantumNetwork:
         self.relayed: dict[str, RelayedLink] = {}
         self.topology = "mesh"
         self.hub: str | None = None
+        self.relays: list[str] = []
         self._params: Callable[[str, str], dict[str, Any]] = lambda a, b: {}
 
     # -- building ---------------------------------------------------------------------------------
@@ -216,11 +227,13 @@ class QuantumNetwork:
         distance_km: float | None = None,
         overrides: Mapping[tuple[str, str], Mapping[str, object]] | None = None,
         lazy: bool = False,
+        relays: int = 0,
     ) -> QuantumNetwork:
         """A ``mesh`` over ``nodes``, or a ``star`` around ``hub`` (one of ``nodes`` or a node of its own).
 
         ``bits_per_s`` / ``distance_km`` apply to every direct link;
         ``overrides[(a, b)] = {"distance_km": …, "bits_per_s": …}`` changes one.
+        ``relays``: the number ``h`` of trusted relay nodes of topology ``trusted``.
         ``lazy``: add no link now; :meth:`ensure` adds each link the first time
         it is needed, with the key it would have made since the clock's start
         (the pools hold exactly what an eager network's would, but the store
@@ -239,18 +252,43 @@ class QuantumNetwork:
             raise ValueError("hub is for topology 'star'; a mesh has a direct link per pair")
         if topology == "star" and hub is None:
             raise ValueError("topology 'star' needs hub= (the trusted relay node, e.g. the server)")
-        if topology not in ("mesh", "star"):
-            raise ValueError(f"topology must be 'mesh' or 'star', got {topology!r}")
+        if topology not in ("mesh", "star", "trusted"):
+            raise ValueError(f"topology must be 'mesh', 'star' or 'trusted', got {topology!r}")
+        if (topology == "trusted") != (relays > 0):
+            raise ValueError("topology 'trusted' needs relays >= 1 (and only it takes relays)")
         net.topology, net.hub, net._params = topology, hub, params
-        for node in nodes:
+        net.relays = [f"relay-{r}" for r in range(relays)]
+        for node in [*net.relays, *nodes]:
             net.add_node(node)
+        if topology == "trusted":
+            nodes = net.relays  # eagerly: the backbone; the access links come with the pairs that need them
         if not lazy:
             net.ensure_all(itertools.combinations(nodes, 2))
         return net
 
     def is_direct(self, a: str, b: str) -> bool:
-        """Whether the topology joins a and b by a physical link (mesh: every pair; star: hub–leaf)."""
+        """Whether the topology joins a and b by a physical link (mesh: every pair; star: hub–leaf;
+        trusted: relay–relay and node–its relay)."""
+        if self.topology == "trusted":
+            return (a in self.relays and b in self.relays) or self.attach(a) == b or self.attach(b) == a
         return self.topology == "mesh" or self.hub in (a, b)
+
+    def attach(self, node: str) -> str | None:
+        """The relay a non-relay node's access link goes to (topology ``trusted``; None otherwise)."""
+        if self.topology != "trusted" or node in self.relays:
+            return None
+        index = int(node.rsplit("-", 1)[1]) if node.startswith("client-") else 0
+        return self.relays[index % len(self.relays)]
+
+    def path(self, a: str, b: str) -> tuple[str, ...]:
+        """The nodes key between a and b passes through, both ends included."""
+        if self.is_direct(a, b):
+            return (a, b)
+        if self.topology == "star":
+            assert self.hub is not None
+            return (a, self.hub, b)
+        ra, rb = self.attach(a) or a, self.attach(b) or b
+        return tuple(dict.fromkeys((a, ra, rb, b)))
 
     def ensure(self, a: str, b: str) -> DirectLink | RelayedLink:
         """The link a~b of the topology, added now if it is not yet (see ``lazy`` in :meth:`build`)."""
@@ -269,9 +307,7 @@ class QuantumNetwork:
             for node in (a, b):
                 if node not in self.nodes:
                     raise UnknownLink(f"{node!r} is not a node of this network")
-            if not self.is_direct(a, b):
-                assert self.hub is not None  # only a star has links that are not direct
-                wanted += [(self.hub, a), (self.hub, b)]
+            wanted += list(itertools.pairwise(self.path(a, b)))  # the hops first
             wanted.append((a, b))
         new = [p for p in dict.fromkeys(wanted) if link_name(*p) not in self.direct and link_name(*p) not in self.relayed]
         new = list({link_name(*p): p for p in new}.values())
@@ -283,8 +319,7 @@ class QuantumNetwork:
             if self.is_direct(a, b):
                 fresh.append(self._add_direct(a, b, **self._params(a, b)))
             else:
-                assert self.hub is not None
-                self._add_relayed(a, b, (a, self.hub, b))
+                self._add_relayed(a, b, self.path(a, b))
         self._catch_up(fresh)
 
     def _catch_up(self, links: Sequence[DirectLink]) -> None:
