@@ -105,10 +105,11 @@ def _planned(n: int, shapes: dict[str, tuple[int, ...]], cfg: Any, dropout: floa
 
 def bench_scale(
     ns: Iterable[int] = (10, 100, 1000), params: int = 2_000, codec: str = "qsgd", dropout: float = 0.05,
-    max_key_gb: float = 1.0, degree: int = 0,
+    max_key_gb: float = 1.0, degree: int = 0, corrupt: float = 0.05,
 ) -> list[dict[str, Any]]:
     """One row per (n, arm); see the module docstring. ``params`` floats per update, in two tensors;
-    ``degree`` fixes the sparse graph's (0: chosen from the bound, as in a run)."""
+    ``degree`` fixes the sparse graph's (0: chosen from the bound, as in a run); ``corrupt`` is
+    ``secure_corrupt``, the colluding share the thresholds and the degree are sized for."""
     shapes: dict[str, tuple[int, ...]] = {"w": (params - params // 10,), "b": (params // 10,)}
     rows: list[dict[str, Any]] = []
     for n in ns:
@@ -118,6 +119,7 @@ def bench_scale(
                 "clients": max(n, 2), "security": "masked-sum", "codec": codec, "key_policy": "wait",
                 "qkd_rate": 1e12, "qkd_round_s": 0.0, "secure_graph": "full" if arm == "full" else "sparse",
                 "secure_dropout": max(dropout, 0.05), "secure_degree": degree,
+                "secure_corrupt": corrupt,
             })
             row: dict[str, Any] = {"n": n, "arm": arm, "params": params, "codec": codec, "measured": True}
             if arm != "none":

@@ -243,7 +243,7 @@ class SecurityConfig(_ConfigPart):
     secure_graph: SecureGraph = SecureGraph.SPARSE
     secure_degree: int = 0  # peers per client in the sparse graph (rounded up to even); 0 = chosen from the bound
     secure_dropout: float = 0.1  # share of a round's clients expected to drop (sizes the sparse graph)
-    secure_corrupt: float = 0.1  # share of clients assumed to collude with the server (sizes the sparse graph)
+    secure_corrupt: float = 0.05  # share of clients assumed to collude with the server (sizes thresholds and the graph)
 
     def check(self) -> None:
         super().check()

@@ -8,9 +8,20 @@ order of the participants. Place them on a cycle in that order and join each
 to the ``k/2`` nearest on either side. Every client then has exactly ``k``
 neighbours (``k`` even), the graph is ``k``-connected, and a round costs
 ``n·k/2`` pair keys. Each client shares its self-mask only with its
-neighbours, with threshold ``t = k/2 + 1`` (a strict majority of them), so the
-protocol's argument (:mod:`qfl.security.secagg`) holds per neighbourhood.
-When ``k ≥ n − 1`` the sparse graph *is* the full graph.
+neighbours, so the protocol's argument (:mod:`qfl.security.secagg`) holds per
+neighbourhood. When ``k ≥ n − 1`` the sparse graph *is* the full graph.
+
+Threshold against a lying server with colluders (:func:`threshold`). A client
+with ``d`` peers, ``c`` of them colluding with a server that lies about who
+dropped, is exposed iff the server can find ``a`` honest peers to give shares
+of its self-mask (``a + c ≥ t``) while the client itself, told those ``a``
+dropped, still sees ``t`` surviving peers and reveals its pair masks with them
+(``d − a ≥ t``): iff ``c ≥ 2t − d``. So ``t = ⌊(d + c)/2⌋ + 1`` resists ``c``
+colluding peers, and the strict majority ``⌊d/2⌋ + 1`` resists none beyond
+``c = 0`` (one when ``d`` is odd). The plan sizes ``c`` from
+``secure_corrupt`` (γ): ``⌊γ·n⌋`` in the full graph (every colluder may be a
+peer), and in a sparse graph the least ``c`` that a client's peers exceed with
+probability at most ``2^−σ/n`` (:func:`colluding_peers`).
 
 The order is drawn from SHA-256 of the round number, the round seed and the
 graph's members, so both ends compute the same graph and a client checks its
@@ -29,9 +40,8 @@ a round, each bounded by a union over the ``n`` clients:
 - *correctness*: a survivor keeps fewer than ``t`` surviving neighbours, so
   its self-mask cannot be rebuilt and the round is not opened (the model is
   unchanged): ``n · P(Bin(k, 1−δ) < t)``;
-- *exposure*: ``t`` neighbours of an honest client collude; if that client's
-  upload arrives and it is then reported dropped, they rebuild its self-mask
-  and its honest neighbours reveal their pair masks: ``n · P(Bin(k, γ) ≥ t)``;
+- *exposure*: more of an honest client's neighbours collude than its
+  threshold allows for (``c`` above): ``n · P(Bin(k, γ) > c)``;
 - *split*: the graph of honest survivors falls apart, and the server learns
   the sum of each part. On the cycle every node is joined to all nodes within
   ``k/2`` places, so the survivors stay connected unless ``k/2`` consecutive
@@ -40,7 +50,7 @@ a round, each bounded by a union over the ``n`` clients:
 :func:`sparse_degree` returns the least even ``k`` whose summed bound is at
 most ``2^−σ`` (``σ = FAILURE_BITS``); it grows as ``O(log n)``
 (``k/2 ≥ (σ + log2 n) / log2(1/(δ+γ))`` for the split term). Example, δ = γ
-= 0.1: k = 44 at n = 1,000 (:func:`degree_bound` prints the terms).
+= 0.1: k = 104 at n = 1,000 (:func:`degree_bound` prints the terms).
 """
 
 from __future__ import annotations
@@ -82,11 +92,31 @@ class DegreeBound:
         return self.correctness + self.exposure + self.split
 
 
+def threshold(peers: int, colluders: int) -> int:
+    """Shares that rebuild a self-mask shared among ``peers``, ``colluders`` of them with a lying server:
+    ``⌊(d + c)/2⌋ + 1`` (module docstring); ``c = 0`` gives a strict majority of the peers."""
+    return (int(peers) + min(int(colluders), int(peers))) // 2 + 1
+
+
+def colluding_peers(k: int, n: int, corrupt: float, failure_bits: int = FAILURE_BITS) -> int:
+    """The least ``c`` with ``n · P(Bin(k, γ) > c) ≤ 2^−failure_bits``: colluders a sparse neighbourhood of
+    ``k`` exceeds only with that probability (0 when γ = 0)."""
+    if corrupt <= 0:
+        return 0
+    target = 2.0**-failure_bits / max(n, 1)
+    for c in range(0, k + 1):
+        if _binom_tail_from(k, corrupt, c + 1) <= target:
+            return c
+    return k
+
+
 def degree_bound(n: int, k: int, dropout: float, corrupt: float) -> DegreeBound:
-    """The failure bound of a Harary graph of even degree ``k`` over ``n`` clients."""
-    t = k // 2 + 1
+    """The failure bound of a Harary graph of even degree ``k`` over ``n`` clients (threshold sized for
+    :func:`colluding_peers`)."""
+    c = colluding_peers(k, n, corrupt)
+    t = threshold(k, c)
     correctness = n * _binom_cdf_below(k, 1.0 - dropout, t)
-    exposure = n * _binom_tail_from(k, corrupt, t)
+    exposure = n * _binom_tail_from(k, corrupt, c + 1) if corrupt > 0 else 0.0
     split = n * (dropout + corrupt) ** (k // 2)
     return DegreeBound(n, k, min(correctness, 1.0), min(exposure, 1.0), min(split, 1.0))
 

@@ -62,9 +62,12 @@ of ``k``. An honest peer gives one or the other for ``k``, once per round; the
 needs ``n ≥ 2t + 1``, which the threshold's floor ``t ≥ ⌊(n−1)/2⌋ + 1`` rules
 out. So a server that lies about who dropped (different lists to different
 clients, a received upload declared dropped, requests sent twice) learns no
-single update with honest clients, and in general no sum over fewer than
-``t − c + 1`` honest clients when ``c`` clients collude with it
-(``docs/threat-model.md``). ``t − 1`` shares are independent of ``b_k``
+single update with honest clients. With ``c`` of ``k``'s ``d`` peers colluding
+(they give both), ``a`` honest share-givers suffice when ``a + c ≥ t`` and
+``d − a ≥ t``, i.e. ``c ≥ 2t − d``: so each client's threshold is sized for
+``c`` colluders, ``t = ⌊(d + c)/2⌋ + 1`` (:func:`qfl.security.graph.threshold`,
+``c`` = :attr:`RoundPlan.colluders` from ``secure_corrupt``;
+``docs/threat-model.md``). ``t − 1`` shares are independent of ``b_k``
 (Shamir), so withheld or split requests leave ``b_k`` uniform.
 
 Single masking (``secure_masking=single``): no self-mask and no shares; the
@@ -127,7 +130,7 @@ from qfl.compression.payload import tensor_seed
 from qfl.compression.summable import ring_bits
 from qfl.errors import SecAggError, UnknownKeyId
 from qfl.records import ConfigValue, as_float, as_int, as_iterable
-from qfl.security.graph import neighbours, sparse_degree
+from qfl.security.graph import colluding_peers, neighbours, sparse_degree, threshold
 from qfl.security.keys.source import KeyContainer, KeySource, UnknownKey, dec_key_each, enc_key_each
 from qfl.security.primitives import mac, shamir
 from qfl.security.primitives.masking import (
@@ -167,14 +170,6 @@ def network_nodes(clients: int) -> list[str]:
     return [SERVER_SAE] + [client_sae(i) for i in range(clients)]
 
 
-def majority_threshold(participants: int) -> int:
-    """The least Shamir threshold a round of ``participants`` clients may use: a strict majority of each one's peers.
-
-    ``⌊(n−1)/2⌋ + 1``: with it a lying server cannot gather ``t`` shares of a
-    client's self-mask and all of that client's pair masks (module docstring).
-    """
-    return (int(participants) - 1) // 2 + 1
-
 
 # --------------------------------------------------------------------------- the round plan
 
@@ -211,9 +206,9 @@ def _json(value: object) -> Any:
 class RoundPlan:
     """What every participant of a masked round must agree on (sent by the server).
 
-    ``min_threshold`` is ``secure_threshold`` (0: the default); the round's
-    threshold :attr:`threshold` is never below :func:`majority_threshold`, so
-    a server cannot lower it by editing the plan.
+    ``min_threshold`` is ``secure_threshold`` (0: the default); each client's
+    threshold (:meth:`threshold_of`) is never below a strict majority of its
+    peers, so a server cannot lower it below that by editing the plan.
     """
 
     round: int
@@ -228,6 +223,7 @@ class RoundPlan:
     masking: str = "double"
     min_threshold: int = 0
     degree: int = 0  # masking graph (qfl.security.graph): 0 = full, else the Harary degree k over graph_of
+    colluders: int = 0  # colluding peers each client's threshold resists (qfl.security.graph.threshold)
     graph_of: tuple[int, ...] = ()  # the members the graph was drawn over (setup's participants); () = participants
 
     @cached_property
@@ -249,12 +245,14 @@ class RoundPlan:
         return float(np.mean([len(self.peers(p)) for p in self.participants])) if self.participants else 0.0
 
     def threshold_of(self, me: int) -> int:
-        """Shares that rebuild ``me``'s self-mask: ``max(secure_threshold, ⌊d/2⌋ + 1)``, ``d`` its peers.
+        """Shares that rebuild ``me``'s self-mask: ``max(secure_threshold, ⌊(d + c)/2⌋ + 1)``, ``d`` its
+        peers and ``c`` = :attr:`colluders` (:func:`qfl.security.graph.threshold`).
 
-        A strict majority of the peers it shares with; in the full graph
-        ``d = n − 1`` (:func:`majority_threshold`).
+        At least a strict majority of the peers it shares with (``c = 0``; in
+        the full graph ``d = n − 1``); a client
+        computes it itself, so a plan cannot set it lower.
         """
-        return max(int(self.min_threshold), len(self.peers(me)) // 2 + 1)
+        return max(int(self.min_threshold), threshold(len(self.peers(me)), max(int(self.colluders), 0)))
 
     @cached_property
     def codec(self) -> Codec:
@@ -355,6 +353,8 @@ class RoundPlan:
             raise SecAggError(f"the round's codec {self.codec_name!r} cannot be summed under masks: {err}") from None
         if self.ring_bits > 64:
             raise SecAggError(f"the round needs a {self.ring_bits}-bit ring; at most 64 bits are supported")
+        if self.colluders < 0:
+            raise SecAggError(f"colluders must be >= 0, got {self.colluders}")
         if self.degree < 0 or (self.graph_of and not set(self.participants) <= set(self.graph_of)):
             raise SecAggError("the masking graph must have a degree >= 0 and be drawn over a superset of the participants")
         if self.double and n >= 2:
@@ -382,6 +382,7 @@ class RoundPlan:
             "masking": self.masking,
             "threshold": self.min_threshold,
             "degree": self.degree,
+            "colluders": self.colluders,
             "graph-of": list(self.graph_of),
         }
 
@@ -405,6 +406,7 @@ class RoundPlan:
                 masking=str(values["masking"]),
                 min_threshold=as_int(values["threshold"]),
                 degree=as_int(values["degree"]),
+                colluders=as_int(values["colluders"]),
                 graph_of=tuple(sorted(as_int(p) for p in as_iterable(values["graph-of"]))),
             )
         except (KeyError, TypeError, ValueError) as err:
@@ -435,9 +437,18 @@ def make_plan(
         round_seed=int(round_seed),
         masking=cfg.secure_masking,
         min_threshold=cfg.secure_threshold,
-        degree=round_degree(cfg, len(participants)),
+        degree=(degree := round_degree(cfg, len(participants))),
+        colluders=round_colluders(cfg, len(participants), degree),
         graph_of=tuple(sorted(participants)),
     )
+
+
+def round_colluders(cfg, participants: int, degree: int) -> int:
+    """Colluding peers the round's thresholds resist: ``⌊γ·n⌋`` in the full graph (any colluder may be a
+    peer), the ``2^−σ/n`` quantile of a neighbourhood's colluders in a sparse one (γ = ``secure_corrupt``)."""
+    if degree == 0:
+        return int(cfg.secure_corrupt * participants)
+    return colluding_peers(degree, participants, cfg.secure_corrupt)
 
 
 def round_degree(cfg, participants: int) -> int:

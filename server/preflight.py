@@ -73,7 +73,8 @@ def _check_security(cfg: RunConfig) -> None:
     from qfl.compression import make_summable_codec
     from qfl.compression.summable import MAX_CLIP, MIN_CLIP, ring_bits
     from qfl.quantum.qkd.network import parse_link_spec
-    from qfl.security.secagg import MASKED_MODES, network_nodes
+    from qfl.security.graph import threshold
+    from qfl.security.secagg import MASKED_MODES, network_nodes, round_colluders, round_degree
 
     nodes = network_nodes(cfg.clients)
     key = "qkd_links"
@@ -95,6 +96,17 @@ def _check_security(cfg: RunConfig) -> None:
                 raise ValueError(
                     f"{cfg.clients} clients with codec {cfg.codec!r} need a {bits}-bit ring; "
                     "at most 64 bits are supported; use fewer bits (codec.bits) or fewer clients"
+                )
+            key = "secure_corrupt"
+            n = max(2, round(cfg.fraction * cfg.clients))  # the participants of a full round
+            degree = round_degree(cfg, n)
+            peers = degree or n - 1
+            t = max(cfg.secure_threshold, threshold(peers, round_colluders(cfg, n, degree)))
+            if cfg.secure_masking == "double" and t > peers:
+                raise ValueError(
+                    f"a round of {n} clients, each with {peers} masking peers, needs a self-mask threshold of {t} "
+                    f"to resist secure_corrupt={cfg.secure_corrupt} colluders (or secure_threshold), more than "
+                    "its peers: lower secure_corrupt or secure_threshold, raise secure_degree, or sample more clients"
                 )
             key = "secure_clip"
             if not MIN_CLIP <= cfg.secure_clip <= MAX_CLIP:

@@ -71,14 +71,14 @@ def test_scale_bench_measures_each_arm_and_plans_what_is_too_large(capsys):
     from qfl.benchmarks.scale import bench_scale
     from qfl.cli import main
 
-    rows = bench_scale(ns=(12,), params=200, dropout=0.1, degree=4)
+    rows = bench_scale(ns=(12,), params=200, dropout=0.1, degree=4, corrupt=0.0)
     by_arm = {r["arm"]: r for r in rows}
     assert set(by_arm) == {"none", "full", "sparse"} and all(r["measured"] for r in rows)
     assert by_arm["full"]["mask_degree"] == 11 and by_arm["sparse"]["mask_degree"] == 4
     assert by_arm["sparse"]["key_bits_per_client"] < by_arm["full"]["key_bits_per_client"]
     assert by_arm["sparse"]["round_s_ratio"] > 0 and by_arm["full"]["uplink_bytes_per_client_ratio"] > 1
     # the ledger's key per client is what the plan says it costs
-    planned = bench_scale(ns=(12,), params=200, dropout=0.1, degree=4, max_key_gb=0.0)
+    planned = bench_scale(ns=(12,), params=200, dropout=0.1, degree=4, corrupt=0.0, max_key_gb=0.0)
     for arm in ("full", "sparse"):
         (row,) = [r for r in planned if r["arm"] == arm]
         assert not row["measured"] and row["round_s"] is None

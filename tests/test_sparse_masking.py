@@ -5,6 +5,7 @@ drops, a lying server that splits one client's peers, and the server's pruning o
 too few peers.
 """
 
+import dataclasses
 import itertools
 import os
 from collections import deque
@@ -54,11 +55,11 @@ def test_the_harary_graph_is_regular_symmetric_connected_and_drawn_per_round(n, 
 
 def test_the_degree_is_logarithmic_minimal_and_within_its_bound():
     target = 2.0**-graph.FAILURE_BITS
-    degrees = {n: graph.sparse_degree(n, 0.1, 0.1) for n in (100, 1000, 10_000, 100_000)}
-    assert degrees[1000] <= 70 and degrees[100_000] - degrees[100] <= 16  # O(log n): +4 to +6 a decade
+    degrees = {n: graph.sparse_degree(n, 0.1, 0.05) for n in (1000, 10_000, 100_000)}
+    assert degrees[1000] <= 130 and degrees[100_000] - degrees[1000] <= 24  # O(log n): about +10 a decade
     for n, k in degrees.items():
-        assert k % 2 == 0 and graph.degree_bound(n, k, 0.1, 0.1).total <= target
-        assert graph.degree_bound(n, k - 2, 0.1, 0.1).total > target  # the least such degree
+        assert k % 2 == 0 and graph.degree_bound(n, k, 0.1, 0.05).total <= target
+        assert graph.degree_bound(n, k - 2, 0.1, 0.05).total > target  # the least such degree
     assert graph.sparse_degree(30, 0.1, 0.1) == 29  # small rounds keep the full graph
     assert graph.sparse_degree(1000, 0.1, 1 / 3) > graph.sparse_degree(1000, 0.1, 0.1)  # more collusion, more peers
 
@@ -80,7 +81,10 @@ def test_the_split_term_bounds_the_measured_split_probability():
 
 def test_the_config_picks_the_graph_and_refuses_bad_rates():
     cfg = resolve_config({"clients": 1000, "security": "masked-sum"})
-    assert sa.round_degree(cfg, 100) == graph.sparse_degree(100, 0.1, 0.1) < 99
+    assert sa.round_degree(cfg, 1000) == graph.sparse_degree(1000, 0.1, 0.05) < 999
+    k = sa.round_degree(cfg, 1000)
+    assert sa.round_colluders(cfg, 1000, k) == graph.colluding_peers(k, 1000, 0.05) > 0.05 * k  # a tail quantile
+    assert sa.round_colluders(cfg, 100, 0) == 5  # full graph: every colluder may be a peer
     assert sa.round_degree(cfg, 20) == 0  # the bound needs every peer: full
     assert sa.round_degree(resolve_config({"clients": 1000, "secure_graph": "full"}), 500) == 0
     assert sa.round_degree(resolve_config({"clients": 1000, "secure_degree": 7}), 500) == 8  # rounded up to even
@@ -94,7 +98,8 @@ def test_the_config_picks_the_graph_and_refuses_bad_rates():
 
 
 def _plan(n, degree, rnd=1):
-    cfg = resolve_config({"security": "masked-sum", "codec": "qsgd", "clients": n, "secure_degree": degree})
+    cfg = resolve_config({"security": "masked-sum", "codec": "qsgd", "clients": n, "secure_degree": degree,
+                          "secure_corrupt": 0.0})  # thresholds a strict majority of the peers
     return sa.make_plan(cfg, rnd, list(range(n)), SHAPES, CLIPS, round_seed=rnd)
 
 
@@ -196,3 +201,48 @@ def test_thresholds_follow_the_peers_left_and_isolated_clients_are_pruned():
     viable = alone.viable()
     assert j not in viable.participants and len(viable.participants) == len(alone.participants) - 1
     viable.check()
+
+
+@pytest.mark.parametrize("colluders", [0, 2])
+def test_the_threshold_resists_exactly_the_colluders_it_is_sized_for(colluders):
+    """A lying server with c colluding peers of j (they hand over their shares of b_j and their pair
+    masks with j) exposes j iff c >= 2t - d: exhaustively over which honest peers are told j survived
+    and which drop list j itself is sent. Sized for c colluders, no split works with c of them; a plan
+    sized for fewer falls to exactly 2t - d."""
+    plan = sa.make_plan(resolve_config({"security": "masked-sum", "clients": 9}), 1, list(range(9)),
+                        SHAPES, CLIPS, round_seed=1)
+    plan = dataclasses.replace(plan, colluders=colluders)
+    j = 0
+    peers, t = plan.peers(j), plan.threshold_of(j)
+    d = len(peers)
+    assert t == (d + colluders) // 2 + 1
+
+    def exposed(corrupt):
+        honest = [k for k in peers if k not in corrupt]
+        everyone = set(plan.participants)
+        for r in range(len(honest) + 1):
+            for givers in itertools.combinations(honest, r):
+                if len(givers) + len(corrupt) < t:
+                    continue  # not enough shares of b_j
+                for k in honest:  # every honest peer's request must be one it answers
+                    S = everyone if k in givers else everyone - {j}
+                    sa.check_unmask_request(plan, k, sa.UnmaskRequest(1, tuple(sorted(S)), tuple(sorted(everyone - S))))
+                d_j = tuple(givers)  # j must reveal its masks with the givers: tell j they dropped
+                try:
+                    sa.check_unmask_request(plan, j, sa.UnmaskRequest(1, tuple(sorted(everyone - set(d_j))), d_j))
+                    return True
+                except sa.SecAggError:
+                    continue
+        return False
+
+    assert not exposed(peers[:colluders])
+    assert exposed(peers[: 2 * t - d])  # the bound is tight: 2t - d colluders are enough
+
+
+def test_a_threshold_the_peers_cannot_meet_is_refused_before_round_one():
+    from qfl.server.preflight import check_components
+
+    with pytest.raises(ConfigError) as err:
+        check_components(resolve_config({"clients": 200, "security": "masked-sum", "secure_degree": 4}))
+    assert err.value.key == "secure_corrupt"  # 4 peers cannot resist the colluders 5% of 200 clients make likely
+    check_components(resolve_config({"clients": 200, "security": "masked-sum", "secure_degree": 4, "secure_corrupt": 0}))
