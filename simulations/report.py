@@ -29,6 +29,15 @@ COLUMNS = (
 )
 
 
+# The edge task's split figures (model = "streamsplit"), shown after the common columns when present.
+EDGE_COLUMNS = (
+    ("split_uplink_bytes", "split up B", "{:,}"),
+    ("split_hist", "k hist", "{}"),
+    ("latency_ms_per_window", "ms/window", "{:.1f}"),
+    ("energy_mj_per_window", "mJ/window", "{:.2f}"),
+)
+
+
 def _cell(fmt: str, value: Any) -> str:
     return "-" if value is None else fmt.format(value)
 
@@ -134,7 +143,8 @@ class ConsoleReporter:
         self.task = self.progress.add_task("rounds", total=cfg.rounds, completed=first_round - 1, status="")
 
     def round(self, record: dict[str, Any]) -> None:
-        line = "  ".join(f"{h}={_cell(fmt, record.get(k))}" for k, h, fmt in COLUMNS)
+        columns = COLUMNS + (EDGE_COLUMNS if "split_hist" in record else ())
+        line = "  ".join(f"{h}={_cell(fmt, record.get(k))}" for k, h, fmt in columns)
         if self.progress is not None and self.task is not None:  # start() sets both
             self.progress.update(self.task, advance=1, status=f"acc {record['accuracy']:.3f}")
             self.progress.console.print(line)

@@ -57,8 +57,12 @@ PROBE_DEVICE = -1  # the synthetic stream's held-out device (no drift offset), u
 class AudioSource(Protocol):
     """Windows of audio for devices, in temporal order."""
 
-    num_classes: int
-    window: int  # samples per window
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def window(self) -> int:
+        """Samples per window."""
 
     def windows(self, device: int, num_devices: int, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """``count`` windows from position ``start`` of device ``device``'s stream: (waves [count, window], labels)."""
@@ -254,6 +258,10 @@ class FileStream:
         self._probe = [items[i] for i in order[:n_probe]]
         self._train = [items[i] for i in order[n_probe:]]
         self._cache: dict[Path, np.ndarray] = {}
+
+    @property
+    def train_files(self) -> int:
+        return len(self._train)
 
     def _cut(self, path: Path) -> np.ndarray:
         if path not in self._cache:

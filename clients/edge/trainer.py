@@ -91,6 +91,44 @@ def augment(x: torch.Tensor, generator: torch.Generator, noise_std: float, max_b
     return out.masked_fill(mask[:, None, :, None], float(x.mean()))
 
 
+class SplitTrainer:
+    """One device's split training state: encoder, mixture, codec channel, optimizer and recent anchors."""
+
+    def __init__(
+        self, encoder: SplitEncoder, gmm: StreamingGMM, channel: CodecChannel, settings: StreamTraining, seed: int
+    ) -> None:
+        self.encoder, self.gmm, self.channel, self.settings = encoder, gmm, channel, settings
+        self.generator = torch.Generator().manual_seed(seed)
+        self.optimizer = torch.optim.Adam(encoder.parameters(), lr=settings.lr)
+        self.history = torch.zeros(0, encoder.dim)
+        self.uncertainty = 0.5 * math.log(gmm.components)  # of the last batch; the prior before any
+
+    def step(self, x: torch.Tensor, k: int) -> float:
+        """One training step on the batch ``x`` ``[B, 1, mels, frames]`` split at ``k``; returns the loss."""
+        s, encoder, gmm = self.settings, self.encoder, self.gmm
+        encoder.train()
+        positive = augment(x, self.generator, s.noise_std, s.max_mask_bins)
+        sent = encoder.device_forward(torch.cat([x, positive]), k)
+        z = encoder.server_forward(self.channel(sent, k), k)
+        z = torch.nn.functional.normalize(z, dim=-1)  # at k = L the codec's rounding leaves the sphere
+        anchor, pos = z[: len(x)], z[len(x) :]
+        negatives = None
+        if s.negatives == "virtual" and float(gmm.seen) >= s.cold_start:
+            negatives = gmm.virtual_negatives(anchor, s.virtual_negatives, s.tau)[0]
+        loss, _ = hybrid_loss(
+            anchor, pos, negatives, self.history, s.loss_weights, s.tau, s.projections, s.neighbours, self.generator
+        )
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            detached = anchor.detach()
+            gmm.update(detached)
+            self.uncertainty = float(gmm.uncertainty(detached).mean())
+            self.history = torch.cat([self.history, detached])[-s.history :]
+        return float(loss.detach())
+
+
 def train_on_stream(
     encoder: SplitEncoder, gmm: StreamingGMM, logmel: torch.Tensor, channel: CodecChannel, policy: Policy,
     costs: CostModel, load: np.ndarray, mbps: np.ndarray, settings: StreamTraining, seed: int,
@@ -100,44 +138,20 @@ def train_on_stream(
 
     ``load``/``mbps`` hold one entry per batch (decision step). Returns the stream's statistics.
     """
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(encoder.parameters(), lr=settings.lr)
+    trainer = SplitTrainer(encoder, gmm, channel, settings, seed)
     stats = StreamStats(traffic=channel.traffic)
     log_c = math.log(gmm.components)
-    history = torch.zeros(0, encoder.dim)
-    uncertainty = 0.5 * log_c
     losses = []
-    encoder.train()
     for step, start in enumerate(range(0, len(logmel) - settings.batch + 1, settings.batch)):
-        x = logmel[start : start + settings.batch]
-        k = int(policy(states(np.array([uncertainty]), log_c, load[step : step + 1], mbps[step : step + 1]))[0])
-        positive = augment(x, generator, settings.noise_std, settings.max_mask_bins)
-        sent = encoder.device_forward(torch.cat([x, positive]), k)
-        z = encoder.server_forward(channel(sent, k), k)
-        z = torch.nn.functional.normalize(z, dim=-1)  # at k = L the codec's rounding leaves the sphere
-        anchor, pos = z[: len(x)], z[len(x) :]
-        negatives = None
-        if settings.negatives == "virtual" and float(gmm.seen) >= settings.cold_start:
-            negatives = gmm.virtual_negatives(anchor, settings.virtual_negatives, settings.tau)[0]
-        loss, _ = hybrid_loss(
-            anchor, pos, negatives, history, settings.loss_weights, settings.tau, settings.projections,
-            settings.neighbours, generator,
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        with torch.no_grad():
-            detached = anchor.detach()
-            gmm.update(detached)
-            uncertainty = float(gmm.uncertainty(detached).mean())
-            history = torch.cat([history, detached])[-settings.history :]
-        n = len(x)
+        state = states(np.array([trainer.uncertainty]), log_c, load[step : step + 1], mbps[step : step + 1])
+        k = int(policy(state)[0])
+        losses.append(trainer.step(logmel[start : start + settings.batch], k))
+        n = settings.batch
         stats.windows += n
         stats.split_counts[k] += n
         stats.latency_ms += n * costs.latency_ms(k, float(load[step]), float(mbps[step]))
         stats.energy_mj += n * costs.energy_mj(k)
-        stats.uncertainty += n * uncertainty
+        stats.uncertainty += n * trainer.uncertainty
         stats.choices.append((first_window + start, float(load[step]), float(mbps[step]), k))
     stats.loss = float(np.mean(losses)) if losses else float("nan")
     return stats
@@ -161,10 +175,13 @@ def linear_probe(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> tup
     stratify = labels if counts[counts > 0].min() >= 2 else None
     x_tr, x_te, y_tr, y_te = train_test_split(features, labels, test_size=0.5, random_state=seed, stratify=stratify)
     scaler = StandardScaler().fit(x_tr)
-    probe = LogisticRegression(max_iter=2000, C=1.0).fit(scaler.transform(x_tr), y_tr)
-    proba = probe.predict_proba(scaler.transform(x_te))
-    accuracy = float((probe.classes_[proba.argmax(1)] == y_te).mean())
-    return float(log_loss(y_te, proba, labels=probe.classes_)), accuracy
+    probe = LogisticRegression(max_iter=500, C=1.0).fit(scaler.transform(x_tr), y_tr)
+    classes = np.unique(labels)  # a class absent from the fitting half gets probability ~0
+    proba = np.full((len(x_te), len(classes)), 1e-12)
+    proba[:, np.searchsorted(classes, probe.classes_)] = probe.predict_proba(scaler.transform(x_te))
+    proba /= proba.sum(1, keepdims=True)
+    accuracy = float((classes[proba.argmax(1)] == y_te).mean())
+    return float(log_loss(y_te, proba, labels=classes)), accuracy
 
 
 def nearest_centroid_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
