@@ -42,8 +42,9 @@ plots ``accuracy_vs_bytes.png`` and ``split_over_time.png`` into ``out``.
 from __future__ import annotations
 
 import math
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,7 @@ def base_config(seed: int, quick: bool, **overrides: Any) -> RunConfig:
         "model": "streamsplit", "seed": seed, "security": "none", "codec": "qsgd", "codec.bits": 8,
         "edge_codec": "qsgd", "edge_codec.bits": 4,
         "clients": 3 if quick else 4, "rounds": 3 if quick else 6, "edge_windows": 64 if quick else 96,
-        "edge_probe_windows": 400 if quick else 800, "edge_ppo_iterations": 60 if quick else 150,
+        "edge_probe_windows": 600 if quick else 1000, "edge_ppo_iterations": 60 if quick else 150,
     }
     values.update(overrides)
     return resolve_config(values)
@@ -138,7 +139,7 @@ def run_federation_in_process(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def compare_methods(seeds: Sequence[int], quick: bool) -> list[dict[str, Any]]:
+def compare_methods(seeds: Sequence[int], quick: bool, stage: Callable[[str], None] = lambda _: None) -> list[dict[str, Any]]:
     rows = []
     depth = base_config(seeds[0], quick).edge_blocks
     for name, overrides in methods(depth):
@@ -150,6 +151,7 @@ def compare_methods(seeds: Sequence[int], quick: bool) -> list[dict[str, Any]]:
         row["accuracy_by_seed"] = [r["linear_probe_accuracy"] for r in runs]
         row["split_hist"] = np.sum([r["split_hist"] for r in runs], axis=0).tolist()
         rows.append(row)
+        stage(f"method {name} done")
     base = rows[0]
     for row in rows:
         row["uplink_reduction_pct"] = 100.0 * (1.0 - row["uplink_bytes_per_hour"] / base["uplink_bytes_per_hour"])
@@ -245,14 +247,21 @@ def run_streamsplit_experiment(out: Path, seeds: Sequence[int] = (0,), quick: bo
     if not seeds:
         raise ValueError("the streamsplit experiment needs at least one seed")
     started = time.perf_counter()
-    windows = 384 if quick else 1024
+    windows = 384 if quick else 1024  # stream windows of the ablation (and the negatives arms: 256 when quick)
+
+    def stage(name: str) -> None:
+        print(f"streamsplit experiment: {name} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+
     with single_thread():
         cfg = base_config(seeds[0], quick)
         splitter = splitter_comparison(cfg)
         timeline = split_over_time(cfg)
-        rows = compare_methods(seeds, quick)
-        negatives = negatives_comparison(seeds, quick, windows)
+        stage("splitter trained and compared")
+        rows = compare_methods(seeds, quick, stage)
+        negatives = negatives_comparison(seeds, quick, 256 if quick else windows)
+        stage("negatives compared")
         ablations = ablation(seeds, quick, windows)
+        stage("ablation done")
     atomic_write_json(out / "streamsplit.json", rows)
     atomic_write_json(out / "splitter.json", {**splitter, "split_over_time": timeline})
     atomic_write_json(out / "negatives.json", negatives)

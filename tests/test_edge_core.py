@@ -19,7 +19,14 @@ from qfl.clients.edge.losses import (
     uniform_sphere,
 )
 from qfl.clients.edge.mixture import StreamingGMM
-from qfl.clients.edge.splitter import RewardWeights, SplitSimulator, random_policy, static_policy, train_ppo
+from qfl.clients.edge.splitter import (
+    RewardWeights,
+    SplitSimulator,
+    random_policy,
+    states,
+    static_policy,
+    train_ppo,
+)
 from qfl.clients.edge.stream import FileStream, SyntheticStream, audio_folder_items, esc50_items
 from qfl.clients.edge.trainer import StreamTraining, train_on_stream
 from qfl.compression import make_codec
@@ -259,7 +266,7 @@ def _toy_costs() -> CostModel:
     # L = 4; a bulky input (k=0), a mid split that is cheap to send, an embedding that costs full compute
     return CostModel(
         part_ms=(1.0, 2.0, 2.0, 2.0, 2.0, 0.1), part_flops=(2e6, 4e6, 4e6, 4e6, 4e6, 1e4),
-        bytes_by_k=(4000, 6000, 1500, 2500, 100), fidelity_by_k=(0.99, 0.99, 0.99, 0.98, 0.97),
+        bytes_by_k=(20000, 6000, 1500, 2500, 100), fidelity_by_k=(0.99, 0.99, 0.99, 0.98, 0.97), joule_per_byte=5e-7,
     )
 
 
@@ -270,13 +277,16 @@ def test_ppo_policy_beats_random_in_the_simulator():
     rnd = sim.evaluate(random_policy(sim.actions, seed=0))["reward"]
     worst_static = min(sim.evaluate(static_policy(k))["reward"] for k in range(sim.actions))
     assert ppo > rnd + 0.1 and ppo > worst_static
+    # it adapts: a loaded CPU on a fast link sends work to the server, an idle CPU on a slow link keeps it
+    loaded_fast, idle_slow = states(np.array([2.0, 2.0]), math.log(64), np.array([0.9, 0.1]), np.array([8.0, 0.5]))
+    assert net.greedy(loaded_fast[None])[0] < net.greedy(idle_slow[None])[0]
 
 
 def test_costs_follow_load_and_bandwidth():
     costs = _toy_costs()
     assert costs.latency_ms(4, 0.9, 8.0) > costs.latency_ms(4, 0.1, 8.0)
     assert costs.latency_ms(0, 0.1, 0.5) > costs.latency_ms(0, 0.1, 8.0)
-    assert costs.energy_mj(0) == pytest.approx(4000 * 7e-6 * 1000)
+    assert costs.energy_mj(0) == pytest.approx(20000 * 5e-7 * 1000)
     load, mbps = client_conditions(0, 3, 50)
     assert load.shape == (50,) and ((0 <= load) & (load <= 0.95)).all() and (mbps > 0).all()
 

@@ -12,9 +12,12 @@ fidelity at k and latency/energy from :class:`~qfl.clients.edge.costs.CostModel`
 (:func:`~qfl.clients.edge.costs.client_conditions`), with uncertainties drawn
 from ``uncertainties`` (measured on the stream; uniform on [0, log C] if none).
 :func:`train_ppo` trains an actor-critic MLP 3→128→128 (tanh) with a policy
-head (L+1 logits) and a value head by PPO: clipped ratio ε = 0.2, GAE(γ = 0.9,
-λ = 0.95), Adam 3e-4, 4 epochs of minibatches of 128 per 512 collected steps,
-entropy bonus 0.01. Baselines: static k (0 = server-centric, L = edge-only,
+head (L+1 logits) and a value head by PPO: clipped ratio ε = 0.2, GAE(γ, λ = 0.95),
+Adam 3e-4, 4 epochs of minibatches of 128 per 512 collected steps, entropy bonus
+0.01. γ = 0 by default: the split choice does not change the next state (load
+and bandwidth are exogenous traces), so the return of a decision is its own
+reward, and GAE reduces to r − V(s). (With γ = 0.9 the other decisions' rewards
+enter each return as noise; in our measurements that policy collapsed to one k.) Baselines: static k (0 = server-centric, L = edge-only,
 L//2 = mid), random, and the heuristic k = clip(⌊L·(0.6·(1 − load) + 0.4·b)⌋, 1, L−1)
 with b the bandwidth feature.
 """
@@ -127,7 +130,7 @@ class ActorCritic(nn.Module):
 
 def train_ppo(
     sim: SplitSimulator, iterations: int = 80, envs: int = 16, seed: int = 0, lr: float = 3e-4,
-    gamma: float = 0.9, lam: float = 0.95, clip: float = 0.2, epochs: int = 4, minibatch: int = 128,
+    gamma: float = 0.0, lam: float = 0.95, clip: float = 0.2, epochs: int = 4, minibatch: int = 128,
     entropy: float = 0.01,
 ) -> ActorCritic:
     """PPO on ``envs`` parallel client traces per iteration (``envs × horizon`` steps); returns the actor-critic."""
