@@ -86,8 +86,8 @@ def test_real_audio_loaders_read_class_folders_and_esc50_csv(tmp_path):
     stream = FileStream(items, 2, seed=0, probe_fraction=0.34)
     waves, labels = stream.windows(0, 2, 0, 5)
     assert waves.shape == (5, SAMPLE_RATE) and set(labels) <= {0, 1}
-    probe_waves, _ = stream.probe_set(10)
-    assert len(probe_waves) == 2  # two held-out files, one whole window each
+    probe_waves, probe_labels = stream.probe_set(10)
+    assert len(probe_waves) == 2 and sorted(probe_labels) == [0, 1]  # one held-out file per class, one window each
 
     (tmp_path / "esc" / "audio").mkdir(parents=True)
     rows = ["filename,fold,target,category"]

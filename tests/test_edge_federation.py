@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import soundfile
 from flwr.app import Message, MetricRecord, RecordDict
 from helpers import run_qfl
 
@@ -54,6 +55,24 @@ def test_edge_task_trains_device_and_server_blocks_and_reports_the_split():
     assert m["edge-latency-ms"] > 0 and m["edge-energy-mj"] > 0
     loss, accuracy = task.central_evaluate(weights)
     assert 0 <= accuracy <= 1 and np.isfinite(loss)
+
+
+def test_edge_task_reads_a_folder_of_the_users_audio(tmp_path):
+    t = np.arange(3 * 16000) / 16000
+    for label, freq in (("hum", 200.0), ("whistle", 3000.0)):
+        (tmp_path / label).mkdir()
+        for i in range(4):
+            soundfile.write(tmp_path / label / f"{i}.flac", (0.3 * np.sin(2 * np.pi * freq * (1 + 0.05 * i) * t)).astype(np.float32), 16000)
+    cfg = resolve_config({**SMALL, "edge_audio": str(tmp_path), "edge_probe_windows": 20})
+    task = task_for(cfg)
+    assert task.train_size() == 6 and task.training_sizes(2) == [16, 16]
+    weights = task.initial_weights()
+    delta, examples, _ = task.local_update(weights, 0, 2, 1)
+    assert examples == 16 and all(np.isfinite(d).all() for d in delta.values())
+    _, accuracy = task.central_evaluate(weights)  # 2 held-out files x 3 windows
+    assert 0 <= accuracy <= 1
+    with pytest.raises(ValueError):
+        task.check_partition(7)
 
 
 def _reply(node: int, **metrics) -> Message:

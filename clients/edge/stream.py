@@ -29,7 +29,7 @@ class (``root/<class>/*.wav|flac|ogg``); :func:`esc50_items` reads an ESC-50
 style CSV (``filename``, ``target`` columns; audio in ``audio/`` beside it, or a
 given folder). :class:`FileStream` cuts each file into whole windows (a shorter
 file is zero-padded to one window) and deals files to devices by a seeded
-permutation; a held-out share of the files is the probe set.
+permutation; a held-out share of each class's files is the probe set.
 """
 
 from __future__ import annotations
@@ -254,9 +254,12 @@ class FileStream:
         self.num_classes = num_classes
         self.window = int(round(window_s * SAMPLE_RATE))
         order = np.random.default_rng([seed, 5]).permutation(len(items))
-        n_probe = max(1, int(round(len(items) * probe_fraction)))
-        self._probe = [items[i] for i in order[:n_probe]]
-        self._train = [items[i] for i in order[n_probe:]]
+        self._probe, self._train = [], []
+        for label in range(num_classes):  # a share of every class's files is held out (one at least, if it has two)
+            mine = [items[i] for i in order if items[i][1] == label]
+            n_probe = min(max(1, int(round(len(mine) * probe_fraction))), len(mine) - 1)
+            self._probe += mine[:n_probe]
+            self._train += mine[n_probe:]
         self._cache: dict[Path, np.ndarray] = {}
 
     @property
