@@ -119,8 +119,11 @@ class ConsoleReporter:
     def start(self, cfg: RunConfig, run_dir: Path, first_round: int) -> None:
         self.run_dir = Path(run_dir)
         alpha = "IID" if cfg.alpha is None else f"Dirichlet alpha={cfg.alpha}"
+        data = str(cfg.dataset)
+        if cfg.model == "streamsplit":  # edge devices: each its own audio stream, activations through edge_codec
+            data, alpha = cfg.edge_audio or "synthetic-audio", f"own streams, split={cfg.edge_split}, edge_codec={cfg.edge_codec}"
         self.console.print(
-            f"[bold]qfl[/] {cfg.dataset}/{cfg.model}, {cfg.clients} clients ({alpha}), codec={cfg.codec}, "
+            f"[bold]qfl[/] {data}/{cfg.model}, {cfg.clients} clients ({alpha}), codec={cfg.codec}, "
             f"security={cfg.security}, server_opt={cfg.server_opt}, rounds {first_round}..{cfg.rounds} -> {run_dir}"
         )
         if cfg.security != "none":
