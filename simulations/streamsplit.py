@@ -28,8 +28,8 @@ device's injected load and bandwidth), ``split_hist``.
 
 Also: the splitter in the simulator (mean reward, latency, energy and bytes of
 random, static, heuristic, PPO and the per-state oracle on held-out traces),
-the split chosen over a scripted trace (idle/fast, loaded/fast, idle/slow,
-loaded/slow), the negatives comparison (virtual negatives at batch 8, in-batch
+the split chosen over a scripted trace (idle on a fast link, loaded, half
+loaded, half loaded on a slow link), the negatives comparison (virtual negatives at batch 8, in-batch
 at batch 8, in-batch at batch 256 as the upper bound; InfoNCE only, fp32
 channel at k = 0, the same number of steps: 256-window batches are random
 subsets of the same stream) and the server-loss ablation (each term on and off).
@@ -84,7 +84,7 @@ def base_config(seed: int, quick: bool, **overrides: Any) -> RunConfig:
         "model": "streamsplit", "seed": seed, "security": "none", "codec": "qsgd", "codec.bits": 8,
         "edge_codec": "qsgd", "edge_codec.bits": 4,
         "clients": 3 if quick else 4, "rounds": 3 if quick else 6, "edge_windows": 64 if quick else 96,
-        "edge_probe_windows": 600 if quick else 1000, "edge_ppo_iterations": 60 if quick else 150,
+        "edge_probe_windows": 600 if quick else 1000, "edge_ppo_iterations": 100 if quick else 200,
     }
     values.update(overrides)
     return resolve_config(values)
@@ -358,7 +358,7 @@ def _plot(out: Path, rows: list[dict[str, Any]], timeline: dict[str, list[float]
     twin.plot(steps, timeline["mbps"], label="uplink Mbit/s", color="tab:green")
     twin.set_yscale("log")
     twin.set_ylabel("uplink Mbit/s")
-    bottom.set_xlabel("decision step (scripted trace: idle/fast, loaded/fast, idle/slow, loaded/slow)")
+    bottom.set_xlabel("decision step (scripted: idle/fast link, loaded, half loaded, half loaded/slow link)")
     bottom.legend(loc="upper left", fontsize=8)
     twin.legend(loc="upper right", fontsize=8)
     fig.tight_layout()

@@ -171,8 +171,9 @@ def client_conditions(seed: int, client: int, steps: int, start: int = 0) -> tup
 
 
 def scripted_conditions(steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Four phases: idle CPU + fast link, loaded CPU + fast link, idle CPU + slow link, loaded CPU + slow link."""
+    """Four phases of (CPU load, Mbit/s): (0.1, 8) idle on a fast link, (0.9, 8) loaded, (0.5, 8) half loaded,
+    then (0.5, 0.5): the same load on a slow link."""
     phase = np.minimum(np.arange(steps) * 4 // max(steps, 1), 3)
-    load = np.where((phase == 1) | (phase == 3), 0.9, 0.1)
-    bw = np.where(phase >= 2, 0.5, 8.0)
+    load = np.array([0.1, 0.9, 0.5, 0.5])[phase]
+    bw = np.array([8.0, 8.0, 8.0, 0.5])[phase]
     return load.astype(float), bw.astype(float)
