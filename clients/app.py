@@ -4,7 +4,8 @@ A train message carries ``arrays`` (the global weights, encoded by the run's
 ``downlink_codec``) and ``config`` (the flat run configuration plus
 ``server-round``). The reply carries ``update`` (Δ encoded by the run's
 ``codec``, see qfl.compression.payload) and ``metrics`` (``num-examples``,
-``train-loss``, ``partition-id``).
+``train-loss``, ``partition-id``, and the task's ``round_metrics``: the edge
+task's ``edge-*`` split traffic, choices, latency and energy).
 
 Stateful codecs (error feedback residuals, PowerSGD's warm start) keep their
 per-tensor state in the node's ``context.state`` under ``codec-state``, which
@@ -86,8 +87,10 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     cfg, server_round = _run_config(msg.content.config_records["config"])
     partition_id, num_partitions = _partition(context)
-    delta, num_examples, loss = task_for(cfg).local_update(_global_weights(msg, cfg), partition_id, num_partitions, server_round)
-    metrics = MetricRecord({"num-examples": num_examples, "train-loss": loss, "partition-id": partition_id})
+    task = task_for(cfg)
+    delta, num_examples, loss = task.local_update(_global_weights(msg, cfg), partition_id, num_partitions, server_round)
+    metrics = MetricRecord({"num-examples": num_examples, "train-loss": loss, "partition-id": partition_id,
+                            **task.round_metrics()})
     if secure.wants_raw_delta(msg):  # a masked mode: secagg_mod masks Δ; it never leaves the node
         return Message(RecordDict({secure.RAW_DELTA: secure.raw_delta_record(delta), "metrics": metrics}), reply_to=msg)
     codec = make_codec(cfg.codec, cfg.codec_params, seed=task_seed(cfg.seed, server_round, partition_id))

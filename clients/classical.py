@@ -10,6 +10,8 @@ split is never seen by clients.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -128,6 +130,9 @@ class ClassicalTask:
 
     def local_update(self, weights, partition_id, num_partitions, server_round):
         return local_update(self.cfg, weights, partition_id, num_partitions, server_round)
+
+    def round_metrics(self) -> dict[str, Any]:
+        return {}
 
     def local_evaluate(self, weights, partition_id, num_partitions):
         return local_evaluate(self.cfg, weights, partition_id, num_partitions)

@@ -376,6 +376,9 @@ class QuantumTask:
         delta = {k: (local[k] - weights[k]) if k in local else np.zeros_like(weights[k]) for k in weights}
         return delta, len(idx), loss
 
+    def round_metrics(self) -> dict[str, Any]:
+        return {}
+
     def local_evaluate(
         self, weights: dict[str, np.ndarray], partition_id: int, num_partitions: int
     ) -> tuple[float, float, int]:

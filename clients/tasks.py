@@ -8,12 +8,13 @@ treat a variational circuit's angles exactly like a CNN's weights.
 
 ``task_for(cfg)`` picks the task from ``cfg.model``: ``cnn``/``mlp`` are
 classical PyTorch models (:mod:`qfl.clients.classical`); ``vqc``/``hybrid`` are
-quantum or hybrid models (:mod:`qfl.clients.quantum`).
+quantum or hybrid models (:mod:`qfl.clients.quantum`); ``streamsplit`` is the edge
+task, split contrastive learning on audio streams (:mod:`qfl.clients.edge.task`).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -36,6 +37,10 @@ class ClientTask(Protocol):
     ) -> tuple[dict[str, np.ndarray], int, float]:
         """Train from ``weights`` on the client's shard: (Δ = w_local − w, training examples, loss)."""
 
+    def round_metrics(self) -> dict[str, Any]:
+        """Metrics of the last ``local_update`` beyond examples and loss, for the reply's MetricRecord
+        (int, float or list[int] values): the edge task's split traffic, choices, latency and energy; {} otherwise."""
+
     def local_evaluate(
         self, weights: dict[str, np.ndarray], partition_id: int, num_partitions: int
     ) -> tuple[float, float, int]:
@@ -57,6 +62,10 @@ class ClientTask(Protocol):
 
 def task_for(cfg: RunConfig) -> ClientTask:
     """The task ``cfg.model`` names."""
+    if cfg.model == "streamsplit":
+        from .edge.task import EdgeTask
+
+        return EdgeTask(cfg)
     if cfg.model in CLASSICAL_MODELS:
         from .classical import ClassicalTask
 

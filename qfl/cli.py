@@ -171,6 +171,16 @@ def _cmd_experiment_quantum_mixed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment_streamsplit(args: argparse.Namespace) -> int:
+    from qfl.simulations.streamsplit import format_rows, run_streamsplit_experiment
+
+    out = Path(args.out) if args.out else Path("runs") / "experiment-streamsplit"
+    rows = run_streamsplit_experiment(out, seeds=range(args.seeds), quick=args.quick)
+    print(format_rows(rows))
+    print(f"tables (streamsplit.md), rows (streamsplit.json) and plots in {out}")
+    return 0
+
+
 def _cmd_qkd_rate(args: argparse.Namespace) -> int:
     import json
 
@@ -478,6 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     qm.add_argument("--seeds", type=int, default=8, help="seeds 0..N-1")
     qm.add_argument("--out", metavar="DIR", help="default runs/experiment-quantum-mixed")
     qm.set_defaults(func=_cmd_experiment_quantum_mixed)
+    ss = experiment.add_parser("streamsplit", help="edge clients: split strategies, negatives, loss ablation on audio streams")
+    ss.add_argument("--seeds", type=_positive_int, default=1, help="seeds 0..N-1 per method")
+    ss.add_argument("--quick", action="store_true", help="fewer devices, rounds and windows (under 10 minutes)")
+    ss.add_argument("--out", metavar="DIR", help="default runs/experiment-streamsplit")
+    ss.set_defaults(func=_cmd_experiment_streamsplit)
     return parser
 
 

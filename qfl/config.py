@@ -26,7 +26,7 @@ import tomli_w
 
 from qfl.errors import ConfigError
 
-_PARAM_TABLES = {"codec": "codec_params", "downlink_codec": "downlink_codec_params"}
+_PARAM_TABLES = {"codec": "codec_params", "downlink_codec": "downlink_codec_params", "edge_codec": "edge_codec_params"}
 
 
 class Choice(StrEnum):
@@ -46,6 +46,7 @@ class Model(Choice):
     MLP = "mlp"
     VQC = "vqc"
     HYBRID = "hybrid"
+    STREAMSPLIT = "streamsplit"  # edge clients: split contrastive learning on audio (qfl.clients.edge)
 
 
 class Dataset(Choice):
@@ -94,6 +95,18 @@ class ServerOptimizer(Choice):
     FEDAVG = "fedavg"
     FEDAVGM = "fedavgm"
     FEDADAM = "fedadam"
+
+
+class EdgeSplit(Choice):
+    ADAPTIVE = "adaptive"  # PPO policy trained in the measured-cost simulator
+    STATIC = "static"  # always edge_split_k
+    HEURISTIC = "heuristic"  # k = clip(floor(L*(0.6*(1-load) + 0.4*bandwidth)), 1, L-1)
+    RANDOM = "random"
+
+
+class EdgeNegatives(Choice):
+    VIRTUAL = "virtual"  # sampled from the device's streaming mixture
+    IN_BATCH = "in-batch"  # the other windows of the device's batch
 
 
 def _is_host_port(address: str) -> bool:
@@ -313,6 +326,65 @@ class RunConfig(QuantumConfig, QkdConfig, SecurityConfig, CodecConfig, TrainingC
         )
         # Codecs, security rules, QKD link specs, quantum backends and datasets are checked by
         # qfl.server.preflight, which may import the layers that own them; this module imports none.
+        self.check_edge()
+
+    # -- edge clients: StreamSplit (qfl.clients.edge; used when model = "streamsplit") --------------------
+    edge_audio: str = ""  # "" = the seeded synthetic stream; a folder with one subfolder per class; or an ESC-50 style CSV
+    edge_classes: int = 10  # sound classes of the synthetic stream (2..10)
+    edge_window_s: float = 1.0  # seconds of 16 kHz audio per window
+    edge_mels: int = 64  # log-mel bins
+    edge_blocks: int = 6  # L, residual blocks of the splittable encoder (4..8); split points 0..L
+    edge_dim: int = 128  # embedding dimension d
+    edge_windows: int = 64  # windows each device streams (and trains on) per round
+    edge_batch: int = 8  # consecutive windows per on-device step
+    edge_negatives: EdgeNegatives = EdgeNegatives.VIRTUAL
+    edge_virtual_negatives: int = 256  # virtual negatives per anchor
+    edge_components: int = 64  # C, components of the streaming mixture
+    edge_gmm_rate: float = 0.01  # stepwise-EM rate of the mixture
+    edge_tau: float = 0.1  # InfoNCE temperature (and the negatives' component kernel width)
+    edge_lambda_sw: float = 0.1  # λ1, sliced-Wasserstein-to-uniform weight (0 = off)
+    edge_lambda_lap: float = 0.01  # λ2, temporal-Laplacian weight (0 = off)
+    edge_lr: float = 1e-3  # Adam learning rate on the device and server blocks
+    edge_split: EdgeSplit = EdgeSplit.ADAPTIVE
+    edge_split_k: int = 3  # the split point of edge_split = "static" (0 = server-centric, L = edge-only)
+    edge_codec: str = "qsgd"  # codec of the activations (and gradients) crossing the split
+    edge_codec_params: dict[str, Any] = field(default_factory=dict)  # edge_codec.NAME keys
+    edge_device_slowdown: float = 8.0  # edge core time / this machine's measured core time
+    edge_server_speedup: float = 4.0  # server time = measured time / this
+    edge_rtt_ms: float = 50.0  # network round-trip delay added to every window
+    edge_joule_per_flop: float = 1e-9  # linear energy model: device compute
+    edge_joule_per_byte: float = 7e-6  # linear energy model: bytes sent
+    edge_reward_alpha: float = 10.0  # splitter reward: α·fidelity − β·latency/T_max − η·energy/E_budget
+    edge_reward_beta: float = 5.0
+    edge_reward_eta: float = 3.0
+    edge_t_max_ms: float = 200.0
+    edge_e_budget_mj: float = 100.0
+    edge_ppo_iterations: int = 80  # PPO iterations (512 simulated decisions each) to train the splitter
+    edge_probe_windows: int = 600  # held-out windows of the linear probe (half fit, half scored)
+
+    def check_edge(self) -> None:
+        """The edge_* keys, each on its own (the codec name is checked by preflight)."""
+        positive_ints = ("edge_classes", "edge_mels", "edge_dim", "edge_windows", "edge_batch", "edge_virtual_negatives",
+                         "edge_components", "edge_ppo_iterations")
+        for key in positive_ints:
+            _need(getattr(self, key) >= 1, key, f"{key} must be >= 1, got {getattr(self, key)}")
+        positive_floats = ("edge_window_s", "edge_gmm_rate", "edge_tau", "edge_lr", "edge_device_slowdown",
+                           "edge_server_speedup", "edge_t_max_ms", "edge_e_budget_mj")
+        for key in positive_floats:
+            _need(getattr(self, key) > 0, key, f"{key} must be > 0, got {getattr(self, key)}")
+        for key in ("edge_lambda_sw", "edge_lambda_lap", "edge_rtt_ms", "edge_joule_per_flop", "edge_joule_per_byte",
+                    "edge_reward_alpha", "edge_reward_beta", "edge_reward_eta"):
+            _need(getattr(self, key) >= 0, key, f"{key} must be >= 0, got {getattr(self, key)}")
+        _need(4 <= self.edge_blocks <= 8, "edge_blocks", f"edge_blocks must be in [4, 8], got {self.edge_blocks}")
+        _need(0 <= self.edge_split_k <= self.edge_blocks, "edge_split_k",
+              f"edge_split_k must be in [0, edge_blocks={self.edge_blocks}], got {self.edge_split_k}")
+        _need(2 <= self.edge_classes <= 10, "edge_classes", f"edge_classes must be in [2, 10], got {self.edge_classes}")
+        _need(self.edge_gmm_rate <= 1, "edge_gmm_rate", f"edge_gmm_rate must be in (0, 1], got {self.edge_gmm_rate}")
+        _need(self.edge_batch >= 2, "edge_batch", f"edge_batch must be >= 2 (a positive needs a batch), got {self.edge_batch}")
+        _need(self.edge_windows >= self.edge_batch, "edge_windows",
+              f"edge_windows ({self.edge_windows}) must be at least edge_batch ({self.edge_batch})")
+        _need(self.edge_probe_windows >= 20, "edge_probe_windows",
+              f"edge_probe_windows must be >= 20 (half fit, half scored), got {self.edge_probe_windows}")
 
     def to_flat(self) -> dict[str, Any]:
         """Flat key/value view (codec params as ``codec.NAME``), None values left out."""

@@ -129,7 +129,8 @@ def run_federation(
     for rnd in range(first_round, cfg.rounds + 1):
         t0 = time.perf_counter()
         messages = strategy.configure_train(rnd, weights_to_record(weights), ConfigRecord(dict(flat_config)), grid)
-        replies = grid.send_and_receive(messages, timeout=cfg.timeout_s)
+        replies = list(grid.send_and_receive(messages, timeout=cfg.timeout_s))
+        edge = _edge_record(cfg, replies)
         new_record, train = strategy.aggregate_train(rnd, replies)
         assert train is not None  # both strategies return the round's metrics, even with no usable update
         if new_record is not None:
@@ -159,6 +160,7 @@ def run_federation(
             "dropped": as_int(train["dropped"]),
             "drop_reasons": list(strategy.drop_reasons),
             **(_key_record(strategy, budget) if isinstance(strategy, SecureFedAvg) and budget is not None else {}),
+            **({"linear_probe_accuracy": accuracy, **edge} if edge else {}),
             "wall_s": wall,
             "elapsed_s": elapsed,
         }
@@ -175,6 +177,15 @@ def run_federation(
     if reporter:
         reporter.finish(summary, history)
     return summary
+
+
+def _edge_record(cfg: RunConfig, replies: list[Any]) -> dict[str, Any]:
+    """The edge task's split figures of a round (empty for other tasks)."""
+    if cfg.model != "streamsplit":
+        return {}
+    from .edge_metrics import split_round_metrics
+
+    return split_round_metrics(replies, cfg.edge_blocks)
 
 
 def _key_record(strategy: SecureFedAvg, budget: KeyBudget) -> dict[str, Any]:
@@ -217,4 +228,22 @@ def summarize(
         "total_dropped": sum(r["dropped"] for r in history),
         "qkd_clock_s": last.get("qkd_clock_s"),
         "wall_s": last.get("elapsed_s", 0.0),
+        **(_edge_summary(history) if cfg.model == "streamsplit" else {}),
+    }
+
+
+def _edge_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals of the edge task's split figures over the run."""
+    windows = sum(r.get("edge_windows", 0) for r in history)
+    depth = max((len(r.get("split_hist", [])) for r in history), default=0)
+    return {
+        "final_linear_probe_accuracy": history[-1].get("linear_probe_accuracy") if history else None,
+        "total_split_uplink_bytes": sum(r.get("split_uplink_bytes", 0) for r in history),
+        "total_split_downlink_bytes": sum(r.get("split_downlink_bytes", 0) for r in history),
+        "split_hist": [sum(r["split_hist"][k] for r in history if "split_hist" in r) for k in range(depth)],
+        "edge_windows": windows,
+        "latency_ms_per_window": sum((r.get("latency_ms_per_window") or 0) * r.get("edge_windows", 0) for r in history)
+        / windows if windows else None,
+        "energy_mj_per_window": sum((r.get("energy_mj_per_window") or 0) * r.get("edge_windows", 0) for r in history)
+        / windows if windows else None,
     }

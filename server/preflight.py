@@ -21,7 +21,7 @@ def check_components(cfg: RunConfig) -> RunConfig:
     _check_codecs(cfg)
     if cfg.security != "none":
         _check_security(cfg)
-    if cfg.model not in ("cnn", "mlp") or cfg.dataset in ("ntangled", "magic") or cfg.client_kinds:
+    if cfg.model not in ("cnn", "mlp", "streamsplit") or cfg.dataset in ("ntangled", "magic") or cfg.client_kinds:
         from qfl.clients.quantum import check_quantum_config
 
         try:
@@ -59,6 +59,11 @@ def _check_codecs(cfg: RunConfig) -> None:
         downlink = make_codec(cfg.downlink_codec, cfg.downlink_codec_params)
     except ValueError as err:
         raise ConfigError(str(err), key="downlink_codec") from None
+    if cfg.model == "streamsplit":
+        try:
+            make_codec(cfg.edge_codec, cfg.edge_codec_params)
+        except ValueError as err:
+            raise ConfigError(str(err), key="edge_codec") from None
     if downlink.traits.stateful:
         raise ConfigError(
             f"downlink_codec {cfg.downlink_codec!r} keeps state (error feedback / warm start), but the server "

@@ -29,6 +29,15 @@ COLUMNS = (
 )
 
 
+# The edge task's split figures (model = "streamsplit"), shown after the common columns when present.
+EDGE_COLUMNS = (
+    ("split_uplink_bytes", "split up B", "{:,}"),
+    ("split_hist", "k hist", "{}"),
+    ("latency_ms_per_window", "ms/window", "{:.1f}"),
+    ("energy_mj_per_window", "mJ/window", "{:.2f}"),
+)
+
+
 def _cell(fmt: str, value: Any) -> str:
     return "-" if value is None else fmt.format(value)
 
@@ -110,8 +119,11 @@ class ConsoleReporter:
     def start(self, cfg: RunConfig, run_dir: Path, first_round: int) -> None:
         self.run_dir = Path(run_dir)
         alpha = "IID" if cfg.alpha is None else f"Dirichlet alpha={cfg.alpha}"
+        data = str(cfg.dataset)
+        if cfg.model == "streamsplit":  # edge devices: each its own audio stream, activations through edge_codec
+            data, alpha = cfg.edge_audio or "synthetic-audio", f"own streams, split={cfg.edge_split}, edge_codec={cfg.edge_codec}"
         self.console.print(
-            f"[bold]qfl[/] {cfg.dataset}/{cfg.model}, {cfg.clients} clients ({alpha}), codec={cfg.codec}, "
+            f"[bold]qfl[/] {data}/{cfg.model}, {cfg.clients} clients ({alpha}), codec={cfg.codec}, "
             f"security={cfg.security}, server_opt={cfg.server_opt}, rounds {first_round}..{cfg.rounds} -> {run_dir}"
         )
         if cfg.security != "none":
@@ -136,7 +148,8 @@ class ConsoleReporter:
         self.task = self.progress.add_task("rounds", total=cfg.rounds, completed=first_round - 1, status="")
 
     def round(self, record: dict[str, Any]) -> None:
-        line = "  ".join(f"{h}={_cell(fmt, record.get(k))}" for k, h, fmt in COLUMNS)
+        columns = COLUMNS + (EDGE_COLUMNS if "split_hist" in record else ())
+        line = "  ".join(f"{h}={_cell(fmt, record.get(k))}" for k, h, fmt in columns)
         if self.progress is not None and self.task is not None:  # start() sets both
             self.progress.update(self.task, advance=1, status=f"acc {record['accuracy']:.3f}")
             self.progress.console.print(line)

@@ -1,0 +1,1 @@
+"""Edge clients: StreamSplit split contrastive learning on streaming audio (see ``task.py`` for the overview)."""
