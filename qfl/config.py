@@ -295,6 +295,11 @@ class RunConfig(QuantumConfig, QkdConfig, SecurityConfig, CodecConfig, TrainingC
         # Codecs, security rules, QKD link specs, quantum backends and datasets are checked by
         # qfl.server.preflight, which may import the layers that own them; this module imports none.
 
+    # --- deployment (issue 16: edge daemons, `qfl deploy local`) ---
+    # Where the ServerApp of `flwr run` writes its run directory; empty = runs/<timestamp> in its working
+    # directory. A checkpoint already there is resumed (a run resubmitted after its SuperLink was lost).
+    run_dir: str = ""
+
     def to_flat(self) -> dict[str, Any]:
         """Flat key/value view (codec params as ``codec.NAME``), None values left out."""
         flat: dict[str, Any] = {}
