@@ -42,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,11 +70,14 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 @dataclass(frozen=True)
 class EdgeConfig:
-    """One edge daemon. ``certs`` is the node's bundle from ``qfl certs --node`` (None: plain HTTP, tests only)."""
+    """One edge daemon. ``certs`` is the node's bundle from ``qfl certs --node``: TLS root, node key, KMS
+    credentials. ``insecure``: plain HTTP to the SuperLink and no node authentication (the bundle, if any,
+    still serves the KMS); for loopback tests only."""
 
     superlink: str
     state_dir: Path
     certs: Path | None = None
+    insecure: bool = False
     partition_id: int = 0
     num_partitions: int = 1
     sae: str = ""  # its SAE ID for the KMS; empty = client-<partition_id>
@@ -82,13 +86,15 @@ class EdgeConfig:
     flower_retries: int = 5  # Flower's own reconnect attempts before the SuperNode exits
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 30.0
-    drain_s: float = 8.0
+    drain_s: float = 6.0  # SIGTERM to SIGKILL; with 1 s for stragglers and 2 s after SIGKILL, under 10 s
     log_bytes: int = 1 << 20
     log_backups: int = 5
 
     def __post_init__(self) -> None:
         if not 0 <= self.partition_id < self.num_partitions:
             raise ValueError(f"partition id {self.partition_id} is not in [0, {self.num_partitions})")
+        if self.certs is None and not self.insecure:
+            raise ValueError("an edge daemon needs its certificate bundle: pass --certs DIR (DIR/nodes/NAME of `qfl certs --node NAME`)")
         if self.certs is not None:
             missing = [p.name for p in (self.certs / CA_FILE, self.certs / NODE_KEY) if not p.is_file()]
             if missing:
@@ -234,14 +240,14 @@ def _free_port() -> int:
 MARKER_VAR = "QFL_EDGE_MARKER"  # set in the environment of every process a daemon starts; children inherit it
 
 
-def marked_processes(marker: str) -> list[int]:
-    """PIDs of the live processes whose environment holds ``MARKER_VAR=marker`` (from /proc).
+def marked_processes(marker: str, var: str = MARKER_VAR) -> list[int]:
+    """PIDs of the live processes whose environment holds ``var=marker`` (from /proc).
 
     Children inherit the environment, so this finds what a SuperNode spawned
     (SuperExec, ClientApp processes), also in other sessions or after it died.
     Zombies and processes of other users have no readable environment.
     """
-    needle = f"{MARKER_VAR}={marker}".encode()
+    needle = f"{var}={marker}".encode()
     found = []
     try:
         entries = [e for e in os.listdir("/proc") if e.isdigit() and int(e) != os.getpid()]
@@ -257,20 +263,31 @@ def marked_processes(marker: str) -> list[int]:
     return found
 
 
-def stop_marked(marker: str, grace_s: float, first: list[int] = ()) -> list[int]:  # type: ignore[assignment]
-    """SIGTERM ``first`` and every process marked ``marker``, SIGKILL what is left after ``grace_s``; by PID.
+def stop_marked(marker: str, grace_s: float, first: Sequence[int] = (), var: str = MARKER_VAR) -> list[int]:
+    """SIGTERM ``first``, then every process marked ``var=marker``; SIGKILL what is left after ``grace_s``; by PID.
 
-    Returns the PIDs still alive after SIGKILL (normally none).
+    ``first`` get ``grace_s`` alone before the rest are signalled, so a
+    supervisor can drain its own children. Returns the PIDs still alive after
+    SIGKILL (normally none).
     """
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
-        for pid in dict.fromkeys([*first, *marked_processes(marker)]):
-            _signal(pid, sig)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            if not [p for p in [*first, *marked_processes(marker)] if _running(p)]:
-                return []
+    def live() -> list[int]:
+        return [p for p in dict.fromkeys([*first, *marked_processes(marker, var)]) if _running(p)]
+
+    def wait(pids: Any, until: float) -> None:
+        while time.monotonic() < until and any(_running(p) for p in pids()):
             time.sleep(0.1)
-    return [p for p in [*first, *marked_processes(marker)] if _running(p)]
+
+    end = time.monotonic() + grace_s
+    for pid in first:
+        _signal(pid, signal.SIGTERM)
+    wait(lambda: first, end)
+    for pid in live():
+        _signal(pid, signal.SIGTERM)
+    wait(live, max(end, time.monotonic() + 1.0))
+    for pid in live():
+        _signal(pid, signal.SIGKILL)
+    wait(live, time.monotonic() + 2.0)
+    return live()
 
 
 class EdgeDaemon:
@@ -314,10 +331,11 @@ class EdgeDaemon:
             node_config.append(f'{KMS_URL_KEY}="{cfg.kms_url}"')
         if cfg.certs is not None:
             node_config.append(f'{KMS_CERTS_KEY}="{cfg.certs.resolve()}"')
+        if cfg.insecure or cfg.certs is None:
+            tls = ["--insecure"]
+        else:
             certs = cfg.certs.resolve()
             tls = ["--root-certificates", str(certs / CA_FILE), "--auth-supernode-private-key", str(certs / NODE_KEY)]
-        else:
-            tls = ["--insecure"]
         return [self.executable, *tls, "--superlink", cfg.superlink, "--max-retries", str(cfg.flower_retries),
                 "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config", " ".join(node_config)]
 
@@ -377,7 +395,7 @@ class EdgeDaemon:
         self.state.update(
             daemon_pid=os.getpid(), superlink=cfg.superlink, partition_id=cfg.partition_id,
             num_partitions=cfg.num_partitions, started_at=time.time(), connection="starting",
-            tls=certs is not None, node_auth=certs is not None,
+            tls=not cfg.insecure, node_auth=not cfg.insecure,
             keys={"sae": cfg.sae_id, "kms_url": cfg.kms_url,
                   "ca_sha256": _fingerprint(certs / CA_FILE) if certs else "",
                   "node_key_sha256": _fingerprint(certs / NODE_KEY) if certs else "",

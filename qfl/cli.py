@@ -207,11 +207,10 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 def _cmd_edge_run(args: argparse.Namespace) -> int:
     from qfl.clients.daemon import EdgeConfig, EdgeDaemon
 
-    if not args.insecure and not args.certs:
-        raise SystemExit("qfl edge run: pass --certs DIR (the node's bundle from `qfl certs --node NAME`)")
     try:
         cfg = EdgeConfig(
-            superlink=args.superlink, state_dir=Path(args.state), certs=None if args.insecure else Path(args.certs),
+            superlink=args.superlink, state_dir=Path(args.state), certs=Path(args.certs) if args.certs else None,
+            insecure=args.insecure,
             partition_id=args.partition, num_partitions=args.partitions, sae=args.sae or "", kms_url=args.kms_url or "",
             flower_retries=args.flower_retries, backoff_base_s=args.backoff_base, backoff_cap_s=args.backoff_cap,
         )
@@ -245,6 +244,19 @@ def _cmd_edge_status(args: argparse.Namespace) -> int:
     keys = status.get("keys") or {}
     print(f"keys: SAE {keys.get('sae')} at {keys.get('kms_url') or '-'} (cert sha256 {keys.get('sae_cert_sha256') or '-'})")
     return 0
+
+
+def _cmd_deploy_local(args: argparse.Namespace) -> int:
+    import json
+
+    from qfl.server.deployment import DEPLOYMENT_JSON, deploy_local
+
+    summary = deploy_local(Path(args.out), nodes=args.nodes, rounds=args.rounds, tls=args.tls,
+                           run_timeout_s=args.timeout)
+    print(json.dumps({k: summary[k] for k in ("tls", "node_auth", "key_source", "nodes", "rounds_completed",
+                                              "reconnects", "status")}, indent=2))
+    print(f"run outputs in {summary['run_dir']}, logs in {Path(args.out) / 'logs'}, summary {Path(args.out) / DEPLOYMENT_JSON}")
+    return 0 if summary["status"] == "finished:completed" else 1
 
 
 def _audit_error(message: str) -> NoReturn:
@@ -461,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     erun = edge.add_parser("run", help="run a supervised Flower SuperNode with qfl's ClientApp until SIGTERM")
     erun.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's Fleet API")
     erun.add_argument("--certs", metavar="DIR", help="this node's bundle from `qfl certs --node NAME` (DIR/nodes/NAME)")
-    erun.add_argument("--insecure", action="store_true", help="plain HTTP, no node authentication (loopback tests only)")
+    erun.add_argument("--insecure", action="store_true", help="plain HTTP to the SuperLink, no node authentication (loopback tests only)")
     erun.add_argument("--state", default="edge-state", metavar="DIR", help="durable state, logs (default ./edge-state)")
     erun.add_argument("--partition", type=int, default=0, help="this node's data partition (partition-id)")
     erun.add_argument("--partitions", type=_positive_int, default=1, help="number of partitions (num-partitions)")
@@ -475,6 +487,16 @@ def build_parser() -> argparse.ArgumentParser:
     estatus.add_argument("--state", default="edge-state", metavar="DIR")
     estatus.add_argument("--json", action="store_true")
     estatus.set_defaults(func=_cmd_edge_status)
+
+    deploy = sub.add_parser("deploy", help="deployments").add_subparsers(dest="deploy", required=True)
+    dlocal = deploy.add_parser("local", help="SuperLink, KMS and N edge daemons on 127.0.0.1; one `flwr run`; "
+                                             "writes DIR/deployment.json and stops every process")
+    dlocal.add_argument("--nodes", type=int, default=3)
+    dlocal.add_argument("--rounds", type=_positive_int, default=3)
+    dlocal.add_argument("--tls", action="store_true", help="TLS to the SuperLink and SuperNode authentication")
+    dlocal.add_argument("--out", required=True, metavar="DIR")
+    dlocal.add_argument("--timeout", type=float, default=1800.0, help="seconds the run may take")
+    dlocal.set_defaults(func=_cmd_deploy_local)
 
     kms = sub.add_parser("kms", help="key management service").add_subparsers(dest="kms", required=True)
     kserve = kms.add_parser("serve", help="ETSI GS QKD 014 KME over HTTPS with mutual TLS")
