@@ -50,6 +50,8 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from qfl.records import as_int
+
 STATE_DB = "edge.db"
 LOG_FILE = "edge.log"
 NODE_KEY = "node.key"
@@ -169,7 +171,7 @@ def read_status(state_dir: str | os.PathLike) -> dict[str, Any]:
     finally:
         state.close()
     pid = status.get("daemon_pid")
-    status["daemon_alive"] = bool(pid) and _alive(int(pid)) and status.get("connection") != "stopped"
+    status["daemon_alive"] = isinstance(pid, int) and _alive(pid) and status.get("connection") != "stopped"
     return status
 
 
@@ -205,7 +207,7 @@ def edge_state_mod(msg: Message, context: Context, call_next: ClientAppCallable)
     fields: dict[str, Any] = {"last_message": msg.metadata.message_type, "last_message_at": time.time()}
     config = msg.content.config_records.get("config")
     if config is not None and "server-round" in config:
-        fields["last_round"] = int(config["server-round"])  # type: ignore[call-overload]
+        fields["last_round"] = as_int(config["server-round"])
     if reply.has_error():
         fields["last_sit_out"] = {"round": fields.get("last_round"), "message": msg.metadata.message_type,
                                   "reason": reply.error.reason}
@@ -248,7 +250,7 @@ def marked_processes(marker: str, var: str = MARKER_VAR) -> list[int]:
     Zombies and processes of other users have no readable environment.
     """
     needle = f"{var}={marker}".encode()
-    found = []
+    found: list[int] = []
     try:
         entries = [e for e in os.listdir("/proc") if e.isdigit() and int(e) != os.getpid()]
     except OSError:

@@ -275,13 +275,21 @@ class LocalDeployment:
         except (OSError, ValueError):
             return 0
 
-    def wait_run(self, run_id: int, timeout_s: float, until_round: int | None = None) -> str:
-        """Until the run finishes (its status) or, with ``until_round``, has that many rounds in metrics.json."""
+    def wait_run(self, run_id: int, timeout_s: float, until_round: int | None = None, recover: int = 0) -> str:
+        """Until the run finishes (its status) or, with ``until_round``, has that many rounds in metrics.json.
+
+        If the SuperLink dies meanwhile, up to ``recover`` times: :meth:`recover_superlink`, then wait
+        for the resubmitted run (the ID is the last of :attr:`run_ids`).
+        """
         deadline = time.monotonic() + timeout_s
         status = "unknown"
         while time.monotonic() < deadline:
             if until_round is not None and self.rounds_completed() >= until_round:
                 return "running"
+            if self.procs["superlink"].poll() is not None and recover > 0:
+                recover -= 1
+                run_id = self.recover_superlink()
+                continue
             for name in ("superlink", "kms"):
                 if self.procs[name].poll() is not None:
                     raise DeploymentError(f"{name} exited with {self.procs[name].returncode}:\n{self.tail(name)}")
@@ -291,6 +299,32 @@ class LocalDeployment:
             time.sleep(1.0)
         raise DeploymentError(f"run {run_id} still {status!r} after {timeout_s:.0f} s "
                               f"({self.rounds_completed()} rounds done)")
+
+    def reconnects(self) -> dict[int, int]:
+        counts = {}
+        for i in range(self.nodes):
+            try:
+                counts[i] = int(read_status(self.daemon_state(i)).get("reconnects", 0))
+            except FileNotFoundError:
+                counts[i] = 0
+        return counts
+
+    def recover_superlink(self) -> int:
+        """The SuperLink died: start it again on the same port and state database, wait until every
+        daemon has reconnected, stop the runs it left unfinished (``flwr stop``) and resubmit; the
+        ServerApp finds the checkpoint in ``run_dir`` and resumes after its last complete round.
+        Returns the new run ID."""
+        before = self.reconnects()
+        self.kill("superlink")  # reaps it (it may still be dying)
+        self.start_superlink()
+        self.wait_connected(reconnected={i: n + 1 for i, n in before.items()})
+        for old in self.run_ids:
+            try:
+                if not self.run_status(old).startswith("finished"):
+                    self.run_cli("flwr-stop", [self._exe("flwr"), "stop", str(old), CONNECTION])
+            except DeploymentError:  # the old run may be unknown or already ending; the new one matters
+                pass
+        return self.submit()
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal one started process (by its PID) and reap it."""
@@ -364,7 +398,7 @@ def deploy_local(out: Path, nodes: int, rounds: int, tls: bool, run_timeout_s: f
     try:
         deployment.up()
         run_id = deployment.submit()
-        status = deployment.wait_run(run_id, run_timeout_s)
+        status = deployment.wait_run(run_id, run_timeout_s, recover=3)
     finally:
         left = deployment.stop()
         summary = deployment.write_summary(status)

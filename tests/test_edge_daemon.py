@@ -109,6 +109,7 @@ def _status(path: Path) -> dict:
         return {}
 
 
+@pytest.mark.deployment
 def test_daemon_enrolled_refused_foreign_reconnect_and_sigterm(tmp_path: Path) -> None:
     dep = LocalDeployment(tmp_path / "dep", nodes=2, tls=True, startup_timeout_s=WAIT_S)
     foreign = make_pki(tmp_path / "foreign", ["client-0"], superlink_host="127.0.0.1", nodes=["client-0"])
