@@ -67,7 +67,7 @@ _CONNECTED = re.compile(r"SuperNode ID: (\d+)")
 _RECONNECTED = re.compile(r"Connection successful after")
 _RETRYING = re.compile(r"Connection attempt failed")
 _REFUSED = re.compile(r"Failed to activate SuperNode|Exit Code: 305")
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # the colours of Flower's log lines
 
 
 @dataclass(frozen=True)
@@ -233,7 +233,8 @@ class _JsonLines(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port that is free now (bind to port 0)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -273,10 +274,10 @@ def stop_marked(marker: str, grace_s: float, first: Sequence[int] = (), var: str
     SIGKILL (normally none).
     """
     def live() -> list[int]:
-        return [p for p in dict.fromkeys([*first, *marked_processes(marker, var)]) if _running(p)]
+        return [p for p in dict.fromkeys([*first, *marked_processes(marker, var)]) if is_running(p)]
 
     def wait(pids: Any, until: float) -> None:
-        while time.monotonic() < until and any(_running(p) for p in pids()):
+        while time.monotonic() < until and any(is_running(p) for p in pids()):
             time.sleep(0.1)
 
     end = time.monotonic() + grace_s
@@ -342,7 +343,7 @@ class EdgeDaemon:
                 "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config", " ".join(node_config)]
 
     def _start(self) -> subprocess.Popen:
-        port = self.cfg.runtime_port or _free_port()
+        port = self.cfg.runtime_port or free_port()
         env = {**os.environ, MARKER_VAR: self.marker, "FLWR_HOME": str(self.cfg.state_dir / "flwr-home"),
                "PYTHONUNBUFFERED": "1",
                "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -360,7 +361,7 @@ class EdgeDaemon:
         refused = False
         assert proc.stdout is not None
         for raw in proc.stdout:
-            line = _ANSI.sub("", raw.decode(errors="replace")).rstrip()
+            line = ANSI_ESCAPE.sub("", raw.decode(errors="replace")).rstrip()
             if not line:
                 continue
             self._event("supernode", line=line)
@@ -404,6 +405,7 @@ class EdgeDaemon:
                   "sae_cert_sha256": _fingerprint(certs / f"{cfg.sae_id}.pem") if certs else ""},
         )
         self._event("daemon started", superlink=cfg.superlink, state=str(cfg.state_dir))
+        self._stop_previous()
         attempt = 0
         while not self._stop.is_set():
             self._proc = proc = self._start()
@@ -430,6 +432,18 @@ class EdgeDaemon:
         self.state.update(connection="stopped", supernode_pid=None, stopped_at=time.time())
         self._event("daemon stopped")
         return 0
+
+    def _stop_previous(self) -> None:
+        """A daemon killed with SIGKILL leaves its SuperNode running (its own session): stop that tree, by PID,
+        before this daemon starts one with the same node key."""
+        previous = self.state.read().get("marker")
+        self.state.update(marker=self.marker)
+        if not previous or previous == self.marker:
+            return
+        orphans = marked_processes(previous)
+        if orphans:
+            left = stop_marked(previous, self.cfg.drain_s)
+            self._event("stopped the SuperNode of a previous daemon", level=logging.WARNING, pids=orphans, left=left)
 
     def stop(self) -> None:
         """Drain and stop: SIGTERM to the SuperNode and all it spawned, SIGKILL after ``drain_s``, by PID."""
@@ -469,7 +483,7 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _running(pid: int) -> bool:
+def is_running(pid: int) -> bool:
     """Alive and not a zombie (a zombie of ours is reaped by its Popen)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qfl.clients.daemon import read_status, stop_marked
+from qfl.clients.daemon import ANSI_ESCAPE, free_port, read_status, stop_marked
 from qfl.errors import DeploymentError
 from qfl.files import atomic_write_json
 from qfl.security.keys.certs import NODE_PUB_FILE, NODES_DIR, SUPERLINK_STEM, make_pki
@@ -51,13 +51,6 @@ from .federation import METRICS_NAME
 MARKER_VAR = "QFL_DEPLOY_MARKER"
 CONNECTION = "qfl-local"
 DEPLOYMENT_JSON = "deployment.json"
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def app_dir() -> Path:
@@ -144,17 +137,17 @@ class LocalDeployment:
                                   stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s)
         except subprocess.TimeoutExpired as err:
             raise DeploymentError(f"`{' '.join(argv)}` did not finish within {timeout_s:.0f} s") from err
-        out = _ANSI.sub("", done.stdout.decode(errors="replace"))
+        out = ANSI_ESCAPE.sub("", done.stdout.decode(errors="replace"))
         with open(self.logs / f"{name}.log", "ab") as log:
             log.write(done.stdout + done.stderr)
         if done.returncode != 0:
             raise DeploymentError(f"`{' '.join(argv)}` exited with {done.returncode}: {out[-800:]} "
-                                  f"{_ANSI.sub('', done.stderr.decode(errors='replace'))[-800:]}")
+                                  f"{ANSI_ESCAPE.sub('', done.stderr.decode(errors='replace'))[-800:]}")
         return out
 
     def tail(self, name: str, chars: int = 3000) -> str:
         try:
-            return _ANSI.sub("", (self.logs / f"{name}.log").read_text(errors="replace"))[-chars:]
+            return ANSI_ESCAPE.sub("", (self.logs / f"{name}.log").read_text(errors="replace"))[-chars:]
         except OSError:
             return ""
 

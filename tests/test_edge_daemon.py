@@ -2,8 +2,10 @@
 
 The process test starts Flower's own ``flower-superlink`` with TLS and
 SuperNode authentication, enrols one node, and runs three daemons: the enrolled
-node (connects; reconnects after the SuperLink is killed with SIGKILL and
-restarted; drains and exits 0 on SIGTERM), a node whose key was issued by the
+node (connects; restarted after SIGKILL, it stops the SuperNode its killed
+predecessor left behind and reconnects with the same identity; reconnects after
+the SuperLink is killed with SIGKILL and restarted; drains and exits 0 on
+SIGTERM), a node whose key was issued by the
 same CA but never enrolled (refused), and a node from another CA (it cannot
 verify the SuperLink; never connects). Every process is stopped by PID.
 """
@@ -24,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from helpers import QFL, REPO
 
-from qfl.clients.daemon import STATE_KEY, EdgeConfig, EdgeState, backoff_delay, edge_state_mod, read_status
+from qfl.clients.daemon import STATE_KEY, EdgeConfig, EdgeState, backoff_delay, edge_state_mod, is_running, read_status
 from qfl.security.keys.certs import make_pki
 from qfl.server.deployment import LocalDeployment
 
@@ -135,9 +137,18 @@ def test_daemon_enrolled_refused_foreign_reconnect_and_sigterm(tmp_path: Path) -
         assert "node_id" not in _status(states["unenrolled"]) and "node_id" not in _status(states["foreign"])
         node_id = _status(states["enrolled"])["node_id"]
 
+        # The daemon killed with SIGKILL: its SuperNode lives on; a restarted daemon stops it and takes over.
+        orphan = _status(states["enrolled"])["supernode_pid"]
+        dep.kill("edge-0")
+        assert is_running(orphan)
+        dep.start_daemon(0)
+        dep._wait("the restarted daemon to reconnect", lambda: (s := _status(states["enrolled"])).get("reconnects", 0) >= 1
+                  and s.get("connection") == "connected" and s.get("supernode_pid") != orphan, ("superlink", "edge-0"), WAIT_S)
+        assert not is_running(orphan)
+
         dep.kill("superlink")  # SIGKILL
         dep.start_superlink()  # same port and state database
-        dep._wait("the enrolled daemon to reconnect", lambda: (s := _status(states["enrolled"])).get("reconnects", 0) >= 1
+        dep._wait("the enrolled daemon to reconnect", lambda: (s := _status(states["enrolled"])).get("reconnects", 0) >= 2
                   and s.get("connection") == "connected", ("superlink", "edge-0"), WAIT_S)
         assert _status(states["enrolled"])["node_id"] == node_id  # the same enrolled identity
         assert "node_id" not in _status(states["unenrolled"])  # still refused after the restart
