@@ -352,7 +352,8 @@ class EdgeDaemon:
         work.mkdir(exist_ok=True)
         proc = subprocess.Popen(self.command(port), cwd=work, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        self.state.update(supernode_pid=proc.pid, connection="connecting")
+        refused = self.state.read().get("connection") == "refused"  # stays so until a connection succeeds
+        self.state.update(supernode_pid=proc.pid, connection="refused" if refused else "connecting")
         self._event("supernode started", pid=proc.pid, runtime_port=port)
         return proc
 

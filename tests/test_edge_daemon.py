@@ -4,8 +4,8 @@ The process test starts Flower's own ``flower-superlink`` with TLS and
 SuperNode authentication, enrols one node, and runs three daemons: the enrolled
 node (connects; restarted after SIGKILL, it stops the SuperNode its killed
 predecessor left behind and reconnects with the same identity; reconnects after
-the SuperLink is killed with SIGKILL and restarted; drains and exits 0 on
-SIGTERM), a node whose key was issued by the
+the SuperLink is killed with SIGKILL and restarted; refused once the operator
+revokes it with `flwr supernode unregister`; drains and exits 0 on SIGTERM), a node whose key was issued by the
 same CA but never enrolled (refused), and a node from another CA (it cannot
 verify the SuperLink; never connects). Every process is stopped by PID.
 """
@@ -112,7 +112,7 @@ def _status(path: Path) -> dict:
 
 
 @pytest.mark.deployment
-def test_daemon_enrolled_refused_foreign_reconnect_and_sigterm(tmp_path: Path) -> None:
+def test_daemon_enrolled_refused_foreign_revoked_reconnect_and_sigterm(tmp_path: Path) -> None:
     dep = LocalDeployment(tmp_path / "dep", nodes=2, tls=True, startup_timeout_s=WAIT_S)
     foreign = make_pki(tmp_path / "foreign", ["client-0"], superlink_host="127.0.0.1", nodes=["client-0"])
     states = {"enrolled": dep.daemon_state(0), "unenrolled": dep.daemon_state(1), "foreign": tmp_path / "foreign-state"}
@@ -160,7 +160,7 @@ def test_daemon_enrolled_refused_foreign_reconnect_and_sigterm(tmp_path: Path) -
         assert status["daemon_alive"] and status["tls"] and status["node_auth"] and status["keys"]["sae"] == "client-0"
 
         daemon = dep.procs["edge-0"]
-        daemon.send_signal(signal.SIGTERM)
+        daemon.send_signal(signal.SIGTERM)  # while connected
         assert daemon.wait(timeout=10.0) == 0  # drains and exits 0 within 10 s
         stopped = _status(states["enrolled"])
         assert stopped["connection"] == "stopped" and not stopped["daemon_alive"] and stopped["supernode_pid"] is None
@@ -168,6 +168,14 @@ def test_daemon_enrolled_refused_foreign_reconnect_and_sigterm(tmp_path: Path) -
         assert {"daemon started", "connected", "stopping", "daemon stopped"} <= {e["event"] for e in log}
         assert any(e["event"] == "supernode exited" for e in
                    map(json.loads, (states["unenrolled"] / "edge.log").read_text().splitlines()))
+
+        # Revoked: the operator unregisters the node; it loses the SuperLink and is refused from then on.
+        dep.start_daemon(0)
+        dep._wait("the daemon to be back", lambda: (s := _status(states["enrolled"])).get("connection") == "connected"
+                  and s.get("reconnects", 0) >= 3, ("superlink", "edge-0"), WAIT_S)
+        dep.run_cli("flwr-unregister", [dep._exe("flwr"), "supernode", "unregister", str(node_id), "qfl-local"])
+        dep._wait("the revoked daemon to be refused", lambda: _status(states["enrolled"]).get("connection") == "refused",
+                  ("superlink", "edge-0"), WAIT_S)
     finally:
         left = dep.stop()
     assert not left, f"processes survived SIGKILL: {left}"
