@@ -179,3 +179,18 @@ def test_daemon_enrolled_refused_foreign_revoked_reconnect_and_sigterm(tmp_path:
     finally:
         left = dep.stop()
     assert not left, f"processes survived SIGKILL: {left}"
+
+
+def test_a_node_uses_its_own_kms_address_and_credentials(tmp_path: Path, task_identity) -> None:
+    """The server's kms_url/kms_certs name its own machine's files; a node's node config overrides them."""
+    from qfl.clients.secure import NODE_KMS_CERTS, NODE_KMS_URL, _run_config
+    from qfl.config import resolve_config
+
+    flat = resolve_config({"key_source": "kms", "kms_url": "https://server-side:1", "kms_certs": "/srv/pki"}).to_flat()
+    msg = Message(RecordDict({"config": ConfigRecord({**flat, "server-round": 3})}), dst_node_id=7, message_type="train")
+    node = Context(run_id=1, node_id=7, node_config={NODE_KMS_URL: "https://kms.local:8443", NODE_KMS_CERTS: str(tmp_path)},
+                   state=RecordDict(), run_config={})
+    cfg, server_round = _run_config(msg, node)
+    assert (cfg.kms_url, cfg.kms_certs, server_round) == ("https://kms.local:8443", str(tmp_path), 3)
+    plain = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    assert _run_config(msg, plain)[0].kms_certs == "/srv/pki"
