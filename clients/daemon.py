@@ -86,6 +86,7 @@ class EdgeConfig:
     kms_url: str = ""
     runtime_port: int = 0  # the SuperNode's local Runtime API port; 0 = a free one
     flower_retries: int = 5  # Flower's own reconnect attempts before the SuperNode exits
+    stall_s: float = 60.0  # a SuperNode unconnected this long (neither reconnecting nor exiting) is restarted
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 30.0
     drain_s: float = 6.0  # SIGTERM to SIGKILL; with 1 s for stragglers and 2 s after SIGKILL, under 10 s
@@ -173,6 +174,23 @@ def read_status(state_dir: str | os.PathLike) -> dict[str, Any]:
     pid = status.get("daemon_pid")
     status["daemon_alive"] = isinstance(pid, int) and _alive(pid) and status.get("connection") != "stopped"
     return status
+
+
+def key_left(status: dict[str, Any], peer: str = "server", timeout_s: float = 5.0) -> int | str:
+    """Bits left on the link from this node's SAE to ``peer``, asked of its KMS with its own certificate
+    (ETSI GS QKD 014 ``status``); a short reason instead when there is no KMS or it cannot be asked."""
+    from qfl.errors import KeyLayerError
+    from qfl.security.keys.kms_client import KmsKeySource
+
+    keys = status.get("keys") or {}
+    sae, url, certs = keys.get("sae"), keys.get("kms_url"), Path(keys.get("certs") or ".")
+    if not (sae and url and (certs / f"{sae}.pem").is_file()):
+        return "no KMS configured"
+    try:
+        source = KmsKeySource(url, certs / f"{sae}.pem", certs / f"{sae}.key", certs / CA_FILE, timeout=timeout_s)
+        return source.status(sae, peer).left_bits
+    except (KeyLayerError, OSError, ValueError) as err:
+        return f"KMS not reachable ({type(err).__name__})"
 
 
 def _alive(pid: int) -> bool:
@@ -304,6 +322,7 @@ class EdgeDaemon:
         self._stop = threading.Event()
         self._proc: subprocess.Popen | None = None
         self._connected = False
+        self._unconnected_since = time.monotonic()
         self._ever_connected = bool(self.state.read().get("node_id"))
         self._rng = random.Random()
         self.marker = f"{os.getpid()}-{self._rng.getrandbits(64):016x}"
@@ -372,6 +391,7 @@ class EdgeDaemon:
                 self._on_connected()
             elif _RETRYING.search(line) and self._connected:
                 self._connected = False
+                self._unconnected_since = time.monotonic()
                 self.state.update(connection="reconnecting")
                 self._event("connection lost", level=logging.WARNING)
             elif _REFUSED.search(line):
@@ -400,7 +420,7 @@ class EdgeDaemon:
             daemon_pid=os.getpid(), superlink=cfg.superlink, partition_id=cfg.partition_id,
             num_partitions=cfg.num_partitions, started_at=time.time(), connection="starting",
             tls=not cfg.insecure, node_auth=not cfg.insecure,
-            keys={"sae": cfg.sae_id, "kms_url": cfg.kms_url,
+            keys={"sae": cfg.sae_id, "kms_url": cfg.kms_url, "certs": str(certs.resolve()) if certs else "",
                   "ca_sha256": _fingerprint(certs / CA_FILE) if certs else "",
                   "node_key_sha256": _fingerprint(certs / NODE_KEY) if certs else "",
                   "sae_cert_sha256": _fingerprint(certs / f"{cfg.sae_id}.pem") if certs else ""},
@@ -413,7 +433,8 @@ class EdgeDaemon:
             verdict: dict[str, bool] = {}
             reader = threading.Thread(target=lambda: verdict.update(refused=self._watch(proc)), daemon=True)
             reader.start()
-            rc = proc.wait()
+            self._unconnected_since = time.monotonic()
+            rc = self._wait_or_unstall(proc)
             stop_marked(self.marker, grace_s=2.0)  # what it spawned and left behind
             reader.join(timeout=5.0)
             refused = verdict.get("refused", False)
@@ -445,6 +466,25 @@ class EdgeDaemon:
         if orphans:
             left = stop_marked(previous, self.cfg.drain_s)
             self._event("stopped the SuperNode of a previous daemon", level=logging.WARNING, pids=orphans, left=left)
+
+    def _wait_or_unstall(self, proc: subprocess.Popen) -> int:
+        """Wait for the SuperNode to exit; stop it (by PID) if it stays unconnected longer than ``stall_s``.
+
+        Flower's SuperNode is meant to exit once its ``--max-retries`` are spent, but it can also stay
+        alive without a connection (seen after a SuperLink restart in the middle of a round); the daemon
+        then restarts it like one that exited.
+        """
+        while True:
+            try:
+                return proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+            if self._stop.is_set() or self._connected:
+                continue
+            if time.monotonic() - self._unconnected_since > self.cfg.stall_s:
+                self._event("supernode stalled", level=logging.WARNING, unconnected_s=round(self.cfg.stall_s, 1))
+                stop_marked(self.marker, grace_s=2.0, first=[proc.pid])
+                return proc.wait()
 
     def stop(self) -> None:
         """Drain and stop: SIGTERM to the SuperNode and all it spawned, SIGKILL after ``drain_s``, by PID."""

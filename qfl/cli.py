@@ -213,6 +213,7 @@ def _cmd_edge_run(args: argparse.Namespace) -> int:
             insecure=args.insecure,
             partition_id=args.partition, num_partitions=args.partitions, sae=args.sae or "", kms_url=args.kms_url or "",
             flower_retries=args.flower_retries, backoff_base_s=args.backoff_base, backoff_cap_s=args.backoff_cap,
+            stall_s=args.stall_timeout,
         )
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"qfl edge run: {err}") from None
@@ -223,12 +224,13 @@ def _cmd_edge_status(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from qfl.clients.daemon import read_status
+    from qfl.clients.daemon import key_left, read_status
 
     try:
         status = read_status(args.state)
     except FileNotFoundError as err:
         raise SystemExit(f"qfl edge status: {err}") from None
+    status["key_left_bits"] = key_left(status)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
@@ -242,7 +244,8 @@ def _cmd_edge_status(args: argparse.Namespace) -> int:
     if status.get("last_sit_out"):
         print(f"last sat out: round {status['last_sit_out']['round']}: {status['last_sit_out']['reason']}")
     keys = status.get("keys") or {}
-    print(f"keys: SAE {keys.get('sae')} at {keys.get('kms_url') or '-'} (cert sha256 {keys.get('sae_cert_sha256') or '-'})")
+    print(f"keys: SAE {keys.get('sae')} at {keys.get('kms_url') or '-'} (cert sha256 {keys.get('sae_cert_sha256') or '-'}), "
+          f"key left on the link to the server: {status['key_left_bits']}")
     return 0
 
 
@@ -482,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     erun.add_argument("--flower-retries", type=int, default=5, help="Flower's own reconnect tries before a restart")
     erun.add_argument("--backoff-base", type=float, default=1.0, help="seconds; restart waits U(0, min(cap, base*2^a))")
     erun.add_argument("--backoff-cap", type=float, default=30.0, help="seconds")
+    erun.add_argument("--stall-timeout", type=float, default=60.0,
+                      help="seconds a SuperNode may stay unconnected without exiting before it is restarted")
     erun.set_defaults(func=_cmd_edge_run)
     estatus = edge.add_parser("status", help="what a daemon is doing: connection, last round, reconnects, keys")
     estatus.add_argument("--state", default="edge-state", metavar="DIR")

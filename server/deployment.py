@@ -222,7 +222,7 @@ class LocalDeployment:
         argv = [sys.executable, "-m", "qfl", "edge", "run", "--superlink", self.superlink_address,
                 "--certs", str(self.certs / NODES_DIR / client_sae(i)), "--state", str(self.daemon_state(i)),
                 "--partition", str(i), "--partitions", str(self.nodes), "--kms-url", self.node_kms_url.get(i, self.kms_url),
-                "--backoff-base", "0.5", "--backoff-cap", "5"]
+                "--backoff-base", "0.5", "--backoff-cap", "5", "--stall-timeout", "30"]
         if not self.tls:
             argv.append("--insecure")
         return self.start(f"edge-{i}", argv)
@@ -360,7 +360,7 @@ class LocalDeployment:
         return {
             "tls": self.tls,
             "node_auth": self.tls,  # Flower allows SuperNode authentication over TLS only
-            "key_source": str({**{"key_source": "kms"}, **self.run_config}["key_source"]),
+            "key_source": str(self.run_config.get("key_source", "kms")),
             "nodes": self.nodes,
             "rounds": self.rounds,
             "rounds_completed": self.rounds_completed(),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from qfl.clients.daemon import read_status
+from qfl.clients.daemon import key_left, read_status
 from qfl.security.keys.store import KeyStore
 from qfl.server.deployment import DEPLOYMENT_JSON, LocalDeployment
 
@@ -121,6 +121,7 @@ def scenario(tmp_path_factory):
         seen["before_kill"] = json.loads((dep.run_dir / "metrics.json").read_text())
         dep.kill("superlink")  # SIGKILL, in the middle of the run
         seen["status"] = dep.wait_run(first, RUN_TIMEOUT_S, recover=1)
+        seen["key_left"] = [key_left(read_status(dep.daemon_state(i))) for i in range(dep.nodes)]  # `qfl edge status`
     finally:
         left = dep.stop()
         relay.close()
@@ -139,6 +140,8 @@ def test_run_completes_and_every_process_is_stopped(scenario) -> None:
     summary = json.loads((dep.out / DEPLOYMENT_JSON).read_text())
     assert summary["tls"] and summary["node_auth"] and summary["key_source"] == "kms"
     assert summary["nodes"] == 2 and summary["rounds_completed"] == 2 and summary["reconnects"] >= 2
+    # each daemon asks the KMS, with its own certificate, how much key its link to the server holds
+    assert all(isinstance(bits, int) and bits > 0 for bits in seen["key_left"]), seen["key_left"]
 
 
 def test_superlink_kill_resumes_from_the_checkpoint(scenario) -> None:

@@ -194,3 +194,43 @@ def test_a_node_uses_its_own_kms_address_and_credentials(tmp_path: Path, task_id
     assert (cfg.kms_url, cfg.kms_certs, server_round) == ("https://kms.local:8443", str(tmp_path), 3)
     plain = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
     assert _run_config(msg, plain)[0].kms_certs == "/srv/pki"
+
+
+def test_a_stalled_supernode_is_restarted(tmp_path: Path) -> None:
+    """Flower's SuperNode can stay alive without a connection after its retries (seen after a SuperLink
+    restart mid-round). A stand-in process that behaves so (prints Flower's lines, then hangs) is stopped
+    by PID and restarted after stall_s, with the reconnect counted when it connects again."""
+    import sys
+    import threading
+    import time
+
+    from qfl.clients.daemon import EdgeDaemon, is_running
+
+    stand_in = tmp_path / "hanging-supernode"
+    stand_in.write_text(f"#!{sys.executable}\n" + (
+        "import sys, time\n"
+        "print('INFO :      SuperNode ID: 42', flush=True)\n"
+        "time.sleep(0.5)\n"
+        "print('WARNING :   Connection attempt failed, retrying in 0.50 seconds', flush=True)\n"
+        "time.sleep(3600)\n"
+    ))
+    stand_in.chmod(0o755)
+    cfg = EdgeConfig(superlink="127.0.0.1:1", state_dir=tmp_path / "state", insecure=True, stall_s=1.0,
+                     backoff_base_s=0.05, backoff_cap_s=0.1)
+    daemon = EdgeDaemon(cfg, executable=str(stand_in))
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while _status(cfg.state_dir).get("reconnects", 0) < 1:
+            assert time.monotonic() < deadline, _status(cfg.state_dir)
+            time.sleep(0.1)
+        first = [json.loads(line) for line in (cfg.state_dir / "edge.log").read_text().splitlines()]
+        stalled = [e for e in first if e["event"] == "supernode stalled"]
+        started = [e["pid"] for e in first if e["event"] == "supernode started"]
+        assert stalled and len(started) >= 2 and not is_running(started[0])
+        assert _status(cfg.state_dir)["restarts"] >= 1
+    finally:
+        daemon.stop()
+        thread.join(timeout=15)
+    assert not thread.is_alive() and _status(cfg.state_dir)["connection"] == "stopped"
