@@ -8,9 +8,11 @@ node's TLS root, authentication key and node config, and watches it:
   daemon starts it again after a capped exponential backoff with full jitter:
   attempt *a* (0 after every connection) waits U(0, min(cap, base·2^a)) s, so
   the mean wait doubles per failure up to cap/2 and restarts of many nodes
-  after one outage spread out instead of arriving together. A refusal (node
-  not enrolled, exit code 305) is retried the same way: an operator may enrol
-  the node later.
+  after one outage spread out instead of arriving together. A refused
+  activation (exit code 305) is retried the same way: the node key may not be
+  enrolled yet, or the SuperLink may still count the node online from a
+  SuperNode that was killed (Flower activates a node only once it is offline,
+  a few heartbeat intervals later).
 - **State.** A SQLite file ``STATE/edge.db`` (WAL, written by the daemon and by
   :func:`edge_state_mod` inside the ClientApp processes) holds one row per
   field: connection state, node ID, SuperNode PID, reconnects, restarts, last
@@ -60,7 +62,7 @@ CA_FILE = "ca.pem"
 STATE_KEY = "qfl-state"  # the daemon's state directory: edge_state_mod records rounds there
 KMS_URL_KEY = "kms-url"  # this node's KMS address; overrides the run's kms_url
 KMS_CERTS_KEY = "kms-certs"  # this node's KMS credentials (ca.pem, <sae>.pem/.key); overrides kms_certs
-EXIT_NOT_ENROLLED = 305  # flower-supernode: "Failed to activate SuperNode" (its key is not registered)
+EXIT_ACTIVATION_REFUSED = 305  # flower-supernode: "Failed to activate SuperNode" (key not registered, or node still online)
 
 # What Flower's SuperNode prints, and what the daemon makes of it.
 _CONNECTED = re.compile(r"SuperNode ID: (\d+)")
@@ -443,8 +445,11 @@ class EdgeDaemon:
                 break
             attempt = 0 if was_connected else attempt + 1
             delay = backoff_delay(attempt, cfg.backoff_base_s, cfg.backoff_cap_s, self._rng)
-            reason = "not enrolled (node key unknown to the SuperLink)" if refused or rc == EXIT_NOT_ENROLLED % 256 \
-                else "SuperLink unreachable" if not was_connected else "connection lost"
+            refused = refused or rc == EXIT_ACTIVATION_REFUSED % 256
+            if refused:
+                reason = "activation refused (node key not enrolled, or the node still online from a killed session)"
+            else:
+                reason = "connection lost" if was_connected else "SuperLink unreachable"
             restarts = self.state.increment("restarts")
             self.state.update(connection="refused" if refused else "backoff", last_exit=rc, last_exit_reason=reason,
                               next_attempt_at=time.time() + delay, supernode_pid=None)

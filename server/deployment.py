@@ -241,8 +241,18 @@ class LocalDeployment:
                     return False
             return True
 
-        self._wait("the edge daemons to connect", ready, tuple(f"edge-{i}" for i in range(self.nodes)),
-                   timeout_s or self.startup_timeout_s)
+        try:
+            self._wait("the edge daemons to connect", ready, tuple(f"edge-{i}" for i in range(self.nodes)),
+                       timeout_s or self.startup_timeout_s)
+        except DeploymentError as err:
+            seen = {}
+            for i in range(self.nodes):
+                try:
+                    st = read_status(self.daemon_state(i))
+                except FileNotFoundError:
+                    st = {}
+                seen[client_sae(i)] = {k: st.get(k) for k in ("connection", "reconnects", "restarts", "last_exit_reason")}
+            raise DeploymentError(f"{err}; daemons (wanted reconnects {want}): {seen}") from None
 
     def submit(self) -> int:
         """``flwr run`` the app with this deployment's run config; returns the run ID."""
