@@ -103,6 +103,7 @@ class LocalDeployment:
         self.cli_home = self.out / "flwr-cli"
         self.run_dir = self.out / "run"
         self.run_ids: list[int] = []
+        self.recoveries: list[list[int]] = []  # per SuperLink restart: the node IDs online again
         self.superlink_starts = 0
         self.env = {
             **os.environ, MARKER_VAR: self.marker, "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -303,24 +304,43 @@ class LocalDeployment:
         raise DeploymentError(f"run {run_id} still {status!r} after {timeout_s:.0f} s "
                               f"({self.rounds_completed()} rounds done)")
 
-    def reconnects(self) -> dict[int, int]:
-        counts = {}
-        for i in range(self.nodes):
-            try:
-                counts[i] = int(read_status(self.daemon_state(i)).get("reconnects", 0))
-            except FileNotFoundError:
-                counts[i] = 0
-        return counts
+    def online_node_ids(self) -> set[int]:
+        """The node IDs the SuperLink lists as online (``flwr supernode ls``)."""
+        out = self.run_cli("flwr-supernode-ls", [self._exe("flwr"), "supernode", "ls", CONNECTION, "--format", "json"])
+        nodes = json.loads(out[out.index("{"):])["nodes"]
+        return {int(n["node-id"]) for n in nodes if n.get("status") == "online"}
+
+    def wait_nodes_online(self, timeout_s: float | None = None) -> set[int]:
+        """Until every daemon is connected and the SuperLink lists its node ID as online; returns the IDs.
+
+        A daemon need not have seen the SuperLink go: a SuperNode busy with a ClientApp sends nothing
+        meanwhile, and Flower's requests are plain HTTPS, so it may simply carry on with the new process.
+        """
+        ids: set[int] = set()
+
+        def ready() -> bool:
+            ids.clear()
+            for i in range(self.nodes):
+                try:
+                    st = read_status(self.daemon_state(i))
+                except FileNotFoundError:
+                    return False
+                if st.get("connection") != "connected" or not st.get("node_id"):
+                    return False
+                ids.add(int(st["node_id"]))
+            return ids <= self.online_node_ids()
+
+        self._wait("every node to be online at the SuperLink", ready, ("superlink",), timeout_s or self.startup_timeout_s)
+        return set(ids)
 
     def recover_superlink(self) -> int:
         """The SuperLink died: start it again on the same port and state database, wait until every
-        daemon has reconnected, stop the runs it left unfinished (``flwr stop``) and resubmit; the
-        ServerApp finds the checkpoint in ``run_dir`` and resumes after its last complete round.
-        Returns the new run ID."""
-        before = self.reconnects()
+        daemon's node is online there again, stop the runs it left unfinished (``flwr stop``) and
+        resubmit; the ServerApp finds the checkpoint in ``run_dir`` and resumes after its last complete
+        round. Returns the new run ID."""
         self.kill("superlink")  # reaps it (it may still be dying)
         self.start_superlink()
-        self.wait_connected(reconnected={i: n + 1 for i, n in before.items()})
+        self.recoveries.append(sorted(self.wait_nodes_online()))
         for old in self.run_ids:
             try:
                 if not self.run_status(old).startswith("finished"):
@@ -377,6 +397,7 @@ class LocalDeployment:
             "reconnects": sum(int(s.get("reconnects", 0)) for s in states.values()),
             "superlink": self.superlink_address,
             "superlink_starts": self.superlink_starts,
+            "nodes_back_after_superlink_restarts": self.recoveries,
             "kms_url": self.kms_url,
             "run_ids": self.run_ids,
             "status": status,

@@ -7,8 +7,10 @@ rounds (channel-pad, so every upload takes key from the KMS over mutual TLS):
   its node's ``--kms-url``, resets every connection): client-1 sits out with
   the reason recorded; round 2 has both clients again;
 - after round 1: the SuperLink is killed with SIGKILL in the middle of the run;
-  the deployment restarts it, the daemons reconnect, the run is resubmitted
-  and resumes from the server checkpoint (round 1 is not run again);
+  the deployment restarts it, every node is online again there with the same
+  identity (a daemon busy with a ClientApp may not even notice the outage),
+  the run is resubmitted and resumes from the server checkpoint (round 1 is
+  not run again);
 - afterwards the KMS's key store proves that no key was handed out twice and
   that every bit made is either used or still in its pool.
 
@@ -139,7 +141,7 @@ def test_run_completes_and_every_process_is_stopped(scenario) -> None:
     assert not left, f"processes survived SIGKILL: {left}"
     summary = json.loads((dep.out / DEPLOYMENT_JSON).read_text())
     assert summary["tls"] and summary["node_auth"] and summary["key_source"] == "kms"
-    assert summary["nodes"] == 2 and summary["rounds_completed"] == 2 and summary["reconnects"] >= 2
+    assert summary["nodes"] == 2 and summary["rounds_completed"] == 2 and summary["reconnects"] >= 0
     # each daemon asks the KMS, with its own certificate, how much key its link to the server holds
     assert all(isinstance(bits, int) and bits > 0 for bits in seen["key_left"]), seen["key_left"]
 
@@ -152,7 +154,8 @@ def test_superlink_kill_resumes_from_the_checkpoint(scenario) -> None:
     assert len(dep.run_ids) == 2 and dep.superlink_starts == 2
     # The resubmitted run loaded the checkpoint: its elapsed time continues round 1's (a fresh run starts at 0).
     assert history[1]["elapsed_s"] == pytest.approx(history[0]["elapsed_s"] + history[1]["wall_s"])
-    assert all(n >= 1 for n in dep.reconnects().values())  # every daemon came back
+    node_ids = sorted(read_status(dep.daemon_state(i))["node_id"] for i in range(dep.nodes))
+    assert dep.recoveries == [node_ids]  # every node online again at the restarted SuperLink, same identity
     assert history[1]["clients"] == 2 and history[1]["dropped"] == 0
 
 
