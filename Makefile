@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qfl-installed
 
-.PHONY: demo test lint install clean fuzz bench-codecs bench-qkd bench-kms bench-secagg bench-quantum \
+.PHONY: demo test test-deploy lint install clean fuzz bench-codecs bench-qkd bench-kms bench-secagg bench-quantum \
 	experiment-compression experiment-key-budget experiment-quantum-mixed experiment-streamsplit
 
 $(STAMP): pyproject.toml
@@ -28,6 +28,10 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
+
+# The loopback deployments alone (SuperLink, KMS and edge daemons as processes; also part of `make test`).
+test-deploy: $(STAMP)
+	$(BIN)/python -m pytest -q -m deployment tests/test_edge_daemon.py tests/test_deploy_faults.py
 
 # Slower work, kept out of `make test`.
 # 10^5 hostile payloads against every decoder; exits 1 on any crash, hang or oversize allocation.

@@ -39,11 +39,12 @@ from qfl.records import as_int
 from qfl.seeds import round_seed, task_seed
 
 from . import secure
+from .daemon import edge_state_mod
 from .tasks import task_for
 
 CODEC_STATE = "codec-state"
 
-app = ClientApp(mods=[secure.secagg_mod])
+app = ClientApp(mods=[edge_state_mod, secure.secagg_mod])  # edge_state_mod: a no-op outside `qfl edge`
 secure.route_queries(app)  # the query.secagg_* messages reach secagg_mod, which answers them
 
 

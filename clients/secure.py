@@ -265,10 +265,19 @@ def _mode(msg: Message) -> str:
     return str(msg.content.config_records["secagg"]["mode"])
 
 
-def _run_config(msg: Message) -> tuple[RunConfig, int]:
-    """The run configuration and the server round a message carries."""
+# Node config keys through which a deployed node names its own KMS and credentials, so that no node
+# reads a path the server chose (set by `qfl edge run`, see qfl.clients.daemon).
+NODE_KMS_URL, NODE_KMS_CERTS = "kms-url", "kms-certs"
+
+
+def _run_config(msg: Message, context: Context) -> tuple[RunConfig, int]:
+    """The run configuration a message carries (with this node's own KMS address and credentials, if its
+    node config names them) and the server round."""
     record = msg.content.config_records["config"]
     values = {k: v for k, v in record.items() if k != "server-round"}
+    for node_key, run_key in ((NODE_KMS_URL, "kms_url"), (NODE_KMS_CERTS, "kms_certs")):
+        if context.node_config.get(node_key):
+            values[run_key] = str(context.node_config[node_key])
     return resolve_config(values), as_int(record.get("server-round", 0))
 
 
@@ -290,7 +299,7 @@ def _answer_query(msg: Message, context: Context) -> Message:
     kind = msg.metadata.message_type
     if kind == HELLO:
         return hello(msg, _partition_id(context))
-    cfg, _ = _run_config(msg)
+    cfg, _ = _run_config(msg, context)
     if kind == SETUP:
         return setup(msg, context, cfg, _partition_id(context))
     return reveal(msg, context, cfg, _partition_id(context))
@@ -306,7 +315,7 @@ def _with_metrics(content: RecordDict, reply: Message) -> RecordDict:
 def _masked_train(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """masked-sum / expanded: check the plan, let the app train for the raw Δ, mask and seal it."""
     try:
-        cfg, server_round = _run_config(msg)
+        cfg, server_round = _run_config(msg, context)
         partition_id = _partition_id(context)
         _upload_plan(msg, context, partition_id)  # refuse a bad plan or a second upload before training
     except Exception as err:  # noqa: BLE001 -- any failure is this node's error reply
@@ -335,7 +344,7 @@ def _padded_train(msg: Message, context: Context, call_next: ClientAppCallable) 
     if reply.has_error():
         return reply
     try:
-        cfg, server_round = _run_config(msg)
+        cfg, server_round = _run_config(msg, context)
         content = padded_reply(cfg, _partition_id(context), server_round, reply.content.array_records["update"])
     except Exception as err:  # noqa: BLE001 -- never the update in clear: an error reply instead
         return _refuse(msg, err)

@@ -224,12 +224,74 @@ def _cmd_qkd_simulate(args: argparse.Namespace) -> int:
 def _cmd_certs(args: argparse.Namespace) -> int:
     from qfl.security.keys.certs import make_pki
 
-    try:
-        make_pki(args.out, args.sae, kme_host=args.host)  # the CA key is never written to disk
+    try:  # the CA key is never written to disk
+        pki = make_pki(args.out, args.sae, kme_host=args.host, superlink_host=args.superlink_host, nodes=args.node)
     except ValueError as err:
         raise SystemExit(f"qfl certs: {err}") from None
     print(f"CA, KME certificate and {len(args.sae)} SAE certificates in {args.out}")
+    if pki.superlink is not None:
+        print(f"SuperLink server certificate: {pki.superlink[0]} (key {pki.superlink[1]})")
+    for node, bundle in pki.nodes.items():
+        print(f"SuperNode {node}: bundle {bundle} (enrol {bundle / 'node.pub'} with `flwr supernode register`)")
     return 0
+
+
+def _cmd_edge_run(args: argparse.Namespace) -> int:
+    from qfl.clients.daemon import EdgeConfig, EdgeDaemon
+
+    try:
+        cfg = EdgeConfig(
+            superlink=args.superlink, state_dir=Path(args.state), certs=Path(args.certs) if args.certs else None,
+            insecure=args.insecure,
+            partition_id=args.partition, num_partitions=args.partitions, sae=args.sae or "", kms_url=args.kms_url or "",
+            flower_retries=args.flower_retries, backoff_base_s=args.backoff_base, backoff_cap_s=args.backoff_cap,
+            stall_s=args.stall_timeout,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"qfl edge run: {err}") from None
+    return EdgeDaemon(cfg).run_forever()
+
+
+def _cmd_edge_status(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from qfl.clients.daemon import key_left, read_status
+
+    try:
+        status = read_status(args.state)
+    except FileNotFoundError as err:
+        raise SystemExit(f"qfl edge status: {err}") from None
+    status["key_left_bits"] = key_left(status)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    ago = f" ({time.time() - status['updated_at']:.0f} s ago)" if "updated_at" in status else ""
+    print(f"daemon {'running' if status['daemon_alive'] else 'not running'} (pid {status.get('daemon_pid')}), "
+          f"SuperLink {status.get('superlink')}: {status.get('connection', 'unknown')}{ago}")
+    print(f"node {status.get('node_id', '-')}, partition {status.get('partition_id')} of {status.get('num_partitions')}, "
+          f"tls {status.get('tls')}, node auth {status.get('node_auth')}")
+    print(f"last round {status.get('last_round', '-')} ({status.get('last_message', '-')}), "
+          f"reconnects {status.get('reconnects', 0)}, SuperNode restarts {status.get('restarts', 0)}")
+    if status.get("last_sit_out"):
+        print(f"last sat out: round {status['last_sit_out']['round']}: {status['last_sit_out']['reason']}")
+    keys = status.get("keys") or {}
+    print(f"keys: SAE {keys.get('sae')} at {keys.get('kms_url') or '-'} (cert sha256 {keys.get('sae_cert_sha256') or '-'}), "
+          f"key left on the link to the server: {status['key_left_bits']}")
+    return 0
+
+
+def _cmd_deploy_local(args: argparse.Namespace) -> int:
+    import json
+
+    from qfl.server.deployment import DEPLOYMENT_JSON, deploy_local
+
+    summary = deploy_local(Path(args.out), nodes=args.nodes, rounds=args.rounds, tls=args.tls,
+                           run_timeout_s=args.timeout)
+    print(json.dumps({k: summary[k] for k in ("tls", "node_auth", "key_source", "nodes", "rounds_completed",
+                                              "reconnects", "status")}, indent=2))
+    print(f"run outputs in {summary['run_dir']}, logs in {Path(args.out) / 'logs'}, summary {Path(args.out) / DEPLOYMENT_JSON}")
+    return 0 if summary["status"] == "finished:completed" else 1
 
 
 def _audit_error(message: str) -> NoReturn:
@@ -443,7 +505,43 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--out", required=True, metavar="DIR")
     certs.add_argument("--sae", action="append", required=True, metavar="ID", help="an SAE ID; repeatable")
     certs.add_argument("--host", default="127.0.0.1", help="the KME's address, put in its certificate")
+    certs.add_argument("--superlink-host", metavar="HOST",
+                       help="also issue the SuperLink's TLS server certificate for this address (superlink.pem/.key)")
+    certs.add_argument("--node", action="append", default=[], metavar="NAME",
+                       help="a SuperNode: its authentication key pair and a bundle in nodes/NAME/; repeatable "
+                            "(NAME = an SAE ID puts that SAE's KMS certificate in the bundle too)")
     certs.set_defaults(func=_cmd_certs)
+
+    edge = sub.add_parser("edge", help="edge client daemons").add_subparsers(dest="edge", required=True)
+    erun = edge.add_parser("run", help="run a supervised Flower SuperNode with qfl's ClientApp until SIGTERM")
+    erun.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's Fleet API")
+    erun.add_argument("--certs", metavar="DIR", help="this node's bundle from `qfl certs --node NAME` (DIR/nodes/NAME)")
+    erun.add_argument("--insecure", action="store_true", help="plain HTTP to the SuperLink, no node authentication (loopback tests only)")
+    erun.add_argument("--state", default="edge-state", metavar="DIR", help="durable state, logs (default ./edge-state)")
+    erun.add_argument("--partition", type=int, default=0, help="this node's data partition (partition-id)")
+    erun.add_argument("--partitions", type=_positive_int, default=1, help="number of partitions (num-partitions)")
+    erun.add_argument("--sae", help="this node's SAE ID at the KMS (default client-<partition>)")
+    erun.add_argument("--kms-url", metavar="URL", help="this node's KMS (https://host:port); overrides the run's kms_url")
+    erun.add_argument("--flower-retries", type=int, default=5, help="Flower's own reconnect tries before a restart")
+    erun.add_argument("--backoff-base", type=float, default=1.0, help="seconds; restart waits U(0, min(cap, base*2^a))")
+    erun.add_argument("--backoff-cap", type=float, default=30.0, help="seconds")
+    erun.add_argument("--stall-timeout", type=float, default=60.0,
+                      help="seconds a SuperNode may stay unconnected without exiting before it is restarted")
+    erun.set_defaults(func=_cmd_edge_run)
+    estatus = edge.add_parser("status", help="what a daemon is doing: connection, last round, reconnects, keys")
+    estatus.add_argument("--state", default="edge-state", metavar="DIR")
+    estatus.add_argument("--json", action="store_true")
+    estatus.set_defaults(func=_cmd_edge_status)
+
+    deploy = sub.add_parser("deploy", help="deployments").add_subparsers(dest="deploy", required=True)
+    dlocal = deploy.add_parser("local", help="SuperLink, KMS and N edge daemons on 127.0.0.1; one `flwr run`; "
+                                             "writes DIR/deployment.json and stops every process")
+    dlocal.add_argument("--nodes", type=int, default=3)
+    dlocal.add_argument("--rounds", type=_positive_int, default=3)
+    dlocal.add_argument("--tls", action="store_true", help="TLS to the SuperLink and SuperNode authentication")
+    dlocal.add_argument("--out", required=True, metavar="DIR")
+    dlocal.add_argument("--timeout", type=float, default=1800.0, help="seconds the run may take")
+    dlocal.set_defaults(func=_cmd_deploy_local)
 
     kms = sub.add_parser("kms", help="key management service").add_subparsers(dest="kms", required=True)
     kserve = kms.add_parser("serve", help="ETSI GS QKD 014 KME over HTTPS with mutual TLS")

@@ -386,6 +386,11 @@ class RunConfig(QuantumConfig, QkdConfig, SecurityConfig, CodecConfig, TrainingC
         _need(self.edge_probe_windows >= 20, "edge_probe_windows",
               f"edge_probe_windows must be >= 20 (half fit, half scored), got {self.edge_probe_windows}")
 
+    # --- deployment (issue 16: edge daemons, `qfl deploy local`) ---
+    # Where the ServerApp of `flwr run` writes its run directory; empty = runs/<timestamp> in its working
+    # directory. A checkpoint already there is resumed (a run resubmitted after its SuperLink was lost).
+    run_dir: str = ""
+
     def to_flat(self) -> dict[str, Any]:
         """Flat key/value view (codec params as ``codec.NAME``), None values left out."""
         flat: dict[str, Any] = {}

@@ -207,3 +207,7 @@ class NotEnoughNodes(QflError, RuntimeError):
 
 class KeyBudgetExceeded(QflError, RuntimeError):
     """key_policy = abort and a link cannot pay for the round."""
+
+
+class DeploymentError(QflError, RuntimeError):
+    """A process of `qfl deploy local` (SuperLink, KMS, edge daemon, `flwr`) failed or did not come up in time."""

@@ -20,6 +20,7 @@ from flwr.supercore import log
 
 from qfl.config import RunConfig, resolve_config
 
+from .checkpoint import CHECKPOINT_NAME
 from .federation import Reporter, run_federation
 from .preflight import preflight
 
@@ -70,6 +71,11 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    """``flwr run``'s entry: ``run_dir`` (default runs/<timestamp>), resumed if it holds a checkpoint."""
     cfg = resolve_config(dict(context.run_config))
     preflight(cfg)
-    run_federation(grid, cfg, default_run_dir(), LogReporter())
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir()
+    resume = (run_dir / CHECKPOINT_NAME).is_file()
+    if resume:
+        log(INFO, "qfl: %s holds a checkpoint; resuming after its last complete round", run_dir)
+    run_federation(grid, cfg, run_dir, LogReporter(), resume=resume)

@@ -11,6 +11,31 @@ its clients need into one folder:
 ``<SAE>.pem/.key``  one client certificate and key per SAE; subject CN = SAE ID
 ==================  ==========================================================
 
+For a Flower deployment (``superlink_host`` and ``nodes`` given) it also writes
+
+===========================  =================================================
+``superlink.pem/.key``       the SuperLink's TLS server certificate (serverAuth,
+                             SAN = 127.0.0.1, localhost, ``superlink_host``):
+                             ``flower-superlink --ssl-certfile/--ssl-keyfile``,
+                             ``--ssl-ca-certfile ca.pem``
+``nodes/<NODE>/``            one bundle per SuperNode, everything that machine
+                             needs and nothing of anyone else's: ``ca.pem``
+                             (``flower-supernode --root-certificates``),
+                             ``node.key`` / ``node.pub`` (its authentication key
+                             pair, EC P-384 in OpenSSH format:
+                             ``--auth-supernode-private-key node.key``; the
+                             SuperLink operator enrols ``node.pub`` with
+                             ``flwr supernode register``), and, when NODE is
+                             also an SAE, ``<NODE>.pem/.key`` (its KMS client
+                             certificate), so the bundle is its ``kms_certs``
+``nodes.json``               NODE -> OpenSSH public key: the enrolment list
+===========================  =================================================
+
+Flower 1.41 authenticates a SuperNode by an ECDSA signature over a timestamp
+with its node key (NIST curve); the SuperLink (``--enable-supernode-auth``)
+accepts only public keys registered through its Control API. TLS alone proves
+the server to the node; the node key proves the node to the server.
+
 Keys are EC P-256 in unencrypted PKCS#8 PEM, written with mode 0600;
 certificates with 0644. Every file is written atomically (temporary file in the
 same folder, fsync, rename), so a crash never leaves a half-written key.
@@ -27,6 +52,7 @@ import datetime as _dt
 import ipaddress
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,12 +61,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from qfl.files import atomic_write_bytes
+from qfl.files import atomic_write_bytes, atomic_write_json
 
 CA_FILE = "ca.pem"
 KME_CERT_FILE = "kme.pem"
 KME_KEY_FILE = "kme.key"
-_RESERVED = {"ca", "kme"}
+SUPERLINK_STEM = "superlink"
+NODES_DIR = "nodes"
+NODES_INDEX = "nodes.json"
+NODE_KEY_FILE = "node.key"
+NODE_PUB_FILE = "node.pub"
+_RESERVED = {"ca", "kme", SUPERLINK_STEM, NODES_DIR}
 # SAE IDs become file names and certificate CNs: keep them to a safe alphabet.
 _SAE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -55,6 +86,8 @@ class Pki:
     kme_key: Path
     sae: dict[str, tuple[Path, Path]]  # SAE ID -> (certificate, key)
     ca_key: ec.EllipticCurvePrivateKey = field(repr=False)
+    superlink: tuple[Path, Path] | None = None  # (certificate, key) of the SuperLink, when asked for
+    nodes: dict[str, Path] = field(default_factory=dict)  # node name -> its bundle folder
 
     def sae_cert(self, sae_id: str) -> Path:
         return self.sae[sae_id][0]
@@ -211,18 +244,50 @@ def write_pair(out_dir: Path, stem: str, cert: x509.Certificate, key: ec.Ellipti
     return cert_path, key_path
 
 
-def make_pki(out_dir: str | os.PathLike, sae_ids: list[str], kme_host: str = "127.0.0.1", *, days: int = 825) -> Pki:
+def write_node_key(bundle: Path) -> str:
+    """A fresh SuperNode authentication key pair in ``bundle``: ``node.key`` (0600) and ``node.pub``.
+
+    EC P-384 (Flower accepts NIST curves), OpenSSH encodings, which is what
+    ``flower-supernode --auth-supernode-private-key`` and ``flwr supernode
+    register`` read. Returns the public key line.
+    """
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    atomic_write_bytes(bundle / NODE_KEY_FILE, private, 0o600)
+    atomic_write_bytes(bundle / NODE_PUB_FILE, public + b"\n", 0o644)
+    return public.decode()
+
+
+def _unique(kind: str, names: list[str]) -> list[str]:
+    checked = [check_sae_id(n) for n in names]
+    dupes = sorted({n for n in checked if checked.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{kind} given more than once: {', '.join(dupes)}")
+    return checked
+
+
+def make_pki(
+    out_dir: str | os.PathLike,
+    sae_ids: list[str],
+    kme_host: str = "127.0.0.1",
+    *,
+    days: int = 825,
+    superlink_host: str | None = None,
+    nodes: Sequence[str] = (),
+) -> Pki:
     """Create the CA, the KME's server certificate and one client certificate per SAE in ``out_dir``.
 
-    Existing files of the same names are replaced (each atomically). Returns a
+    With ``superlink_host`` also the SuperLink's server certificate; with
+    ``nodes`` one bundle per SuperNode (see the module docstring). Existing
+    files of the same names are replaced (each atomically). Returns a
     :class:`Pki` with the paths and the CA key (kept in memory only).
     """
-    ids = [check_sae_id(s) for s in sae_ids]
+    ids = _unique("SAE IDs", list(sae_ids))
     if not ids:
         raise ValueError("make_pki needs at least one SAE ID")
-    dupes = sorted({s for s in ids if ids.count(s) > 1})
-    if dupes:
-        raise ValueError(f"SAE IDs given more than once: {', '.join(dupes)}")
+    node_names = _unique("node names", list(nodes))
     if not kme_host:
         raise ValueError("kme_host must be an IP address or a DNS name")
     out = Path(out_dir)
@@ -237,10 +302,28 @@ def make_pki(out_dir: str | os.PathLike, sae_ids: list[str], kme_host: str = "12
     for sae_id in ids:
         cert, key = issue_certificate(ca_cert, ca_key, sae_id, days=days)
         sae[sae_id] = write_pair(out, sae_id, cert, key)
+    superlink = None
+    if superlink_host is not None:
+        names = ["127.0.0.1", "localhost", superlink_host]
+        link_cert, link_key = issue_certificate(ca_cert, ca_key, "qfl-superlink", server_names=names, client=False, days=days)
+        superlink = write_pair(out, SUPERLINK_STEM, link_cert, link_key)
+    bundles: dict[str, Path] = {}
+    enrolment: dict[str, str] = {}
+    for node in node_names:
+        bundle = out / NODES_DIR / node
+        enrolment[node] = write_node_key(bundle)
+        if node in sae:
+            for src in sae[node]:
+                atomic_write_bytes(bundle / src.name, src.read_bytes(), src.stat().st_mode & 0o777)
+        atomic_write_bytes(bundle / CA_FILE, _cert_pem(ca_cert), 0o644)
+        bundles[node] = bundle
+    if enrolment:
+        atomic_write_json(out / NODES_INDEX, enrolment)
     # The CA certificate goes last: a folder with a ca.pem is a complete one.
     ca_path = out / CA_FILE
     atomic_write_bytes(ca_path, _cert_pem(ca_cert), 0o644)
-    return Pki(dir=out, ca_cert=ca_path, kme_cert=kme_cert_path, kme_key=kme_key_path, sae=sae, ca_key=ca_key)
+    return Pki(dir=out, ca_cert=ca_path, kme_cert=kme_cert_path, kme_key=kme_key_path, sae=sae, ca_key=ca_key,
+               superlink=superlink, nodes=bundles)
 
 
 def certificate_common_name(cert_path: str | os.PathLike) -> str:
