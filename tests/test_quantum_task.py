@@ -39,10 +39,10 @@ def cfg_of(**changes):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"qubits": 9}, "supports 3 to 8 qubits, got qubits=9"),
-        ({"qubits": 2}, "supports 3 to 8 qubits, got qubits=2"),
+        ({"qubits": 9}, "supports 4 to 8 qubits, got qubits=9"),
+        ({"qubits": 2}, "supports 4 to 8 qubits, got qubits=2"),
         ({"qubits": 11}, "outside the supported range 2..10"),
-        ({"data_qubits": 9, "qubits": 10}, "supports 3 to 8 qubits, got data_qubits=9"),
+        ({"data_qubits": 9, "qubits": 10}, "supports 4 to 8 qubits, got data_qubits=9"),
         ({"data_qubits": 6}, "data_qubits=6 qubits but the circuit has qubits=4"),
         ({"backend": "cirq"}, "unknown quantum backend 'cirq'"),
         ({"ansatz": "brickwork"}, "unknown ansatz"),
@@ -135,18 +135,18 @@ def test_local_update_lowers_the_loss_on_the_shard():
 
 
 def test_wider_circuit_pads_states_with_ancillas():
-    cfg = cfg_of(qubits=5, data_qubits=3, quantum_samples=60, clients=2)
+    cfg = cfg_of(qubits=5, data_qubits=4, quantum_samples=60, clients=2)
     task = QuantumTask(cfg)
     delta, n, loss = task.local_update(task.initial_weights(), 1, 2, 1)
     assert delta["q.weights"].shape == (2, 5, 2) and np.isfinite(loss)
 
 
-def test_fedavg_over_quantum_clients_improves_on_round_one():
-    history = fedavg_by_calls(cfg_of(rounds=8, seed=0))
-    acc = [r["accuracy"] for r in history]
-    loss = [r["loss"] for r in history]
-    assert acc[-1] > acc[1] + 0.1
-    assert all(b < a for a, b in zip(loss[1:], loss[2:]))  # the central loss falls every round
+def test_vqc_federation_stays_at_chance_on_twirled_ntangled():
+    """The VQC's logits are linear in ρ; the local twirl gives every fixed observable the same class mean, so no round beats chance by much."""
+    history = fedavg_by_calls(cfg_of(rounds=4, seed=0))
+    assert [r["round"] for r in history] == [0, 1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) for r in history)
+    assert max(r["accuracy"] for r in history) <= 0.65
 
 
 def test_hybrid_model_on_digits_trains():
@@ -167,7 +167,7 @@ def test_hybrid_model_on_digits_trains():
 
 
 def test_qiskit_backend_trains_through_the_task():
-    cfg = cfg_of(qubits=3, backend="qiskit", quantum_samples=40, clients=2, batch_size=8)
+    cfg = cfg_of(qubits=4, backend="qiskit", quantum_samples=40, clients=2, batch_size=8)
     task = QuantumTask(cfg)
     delta, n, loss = task.local_update(task.initial_weights(), 0, 2, 1)
     assert np.abs(delta["q.weights"]).max() > 0 and np.isfinite(loss)
@@ -176,7 +176,7 @@ def test_qiskit_backend_trains_through_the_task():
 def test_mixed_federation_experiment_runs():
     from qfl.simulations.quantum_experiment import format_rows, mixed_federation_experiment
 
-    rows = mixed_federation_experiment(seeds=(0,), overrides={"qubits": 3, "rounds": 2, "quantum_samples": 80})
+    rows = mixed_federation_experiment(seeds=(0,), overrides={"qubits": 4, "rounds": 2, "quantum_samples": 80})
     assert [r["arm"] for r in rows] == ["classical", "mixed", "quantum"]
     assert rows[1]["client_kinds"] == "quantum:1,classical:3"
     assert all(len(r["accuracy"]) == 3 and 0 <= r["final_accuracy"] <= 1 for r in rows)
