@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from qfl.clients.quantum import QuantumTask
+from qfl.clients.quantum import QuantumTask, kinds_of, tensors_of_kind
 from qfl.config import RunConfig, resolve_config
 from qfl.server.optimizers import make_server_optimizer, weighted_mean
 
@@ -56,7 +56,10 @@ def fedavg_by_calls(cfg: RunConfig) -> list[dict[str, Any]]:
     No Flower, no compression, no security: each round every client runs
     :meth:`~qfl.clients.quantum.QuantumTask.local_update`, and the server step is
     the federation's own (:func:`qfl.server.optimizers.weighted_mean` of the
-    updates, then ``cfg.server_opt``'s step). Deterministic in ``cfg.seed``.
+    updates, then ``cfg.server_opt``'s step). Each tensor is averaged over the
+    clients whose kind trains it (:func:`~qfl.clients.quantum.tensors_of_kind`),
+    so one quantum client's circuit update is not diluted by the zeros of the
+    classical clients. Deterministic in ``cfg.seed``.
     """
     task = QuantumTask(cfg)
     optimizer = make_server_optimizer(cfg)
@@ -65,9 +68,14 @@ def fedavg_by_calls(cfg: RunConfig) -> list[dict[str, Any]]:
     history: list[dict[str, Any]] = [{"round": 0, "loss": loss, "accuracy": acc, "train_loss": float("nan")}]
     for rnd in range(1, cfg.rounds + 1):
         updates = [task.local_update(weights, pid, cfg.clients, rnd) for pid in range(cfg.clients)]
-        weighted = [(n, delta) for delta, n, _ in updates if n > 0]
-        if weighted:
-            weights = optimizer.step(weights, weighted_mean(weighted, weights))
+        kinds = kinds_of(cfg)
+        mean: dict[str, np.ndarray] = {}
+        for kind in dict.fromkeys(kinds):  # each tensor: the weighted mean over the clients that train it
+            weighted = [(n, delta) for (delta, n, _), k in zip(updates, kinds) if k == kind and n > 0]
+            if weighted:
+                mean |= weighted_mean(weighted, tensors_of_kind(cfg, kind))
+        if mean:
+            weights = optimizer.step(weights, {k: mean.get(k, np.zeros_like(w)) for k, w in weights.items()})
         loss, acc = task.central_evaluate(weights)
         train_loss = float(np.mean([train_loss for _, _, train_loss in updates]))
         history.append({"round": rnd, "loss": loss, "accuracy": acc, "train_loss": train_loss})

@@ -124,17 +124,12 @@ def test_qubit_range_is_enforced():
             qdata.make_magic(bad, 10, 0)
 
 
-def test_summaries_and_product_states():
+def test_summaries_are_shot_estimates():
     states = qdata.make_ntangled(4, 20, seed=3)[0]
     exact = qdata.classical_summary(states, shots=0, seed=0)
-    assert np.all(np.linalg.norm(exact, axis=-1) <= 1 + 1e-12)
+    assert np.abs(exact).max() < 1e-12  # no single-qubit signal
     few = qdata.classical_summary(states, shots=16, seed=0)
     assert np.all(np.isin(np.round((few + 1) * 8), np.arange(17)))  # k/16 estimates
-    assert np.abs(few - exact).mean() < 0.3
-    prod = qdata.product_states(exact)
-    assert qdata.concentratable_entanglement(prod) == pytest.approx(np.zeros(20), abs=1e-12)
-    directions = exact / np.linalg.norm(exact, axis=-1, keepdims=True)
-    assert qdata.bloch_vectors(prod) == pytest.approx(directions, abs=1e-9)
 
 
 def test_loader_splits_stratified_and_caches():

@@ -332,24 +332,6 @@ def classical_summary(states: np.ndarray, shots: int, seed: int) -> np.ndarray:
     return 2.0 * k / shots - 1.0
 
 
-def product_states(summary: np.ndarray) -> np.ndarray:
-    """The product state whose qubit i points along the Bloch direction of ``summary[:, i]``.
-
-    Qubit i is RZ(φ_i) RY(θ_i)|0⟩ (up to a phase) with θ_i = arccos(z/|r|),
-    φ_i = atan2(y, x); a zero vector gives θ = π/2, φ = 0 (|+⟩).
-    """
-    b, n, _ = summary.shape
-    r = np.linalg.norm(summary, axis=-1)
-    z = np.where(r > 0, summary[..., 2] / np.where(r > 0, r, 1.0), 0.0)
-    theta = np.arccos(np.clip(z, -1.0, 1.0))
-    phi = np.arctan2(summary[..., 1], summary[..., 0])
-    qubit = np.stack([np.cos(theta / 2), np.exp(1j * phi) * np.sin(theta / 2)], axis=-1)  # (B, n, 2)
-    out = qubit[:, 0, :]
-    for i in range(1, n):
-        out = (out[:, :, None] * qubit[:, i, None, :]).reshape(b, -1)
-    return out
-
-
 # ----------------------------------------------------------------------------- generators
 
 

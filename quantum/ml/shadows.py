@@ -95,11 +95,16 @@ def features_from_estimates(one: np.ndarray, two: np.ndarray) -> np.ndarray:
 def shadow_features(states: np.ndarray, copies: int, seed: int, max_amplitudes: int = 2**22) -> np.ndarray:
     """Rows of [⟨P⟩^ for all 1-, 2-body P | unbiased ⟨P⟩² estimates] from ``copies`` (≥ 2) random Pauli snapshots per state.
 
+    ``copies = 0``: the exact expectations and their squares (unlimited copies).
+
     Deterministic in ``seed``. Cost: O(B·M·2^n·n) to sample; memory ≤ ``max_amplitudes`` complex amplitudes.
     """
-    if copies < 2:
-        raise ValueError(f"classical shadows need copies >= 2 (two halves for the squared estimates), got {copies}")
     states = np.atleast_2d(states)
+    if copies == 0:  # unlimited copies: the exact expectations and their squares
+        exact = features_from_estimates(*exact_estimates(states))
+        return np.concatenate([exact, exact**2], axis=1)
+    if copies < 2:
+        raise ValueError(f"classical shadows need copies >= 2 (two halves for the squared estimates) or 0 (exact), got {copies}")
     n = qdata._qubits_of(states)
     rng = np.random.default_rng([seed, 0x5AD])
     chunk = max(1, max_amplitudes // (copies * 2**n))
