@@ -145,12 +145,13 @@ def _cmd_experiment_key_budget(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment_quantum_mixed(args: argparse.Namespace) -> int:
-    from qfl.simulations.quantum_experiment import format_rows, mixed_federation_experiment
+    from qfl.simulations.quantum_experiment import format_result, mixed_federation_experiment
 
     out = Path(args.out) if args.out else Path("runs") / "experiment-quantum-mixed"
-    rows = mixed_federation_experiment(seeds=tuple(range(args.seeds)), out=out)
-    print(format_rows(rows))
-    print(f"rows in {out}")
+    overrides = {k: v for k, v in (("dataset", args.dataset), ("copies", args.copies)) if v is not None}
+    result = mixed_federation_experiment(out, seeds=args.seeds, quick=args.quick, overrides=overrides, processes=args.processes)
+    print(format_result(result))
+    print(f"quantum_mixed.json, quantum_mixed.md, accuracy_vs_copies.png, accuracy_per_round.png in {out}")
     return 0
 
 
@@ -447,8 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
     kb.add_argument("--out", metavar="DIR", help="default runs/experiment-key-budget")
     kb.add_argument("--arm", action="append", help="only this arm (e.g. qsgd-4bit); repeatable")
     kb.set_defaults(func=_cmd_experiment_key_budget)
-    qm = experiment.add_parser("quantum-mixed", help="ntangled: classical-summary clients with and without a quantum client")
-    qm.add_argument("--seeds", type=int, default=8, help="seeds 0..N-1")
+    qm = experiment.add_parser(
+        "quantum-mixed", help="federations of 0..K quantum clients and classical-shadow clients at equal copy budgets M"
+    )
+    qm.add_argument("--seeds", type=int, help="seeds 0..N-1 at the main M (default 8; 2 with --quick)")
+    qm.add_argument("--quick", action="store_true", help="2 seeds, 5 rounds, M in {32, 1000} (under 10 minutes)")
+    qm.add_argument("--copies", type=int, help="the main M (default 1000)")
+    qm.add_argument("--dataset", choices=("ntangled", "magic"), help="the federated dataset (default ntangled)")
+    qm.add_argument("--processes", type=int, default=1, help="worker processes for the runs (default 1)")
     qm.add_argument("--out", metavar="DIR", help="default runs/experiment-quantum-mixed")
     qm.set_defaults(func=_cmd_experiment_quantum_mixed)
     return parser

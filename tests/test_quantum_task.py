@@ -214,14 +214,43 @@ def test_qiskit_backend_trains_through_the_task():
     assert np.abs(delta["q.weights"]).max() > 0 and np.isfinite(loss)
 
 
-def test_mixed_federation_experiment_runs():
-    from qfl.simulations.quantum_experiment import format_rows, mixed_federation_experiment
+def test_mixed_federation_experiment_writes_the_issue_17_outputs(tmp_path):
+    import json
 
-    rows = mixed_federation_experiment(seeds=(0,), overrides={"qubits": 4, "rounds": 2, "quantum_samples": 80})
-    assert [r["arm"] for r in rows] == ["classical", "mixed", "quantum"]
-    assert rows[1]["client_kinds"] == "quantum:1,classical:3"
-    assert all(len(r["accuracy"]) == 3 and 0 <= r["final_accuracy"] <= 1 for r in rows)
-    assert "| mean | mixed |" in format_rows(rows)
+    from qfl.simulations.quantum_experiment import mixed_federation_experiment
+
+    result = mixed_federation_experiment(
+        tmp_path, seeds=2, overrides={"rounds": 3, "quantum_samples": 80, "clients": 2, "copies": 32}, sweep=(8,), sweep_seeds=1
+    )
+    saved = json.loads((tmp_path / "quantum_mixed.json").read_text())
+    assert saved["arms"] == json.loads(json.dumps(result["arms"]))
+    main = [a for a in saved["arms"] if a["copies"] == 32]
+    assert [a["quantum_clients"] for a in main] == [0, 1, 2]
+    for a in saved["arms"]:
+        for key in ("arm", "quantum_clients", "copies", "final_accuracy_mean", "final_accuracy_ci95",
+                    "last3_accuracy_mean", "last3_accuracy_ci95", "seeds"):
+            assert key in a
+        lo, hi = a["last3_accuracy_ci95"]
+        assert lo <= a["last3_accuracy_mean"] <= hi
+    assert main[0]["seeds"] == [0, 1] and [a["seeds"] for a in saved["arms"] if a["copies"] == 8][0] == [0]
+    # Paired differences: same seed, arm minus all-classical, final round.
+    runs = {(r["seed"], r["quantum_clients"], r["copies"]): r["accuracy"] for r in saved["runs"]}
+    assert main[1]["paired_final_diff"] == pytest.approx([runs[(s, 1, 32)][-1] - runs[(s, 0, 32)][-1] for s in (0, 1)])
+    for name in ("ntangled", "magic"):
+        b = saved["baselines"][name]
+        assert {"single_qubit_exact_logreg", "shadow_logreg", "shadow_mlp"} <= set(b)
+        assert b["single_qubit_exact_logreg"] <= 0.6
+    md = (tmp_path / "quantum_mixed.md").read_text()
+    assert "| 1 quantum + 1 classical | 2 |" in md
+    assert (tmp_path / "accuracy_vs_copies.png").stat().st_size > 0 and (tmp_path / "accuracy_per_round.png").stat().st_size > 0
+
+
+def test_mean_ci95_matches_student_t():
+    from qfl.simulations.quantum_experiment import mean_ci95
+
+    mean, (lo, hi) = mean_ci95([0.5, 0.6, 0.7])
+    assert mean == pytest.approx(0.6) and hi - mean == pytest.approx(4.302653 * 0.1 / np.sqrt(3), rel=1e-5)
+    assert mean_ci95([0.4]) == (0.4, [0.4, 0.4])
 
 
 def test_bench_quantum_rows():
