@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qfl-installed
 
 .PHONY: demo test lint install clean fuzz bench-codecs bench-qkd bench-kms bench-secagg bench-quantum \
-	experiment-compression experiment-key-budget experiment-quantum-mixed
+	experiment-compression experiment-key-budget experiment-quantum-mixed experiment-quantum-mixed-quick
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,9 @@ experiment-key-budget: $(STAMP)
 
 experiment-quantum-mixed: $(STAMP)
 	$(BIN)/qfl experiment quantum-mixed --out runs/experiment-quantum-mixed
+
+experiment-quantum-mixed-quick: $(STAMP)
+	$(BIN)/qfl experiment quantum-mixed --quick --out runs/experiment-quantum-mixed-quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis .mypy_cache .ruff_cache

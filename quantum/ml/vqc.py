@@ -150,9 +150,10 @@ def amplitude_states(features: np.ndarray, qubits: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- PennyLane
 
 
-def _pennylane_qnode(spec: CircuitSpec, backend: str, broadcast_shots: bool = False) -> Any:
-    """The circuit as a QNode. ``broadcast_shots``: a plain (numpy, no-gradient) QNode on
-    ``default.qubit`` whose inputs *and* weights may carry one shared broadcast axis, sampled with ``spec.shots``."""
+def _pennylane_qnode(spec: CircuitSpec, backend: str, broadcast_probs: bool = False) -> Any:
+    """The circuit as a QNode. ``broadcast_probs``: a plain (numpy, no-gradient, analytic) QNode on
+    ``default.qubit`` whose inputs *and* weights may carry one shared broadcast axis, returning the
+    computational-basis probabilities of every broadcast element."""
     import pennylane as qml
 
     n = spec.qubits
@@ -191,10 +192,12 @@ def _pennylane_qnode(spec: CircuitSpec, backend: str, broadcast_shots: bool = Fa
             if spec.noise > 0:
                 for i in range(n):
                     qml.DepolarizingChannel(spec.noise, wires=i)
+        if broadcast_probs:
+            return qml.probs(wires=range(n))
         return [qml.expval(qml.PauliZ(i)) for i in range(n)]
 
-    if broadcast_shots:
-        return qml.QNode(circuit, device, interface=None, diff_method=None, shots=shots)
+    if broadcast_probs:
+        return qml.QNode(circuit, qml.device("default.qubit", wires=n), interface=None, diff_method=None)
     return qml.QNode(circuit, device, interface="torch", diff_method=diff, shots=shots)
 
 
@@ -336,10 +339,13 @@ class QiskitCircuit(ShiftRuleCircuit):
 class PennyLaneShotCircuit(ShiftRuleCircuit):
     """``default.qubit`` with ``shots``: the circuit and all its shifted copies for a batch in ONE broadcast tape.
 
-    Every broadcast element (input state, weight row) is sampled with its own
-    ``shots`` shots, so each ⟨Z_i⟩ is a genuine M-shot estimate (standard
-    deviation √((1 − ⟨Z_i⟩²)/M)) and the gradient is the parameter-shift rule on
-    sampled values. PennyLane's own parameter-shift would run 2P + 1 tapes.
+    The tape gives the Born probabilities p(x) of every broadcast element (input
+    state, weight row); each element then gets its own M = ``shots`` measurement
+    record, counts ~ Multinomial(M, p) (numpy, all elements at once), and
+    ⟨Z_i⟩^ = Σ_x counts(x)·(−1)^{x_i} / M: genuine M-shot estimates (standard
+    deviation √((1 − ⟨Z_i⟩²)/M), correlated across qubits as real shots are),
+    and gradients by the parameter-shift rule on sampled values. PennyLane's own
+    parameter shift would run 2P + 1 tapes and sample each element in a Python loop.
     """
 
     def __init__(self, spec: CircuitSpec) -> None:
@@ -347,14 +353,18 @@ class PennyLaneShotCircuit(ShiftRuleCircuit):
             raise ValueError("PennyLaneShotCircuit samples pure states: needs shots > 0 and noise = 0")
         self.spec = spec
         self.shape = weight_shape(spec.qubits, spec.layers, spec.ansatz)
-        self.qnode = _pennylane_qnode(spec, "default", broadcast_shots=True)
+        self.qnode = _pennylane_qnode(spec, "default", broadcast_probs=True)
+        self.rng = np.random.default_rng([spec.seed, 0x5407])
+        n = spec.qubits
+        self.signs = 1.0 - 2.0 * ((np.arange(2**n)[:, None] >> (n - 1 - np.arange(n))[None, :]) & 1)  # (2^n, n): (−1)^{x_i}
 
     def _run(self, inputs: np.ndarray, rows: np.ndarray) -> np.ndarray:
         b, r = len(inputs), len(rows)
         x = np.repeat(inputs, r, axis=0)
         w = np.tile(rows, (b, 1)).reshape((b * r,) + self.shape)
-        values = np.stack([np.asarray(v, dtype=np.float64) for v in self.qnode(x, w)], axis=-1)
-        return values.reshape(b, r, self.spec.qubits)
+        probs = np.clip(np.asarray(self.qnode(x, w), dtype=np.float64).reshape(b * r, -1), 0.0, None)
+        counts = self.rng.multinomial(self.spec.shots, probs / probs.sum(axis=1, keepdims=True))
+        return (counts @ self.signs / self.spec.shots).reshape(b, r, self.spec.qubits)
 
 
 class _QiskitFunction(torch.autograd.Function):
