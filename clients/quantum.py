@@ -493,22 +493,32 @@ class QuantumTask:
         """
         cfg = self.cfg
         shares = kind_shares(cfg) if cfg.dataset in qdata.QUANTUM_DATASETS else {natural_kind(cfg): 1.0}
-        mixture: torch.Tensor | None = None
-        y = np.zeros(0, dtype=np.int64)
-        for kind, share in shares.items():
+        probs = self.kind_probabilities(weights, list(shares))
+        mixture = sum(share * probs[kind] for kind, share in shares.items())
+        assert isinstance(mixture, torch.Tensor)
+        labels = torch.from_numpy(_inputs(cfg, next(iter(shares)), "test")[1])
+        loss = float(torch.nn.functional.nll_loss(torch.log(mixture.clamp_min(1e-300)), labels))
+        return loss, float((mixture.argmax(dim=1) == labels).double().mean())
+
+    def kind_probabilities(self, weights: dict[str, np.ndarray], kinds: list[str]) -> dict[str, torch.Tensor]:
+        """Class probabilities ``(N_test, C)`` of each kind's model on the test split, read as that kind reads it."""
+        out = {}
+        for kind in kinds:
             if kind not in self._central:
-                self._central[kind] = model_of_kind(cfg, kind, cfg.seed)
+                self._central[kind] = model_of_kind(self.cfg, kind, self.cfg.seed)
             model = self._central[kind]
             model.load(weights)
             model.eval()
-            x, y = _inputs(cfg, kind, "test")
+            x, _ = _inputs(self.cfg, kind, "test")
             with torch.no_grad():
-                probs = share * torch.softmax(model(torch.from_numpy(np.array(x))), dim=1)
-            mixture = probs if mixture is None else mixture + probs
-        assert mixture is not None
-        labels = torch.from_numpy(y)
-        loss = float(torch.nn.functional.nll_loss(torch.log(mixture.clamp_min(1e-300)), labels))
-        return loss, float((mixture.argmax(dim=1) == labels).double().mean())
+                out[kind] = torch.softmax(model(torch.from_numpy(np.array(x))), dim=1)
+        return out
+
+    def kind_accuracies(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
+        """Test accuracy of each kind's model alone (what the mixture is made of)."""
+        y = torch.from_numpy(_inputs(self.cfg, natural_kind(self.cfg), "test")[1])
+        probs = self.kind_probabilities(weights, list(kind_shares(self.cfg)))
+        return {kind: float((p.argmax(dim=1) == y).double().mean()) for kind, p in probs.items()}
 
     def train_size(self) -> int:
         return len(train_labels(self.cfg))

@@ -53,10 +53,11 @@ DEFAULTS: dict[str, Any] = {
     "quantum_samples": 400,
     "copies": 1000,
 }
-FULL: dict[str, Any] = {"seeds": 8, "sweep": (32, 128, 1000, 8192), "sweep_seeds": 3, "rounds": 10}
+FULL: dict[str, Any] = {"seeds": 8, "sweep": (32, 128, 1000, 8192), "sweep_seeds": 8, "rounds": 10}
 QUICK: dict[str, Any] = {"seeds": 2, "sweep": (32, 1000), "sweep_seeds": 2, "rounds": 5}
 BASELINE_DATASETS = ("ntangled", "magic")
 TAIL = 3
+BASELINE_SEEDS = 3  # centralised baselines: mean over at most this many dataset draws
 
 
 def fedavg_by_calls(cfg: RunConfig) -> list[dict[str, Any]]:
@@ -88,6 +89,7 @@ def fedavg_by_calls(cfg: RunConfig) -> list[dict[str, Any]]:
         loss, acc = task.central_evaluate(weights)
         train_loss = float(np.mean([train_loss for _, _, train_loss in updates]))
         history.append({"round": rnd, "loss": loss, "accuracy": acc, "train_loss": train_loss})
+    history[-1]["accuracy_by_kind"] = task.kind_accuracies(weights)
     return history
 
 
@@ -123,17 +125,32 @@ def _one_run(job: tuple[dict[str, Any], int, int, int]) -> dict[str, Any]:
     n = int(values["clients"])
     kinds = ",".join(item for item in (f"quantum:{quantum}" if quantum else "", f"classical:{n - quantum}" if quantum < n else "") if item)
     cfg = resolve_config({**values, "seed": seed, "copies": copies, "client_kinds": kinds})
-    curve = [r["accuracy"] for r in fedavg_by_calls(cfg)]
-    return {"seed": seed, "quantum_clients": quantum, "copies": copies, "client_kinds": kinds, "accuracy": curve}
+    history = fedavg_by_calls(cfg)
+    return {
+        "seed": seed,
+        "quantum_clients": quantum,
+        "copies": copies,
+        "client_kinds": kinds,
+        "accuracy": [r["accuracy"] for r in history],
+        "final_accuracy_by_kind": history[-1]["accuracy_by_kind"],
+    }
 
 
 def _run_all(jobs: list[tuple[dict[str, Any], int, int, int]], processes: int) -> list[dict[str, Any]]:
+    """Every job's run, in job order; one progress line per finished run on stderr."""
+    import sys
+
+    def report(i: int, run: dict[str, Any]) -> dict[str, Any]:
+        print(f"[{i}/{len(jobs)}] M={run['copies']} seed={run['seed']} {run['client_kinds']}: "
+              f"final accuracy {run['accuracy'][-1]:.3f}", file=sys.stderr, flush=True)
+        return run
+
     if processes <= 1:
-        return [_one_run(job) for job in jobs]
+        return [report(i + 1, _one_run(job)) for i, job in enumerate(jobs)]
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        return pool.map(_one_run, jobs, chunksize=1)
+        return [report(i + 1, run) for i, run in enumerate(pool.imap(_one_run, jobs, chunksize=1))]
 
 
 def summarise(runs: list[dict[str, Any]], clients: int) -> list[dict[str, Any]]:
@@ -160,6 +177,10 @@ def summarise(runs: list[dict[str, Any]], clients: int) -> list[dict[str, Any]]:
                 arm["paired_last3_diff_mean"], arm["paired_last3_diff_ci95"] = mean_ci95(d_last3)
                 arm["seeds_better_last3"] = int(sum(d > 0 for d in d_last3))
             arm["mean_curve"] = [float(v) for v in np.mean([r["accuracy"] for r in sel], axis=0)]
+            for kind in ("quantum", "classical"):  # each kind's model alone, final round
+                alone = [r["final_accuracy_by_kind"][kind] for r in sel if kind in r["final_accuracy_by_kind"]]
+                if alone:
+                    arm[f"final_accuracy_{kind}_model_alone_mean"] = float(np.mean(alone))
             arms.append(arm)
     return arms
 
@@ -227,7 +248,7 @@ def mixed_federation_experiment(
         "quick": quick,
         "copies": main,
         "arms": summarise(runs, clients),
-        "baselines": baselines(values, copies_list, range(n_sweep)),
+        "baselines": baselines(values, copies_list, range(min(n_sweep, BASELINE_SEEDS))),
         "runs": runs,
     }
     if out is not None:
@@ -254,8 +275,9 @@ def format_result(result: Mapping[str, Any]) -> str:
         f"Dataset {cfg['dataset']}, {cfg['qubits']} qubits, {cfg['clients']} clients, {cfg['rounds']} rounds, "
         f"M = {main:,} copies per state; mean over seeds with 95% intervals (Student t).",
         "",
-        "| arm | seeds | final acc | 95% CI | last-3 acc | 95% CI | Δ last-3 vs all-classical (paired) | 95% CI | seeds better |",
-        "|---|---:|---:|---|---:|---|---:|---|---:|",
+        "| arm | seeds | final acc | 95% CI | last-3 acc | 95% CI | Δ last-3 vs all-classical (paired) | 95% CI | seeds better "
+        "| final acc, VQC alone | final acc, shadow learner alone |",
+        "|---|---:|---:|---|---:|---|---:|---|---:|---:|---:|",
     ]
     for a in (a for a in result["arms"] if a["copies"] == main):
         diff = (
@@ -265,7 +287,9 @@ def format_result(result: Mapping[str, Any]) -> str:
         )
         lines.append(
             f"| {a['arm']} | {len(a['seeds'])} | {a['final_accuracy_mean']:.3f} | {_ci(a['final_accuracy_ci95'])} | "
-            f"{a['last3_accuracy_mean']:.3f} | {_ci(a['last3_accuracy_ci95'])} | {diff} |"
+            f"{a['last3_accuracy_mean']:.3f} | {_ci(a['last3_accuracy_ci95'])} | {diff} | "
+            + " | ".join(f"{a[k]:.3f}" if k in a else "—" for k in (
+                "final_accuracy_quantum_model_alone_mean", "final_accuracy_classical_model_alone_mean")) + " |"
         )
     ms = sorted({a["copies"] for a in result["arms"]})
     lines += ["", "Last-3 accuracy against M (mean over the seeds run at that M):", ""]
