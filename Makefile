@@ -7,7 +7,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qfl-installed
 
 .PHONY: demo test test-deploy lint install clean fuzz bench-codecs bench-qkd bench-kms bench-secagg bench-quantum \
-	experiment-compression experiment-key-budget experiment-quantum-mixed experiment-streamsplit
+	experiment-compression experiment-key-budget experiment-quantum-mixed experiment-quantum-mixed-quick \
+	experiment-streamsplit
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -64,6 +65,9 @@ experiment-quantum-mixed: $(STAMP)
 
 experiment-streamsplit: $(STAMP)
 	$(BIN)/qfl experiment streamsplit --seeds 3 --quick --out runs/experiment-streamsplit
+
+experiment-quantum-mixed-quick: $(STAMP)
+	$(BIN)/qfl experiment quantum-mixed --quick --out runs/experiment-quantum-mixed-quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -10,6 +10,12 @@ layers, ⟨Z_i⟩ of every qubit. Per backend and width:
   backward of a scalar loss over ``batch`` inputs, giving ∂loss/∂w for all
   weights (adjoint on lightning, backprop on default, parameter shift on qiskit).
 
+With ``shots = M > 0`` every expectation is estimated from M shots
+(PennyLane ``default.qubit`` samples them, one broadcast tape per
+parameter-shift circuit; Aer's batched ``EstimatorV2`` adds Gaussian noise of
+standard deviation 1/√M, all shifted circuits in one call) and gradients come
+from the parameter-shift rule on those estimates (2P + 1 circuits per input).
+
 Each figure is the best of ``repeats`` timed runs after one warm-up.
 :func:`bench_client_round` times one quantum client's ``local_update`` on an
 NTangled shard (dataset generation excluded; it is cached per process).
@@ -41,14 +47,15 @@ def bench_quantum(
     layers: int = 2,
     repeats: int = 3,
     seed: int = 0,
+    shots: int = 0,
 ) -> list[dict[str, Any]]:
-    """One row per (backend, qubits): ``backend, qubits, circuits_per_s, gradients_per_s``."""
+    """One row per (backend, qubits): ``backend, qubits, shots, circuits_per_s, gradients_per_s``."""
     torch.set_num_threads(1)
     rows = []
     for backend in backends:
         vqc.check_backend(backend)
         for n in qubits:
-            spec = vqc.CircuitSpec(n, layers, "hardware-efficient", "state")
+            spec = vqc.CircuitSpec(n, layers, "hardware-efficient", "state", shots=shots, seed=seed)
             layer = vqc.quantum_layer(spec, backend)
             rng = np.random.default_rng(seed)
             with torch.no_grad():
@@ -68,6 +75,7 @@ def bench_quantum(
                 {
                     "backend": backend,
                     "qubits": n,
+                    "shots": shots,
                     "circuits_per_s": batch / best_of(forward, repeats, warmup=True)[0],
                     "gradients_per_s": batch / best_of(gradient, repeats, warmup=True)[0],
                 }
@@ -76,7 +84,13 @@ def bench_quantum(
 
 
 def bench_client_round(
-    qubits: int = 8, train_states: int = 200, backend: str = "default", layers: int = 2, local_epochs: int = 1, batch_size: int = 32
+    qubits: int = 8,
+    train_states: int = 200,
+    backend: str = "default",
+    layers: int = 2,
+    local_epochs: int = 1,
+    batch_size: int = 32,
+    copies: int = 0,
 ) -> dict[str, Any]:
     """Wall time of one quantum client's round (``local_update``) on ``train_states`` NTangled states.
 
@@ -84,7 +98,8 @@ def bench_client_round(
     trains on exactly ``train_states`` states for ``local_epochs`` epochs.
     ``first_round_s`` is the process's first round (simulator start-up
     included), ``round_s`` the next one; ``dataset_s`` the one-off generation
-    of the dataset (states, CE labels, summaries), cached afterwards.
+    of the dataset (states, CE labels, summaries), cached afterwards. ``copies = M``
+    estimates every circuit from M shots (0: exact).
     """
     from qfl.clients.quantum import QuantumTask
     from qfl.config import resolve_config
@@ -106,6 +121,7 @@ def bench_client_round(
             "local_epochs": local_epochs,
             "batch_size": batch_size,
             "lr": 0.05,
+            "copies": copies,
         }
     )
     task = QuantumTask(cfg)
@@ -123,6 +139,7 @@ def bench_client_round(
     return {
         "backend": backend,
         "qubits": qubits,
+        "copies": copies,
         "train_states": examples,
         "local_epochs": local_epochs,
         "first_round_s": first_s,
@@ -134,7 +151,8 @@ def bench_client_round(
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """Markdown table of :func:`bench_quantum` rows."""
-    lines = ["| backend | qubits | circuits/s | gradients/s |", "|---|---:|---:|---:|"]
+    lines = ["| backend | qubits | shots | circuits/s | gradients/s |", "|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['backend']} | {r['qubits']} | {r['circuits_per_s']:,.0f} | {r['gradients_per_s']:,.0f} |")
+        shots = f"{r['shots']:,}" if r["shots"] else "exact"
+        lines.append(f"| {r['backend']} | {r['qubits']} | {shots} | {r['circuits_per_s']:,.0f} | {r['gradients_per_s']:,.0f} |")
     return "\n".join(lines)

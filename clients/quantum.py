@@ -32,15 +32,26 @@ empty means every client is the model's own kind. All kinds share one
 parameter vector (each sends Δ = 0 for tensors it does not use):
 
 * ``quantum``: feeds the states themselves to the circuit;
-* ``classical``: has no quantum memory, only a classical summary of each state —
-  ⟨X_i⟩, ⟨Y_i⟩, ⟨Z_i⟩ of every qubit estimated from
-  :data:`~qfl.quantum.ml.qdata.SUMMARY_SHOTS` shots per basis — and feeds the
-  closest product state (each qubit along its estimated Bloch direction) to
-  the same circuit;
-* ``hybrid``: feeds the same summary (3 numbers per qubit) through the small
-  classical network into the circuit's angle embedding.
+* ``classical``: has no quantum memory. It measures its ``copies`` (M) copies
+  of each state in random Pauli bases (classical shadows,
+  :mod:`qfl.quantum.ml.shadows`) and trains its own classical learner
+  (``shadow_model``: a one-hidden-layer MLP or a logistic regression, Adam at
+  ``shadow_lr``) on the shadow estimates of every 1- and 2-body Pauli
+  expectation and of their squares; its tensors are ``shadow.*``;
+* ``hybrid``: feeds a 16-shot single-qubit summary (3 numbers per qubit)
+  through the small classical network into the circuit's angle embedding.
 
-The global model is always evaluated centrally on the true test states.
+Equal copy budgets: with ``copies = M > 0`` a quantum client's circuit is
+estimated from M shots per evaluation (``copies`` overrides ``shots``), a
+classical client gets M snapshots per state; ``copies = 0`` gives both exact
+expectations (unlimited copies).
+
+The global model of a federation is the mixture of its kinds' models: on a
+test state it predicts Σ_kind (share of clients of that kind) · softmax(model
+of that kind), each kind's model seeing the test state as that kind does (the
+circuit with M shots, the shadow learner with M fresh snapshots). A mixed
+federation therefore reads each test state with M copies per kind (generous
+to mixed federations).
 
 Training
 --------
@@ -61,7 +72,7 @@ import torch
 from torch import nn
 
 from qfl.config import RunConfig
-from qfl.quantum.ml import qdata, vqc
+from qfl.quantum.ml import qdata, shadows, vqc
 from qfl.seeds import task_seed
 
 from .classical import shard, split_shard, training_sizes
@@ -73,6 +84,7 @@ CLASSICAL_FEATURES = {"digits": 64, "mnist": 784, "cifar10": 3072}
 MIN_CIRCUIT_QUBITS = 2
 MAX_CIRCUIT_QUBITS = 10
 HYBRID_HIDDEN = 16
+SHADOW_HIDDEN = 32
 INIT_STD = 0.1  # circuit angles start near 0 (the circuit near its CNOT skeleton): no barren start
 MIN_SAMPLES_PER_CLASS = 10
 
@@ -214,7 +226,7 @@ def _inputs(cfg: RunConfig, kind: str, split: str) -> tuple[np.ndarray, np.ndarr
     return _inputs_cached(tuple(getattr(cfg, k) for k in _DATA_KEYS), kind, split)
 
 
-_DATA_KEYS = ("dataset", "data_dir", "test_fraction", "seed", "qubits", "data_qubits", "quantum_samples", "embedding")
+_DATA_KEYS = ("dataset", "data_dir", "test_fraction", "seed", "qubits", "data_qubits", "quantum_samples", "embedding", "copies")
 
 
 @lru_cache(maxsize=16)
@@ -228,7 +240,7 @@ def _inputs_cached(key: tuple[Any, ...], kind: str, split: str) -> tuple[np.ndar
         if kind == "quantum":
             x = vqc.pack_states(pad_states(states, cfg.qubits))
         elif kind == "classical":
-            x = vqc.pack_states(pad_states(qdata.product_states(summary), cfg.qubits))
+            x = shadows.shadow_features(states, cfg.copies, seed=_shadow_seed(cfg.seed, split))
         else:
             x = summary.reshape(len(summary), -1).astype(np.float64)
     else:
@@ -247,6 +259,16 @@ def _inputs_cached(key: tuple[Any, ...], kind: str, split: str) -> tuple[np.ndar
             x = np.pi * flat
     x.setflags(write=False)
     return x, np.asarray(y, dtype=np.int64)
+
+
+def _shadow_seed(run_seed: int, split: str) -> int:
+    """Measurement seed of a split's classical shadows (train and test snapshots are independent)."""
+    return int(np.random.SeedSequence([run_seed, 0x5AD0, 0 if split == "train" else 1]).generate_state(1)[0])
+
+
+def effective_shots(cfg: RunConfig) -> int:
+    """Shots per circuit evaluation of a quantum client: ``copies`` when set (equal copy budgets), else ``shots``."""
+    return cfg.copies if cfg.copies > 0 else cfg.shots
 
 
 def num_classes(cfg: RunConfig) -> int:
@@ -276,7 +298,7 @@ def kind_of(cfg: RunConfig, partition_id: int, num_partitions: int) -> str:
 
 def uses_pre(cfg: RunConfig) -> bool:
     """Whether the parameter vector holds the hybrid pre-network."""
-    return cfg.model == "hybrid" or "hybrid" in parse_client_kinds(cfg.client_kinds, cfg.clients, natural_kind(cfg))
+    return cfg.model == "hybrid" or "hybrid" in kinds_of(cfg)
 
 
 def pre_features(cfg: RunConfig) -> int:
@@ -302,21 +324,65 @@ def model_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
         "head.weight": (classes, cfg.qubits),
         "head.bias": (classes,),
     }
+    if "classical" in kinds_of(cfg):
+        features = shadows.num_features(data_qubits(cfg))
+        if cfg.shadow_model == "mlp":
+            shapes |= {
+                "shadow.0.weight": (SHADOW_HIDDEN, features),
+                "shadow.0.bias": (SHADOW_HIDDEN,),
+                "shadow.2.weight": (classes, SHADOW_HIDDEN),
+                "shadow.2.bias": (classes,),
+            }
+        else:
+            shapes |= {"shadow.0.weight": (classes, features), "shadow.0.bias": (classes,)}
     return shapes
 
 
-class QuantumModel(nn.Module):
+def kinds_of(cfg: RunConfig) -> list[str]:
+    """The kind of every client, in partition order."""
+    return parse_client_kinds(cfg.client_kinds, cfg.clients, natural_kind(cfg))
+
+
+def kind_shares(cfg: RunConfig) -> dict[str, float]:
+    """Share of the clients of each kind present: the weights of the global mixture model."""
+    kinds = kinds_of(cfg)
+    return {k: kinds.count(k) / len(kinds) for k in dict.fromkeys(kinds)}
+
+
+def tensors_of_kind(cfg: RunConfig, kind: str) -> list[str]:
+    """The parameter tensors a client of ``kind`` trains (it sends Δ = 0 for the others)."""
+    names = list(model_shapes(cfg))
+    if kind == "classical":
+        return [k for k in names if k.startswith("shadow.")]
+    return [k for k in names if not k.startswith("shadow.") and (kind == "hybrid" or not k.startswith("pre."))]
+
+
+class KindModel(nn.Module):
+    """A client kind's model: loads its own tensors from the shared parameter dict and exports them as float32."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def load(self, weights: dict[str, np.ndarray]) -> None:
+        own = self.state_dict()
+        self.load_state_dict({k: torch.as_tensor(np.asarray(weights[k], dtype=np.float64)) for k in own})
+
+    def export(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in self.state_dict().items()}
+
+
+class QuantumModel(KindModel):
     """[pre-network →] circuit → linear readout of ⟨Z_i⟩; float64 inside."""
 
     def __init__(self, cfg: RunConfig, kind: str, seed: int) -> None:
-        super().__init__()
-        self.kind = kind
+        super().__init__(kind)
         embedding = "angle" if kind == "hybrid" else cfg.embedding
         if kind == "hybrid":
             self.pre = nn.Sequential(
                 nn.Linear(pre_features(cfg), HYBRID_HIDDEN), nn.Tanh(), nn.Linear(HYBRID_HIDDEN, cfg.qubits)
             ).double()
-        spec = vqc.CircuitSpec(cfg.qubits, cfg.layers, cfg.ansatz, embedding, cfg.shots, cfg.noise, seed)
+        spec = vqc.CircuitSpec(cfg.qubits, cfg.layers, cfg.ansatz, embedding, effective_shots(cfg), cfg.noise, seed)
         self.q = vqc.quantum_layer(spec, cfg.backend)
         self.head = nn.Linear(cfg.qubits, num_classes(cfg)).double()
 
@@ -325,12 +391,39 @@ class QuantumModel(nn.Module):
             x = torch.pi * torch.tanh(self.pre(x))
         return self.head(self.q(x))
 
-    def load(self, weights: dict[str, np.ndarray]) -> None:
-        own = self.state_dict()
-        self.load_state_dict({k: torch.as_tensor(np.asarray(weights[k], dtype=np.float64)) for k in own})
 
-    def export(self) -> dict[str, np.ndarray]:
-        return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in self.state_dict().items()}
+class ShadowModel(KindModel):
+    """A classical client's learner on shadow features: Linear → ReLU → Linear (``mlp``) or one Linear (``logreg``); float64."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__("classical")
+        features, classes = shadows.num_features(data_qubits(cfg)), num_classes(cfg)
+        layers: list[nn.Module] = (
+            [nn.Linear(features, SHADOW_HIDDEN), nn.ReLU(), nn.Linear(SHADOW_HIDDEN, classes)]
+            if cfg.shadow_model == "mlp"
+            else [nn.Linear(features, classes)]
+        )
+        self.shadow = nn.Sequential(*layers).double()
+        mean, std = shadow_scale(cfg)
+        self.feature_mean, self.feature_std = torch.from_numpy(mean), torch.from_numpy(std)  # fixed, not parameters
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shadow((x - self.feature_mean) / self.feature_std)
+
+
+def shadow_scale(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and standard deviation of the training split's shadow features (std floored at 1e-6).
+
+    These are the pooled moments a one-off federated sum of (n, Σx, Σx²) over the
+    classical clients gives each of them; the simulation computes them directly.
+    """
+    x, _ = _inputs(cfg, "classical", "train")
+    return x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
+
+
+def model_of_kind(cfg: RunConfig, kind: str, seed: int) -> KindModel:
+    """The model a client of ``kind`` trains: the circuit (quantum, hybrid) or the shadow learner (classical)."""
+    return ShadowModel(cfg) if kind == "classical" else QuantumModel(cfg, kind, seed)
 
 
 # ----------------------------------------------------------------------------- the task
@@ -342,7 +435,7 @@ class QuantumTask:
     def __init__(self, cfg: RunConfig) -> None:
         check_quantum_config(cfg)
         self.cfg = cfg
-        self._central: QuantumModel | None = None
+        self._central: dict[str, KindModel] = {}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return model_shapes(self.cfg)
@@ -368,10 +461,11 @@ class QuantumTask:
         idx, _ = local_split(cfg, partition_id, num_partitions)
         x, y = _inputs(cfg, kind, "train")
         seed = task_seed(cfg.seed, server_round, partition_id)
-        model = QuantumModel(cfg, kind, seed)
+        model = model_of_kind(cfg, kind, seed)
         model.load(weights)
         torch.manual_seed(seed)
-        loss = train(model, x[idx], y[idx], cfg.local_epochs, cfg.batch_size, cfg.lr, 0.0, seed, optimizer="adam")
+        lr = cfg.shadow_lr if kind == "classical" else cfg.lr
+        loss = train(model, x[idx], y[idx], cfg.local_epochs, cfg.batch_size, lr, 0.0, seed, optimizer="adam")
         local = model.export()
         delta = {k: (local[k] - weights[k]) if k in local else np.zeros_like(weights[k]) for k in weights}
         return delta, len(idx), loss
@@ -388,18 +482,46 @@ class QuantumTask:
         if len(idx) == 0:
             return 0.0, 0.0, 0
         x, y = _inputs(cfg, kind, "train")
-        model = QuantumModel(cfg, kind, task_seed(cfg.seed, 0, partition_id))
+        model = model_of_kind(cfg, kind, task_seed(cfg.seed, 0, partition_id))
         model.load(weights)
         loss, acc = evaluate(model, x[idx], y[idx])
         return loss, acc, len(idx)
 
     def central_evaluate(self, weights: dict[str, np.ndarray]) -> tuple[float, float]:
-        """On the test split; quantum data are fed as the true states whatever the clients' kinds."""
-        if self._central is None:
-            self._central = QuantumModel(self.cfg, natural_kind(self.cfg), self.cfg.seed)
-        self._central.load(weights)
-        x, y = _inputs(self.cfg, natural_kind(self.cfg), "test")
-        return evaluate(self._central, x, y)
+        """(cross-entropy, accuracy) on the test split of the mixture Σ_kind share · softmax(model of that kind).
+
+        Each kind's model reads the test data as that kind does: the circuit on
+        the states (with M shots when ``copies`` is set), the shadow learner on
+        M fresh snapshots. One kind: exactly that kind's model.
+        """
+        cfg = self.cfg
+        shares = kind_shares(cfg) if cfg.dataset in qdata.QUANTUM_DATASETS else {natural_kind(cfg): 1.0}
+        probs = self.kind_probabilities(weights, list(shares))
+        mixture = sum(share * probs[kind] for kind, share in shares.items())
+        assert isinstance(mixture, torch.Tensor)
+        labels = torch.from_numpy(_inputs(cfg, next(iter(shares)), "test")[1])
+        loss = float(torch.nn.functional.nll_loss(torch.log(mixture.clamp_min(1e-300)), labels))
+        return loss, float((mixture.argmax(dim=1) == labels).double().mean())
+
+    def kind_probabilities(self, weights: dict[str, np.ndarray], kinds: list[str]) -> dict[str, torch.Tensor]:
+        """Class probabilities ``(N_test, C)`` of each kind's model on the test split, read as that kind reads it."""
+        out = {}
+        for kind in kinds:
+            if kind not in self._central:
+                self._central[kind] = model_of_kind(self.cfg, kind, self.cfg.seed)
+            model = self._central[kind]
+            model.load(weights)
+            model.eval()
+            x, _ = _inputs(self.cfg, kind, "test")
+            with torch.no_grad():
+                out[kind] = torch.softmax(model(torch.from_numpy(np.array(x))), dim=1)
+        return out
+
+    def kind_accuracies(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
+        """Test accuracy of each kind's model alone (what the mixture is made of)."""
+        y = torch.from_numpy(_inputs(self.cfg, natural_kind(self.cfg), "test")[1])
+        probs = self.kind_probabilities(weights, list(kind_shares(self.cfg)))
+        return {kind: float((p.argmax(dim=1) == y).double().mean()) for kind, p in probs.items()}
 
     def train_size(self) -> int:
         return len(train_labels(self.cfg))

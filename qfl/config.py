@@ -326,7 +326,25 @@ class RunConfig(QuantumConfig, QkdConfig, SecurityConfig, CodecConfig, TrainingC
         )
         # Codecs, security rules, QKD link specs, quantum backends and datasets are checked by
         # qfl.server.preflight, which may import the layers that own them; this module imports none.
+        _need(
+            self.copies == 0 or self.copies >= 2, "copies",
+            f"copies must be 0 (unlimited: exact expectations) or >= 2 (classical shadows split the "
+            f"snapshots in two halves), got {self.copies}; set e.g. copies=1000",
+        )
+        _need(
+            self.shadow_model in ("mlp", "logreg"), "shadow_model",
+            f"shadow_model must be 'mlp' or 'logreg', got {self.shadow_model!r}",
+        )
+        _need(self.shadow_lr > 0, "shadow_lr", f"shadow_lr must be > 0, got {self.shadow_lr}; set e.g. shadow_lr=0.03")
         self.check_edge()
+
+    # --- equal copy budgets on quantum datasets (issue 17; qfl.clients.quantum, qfl.quantum.ml.shadows) ---
+    # M: copies of every state that every client gets. A quantum client's circuit is estimated from M shots
+    # (overrides `shots`); a classical client measures its M copies in random Pauli bases (classical shadows).
+    # 0 = unlimited copies: exact expectations for both kinds.
+    copies: int = 0
+    shadow_model: str = "mlp"  # classical clients' learner on shadow features: mlp (one hidden layer) | logreg
+    shadow_lr: float = 0.03  # classical clients' Adam learning rate (the circuit's is `lr`)
 
     # -- edge clients: StreamSplit (qfl.clients.edge; used when model = "streamsplit") --------------------
     edge_audio: str = ""  # "" = the seeded synthetic stream; a folder with one subfolder per class; or an ESC-50 style CSV

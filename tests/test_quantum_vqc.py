@@ -13,7 +13,8 @@ def _inputs(spec, batch, seed):
     rng = np.random.default_rng(seed)
     if spec.input_mode == "angle":
         return rng.uniform(-np.pi, np.pi, (batch, spec.qubits))
-    return vqc.pack_states(qdata.make_ntangled(spec.qubits, batch, seed)[0])
+    z = rng.normal(size=(batch, 2**spec.qubits)) + 1j * rng.normal(size=(batch, 2**spec.qubits))
+    return vqc.pack_states(z / np.linalg.norm(z, axis=1, keepdims=True))  # random states of any width
 
 
 def _weights(spec, seed):

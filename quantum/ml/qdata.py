@@ -25,36 +25,36 @@ Measures
 
 Datasets
 --------
-* **ntangled** (after NTangled, Schatzki et al., arXiv:2109.03400): states of a
-  hardware-efficient ansatz (RY, RZ on every qubit, then a CNOT ring; ``n``
-  layers) at two or more levels of CE. NTangled trains the ansatz parameters
-  to a target CE; here each state walks the path ``θ(t) = t·θ₀`` from |0…0⟩
-  (t = 0, CE = 0) to a random ansatz state θ₀ ~ U(−π, π) (t = 1) and bisection
-  finds the ``t`` where CE reaches the level exactly (draws whose end point
-  stays below the level are redrawn). Label = index of the CE level.
+Neither dataset has a local shortcut: every state is projected into the code
+of :func:`marginal_code` (commuting Paulis such as X^{⊗n}, Z^{⊗n}), where every
+qubit's reduced state is exactly I/2, and then gets an independent random gate
+on every qubit (:func:`local_twirl`). So the exact single-qubit expectations are
+0 for every state of both classes and no classifier on them beats chance
+(:func:`qfl.quantum.ml.baselines.single_qubit_accuracy`, checked in the tests).
+At 3 qubits CE is a function of the single-qubit purities alone, so the
+datasets start at :data:`MIN_QUBITS` = 4.
+
+* **ntangled** (after NTangled, Schatzki et al., arXiv:2109.03400): each state
+  walks the path ψ(t) = Π·HEA(t·θ₀)|0…0⟩ from GHZ_n (t = 0) to a projected
+  random hardware-efficient-ansatz state (θ₀ ~ U(−π, π), ``n`` layers);
+  bisection finds the t where CE reaches the level exactly (draws whose end
+  point stays below it are redrawn). Then Haar-random single-qubit unitaries
+  (CE unchanged). Label = index of the CE level (:func:`ntangled_levels`).
 * **magic**: random Clifford circuits on |0…0⟩ — per layer every qubit gets
   one of I, H, S, HS, SH, then a brickwork of CNOTs with random direction
-  (:data:`MAGIC_LAYERS` layers). Label 0 = the circuit as drawn (a stabilizer
-  state, M₂ = 0), label 1 = the same kind of circuit with ``t_gates`` (default
-  n) T gates after random single-qubit gates; a draw whose T gates happen to
-  act trivially (M₂ below :data:`MAGIC_MIN_M2`) is redrawn, so every label is
-  checked by M₂. The circuits are shallow on purpose: a classifier that sees
-  one copy at a time is linear in ρ, and deep random Clifford circuits form a
-  2-design, so both classes average to the same I/2^n and no single-copy model
-  beats chance (a logistic regression on all 4^n Pauli expectations of 4-qubit
-  states: 76% at one layer, 57–59% at two, 51% at three).
+  (:data:`MAGIC_LAYERS` layers); label 1 adds ``t_gates`` (default n) T gates
+  after random single-qubit gates. Then Π (a stabilizer state stays one) and
+  random single-qubit Cliffords (M₂ unchanged). Label 0 has M₂ = 0; a label-1
+  draw with M₂ ≤ :data:`MAGIC_MIN_M2` is redrawn, so every label is checked by M₂.
 
 Both are deterministic in ``seed`` and cached per process.
 
 Classical summaries
 -------------------
-:func:`classical_summary` is what a client without quantum memory keeps of a
-state: the single-qubit Pauli expectations ⟨X_i⟩, ⟨Y_i⟩, ⟨Z_i⟩ estimated from
-``shots`` measurements per basis and qubit (a few-shot, product-state
-summary). :func:`product_states` turns a summary into the product state whose
-qubits point along the estimated Bloch directions (the closest pure product
-state; the Bloch-vector *lengths*, i.e. the single-qubit purities, and every
-correlation between qubits are lost).
+:func:`classical_summary` (the ``hybrid`` client's input): ⟨X_i⟩, ⟨Y_i⟩, ⟨Z_i⟩
+estimated from ``shots`` measurements per basis and qubit. On these datasets it
+is pure shot noise (the exact values are 0); classical clients use classical
+shadows instead (:mod:`qfl.quantum.ml.shadows`).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from itertools import combinations
 
 import numpy as np
 
-MIN_QUBITS = 3
+MIN_QUBITS = 4  # at 3 qubits CE is a function of the single-qubit purities: no dataset without a local shortcut
 MAX_QUBITS = 8
 QUANTUM_DATASETS = ("ntangled", "magic")
 MAGIC_LAYERS = 1  # brickwork layers of the random Clifford circuits (why one: module docstring)
@@ -143,6 +143,92 @@ def hea_states(params: np.ndarray, qubits: int) -> np.ndarray:
         for c, t in ring(qubits):
             psi = apply_cnot(psi, c, t, qubits)
     return psi
+
+
+# ----------------------------------------------------------------------------- local symmetries
+
+
+def marginal_code(qubits: int) -> list[tuple[int, int]]:
+    """Commuting Pauli generators ``(x_mask, z_mask)`` whose joint +1 eigenspace holds only locally maximally mixed states.
+
+    Every single-qubit Pauli P_i anticommutes with some generator g, so a state
+    with g|ψ⟩ = |ψ⟩ has ⟨P_i⟩ = ⟨ψ|P_i g|ψ⟩ = −⟨ψ|g P_i|ψ⟩ = 0: each qubit's
+    reduced state is I/2. Even n: X^{⊗n}, Z^{⊗n} (code dimension 2^{n−2}).
+    Odd n: X^{⊗n}, Z^{⊗(n−1)}⊗I, I^{⊗(n−2)}⊗Z⊗Z (dimension 2^{n−3}; at n = 3 the
+    code holds GHZ alone, which is why the datasets start at 4 qubits).
+    Masks use wire i ↦ bit n−1−i (wire 0 is the most significant bit).
+    """
+    full = 2**qubits - 1
+    if qubits % 2 == 0:
+        return [(full, 0), (0, full)]
+    return [(full, 0), (0, full & ~1), (0, 0b11)]
+
+
+def apply_pauli(psi: np.ndarray, x_mask: int, z_mask: int) -> np.ndarray:
+    """X^a Z^b |ψ⟩ for bit masks a, b on a batch ``(B, 2**n)`` (Z first, then X)."""
+    idx = np.arange(psi.shape[-1])
+    parity = np.array([bin(v).count("1") & 1 for v in (idx & z_mask)])
+    phased = psi * (1 - 2 * parity)
+    return phased[:, idx ^ x_mask]
+
+
+def project_marginal_code(psi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Π|ψ⟩/‖Π|ψ⟩‖ with Π = ∏_g (I + g)/2 over :func:`marginal_code`; returns (states, ‖Π|ψ⟩‖²).
+
+    Π maps a stabilizer state to a stabilizer state (or to 0, when −g is in its group).
+    """
+    n = _qubits_of(psi)
+    out = np.array(psi, dtype=np.complex128)
+    for a, b in marginal_code(n):
+        out = (out + apply_pauli(out, a, b)) / 2
+    weight = np.sum(np.abs(out) ** 2, axis=1)
+    return out / np.sqrt(np.where(weight > 0, weight, 1.0))[:, None], weight
+
+
+def haar_unitaries_1q(rng: np.random.Generator, count: int) -> np.ndarray:
+    """``count`` Haar-random 2×2 unitaries ``(count, 2, 2)`` (QR of a complex Gaussian, phases fixed)."""
+    z = (rng.normal(size=(count, 2, 2)) + 1j * rng.normal(size=(count, 2, 2))) / np.sqrt(2)
+    q, r = np.linalg.qr(z)
+    d = np.diagonal(r, axis1=1, axis2=2)
+    return q * (d / np.abs(d))[:, None, :]
+
+
+def _clifford_group_1q() -> np.ndarray:
+    """The 24 single-qubit Cliffords modulo phase, as words in H and S: ``(24, 2, 2)``."""
+    found: list[np.ndarray] = [_I]
+    frontier = [_I]
+    while frontier:
+        nxt = []
+        for g in frontier:
+            for h in (_H, _S):
+                m = h @ g
+                k = np.flatnonzero(np.abs(m.reshape(-1)) > 1e-9)[0]
+                m = m * (abs(m.reshape(-1)[k]) / m.reshape(-1)[k])  # fix the global phase
+                if not any(np.allclose(m, f) for f in found):
+                    found.append(m)
+                    nxt.append(m)
+        frontier = nxt
+    return np.stack(found)
+
+
+CLIFFORD_1Q_GROUP = _clifford_group_1q()
+
+
+def local_twirl(states: np.ndarray, rng: np.random.Generator, clifford: bool = False) -> np.ndarray:
+    """Each state gets its own independent random single-qubit gate on every qubit.
+
+    ``clifford = False``: Haar-random U(2) (leaves every entanglement measure,
+    CE included, unchanged); ``True``: uniform over the 24 Cliffords (leaves M₂
+    unchanged and maps stabilizer states to stabilizer states).
+    """
+    states = np.atleast_2d(states)
+    n = _qubits_of(states)
+    b = states.shape[0]
+    out = states
+    for wire in range(n):
+        gates = CLIFFORD_1Q_GROUP[rng.integers(24, size=b)] if clifford else haar_unitaries_1q(rng, b)
+        out = apply_1q(out, gates, wire, n)
+    return out
 
 
 # ----------------------------------------------------------------------------- measures
@@ -246,24 +332,6 @@ def classical_summary(states: np.ndarray, shots: int, seed: int) -> np.ndarray:
     return 2.0 * k / shots - 1.0
 
 
-def product_states(summary: np.ndarray) -> np.ndarray:
-    """The product state whose qubit i points along the Bloch direction of ``summary[:, i]``.
-
-    Qubit i is RZ(φ_i) RY(θ_i)|0⟩ (up to a phase) with θ_i = arccos(z/|r|),
-    φ_i = atan2(y, x); a zero vector gives θ = π/2, φ = 0 (|+⟩).
-    """
-    b, n, _ = summary.shape
-    r = np.linalg.norm(summary, axis=-1)
-    z = np.where(r > 0, summary[..., 2] / np.where(r > 0, r, 1.0), 0.0)
-    theta = np.arccos(np.clip(z, -1.0, 1.0))
-    phi = np.arctan2(summary[..., 1], summary[..., 0])
-    qubit = np.stack([np.cos(theta / 2), np.exp(1j * phi) * np.sin(theta / 2)], axis=-1)  # (B, n, 2)
-    out = qubit[:, 0, :]
-    for i in range(1, n):
-        out = (out[:, :, None] * qubit[:, i, None, :]).reshape(b, -1)
-    return out
-
-
 # ----------------------------------------------------------------------------- generators
 
 
@@ -273,18 +341,44 @@ def haar_ce(qubits: int) -> float:
     return 1.0 - 2.0 * 3**qubits / (d * (d + 1))
 
 
+def ghz_ce(qubits: int) -> float:
+    """CE of GHZ_n, 1/2 − 2^{−n}: the start of every ntangled path (Π|0…0⟩ = GHZ)."""
+    return 0.5 - 2.0**-qubits
+
+
+@lru_cache(maxsize=None)
+def code_ce(qubits: int) -> float:
+    """Mean CE of projected random ansatz states Π·HEA(θ₀)|0…0⟩ (64 draws, fixed seed): the top of the ntangled paths."""
+    rng = np.random.default_rng([qubits, 0xCE])
+    theta = rng.uniform(-np.pi, np.pi, (64, qubits, qubits, 2))
+    states, _ = project_marginal_code(hea_states(theta, qubits))
+    return float(np.mean(concentratable_entanglement(states)))
+
+
 def ntangled_levels(qubits: int) -> tuple[float, float]:
-    """Default CE levels: 0.25 and 0.6 of the Haar-average CE (0.05/0.12 at 3 qubits, 0.20/0.48 at 8)."""
-    h = haar_ce(qubits)
-    return (round(0.25 * h, 4), round(0.6 * h, 4))
+    """Default CE levels: 0.2 and 0.8 of the way from CE(GHZ_n) to :func:`code_ce` (0.445 / 0.468 at 4 qubits)."""
+    lo, hi = ghz_ce(qubits), code_ce(qubits)
+    return (round(lo + 0.2 * (hi - lo), 4), round(lo + 0.8 * (hi - lo), 4))
+
+
+def _ntangled_path(theta0: np.ndarray, t: np.ndarray, qubits: int) -> np.ndarray:
+    """Π·HEA(t·θ₀)|0…0⟩, normalised (Π of :func:`project_marginal_code`)."""
+    return project_marginal_code(hea_states(t[:, None, None, None] * theta0, qubits))[0]
 
 
 def make_ntangled(
     qubits: int, samples: int, seed: int, levels: tuple[float, ...] | None = None, layers: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """NTangled-style states: ``(states, labels, CE)``; label k has CE = ``levels[k]`` (to 1e-6).
+    """NTangled-style states with no single-qubit signal: ``(states, labels, CE)``; label k has CE = ``levels[k]`` (to 1e-6).
 
-    Classes are balanced (``samples`` split round-robin). ``layers`` defaults to ``qubits``.
+    Each state lies on the path ψ(t) = Π·HEA(t·θ₀)|0…0⟩ (normalised), θ₀ ~ U(−π, π),
+    projected by Π into the code of :func:`marginal_code`, so every qubit's
+    reduced state is exactly I/2 in both classes; t = 0 is GHZ_n. Bisection
+    finds the t where CE reaches the level (end points below it are redrawn).
+    Last, every qubit gets an independent Haar-random unitary (:func:`local_twirl`),
+    which leaves CE unchanged and removes any fixed local frame, so the classes
+    differ only in their multipartite structure. Classes are balanced
+    (round-robin). ``layers`` defaults to ``qubits``.
     """
     check_qubits(qubits)
     levels = tuple(levels) if levels is not None else ntangled_levels(qubits)
@@ -292,23 +386,24 @@ def make_ntangled(
     rng = np.random.default_rng([seed, 0x4E7])
     labels = np.arange(samples) % len(levels)
     targets = np.asarray(levels)[labels]
+    if min(levels) <= ghz_ce(qubits):
+        raise ValueError(f"CE levels {levels} must lie above CE(GHZ_{qubits}) = {ghz_ce(qubits):.4f}, where every path starts")
     theta0 = np.empty((samples, layers, qubits, 2))
     todo = np.arange(samples)
     for _ in range(100):  # redraw end points whose CE stays below their level
         theta0[todo] = rng.uniform(-np.pi, np.pi, (len(todo), layers, qubits, 2))
-        ce_end = concentratable_entanglement(hea_states(theta0[todo], qubits))
+        ce_end = concentratable_entanglement(_ntangled_path(theta0[todo], np.ones(len(todo)), qubits))
         todo = todo[ce_end <= targets[todo] + 1e-3]
         if len(todo) == 0:
             break
     else:
         raise RuntimeError(f"CE levels {levels} are out of reach of {layers}-layer ansatz states on {qubits} qubits")
     lo, hi = np.zeros(samples), np.ones(samples)
-    for _ in range(26):  # CE(0) = 0 < level < CE(1): keep a crossing bracketed
+    for _ in range(26):  # CE(0) < level < CE(1): keep a crossing bracketed
         mid = (lo + hi) / 2
-        ce = concentratable_entanglement(hea_states(mid[:, None, None, None] * theta0, qubits))
-        below = ce < targets
+        below = concentratable_entanglement(_ntangled_path(theta0, mid, qubits)) < targets
         lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
-    states = hea_states(hi[:, None, None, None] * theta0, qubits)
+    states = local_twirl(_ntangled_path(theta0, hi, qubits), rng)
     return states, labels.astype(np.int64), concentratable_entanglement(states)
 
 
@@ -330,11 +425,15 @@ def _clifford_circuit(rng: np.random.Generator, qubits: int, layers: int, t_slot
 def make_magic(
     qubits: int, samples: int, seed: int, t_gates: int | None = None, layers: int = MAGIC_LAYERS
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stabilizer (label 0) vs T-doped (label 1) states: ``(states, labels, M₂)``.
+    """Stabilizer (label 0) vs T-doped (label 1) states with no single-qubit signal: ``(states, labels, M₂)``.
 
     Classes alternate. A magic state's circuit gets ``t_gates`` (default:
     ``qubits``) T gates in random (layer, qubit) slots, right after that slot's
-    single-qubit Clifford.
+    single-qubit Clifford. Every circuit's state is then projected by Π into the
+    code of :func:`marginal_code` (every qubit's reduced state I/2; Π keeps a
+    stabilizer state a stabilizer state) and every qubit gets an independent
+    random single-qubit Clifford (:func:`local_twirl`, which leaves M₂ unchanged).
+    A draw that Π annihilates, or a T-doped draw with M₂ ≤ :data:`MAGIC_MIN_M2`, is redrawn.
     """
     check_qubits(qubits)
     t_gates = qubits if t_gates is None else t_gates
@@ -348,12 +447,13 @@ def make_magic(
             if label == 1:
                 pick = rng.choice(len(slots_all), size=min(t_gates, len(slots_all)), replace=False)
                 slots = {slots_all[i] for i in pick}
-            psi = _clifford_circuit(rng, qubits, layers, slots)
-            if label == 0 or stabilizer_renyi_entropy(psi)[0] > MAGIC_MIN_M2:
-                states[k] = psi
+            psi, weight = project_marginal_code(_clifford_circuit(rng, qubits, layers, slots)[None])
+            if weight[0] > 1e-9 and (label == 0 or stabilizer_renyi_entropy(psi)[0] > MAGIC_MIN_M2):
+                states[k] = psi[0]
                 break
         else:
             raise RuntimeError("could not draw a magic state; raise t_gates")
+    states = local_twirl(states, rng, clifford=True)
     return states, labels.astype(np.int64), stabilizer_renyi_entropy(states)
 
 

@@ -42,9 +42,12 @@ Backends (``backend``):
   batch in one estimator call; slow, meant for checks and small runs.
 
 Shots: ``shots = 0`` is exact. With ``shots > 0`` PennyLane samples that many
-shots per circuit (gradients by parameter shift on the sampled values); Aer's
+shots per circuit (gradients by parameter shift on the sampled values); on
+``default`` (noiseless) the circuit and its 2P shifted copies for a whole batch
+run as ONE broadcast tape (:class:`PennyLaneShotCircuit`), on ``lightning`` and
+under noise PennyLane's own parameter shift runs 2P + 1 tapes. Aer's
 EstimatorV2 models a shot budget as Gaussian noise of standard deviation
-1/√shots on each expectation (its ``precision``).
+1/√shots on each expectation (its ``precision``), all shifted circuits in one call.
 
 Qubit order: PennyLane wire i is Qiskit qubit n−1−i, so a state vector means
 the same thing on both (wire 0 = most significant bit of the index).
@@ -147,7 +150,10 @@ def amplitude_states(features: np.ndarray, qubits: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- PennyLane
 
 
-def _pennylane_qnode(spec: CircuitSpec, backend: str) -> Any:
+def _pennylane_qnode(spec: CircuitSpec, backend: str, broadcast_probs: bool = False) -> Any:
+    """The circuit as a QNode. ``broadcast_probs``: a plain (numpy, no-gradient, analytic) QNode on
+    ``default.qubit`` whose inputs *and* weights may carry one shared broadcast axis, returning the
+    computational-basis probabilities of every broadcast element."""
     import pennylane as qml
 
     n = spec.qubits
@@ -174,20 +180,24 @@ def _pennylane_qnode(spec: CircuitSpec, backend: str) -> Any:
         for layer in range(spec.layers):
             if spec.ansatz == "hardware-efficient":
                 for i in range(n):
-                    qml.RY(weights[layer, i, 0], wires=i)
-                    qml.RZ(weights[layer, i, 1], wires=i)
+                    qml.RY(weights[..., layer, i, 0], wires=i)
+                    qml.RZ(weights[..., layer, i, 1], wires=i)
                 pairs = ring_pairs(n)
             else:
                 for i in range(n):
-                    qml.Rot(weights[layer, i, 0], weights[layer, i, 1], weights[layer, i, 2], wires=i)
+                    qml.Rot(weights[..., layer, i, 0], weights[..., layer, i, 1], weights[..., layer, i, 2], wires=i)
                 pairs = sel_pairs(n, layer)
             for c, t in pairs:
                 qml.CNOT(wires=[c, t])
             if spec.noise > 0:
                 for i in range(n):
                     qml.DepolarizingChannel(spec.noise, wires=i)
+        if broadcast_probs:
+            return qml.probs(wires=range(n))
         return [qml.expval(qml.PauliZ(i)) for i in range(n)]
 
+    if broadcast_probs:
+        return qml.QNode(circuit, qml.device("default.qubit", wires=n), interface=None, diff_method=None)
     return qml.QNode(circuit, device, interface="torch", diff_method=diff, shots=shots)
 
 
@@ -203,7 +213,47 @@ def pennylane_layer(spec: CircuitSpec, backend: str = "default") -> nn.Module:
 # ----------------------------------------------------------------------------- Qiskit
 
 
-class QiskitCircuit:
+class ShiftRuleCircuit:
+    """A circuit evaluated in batches of (input, weight row) pairs, differentiated by the parameter-shift rule.
+
+    Subclasses give ``spec``, ``shape`` and ``_run(inputs, rows) -> (B, R, n)``;
+    :meth:`jacobians` evaluates the 2P + 1 weight rows w, w ± (π/2)·e_p of every
+    input in one ``_run`` call.
+    """
+
+    spec: CircuitSpec
+    shape: tuple[int, int, int]
+
+    def _run(self, inputs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def expectations(self, inputs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """⟨Z_i⟩ for each input: ``(B, n)``."""
+        return self._run(np.asarray(inputs, dtype=np.float64), np.asarray(weights, np.float64).reshape(1, -1))[:, 0, :]
+
+    def jacobians(self, inputs: np.ndarray, weights: np.ndarray, wrt_inputs: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Expectations ``(B, n)``, ∂⟨Z⟩/∂w ``(B, n, P)``, and ∂⟨Z⟩/∂x ``(B, n, n)`` (angle inputs) by parameter shift."""
+        inputs = np.asarray(inputs, dtype=np.float64)
+        w = np.asarray(weights, np.float64).reshape(-1)
+        p = len(w)
+        shifts = np.eye(p) * (np.pi / 2)
+        rows = np.concatenate([w[None], w + shifts, w - shifts])
+        ev = self._run(inputs, rows)  # (B, 1 + 2P, n)
+        value = ev[:, 0]
+        dw = (ev[:, 1 : 1 + p] - ev[:, 1 + p :]).transpose(0, 2, 1) / 2
+        dx = None
+        if wrt_inputs and self.spec.input_mode == "angle":
+            n = self.spec.qubits
+            xs = np.eye(n) * (np.pi / 2)
+            plus = np.stack([self.expectations(inputs + xs[k], w) for k in range(n)], axis=-1)
+            minus = np.stack([self.expectations(inputs - xs[k], w) for k in range(n)], axis=-1)
+            dx = (plus - minus) / 2
+        return value, dw, dx
+
+
+
+
+class QiskitCircuit(ShiftRuleCircuit):
     """The circuit on Qiskit Aer's EstimatorV2; expectations and parameter-shift gradients in numpy."""
 
     def __init__(self, spec: CircuitSpec) -> None:
@@ -286,33 +336,40 @@ class QiskitCircuit:
         pubs = [(self._circuit_for(s), self.observables, rows[:, None, :]) for s in states]
         return np.stack([np.asarray(res.data.evs) for res in self.estimator.run(pubs).result()])
 
-    def expectations(self, inputs: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """⟨Z_i⟩ for each input: ``(B, n)``."""
-        return self._run(np.asarray(inputs, dtype=np.float64), np.asarray(weights, np.float64).reshape(1, -1))[:, 0, :]
+class PennyLaneShotCircuit(ShiftRuleCircuit):
+    """``default.qubit`` with ``shots``: the circuit and all its shifted copies for a batch in ONE broadcast tape.
 
-    def jacobians(self, inputs: np.ndarray, weights: np.ndarray, wrt_inputs: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Expectations ``(B, n)``, ∂⟨Z⟩/∂w ``(B, n, P)``, and ∂⟨Z⟩/∂x ``(B, n, n)`` (angle inputs) by parameter shift."""
-        inputs = np.asarray(inputs, dtype=np.float64)
-        w = np.asarray(weights, np.float64).reshape(-1)
-        p = len(w)
-        shifts = np.eye(p) * (np.pi / 2)
-        rows = np.concatenate([w[None], w + shifts, w - shifts])
-        ev = self._run(inputs, rows)  # (B, 1 + 2P, n)
-        value = ev[:, 0]
-        dw = (ev[:, 1 : 1 + p] - ev[:, 1 + p :]).transpose(0, 2, 1) / 2
-        dx = None
-        if wrt_inputs and self.spec.input_mode == "angle":
-            n = self.spec.qubits
-            xs = np.eye(n) * (np.pi / 2)
-            plus = np.stack([self.expectations(inputs + xs[k], w) for k in range(n)], axis=-1)
-            minus = np.stack([self.expectations(inputs - xs[k], w) for k in range(n)], axis=-1)
-            dx = (plus - minus) / 2
-        return value, dw, dx
+    The tape gives the Born probabilities p(x) of every broadcast element (input
+    state, weight row); each element then gets its own M = ``shots`` measurement
+    record, counts ~ Multinomial(M, p) (numpy, all elements at once), and
+    ⟨Z_i⟩^ = Σ_x counts(x)·(−1)^{x_i} / M: genuine M-shot estimates (standard
+    deviation √((1 − ⟨Z_i⟩²)/M), correlated across qubits as real shots are),
+    and gradients by the parameter-shift rule on sampled values. PennyLane's own
+    parameter shift would run 2P + 1 tapes and sample each element in a Python loop.
+    """
+
+    def __init__(self, spec: CircuitSpec) -> None:
+        if spec.shots <= 0 or spec.noise > 0:
+            raise ValueError("PennyLaneShotCircuit samples pure states: needs shots > 0 and noise = 0")
+        self.spec = spec
+        self.shape = weight_shape(spec.qubits, spec.layers, spec.ansatz)
+        self.qnode = _pennylane_qnode(spec, "default", broadcast_probs=True)
+        self.rng = np.random.default_rng([spec.seed, 0x5407])
+        n = spec.qubits
+        self.signs = 1.0 - 2.0 * ((np.arange(2**n)[:, None] >> (n - 1 - np.arange(n))[None, :]) & 1)  # (2^n, n): (−1)^{x_i}
+
+    def _run(self, inputs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        b, r = len(inputs), len(rows)
+        x = np.repeat(inputs, r, axis=0)
+        w = np.tile(rows, (b, 1)).reshape((b * r,) + self.shape)
+        probs = np.clip(np.asarray(self.qnode(x, w), dtype=np.float64).reshape(b * r, -1), 0.0, None)
+        counts = self.rng.multinomial(self.spec.shots, probs / probs.sum(axis=1, keepdims=True))
+        return (counts @ self.signs / self.spec.shots).reshape(b, r, self.spec.qubits)
 
 
 class _QiskitFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, inputs: torch.Tensor, weights: torch.Tensor, circuit: QiskitCircuit) -> torch.Tensor:
+    def forward(ctx, inputs: torch.Tensor, weights: torch.Tensor, circuit: ShiftRuleCircuit) -> torch.Tensor:
         x = inputs.detach().cpu().numpy()
         w = weights.detach().cpu().numpy()
         if weights.requires_grad or inputs.requires_grad:
@@ -333,11 +390,11 @@ class _QiskitFunction(torch.autograd.Function):
 
 
 class QiskitLayer(nn.Module):
-    """The circuit on Qiskit Aer as a torch layer (same inputs, output and ``weights`` as the PennyLane layer)."""
+    """A :class:`ShiftRuleCircuit` (Qiskit Aer by default) as a torch layer (same inputs, output and ``weights`` as the PennyLane layer)."""
 
-    def __init__(self, spec: CircuitSpec) -> None:
+    def __init__(self, spec: CircuitSpec, circuit: ShiftRuleCircuit | None = None) -> None:
         super().__init__()
-        self.circuit = QiskitCircuit(spec)
+        self.circuit = circuit if circuit is not None else QiskitCircuit(spec)
         self.weights = nn.Parameter(torch.zeros(self.circuit.shape, dtype=torch.float64))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -357,7 +414,12 @@ def quantum_layer(spec: CircuitSpec, backend: str) -> nn.Module:
         raise ValueError(f"unknown ansatz {spec.ansatz!r}; choose one of {', '.join(ANSATZE)}")
     if spec.embedding not in EMBEDDINGS:
         raise ValueError(f"unknown embedding {spec.embedding!r}; choose one of {', '.join(EMBEDDINGS)}")
-    layer = QiskitLayer(spec) if backend == "qiskit" else pennylane_layer(spec, backend)
+    if backend == "qiskit":
+        layer: nn.Module = QiskitLayer(spec)
+    elif backend == "default" and spec.shots > 0 and spec.noise == 0:
+        layer = QiskitLayer(spec, PennyLaneShotCircuit(spec))
+    else:
+        layer = pennylane_layer(spec, backend)
     return layer.double()
 
 
