@@ -249,8 +249,10 @@ class RoundPlan:
         peers and ``c`` = :attr:`colluders` (:func:`qfl.security.graph.threshold`).
 
         At least a strict majority of the peers it shares with (``c = 0``; in
-        the full graph ``d = n − 1``); a client
-        computes it itself, so a plan cannot set it lower.
+        the full graph ``d = n − 1``): a client computes it itself, so no plan
+        sets it below that floor. ``c``, the graph's degree and
+        ``secure_threshold`` come from the plan, i.e. from the server
+        (docs/threat-model.md, "Who chooses the masking form").
         """
         return max(int(self.min_threshold), threshold(len(self.peers(me)), max(int(self.colluders), 0)))
 
