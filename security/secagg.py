@@ -540,10 +540,12 @@ def _materials(plan: RoundPlan, me: int, pair_keys: Mapping[int, bytes], peers: 
 
 @dataclass(frozen=True)
 class SealedShare:
-    """One Shamir share of a self-mask on its way to a peer: one-time-pad ciphertext and Wegman–Carter tag."""
+    """One Shamir share of a self-mask on its way to a peer: one-time-pad ciphertext and Wegman–Carter tag.
 
-    cipher: bytes
-    tag: bytes
+    The server holds them as views into the upload's wire bytes (see :func:`shares_from_wire`)."""
+
+    cipher: bytes | memoryview
+    tag: bytes | memoryview
 
 
 @dataclass(frozen=True)
@@ -639,8 +641,9 @@ def shares_from_wire(plan: RoundPlan, sender: int, ciphers: bytes, tags: bytes) 
             f"the self-mask shares have {len(ciphers)} + {len(tags)} bytes, the plan needs "
             f"{S * len(peers)} + {TAG_BYTES * len(peers)} ({len(peers)} peers)"
         )
+    cipher_view, tag_view = memoryview(ciphers), memoryview(tags)  # slices share the wire bytes: no copy per share
     return {
-        p: SealedShare(ciphers[i * S : (i + 1) * S], tags[i * TAG_BYTES : (i + 1) * TAG_BYTES])
+        p: SealedShare(cipher_view[i * S : (i + 1) * S], tag_view[i * TAG_BYTES : (i + 1) * TAG_BYTES])
         for i, p in enumerate(peers)
     }
 

@@ -342,6 +342,8 @@ class MaskedRound:
             reason, detail = self._check_upload(pid, content)
             if reason is not None:
                 self._drop(node, pid, reason, detail)
+            if "shares" in content.array_records:  # the parsed shares view these bytes; the reply lets go of them
+                del content["shares"]
         for node, pid in sorted(self.nodes.items()):
             if node not in answered:
                 self._drop(node, pid, DropReason.NO_REPLY)
@@ -417,9 +419,11 @@ class MaskedRound:
         plan = self.plan
         node_of = {p: n for n, p in self.nodes.items()}
         requests = unmask_requests(plan, {p: self.uploads[p].shares for p in survivors}, dropped)
-        messages = []
-        for pid, request in requests.items():
-            fields = request.to_config()
+        for upload in self.uploads.values():
+            upload.shares = {}  # from here on the requests hold the shares each survivor gets
+        messages, asked = [], set(requests)
+        for pid in sorted(requests):  # each request's shares are joined into its message, then let go
+            fields = requests.pop(pid).to_config()
             shares, tags = fields["shares"], fields["share-tags"]
             assert isinstance(shares, bytes) and isinstance(tags, bytes)  # UnmaskRequest.to_config joins them
             self.outcome.downlink_bytes += len(shares) + len(tags)
@@ -430,7 +434,7 @@ class MaskedRound:
         for reply in self.send(messages):
             node = reply.metadata.src_node_id
             sender = self.nodes.get(node)
-            if sender is None or sender not in requests or sender in heard:
+            if sender is None or sender not in asked or sender in heard:
                 continue
             heard.add(sender)
             try:
@@ -468,6 +472,7 @@ class MaskedRound:
         if self.outcome.failure is None:
             self.collect_uploads(replies)
             self.unmask()
+        self.uploads.clear()  # the uploads and their shares are not kept past the round
         return self.outcome
 
 

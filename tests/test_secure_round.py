@@ -333,28 +333,43 @@ def test_too_few_self_mask_shares_leave_the_model_unchanged_with_the_reason(tmp_
 
 
 def _keep_replies(replies):
+    """Keep what each reply carried as it left the node (the server lets go of records it has parsed)."""
     def hook(msg, reply):
-        replies.append(reply)
+        replies.append(RecordDict(dict(reply.content.items())))
         return reply
     return hook
 
 
 @pytest.mark.parametrize("masking", ["double", "single"])
 def test_the_masked_reply_leaving_the_mod_never_carries_the_raw_delta(tmp_path, task_identity, masking):
-    replies: list[Message] = []
+    replies: list[RecordDict] = []
     strategy, flat, _ = _strategy(tmp_path, secure_masking=masking)
     grid = FakeGrid(N, {(MessageType.TRAIN, p): _keep_replies(replies) for p in range(N)})
     new, _ = _round(strategy, flat, grid)
     assert all(np.abs(new[k] - _mean(range(N))[k]).max() < 1e-6 for k in SHAPES)
     assert len(replies) == N
-    for reply in replies:
-        pid = int(reply.content["metrics"]["partition-id"])
+    for content in replies:
+        pid = int(content["metrics"]["partition-id"])
         expected = {"update", "seal", "metrics"} | ({"shares"} if masking == "double" else set())
-        assert set(reply.content.keys()) == expected and client_secure.RAW_DELTA not in reply.content.array_records
-        sent = b"".join(bytes(a.data) for rec in reply.content.array_records.values() for a in rec.values())
+        assert set(content.keys()) == expected and client_secure.RAW_DELTA not in content.array_records
+        sent = b"".join(bytes(a.data) for rec in content.array_records.values() for a in rec.values())
         assert all(bytes(np.ascontiguousarray(v).data) not in sent for v in _delta(pid).values())
     # the mark is the mod's own: it never stays on (or travels with) the server's message
     assert not any(client_secure.RAW_DELTA_MARK in m.content.config_records for _, _, m in grid.sent)
+
+
+def test_the_server_lets_go_of_the_self_mask_shares_once_the_round_is_done(tmp_path, task_identity):
+    """At 100 participants the shares are ~1 GB a round; the server must not keep a copy per stage."""
+    kept: list[Message] = []
+
+    def keep(msg, reply):
+        kept.append(reply)
+        return reply
+    strategy, flat, _ = _strategy(tmp_path)
+    grid = FakeGrid(N, {(MessageType.TRAIN, p): keep for p in range(N)})
+    _round(strategy, flat, grid)
+    assert len(kept) == N and all("shares" not in reply.content for reply in kept)
+    assert strategy.masked is not None and strategy.masked.uploads == {}
 
 
 def test_a_mod_that_cannot_mask_replies_with_an_error_not_the_delta(tmp_path, task_identity):
@@ -385,15 +400,15 @@ def test_a_mod_that_cannot_mask_replies_with_an_error_not_the_delta(tmp_path, ta
 
 
 def test_channel_pad_is_a_transport_step_of_the_mod(tmp_path, task_identity):
-    replies: list[Message] = []
+    replies: list[RecordDict] = []
     strategy, flat, _ = _strategy(tmp_path, security="channel-pad")
     grid = FakeGrid(N, {(MessageType.TRAIN, p): _keep_replies(replies) for p in range(N)})
     new, metrics = _round(strategy, flat, grid)
     assert metrics["clients"] == N
     assert all(np.abs(new[k] - _mean(range(N))[k]).max() < 1e-6 for k in SHAPES)
-    for reply in replies:
-        assert set(reply.content.keys()) == {"update", "seal", "metrics"}
-        assert all(a.stype.endswith(client_secure.PADDED_SUFFIX) for a in reply.content["update"].values())
+    for content in replies:
+        assert set(content.keys()) == {"update", "seal", "metrics"}
+        assert all(a.stype.endswith(client_secure.PADDED_SUFFIX) for a in content["update"].values())
 
 
 def _plain_message(message_type, secagg=None):
