@@ -8,9 +8,9 @@ A train message carries ``arrays`` (the global weights, encoded by the run's
 task's ``edge-*`` split traffic, choices, latency and energy).
 
 Stateful codecs (error feedback residuals, PowerSGD's warm start) keep their
-per-tensor state in the node's ``context.state`` under ``codec-state``, which
-Flower keeps for the node across rounds (the simulation engine's ClientApps are
-short-lived; the context is not).
+per-tensor state between the rounds a client trains: in files under the run's
+``client_state_dir`` (simulations) or an edge daemon's state directory, else in
+the node's ``context.state`` (see :mod:`qfl.clients.state`).
 
 The node's ``partition-id`` and ``num-partitions`` come from its node config:
 the simulation engine sets them; on the deployment engine pass them with
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from qfl.compression import decode_update, encode_update, make_codec
@@ -40,9 +40,8 @@ from qfl.seeds import round_seed, task_seed
 
 from . import secure
 from .daemon import edge_state_mod
+from .state import CodecStates, load_in_memory, save_in_memory, state_files
 from .tasks import task_for
-
-CODEC_STATE = "codec-state"
 
 app = ClientApp(mods=[edge_state_mod, secure.secagg_mod])  # edge_state_mod: a no-op outside `qfl edge`
 secure.route_queries(app)  # the query.secagg_* messages reach secagg_mod, which answers them
@@ -68,19 +67,18 @@ def _global_weights(msg: Message, cfg: RunConfig) -> dict[str, np.ndarray]:
     return decode_update(msg.content.array_records["arrays"], codec, task_for(cfg).shapes())
 
 
-def load_codec_state(context: Context) -> dict[str, dict[str, np.ndarray]]:
-    states: dict[str, dict[str, np.ndarray]] = {}
-    record = context.state.array_records.get(CODEC_STATE)
-    for key, array in (record or {}).items():
-        tensor, _, slot = key.rpartition("/")
-        states.setdefault(tensor, {})[slot] = array.numpy()
-    return states
+def load_codec_state(context: Context, cfg: RunConfig, partition_id: int, server_round: int) -> CodecStates:
+    """This client's codec state as of the last round it trained before ``server_round`` (see clients.state)."""
+    files = state_files(context, cfg.client_state_dir, partition_id)
+    return files.load(server_round)[0] if files is not None else load_in_memory(context)
 
 
-def save_codec_state(context: Context, states: dict[str, dict[str, np.ndarray]]) -> None:
-    context.state[CODEC_STATE] = ArrayRecord(
-        {f"{tensor}/{slot}": Array(np.ascontiguousarray(arr)) for tensor, slots in states.items() for slot, arr in slots.items()}
-    )
+def save_codec_state(context: Context, cfg: RunConfig, partition_id: int, server_round: int, states: CodecStates) -> None:
+    files = state_files(context, cfg.client_state_dir, partition_id)
+    if files is None:
+        save_in_memory(context, states)
+    else:
+        files.save(server_round, states)
 
 
 @app.train()
@@ -95,10 +93,10 @@ def train(msg: Message, context: Context) -> Message:
     if secure.wants_raw_delta(msg):  # a masked mode: secagg_mod masks Δ; it never leaves the node
         return Message(RecordDict({secure.RAW_DELTA: secure.raw_delta_record(delta), "metrics": metrics}), reply_to=msg)
     codec = make_codec(cfg.codec, cfg.codec_params, seed=task_seed(cfg.seed, server_round, partition_id))
-    states = load_codec_state(context) if codec.traits.stateful else None
+    states = load_codec_state(context, cfg, partition_id, server_round) if codec.traits.stateful else None
     update = encode_update(delta, codec, round_seed(cfg.seed, server_round), states)
     if states is not None:
-        save_codec_state(context, states)
+        save_codec_state(context, cfg, partition_id, server_round, states)
     return Message(RecordDict({"update": update, "metrics": metrics}), reply_to=msg)
 
 

@@ -143,6 +143,9 @@ class FederationConfig(_ConfigPart):
     # whose partition size it does not know; a reply claiming more is dropped.
     max_client_examples: int = 100_000
     client_cpus: float = 1.0  # Ray CPUs per simulated client
+    # Where clients keep codec state (error-feedback residuals) between the rounds they train, as files
+    # (qfl.clients.state); empty = <run dir>/client-state in `qfl run`, the node's memory under `flwr run`.
+    client_state_dir: str = ""
     # HOST:PORT of a running Ray cluster's head (`ray start --head --port=PORT`) to run the clients on;
     # empty = a private Ray instance on this machine, stopped when the run ends.
     ray_address: str = ""

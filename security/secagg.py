@@ -561,7 +561,7 @@ class MaskedUpload:
         return b"".join(self.shares[p].cipher for p in peers), b"".join(self.shares[p].tag for p in peers)
 
 
-def _share_message(plan: RoundPlan, sender: int, recipient: int, cipher: bytes) -> bytes:
+def _share_message(plan: RoundPlan, sender: int, recipient: int, cipher: bytes | memoryview) -> bytes:
     return _tag_message(plan.mode, "share", plan.round, sender, f"to-{int(recipient)}", cipher)
 
 
@@ -910,7 +910,7 @@ def unmask_sum(
 # --------------------------------------------------------------------------- sealing (Wegman–Carter) and the channel pad
 
 
-def _tag_message(mode: str, purpose: str, server_round: int, sender: int, key_id: str, body: bytes) -> bytes:
+def _tag_message(mode: str, purpose: str, server_round: int, sender: int, key_id: str, body: bytes | memoryview) -> bytes:
     head = f"{mode}|{purpose}|{int(server_round)}|{int(sender)}|{key_id}|".encode()
     return _TAG_DOMAIN + struct.pack("<I", len(head)) + head + bytes(body)
 

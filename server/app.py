@@ -32,13 +32,16 @@ def default_run_dir() -> Path:
 def make_server_app(
     cfg: RunConfig, run_dir: Path, reporter: Reporter | None = None, resume: bool = False, errors: list | None = None
 ) -> ServerApp:
-    """A ServerApp running ``cfg`` into ``run_dir``; exceptions go to ``errors``."""
+    """A ServerApp running ``cfg`` into ``run_dir`` on the simulation engine; exceptions go to ``errors``.
+
+    Its clients share this machine, so they keep codec state in ``run_dir/client-state`` unless
+    ``client_state_dir`` says otherwise."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_federation(grid, cfg, run_dir, reporter, resume)
+            run_federation(grid, cfg, run_dir, reporter, resume, client_state_dir=Path(run_dir) / "client-state")
         except BaseException as err:  # the simulation engine would only log it
             if errors is None:
                 raise

@@ -74,9 +74,13 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 
 def run_federation(
-    grid: Grid, cfg: RunConfig, run_dir: Path, reporter: Reporter | None = None, resume: bool = False
+    grid: Grid, cfg: RunConfig, run_dir: Path, reporter: Reporter | None = None, resume: bool = False,
+    client_state_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Run (or continue) ``cfg.rounds`` rounds on ``grid``; return the summary."""
+    """Run (or continue) ``cfg.rounds`` rounds on ``grid``; return the summary.
+
+    ``client_state_dir``: where the clients keep codec state when ``cfg.client_state_dir`` is empty
+    (a folder they can reach: simulations only; None = their memory, see qfl.clients.state)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -111,6 +115,8 @@ def run_federation(
         example_caps=dict(enumerate(evaluator.task.training_sizes(cfg.clients))),
     )
     flat_config = cfg.to_flat()
+    if not cfg.client_state_dir and client_state_dir is not None:
+        flat_config["client_state_dir"] = str(Path(client_state_dir).resolve())
     budget = None
     if cfg.security == "none":
         strategy = QflFedAvg(**common)

@@ -1,4 +1,7 @@
-"""kill -9 in the middle of a run, then `qfl run --resume`: same weights as a run never killed."""
+"""kill -9 in the middle of a run, then `qfl run --resume`: same weights as a run never killed.
+
+The run uses top-k with error feedback, so the clients' residuals (kept in the run's client-state files)
+must resume too; masked-sum resumes are tested in test_key_integrity."""
 
 import json
 
@@ -8,7 +11,8 @@ from helpers import run_killed_after_round, run_qfl
 from qfl.server.checkpoint import load_checkpoint
 
 SETTINGS = ["--set", "rounds=8", "--set", "clients=3", "--set", "server_opt=fedadam", "--set", "server_lr=0.01",
-            "--set", "alpha=1.0", "--set", "seed=7"]
+            "--set", "alpha=1.0", "--set", "seed=7", "--set", "security=none", "--set", "codec=topk",
+            "--set", "codec.ratio=0.1"]
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
@@ -31,6 +35,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     history = json.loads((killed / "metrics.json").read_text())
     assert [r["round"] for r in history] == list(range(1, 9))
     assert [r["accuracy"] for r in history] == [r["accuracy"] for r in a.history]
+    assert len(list((killed / "client-state").glob("*/*.npz"))) >= 3  # every client's residual is on disk
 
 
 def test_resume_refuses_config_changes(tmp_path):
