@@ -38,6 +38,10 @@ parameter vector (each sends Δ = 0 for tensors it does not use):
   (``shadow_model``: a one-hidden-layer MLP or a logistic regression, Adam at
   ``shadow_lr``) on the shadow estimates of every 1- and 2-body Pauli
   expectation and of their squares; its tensors are ``shadow.*``;
+* ``bell``: has a two-copy quantum memory. It Bell-samples pairs of its M
+  copies (M/2 measurements, :mod:`qfl.quantum.ml.bell`), which estimates every
+  subsystem purity Tr ρ_A² at once, and trains the same classical learner as
+  ``classical`` on those 2^n − 1 estimates; its tensors are ``bell.*``;
 * ``hybrid``: feeds a 16-shot single-qubit summary (3 numbers per qubit)
   through the small classical network into the circuit's angle embedding.
 
@@ -72,13 +76,14 @@ import torch
 from torch import nn
 
 from qfl.config import RunConfig
-from qfl.quantum.ml import qdata, shadows, vqc
+from qfl.quantum.ml import bell, qdata, shadows, vqc
 from qfl.seeds import task_seed
 
 from .classical import shard, split_shard, training_sizes
 from .training import evaluate, train
 
-KINDS = ("quantum", "classical", "hybrid")
+KINDS = ("quantum", "classical", "hybrid", "bell")
+FEATURE_KINDS = {"classical": "shadow", "bell": "bell"}  # kinds that train a classical learner on measured features: prefix
 QUANTUM_MODELS = ("vqc", "hybrid")
 CLASSICAL_FEATURES = {"digits": 64, "mnist": 784, "cifar10": 3072}
 MIN_CIRCUIT_QUBITS = 2
@@ -241,6 +246,8 @@ def _inputs_cached(key: tuple[Any, ...], kind: str, split: str) -> tuple[np.ndar
             x = vqc.pack_states(pad_states(states, cfg.qubits))
         elif kind == "classical":
             x = shadows.shadow_features(states, cfg.copies, seed=_shadow_seed(cfg.seed, split))
+        elif kind == "bell":
+            x = bell.bell_features(states, cfg.copies, seed=_shadow_seed(cfg.seed, split))
         else:
             x = summary.reshape(len(summary), -1).astype(np.float64)
     else:
@@ -262,7 +269,7 @@ def _inputs_cached(key: tuple[Any, ...], kind: str, split: str) -> tuple[np.ndar
 
 
 def _shadow_seed(run_seed: int, split: str) -> int:
-    """Measurement seed of a split's classical shadows (train and test snapshots are independent)."""
+    """Measurement seed of a split's classical shadows or Bell samples (train and test measurements are independent)."""
     return int(np.random.SeedSequence([run_seed, 0x5AD0, 0 if split == "train" else 1]).generate_state(1)[0])
 
 
@@ -324,18 +331,23 @@ def model_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
         "head.weight": (classes, cfg.qubits),
         "head.bias": (classes,),
     }
-    if "classical" in kinds_of(cfg):
-        features = shadows.num_features(data_qubits(cfg))
-        if cfg.shadow_model == "mlp":
-            shapes |= {
-                "shadow.0.weight": (SHADOW_HIDDEN, features),
-                "shadow.0.bias": (SHADOW_HIDDEN,),
-                "shadow.2.weight": (classes, SHADOW_HIDDEN),
-                "shadow.2.bias": (classes,),
-            }
-        else:
-            shapes |= {"shadow.0.weight": (classes, features), "shadow.0.bias": (classes,)}
+    for kind, prefix in FEATURE_KINDS.items():
+        if kind in kinds_of(cfg):
+            shapes |= {f"{prefix}.{name}": shape for name, shape in _learner_shapes(cfg, kind).items()}
     return shapes
+
+
+def _feature_count(cfg: RunConfig, kind: str) -> int:
+    return shadows.num_features(data_qubits(cfg)) if kind == "classical" else bell.num_features(data_qubits(cfg))
+
+
+def _learner_shapes(cfg: RunConfig, kind: str) -> dict[str, tuple[int, ...]]:
+    """The classical learner of a feature kind: ``shadow_model`` (mlp: Linear → ReLU → Linear; logreg: one Linear)."""
+    features, classes = _feature_count(cfg, kind), num_classes(cfg)
+    if cfg.shadow_model == "mlp":
+        return {"0.weight": (SHADOW_HIDDEN, features), "0.bias": (SHADOW_HIDDEN,),
+                "2.weight": (classes, SHADOW_HIDDEN), "2.bias": (classes,)}
+    return {"0.weight": (classes, features), "0.bias": (classes,)}
 
 
 def kinds_of(cfg: RunConfig) -> list[str]:
@@ -352,9 +364,10 @@ def kind_shares(cfg: RunConfig) -> dict[str, float]:
 def tensors_of_kind(cfg: RunConfig, kind: str) -> list[str]:
     """The parameter tensors a client of ``kind`` trains (it sends Δ = 0 for the others)."""
     names = list(model_shapes(cfg))
-    if kind == "classical":
-        return [k for k in names if k.startswith("shadow.")]
-    return [k for k in names if not k.startswith("shadow.") and (kind == "hybrid" or not k.startswith("pre."))]
+    if kind in FEATURE_KINDS:
+        return [k for k in names if k.startswith(FEATURE_KINDS[kind] + ".")]
+    learners = tuple(prefix + "." for prefix in FEATURE_KINDS.values())
+    return [k for k in names if not k.startswith(learners) and (kind == "hybrid" or not k.startswith("pre."))]
 
 
 class KindModel(nn.Module):
@@ -392,38 +405,41 @@ class QuantumModel(KindModel):
         return self.head(self.q(x))
 
 
-class ShadowModel(KindModel):
-    """A classical client's learner on shadow features: Linear → ReLU → Linear (``mlp``) or one Linear (``logreg``); float64."""
+class FeatureModel(KindModel):
+    """The classical learner of a ``classical`` (shadow features) or ``bell`` (Bell-sampled purities) client:
+    Linear → ReLU → Linear (``mlp``) or one Linear (``logreg``) on standardised features; float64."""
 
-    def __init__(self, cfg: RunConfig) -> None:
-        super().__init__("classical")
-        features, classes = shadows.num_features(data_qubits(cfg)), num_classes(cfg)
+    def __init__(self, cfg: RunConfig, kind: str) -> None:
+        super().__init__(kind)
+        features, classes = _feature_count(cfg, kind), num_classes(cfg)
         layers: list[nn.Module] = (
             [nn.Linear(features, SHADOW_HIDDEN), nn.ReLU(), nn.Linear(SHADOW_HIDDEN, classes)]
             if cfg.shadow_model == "mlp"
             else [nn.Linear(features, classes)]
         )
-        self.shadow = nn.Sequential(*layers).double()
-        mean, std = shadow_scale(cfg)
+        self.prefix = FEATURE_KINDS[kind]
+        self.add_module(self.prefix, nn.Sequential(*layers).double())  # tensors named shadow.* or bell.*
+        mean, std = feature_scale(cfg, kind)
         self.feature_mean, self.feature_std = torch.from_numpy(mean), torch.from_numpy(std)  # fixed, not parameters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shadow((x - self.feature_mean) / self.feature_std)
+        learner = getattr(self, self.prefix)
+        return learner((x - self.feature_mean) / self.feature_std)
 
 
-def shadow_scale(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and standard deviation of the training split's shadow features (std floored at 1e-6).
+def feature_scale(cfg: RunConfig, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and standard deviation of the training split's features for ``kind`` (std floored at 1e-6).
 
     These are the pooled moments a one-off federated sum of (n, Σx, Σx²) over the
-    classical clients gives each of them; the simulation computes them directly.
+    clients of that kind gives each of them; the simulation computes them directly.
     """
-    x, _ = _inputs(cfg, "classical", "train")
+    x, _ = _inputs(cfg, kind, "train")
     return x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
 
 
 def model_of_kind(cfg: RunConfig, kind: str, seed: int) -> KindModel:
-    """The model a client of ``kind`` trains: the circuit (quantum, hybrid) or the shadow learner (classical)."""
-    return ShadowModel(cfg) if kind == "classical" else QuantumModel(cfg, kind, seed)
+    """The model a client of ``kind`` trains: the circuit (quantum, hybrid) or a classical learner (classical, bell)."""
+    return FeatureModel(cfg, kind) if kind in FEATURE_KINDS else QuantumModel(cfg, kind, seed)
 
 
 # ----------------------------------------------------------------------------- the task
@@ -464,7 +480,7 @@ class QuantumTask:
         model = model_of_kind(cfg, kind, seed)
         model.load(weights)
         torch.manual_seed(seed)
-        lr = cfg.shadow_lr if kind == "classical" else cfg.lr
+        lr = cfg.shadow_lr if kind in FEATURE_KINDS else cfg.lr
         loss = train(model, x[idx], y[idx], cfg.local_epochs, cfg.batch_size, lr, 0.0, seed, optimizer="adam")
         local = model.export()
         delta = {k: (local[k] - weights[k]) if k in local else np.zeros_like(weights[k]) for k in weights}

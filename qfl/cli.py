@@ -171,7 +171,8 @@ def _cmd_experiment_quantum_mixed(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path("runs") / "experiment-quantum-mixed"
     overrides = {k: v for k, v in (("dataset", args.dataset), ("copies", args.copies)) if v is not None}
-    result = mixed_federation_experiment(out, seeds=args.seeds, quick=args.quick, overrides=overrides, processes=args.processes)
+    result = mixed_federation_experiment(out, seeds=args.seeds, quick=args.quick, overrides=overrides, processes=args.processes,
+                                         quantum_kinds=tuple(args.quantum_kinds.split(",")))
     print(format_result(result))
     print(f"quantum_mixed.json, quantum_mixed.md, accuracy_vs_copies.png, accuracy_per_round.png in {out}")
     return 0
@@ -590,8 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
     kb.add_argument("--relays", type=int, default=4, help="trusted relay nodes of the trusted topology")
     kb.set_defaults(func=_cmd_experiment_key_budget)
     qm = experiment.add_parser(
-        "quantum-mixed", help="federations of 0..K quantum clients and classical-shadow clients at equal copy budgets M"
+        "quantum-mixed", help="federations of 0..K quantum (VQC or Bell-sampling) clients and classical-shadow clients "
+        "at equal copy budgets M"
     )
+    qm.add_argument("--quantum-kinds", default="quantum,bell", choices=("quantum,bell", "quantum", "bell"),
+                    help="which quantum clients get arms: quantum (single-copy VQC), bell (two-copy Bell sampling)")
     qm.add_argument("--seeds", type=int, help="seeds 0..N-1 at the main M (default 8; 2 with --quick)")
     qm.add_argument("--quick", action="store_true", help="2 seeds, 5 rounds, M in {32, 1000} (under 10 minutes)")
     qm.add_argument("--copies", type=int, help="the main M (default 1000)")

@@ -313,7 +313,7 @@ class QuantumConfig(_ConfigPart):
     noise: float = 0.0  # depolarizing probability per layer (0 = noiseless)
     quantum_samples: int = 400  # states generated for ntangled / magic (train + test)
     data_qubits: int = 0  # qubits of the ntangled / magic states; 0 = qubits (a wider circuit adds |0> ancillas)
-    client_kinds: str = ""  # mixed federations, e.g. "quantum:1,classical:3" (in partition order)
+    client_kinds: str = ""  # mixed federations, e.g. "quantum:1,classical:3" or "bell:1,classical:3" (partition order)
 
 
 @dataclass(frozen=True)
@@ -343,11 +343,11 @@ class RunConfig(QuantumConfig, QkdConfig, SecurityConfig, CodecConfig, TrainingC
 
     # --- equal copy budgets on quantum datasets (issue 17; qfl.clients.quantum, qfl.quantum.ml.shadows) ---
     # M: copies of every state that every client gets. A quantum client's circuit is estimated from M shots
-    # (overrides `shots`); a classical client measures its M copies in random Pauli bases (classical shadows).
-    # 0 = unlimited copies: exact expectations for both kinds.
+    # (overrides `shots`); a classical client measures its M copies in random Pauli bases (classical shadows);
+    # a bell client Bell-samples M/2 pairs of copies. 0 = unlimited copies: exact expectations for every kind.
     copies: int = 0
-    shadow_model: str = "mlp"  # classical clients' learner on shadow features: mlp (one hidden layer) | logreg
-    shadow_lr: float = 0.03  # classical clients' Adam learning rate (the circuit's is `lr`)
+    shadow_model: str = "mlp"  # learner of classical (shadow) and bell (purity) clients: mlp (one hidden layer) | logreg
+    shadow_lr: float = 0.03  # classical and bell clients' Adam learning rate (the circuit's is `lr`)
 
     # -- edge clients: StreamSplit (qfl.clients.edge; used when model = "streamsplit") --------------------
     edge_audio: str = ""  # "" = the seeded synthetic stream; a folder with one subfolder per class; or an ESC-50 style CSV

@@ -11,7 +11,9 @@ After QuNetQFL (Liu et al., arXiv:2501.12709), tested honestly (issue 17):
   bases (classical shadows) and trains a small MLP (or a logistic regression)
   on the estimates of every 1- and 2-body Pauli expectation and their squares.
 * **Arms**: K clients (``clients``), q = 0 … K of them quantum and the rest
-  classical, the same shards, rounds and seeds (FedAvg by function calls,
+  classical; and q = 1 … K ``bell`` clients (a two-copy quantum memory:
+  Bell sampling of M/2 pairs of copies, which estimates every subsystem purity,
+  :mod:`qfl.quantum.ml.bell`) and the rest classical; the same shards, rounds and seeds (FedAvg by function calls,
   :func:`fedavg_by_calls`; no Flower needed). The global model is the kinds'
   mixture (:meth:`qfl.clients.quantum.QuantumTask.central_evaluate`), scored on
   the held-out test states.
@@ -20,8 +22,8 @@ Per arm and M, over seeds: the final-round accuracy and the mean of the last 3
 rounds, each as mean and 95% interval (Student t), and the paired per-seed
 differences against the all-classical arm (same seed, same shards, same M).
 Centralised baselines on each dataset: a logistic regression on the *exact*
-single-qubit expectations (the shortcut check) and the shadow logistic
-regression / MLP at each M.
+single-qubit expectations (the shortcut check), and the shadow and Bell-sample
+logistic regression / MLP at each M.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ QUICK: dict[str, Any] = {"seeds": 2, "sweep": (32, 1000), "sweep_seeds": 2, "rou
 BASELINE_DATASETS = ("ntangled", "magic")
 TAIL = 3
 BASELINE_SEEDS = 3  # centralised baselines: mean over at most this many dataset draws
+QUANTUM_KINDS = ("quantum", "bell")  # the single-copy circuit (VQC) and the two-copy Bell sampler
 
 
 def fedavg_by_calls(cfg: RunConfig) -> list[dict[str, Any]]:
@@ -108,27 +111,31 @@ def mean_ci95(values: Iterable[float]) -> tuple[float, list[float]]:
     return mean, [mean - half, mean + half]
 
 
-def arm_name(quantum: int, clients: int) -> str:
-    """``"q quantum + c classical"``."""
-    return f"{quantum} quantum + {clients - quantum} classical"
+def arm_name(quantum: int, clients: int, kind: str = "quantum") -> str:
+    """``"q quantum + c classical"`` (``"q bell + c classical"`` for Bell-sampling clients)."""
+    return f"{quantum} {kind if quantum else 'quantum'} + {clients - quantum} classical"
 
 
 # ----------------------------------------------------------------------------- runs
 
 
-def _one_run(job: tuple[dict[str, Any], int, int, int]) -> dict[str, Any]:
-    """One federation: (config values, seed, quantum clients, M) → its accuracy curve."""
+Job = tuple[dict[str, Any], int, int, int, str]  # config values, seed, quantum clients, M, their kind
+
+
+def _one_run(job: Job) -> dict[str, Any]:
+    """One federation: (config values, seed, quantum clients, M, their kind) → its accuracy curve."""
     import torch
 
     torch.set_num_threads(1)
-    values, seed, quantum, copies = job
+    values, seed, quantum, copies, kind = job
     n = int(values["clients"])
-    kinds = ",".join(item for item in (f"quantum:{quantum}" if quantum else "", f"classical:{n - quantum}" if quantum < n else "") if item)
+    kinds = ",".join(item for item in (f"{kind}:{quantum}" if quantum else "", f"classical:{n - quantum}" if quantum < n else "") if item)
     cfg = resolve_config({**values, "seed": seed, "copies": copies, "client_kinds": kinds})
     history = fedavg_by_calls(cfg)
     return {
         "seed": seed,
         "quantum_clients": quantum,
+        "quantum_kind": kind if quantum else "quantum",
         "copies": copies,
         "client_kinds": kinds,
         "accuracy": [r["accuracy"] for r in history],
@@ -136,7 +143,7 @@ def _one_run(job: tuple[dict[str, Any], int, int, int]) -> dict[str, Any]:
     }
 
 
-def _run_all(jobs: list[tuple[dict[str, Any], int, int, int]], processes: int) -> list[dict[str, Any]]:
+def _run_all(jobs: list[Job], processes: int) -> list[dict[str, Any]]:
     """Every job's run, in job order; one progress line per finished run on stderr."""
     import sys
 
@@ -159,11 +166,14 @@ def summarise(runs: list[dict[str, Any]], clients: int) -> list[dict[str, Any]]:
     for copies in sorted({r["copies"] for r in runs}):
         at_m = [r for r in runs if r["copies"] == copies]
         base = {r["seed"]: r["accuracy"] for r in at_m if r["quantum_clients"] == 0}
-        for quantum in sorted({r["quantum_clients"] for r in at_m}):
-            sel = sorted((r for r in at_m if r["quantum_clients"] == quantum), key=lambda r: r["seed"])
+        for kind, quantum in sorted({(r["quantum_kind"], r["quantum_clients"]) for r in at_m},
+                                    key=lambda kq: (kq[1] > 0, QUANTUM_KINDS.index(kq[0]), kq[1])):
+            sel = sorted((r for r in at_m if r["quantum_clients"] == quantum and r["quantum_kind"] == kind),
+                         key=lambda r: r["seed"])
             final = [r["accuracy"][-1] for r in sel]
             last3 = [float(np.mean(r["accuracy"][-TAIL:])) for r in sel]
-            arm: dict[str, Any] = {"arm": arm_name(quantum, clients), "quantum_clients": quantum, "copies": copies}
+            arm: dict[str, Any] = {"arm": arm_name(quantum, clients, kind), "quantum_clients": quantum,
+                                   "quantum_kind": kind, "copies": copies}
             arm["final_accuracy_mean"], arm["final_accuracy_ci95"] = mean_ci95(final)
             arm["last3_accuracy_mean"], arm["last3_accuracy_ci95"] = mean_ci95(last3)
             arm["seeds"] = [r["seed"] for r in sel]
@@ -177,10 +187,10 @@ def summarise(runs: list[dict[str, Any]], clients: int) -> list[dict[str, Any]]:
                 arm["paired_last3_diff_mean"], arm["paired_last3_diff_ci95"] = mean_ci95(d_last3)
                 arm["seeds_better_last3"] = int(sum(d > 0 for d in d_last3))
             arm["mean_curve"] = [float(v) for v in np.mean([r["accuracy"] for r in sel], axis=0)]
-            for kind in ("quantum", "classical"):  # each kind's model alone, final round
-                alone = [r["final_accuracy_by_kind"][kind] for r in sel if kind in r["final_accuracy_by_kind"]]
+            for alone_kind in ("quantum", "classical", "bell"):  # each kind's model alone, final round
+                alone = [r["final_accuracy_by_kind"][alone_kind] for r in sel if alone_kind in r["final_accuracy_by_kind"]]
                 if alone:
-                    arm[f"final_accuracy_{kind}_model_alone_mean"] = float(np.mean(alone))
+                    arm[f"final_accuracy_{alone_kind}_model_alone_mean"] = float(np.mean(alone))
             arms.append(arm)
     return arms
 
@@ -188,7 +198,7 @@ def summarise(runs: list[dict[str, Any]], clients: int) -> list[dict[str, Any]]:
 def baselines(values: Mapping[str, Any], copies_list: Iterable[int], seeds: Iterable[int]) -> dict[str, Any]:
     """Centralised baselines per dataset, mean over ``seeds`` (each seed: its own dataset draw and split)."""
     from qfl.quantum.ml import qdata
-    from qfl.quantum.ml.baselines import shadow_accuracy, single_qubit_accuracy
+    from qfl.quantum.ml.baselines import bell_accuracy, shadow_accuracy, single_qubit_accuracy
 
     out: dict[str, Any] = {}
     seeds = list(seeds)
@@ -200,6 +210,7 @@ def baselines(values: Mapping[str, Any], copies_list: Iterable[int], seeds: Iter
             single.append(single_qubit_accuracy(data, seed=seed))
             for m in copies_list:
                 acc = shadow_accuracy(data, m, seed=seed)
+                acc |= {f"bell_{key}": v for key, v in bell_accuracy(data, m, seed=seed).items()}
                 for key, v in acc.items():
                     per_m.setdefault(str(m), {}).setdefault(key, 0.0)
                     per_m[str(m)][key] += v / len(seeds)
@@ -209,6 +220,8 @@ def baselines(values: Mapping[str, Any], copies_list: Iterable[int], seeds: Iter
             "single_qubit_exact_best": float(np.mean([s["best"] for s in single])),
             "shadow_logreg": per_m[main]["logreg"],
             "shadow_mlp": per_m[main]["mlp"],
+            "bell_logreg": per_m[main]["bell_logreg"],
+            "bell_mlp": per_m[main]["bell_mlp"],
             "copies": int(values["copies"]),
             "by_copies": per_m,
         }
@@ -223,15 +236,21 @@ def mixed_federation_experiment(
     sweep: Iterable[int] | None = None,
     sweep_seeds: int | None = None,
     processes: int = 1,
+    quantum_kinds: Iterable[str] = QUANTUM_KINDS,
 ) -> dict[str, Any]:
-    """Run every arm (q = 0 … clients quantum clients) at M = ``copies`` for ``seeds`` seeds and at every M of
-    ``sweep`` for ``sweep_seeds`` seeds; return (and with ``out``, write) the result object.
+    """Run every arm (q = 0 … clients quantum clients, then q = 1 … clients bell clients; the rest classical)
+    at M = ``copies`` for ``seeds`` seeds and at every M of ``sweep`` for ``sweep_seeds`` seeds; return (and
+    with ``out``, write) the result object.
 
     ``quick`` takes :data:`QUICK` (2 seeds, 5 rounds, M ∈ {32, 1000}) instead of
-    :data:`FULL` (8 seeds, 10 rounds, M ∈ {32, 128, 1000, 8192}). ``overrides`` replace
+    :data:`FULL` (8 seeds, 10 rounds, M ∈ {32, 128, 1000, 8192}). ``quantum_kinds`` picks the arm families
+    (the all-classical arm always runs). ``overrides`` replace
     :data:`DEFAULTS` (any RunConfig key). Files: ``quantum_mixed.json``,
     ``quantum_mixed.md``, ``accuracy_vs_copies.png``, ``accuracy_per_round.png``.
     """
+    kinds = set(quantum_kinds)
+    if not kinds or not kinds <= set(QUANTUM_KINDS):
+        raise ValueError(f"quantum_kinds must name some of {', '.join(QUANTUM_KINDS)}, got {sorted(kinds)}")
     plan = QUICK if quick else FULL
     values = {**DEFAULTS, "rounds": plan["rounds"], **(overrides or {})}
     clients, main = int(values["clients"]), int(values["copies"])
@@ -241,7 +260,8 @@ def mixed_federation_experiment(
     jobs = []
     for m in copies_list:
         for seed in range(n_seeds if m == main else n_sweep):
-            jobs += [(values, seed, q, m) for q in range(clients + 1)]
+            jobs.append((values, seed, 0, m, QUANTUM_KINDS[0]))
+            jobs += [(values, seed, q, m, kind) for kind in QUANTUM_KINDS if kind in kinds for q in range(1, clients + 1)]
     runs = _run_all(jobs, processes)
     result = {
         "config": values,
@@ -276,8 +296,8 @@ def format_result(result: Mapping[str, Any]) -> str:
         f"M = {main:,} copies per state; mean over seeds with 95% intervals (Student t).",
         "",
         "| arm | seeds | final acc | 95% CI | last-3 acc | 95% CI | Δ last-3 vs all-classical (paired) | 95% CI | seeds better "
-        "| final acc, VQC alone | final acc, shadow learner alone |",
-        "|---|---:|---:|---|---:|---|---:|---|---:|---:|---:|",
+        "| final acc, VQC alone | final acc, shadow learner alone | final acc, Bell learner alone |",
+        "|---|---:|---:|---|---:|---|---:|---|---:|---:|---:|---:|",
     ]
     for a in (a for a in result["arms"] if a["copies"] == main):
         diff = (
@@ -289,25 +309,28 @@ def format_result(result: Mapping[str, Any]) -> str:
             f"| {a['arm']} | {len(a['seeds'])} | {a['final_accuracy_mean']:.3f} | {_ci(a['final_accuracy_ci95'])} | "
             f"{a['last3_accuracy_mean']:.3f} | {_ci(a['last3_accuracy_ci95'])} | {diff} | "
             + " | ".join(f"{a[k]:.3f}" if k in a else "—" for k in (
-                "final_accuracy_quantum_model_alone_mean", "final_accuracy_classical_model_alone_mean")) + " |"
+                "final_accuracy_quantum_model_alone_mean", "final_accuracy_classical_model_alone_mean",
+                "final_accuracy_bell_model_alone_mean")) + " |"
         )
     ms = sorted({a["copies"] for a in result["arms"]})
     lines += ["", "Last-3 accuracy against M (mean over the seeds run at that M):", ""]
     lines.append("| arm | " + " | ".join(f"M = {m:,}" for m in ms) + " |")
     lines.append("|---|" + "---:|" * len(ms))
-    for q in sorted({a["quantum_clients"] for a in result["arms"]}):
+    for name in dict.fromkeys(a["arm"] for a in result["arms"]):
         cells = []
         for m in ms:
-            a = next((a for a in result["arms"] if a["copies"] == m and a["quantum_clients"] == q), None)
+            a = next((a for a in result["arms"] if a["copies"] == m and a["arm"] == name), None)
             cells.append(f"{a['last3_accuracy_mean']:.3f} ({len(a['seeds'])})" if a else "—")
-        lines.append(f"| {arm_name(q, int(cfg['clients']))} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Centralised baselines (held-out accuracy):", ""]
-    lines.append("| dataset | exact single-qubit logreg | best exact single-qubit | " + " | ".join(
-        f"shadow logreg M={m:,} | shadow MLP M={m:,}" for m in ms) + " |")
-    lines.append("|---|---:|---:|" + "---:|---:|" * len(ms))
+    lines.append("| dataset | learner | exact single-qubit | " + " | ".join(f"M={m:,}" for m in ms) + " |")
+    lines.append("|---|---|---:|" + "---:|" * len(ms))
     for name, b in result["baselines"].items():
-        row = " | ".join(f"{b['by_copies'][str(m)]['logreg']:.3f} | {b['by_copies'][str(m)]['mlp']:.3f}" for m in ms)
-        lines.append(f"| {name} | {b['single_qubit_exact_logreg']:.3f} | {b['single_qubit_exact_best']:.3f} | {row} |")
+        lines.append(f"| {name} | best on exact single-qubit expectations | {b['single_qubit_exact_best']:.3f} |"
+                     + " |" * len(ms))
+        for key, label in (("logreg", "shadow logreg"), ("mlp", "shadow MLP"), ("bell_logreg", "Bell logreg"),
+                           ("bell_mlp", "Bell MLP")):
+            lines.append(f"| {name} | {label} | — | " + " | ".join(f"{b['by_copies'][str(m)][key]:.3f}" for m in ms) + " |")
     return "\n".join(lines)
 
 
@@ -318,24 +341,27 @@ def plot(out: Path, result: Mapping[str, Any]) -> None:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
-    arms_q = sorted({a["quantum_clients"] for a in result["arms"]})
-    for q in arms_q:
-        sel = sorted((a for a in result["arms"] if a["quantum_clients"] == q), key=lambda a: a["copies"])
-        ms = [a["copies"] * 1.06 ** (q - len(arms_q) / 2) for a in sel]  # side by side, not on top of each other
+    names = list(dict.fromkeys(a["arm"] for a in result["arms"]))
+    for i, name in enumerate(names):
+        sel = sorted((a for a in result["arms"] if a["arm"] == name), key=lambda a: a["copies"])
+        ms = [a["copies"] * 1.04 ** (i - len(names) / 2) for a in sel]  # side by side, not on top of each other
         mean = np.array([a["last3_accuracy_mean"] for a in sel])
         lo = mean - np.array([a["last3_accuracy_ci95"][0] for a in sel])
         hi = np.array([a["last3_accuracy_ci95"][1] for a in sel]) - mean
-        ax.errorbar(ms, mean, yerr=[lo, hi], marker="o", capsize=3, label=f"federated: {sel[0]['arm']}")
+        bell_arm = sel[0].get("quantum_kind") == "bell" and sel[0]["quantum_clients"] > 0
+        ax.errorbar(ms, mean, yerr=[lo, hi], marker="s" if bell_arm else "o", ls="--" if bell_arm else "-", capsize=3,
+                    label=f"federated: {name}")
     b = result["baselines"][result["config"]["dataset"]]
     ms = sorted(int(m) for m in b["by_copies"])
-    for key, style in (("logreg", "k--"), ("mlp", "k:")):
-        ax.plot(ms, [b["by_copies"][str(m)][key] for m in ms], style, label=f"centralised shadow {key}")
+    for key, style, label in (("logreg", "k--", "shadow logreg"), ("mlp", "k:", "shadow MLP"),
+                              ("bell_logreg", "m--", "Bell logreg"), ("bell_mlp", "m:", "Bell MLP")):
+        ax.plot(ms, [b["by_copies"][str(m)][key] for m in ms], style, lw=1, label=f"centralised {label}")
     ax.axhline(0.5, color="grey", lw=0.8)
     ax.set_ylim(0.3, 1.02)  # intervals of 2–3 seeds can reach past [0, 1]; the axis shows where the means are
     ax.set_xscale("log")
-    ax.set_xlabel("copies per state M (shots / shadow snapshots)")
+    ax.set_xlabel("copies per state M (shots / shadow snapshots / 2 × Bell samples)")
     ax.set_ylabel("test accuracy (last-3 rounds)")
-    ax.set_title(f"{result['config']['dataset']}: quantum vs classical-shadow clients at equal M", fontsize=9)
+    ax.set_title(f"{result['config']['dataset']}: VQC, Bell-sampling and classical-shadow clients at equal M", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
     fig.tight_layout()

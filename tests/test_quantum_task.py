@@ -190,6 +190,19 @@ def test_vqc_federation_stays_at_chance_on_twirled_ntangled():
     assert max(r["accuracy"] for r in history) <= 0.65
 
 
+def test_bell_clients_train_only_their_own_learner():
+    cfg = cfg_of(client_kinds="bell:1,classical:1", clients=2, copies=64, quantum_samples=80)
+    task = QuantumTask(cfg)
+    shapes = task.shapes()
+    assert shapes["bell.0.weight"] == (32, 15) and "shadow.0.weight" in shapes  # 2^4 − 1 purities, one hidden layer
+    weights = task.initial_weights()
+    delta, n, loss = task.local_update(weights, 0, 2, 1)  # partition 0 is the bell client
+    assert n > 0 and np.isfinite(loss)
+    assert all(np.abs(delta[k]).max() > 0 for k in shapes if k.startswith("bell."))
+    assert all(not np.any(delta[k]) for k in shapes if not k.startswith("bell."))
+    assert set(task.kind_accuracies(weights)) == {"bell", "classical"}
+
+
 def test_hybrid_model_on_digits_trains():
     cfg = resolve_config(
         {"model": "hybrid", "dataset": "digits", "qubits": 4, "backend": "default", "clients": 10, "local_epochs": 2, "lr": 0.05}
@@ -225,7 +238,8 @@ def test_mixed_federation_experiment_writes_the_issue_17_outputs(tmp_path):
     saved = json.loads((tmp_path / "quantum_mixed.json").read_text())
     assert saved["arms"] == json.loads(json.dumps(result["arms"]))
     main = [a for a in saved["arms"] if a["copies"] == 32]
-    assert [a["quantum_clients"] for a in main] == [0, 1, 2]
+    assert [(a["quantum_kind"], a["quantum_clients"]) for a in main] == [
+        ("quantum", 0), ("quantum", 1), ("quantum", 2), ("bell", 1), ("bell", 2)]
     for a in saved["arms"]:
         for key in ("arm", "quantum_clients", "copies", "final_accuracy_mean", "final_accuracy_ci95",
                     "last3_accuracy_mean", "last3_accuracy_ci95", "seeds"):
@@ -234,14 +248,17 @@ def test_mixed_federation_experiment_writes_the_issue_17_outputs(tmp_path):
         assert lo <= a["last3_accuracy_mean"] <= hi
     assert main[0]["seeds"] == [0, 1] and [a["seeds"] for a in saved["arms"] if a["copies"] == 8][0] == [0]
     # Paired differences: same seed, arm minus all-classical, final round.
-    runs = {(r["seed"], r["quantum_clients"], r["copies"]): r["accuracy"] for r in saved["runs"]}
-    assert main[1]["paired_final_diff"] == pytest.approx([runs[(s, 1, 32)][-1] - runs[(s, 0, 32)][-1] for s in (0, 1)])
+    runs = {(r["seed"], r["quantum_kind"], r["quantum_clients"], r["copies"]): r["accuracy"] for r in saved["runs"]}
+    for arm in (main[1], main[3]):
+        kind = arm["quantum_kind"]
+        assert arm["paired_final_diff"] == pytest.approx(
+            [runs[(s, kind, 1, 32)][-1] - runs[(s, "quantum", 0, 32)][-1] for s in (0, 1)])
     for name in ("ntangled", "magic"):
         b = saved["baselines"][name]
-        assert {"single_qubit_exact_logreg", "shadow_logreg", "shadow_mlp"} <= set(b)
+        assert {"single_qubit_exact_logreg", "shadow_logreg", "shadow_mlp", "bell_logreg", "bell_mlp"} <= set(b)
         assert b["single_qubit_exact_logreg"] <= 0.6
     md = (tmp_path / "quantum_mixed.md").read_text()
-    assert "| 1 quantum + 1 classical | 2 |" in md
+    assert "| 1 quantum + 1 classical | 2 |" in md and "| 1 bell + 1 classical | 2 |" in md
     assert (tmp_path / "accuracy_vs_copies.png").stat().st_size > 0 and (tmp_path / "accuracy_per_round.png").stat().st_size > 0
 
 

@@ -17,6 +17,7 @@ seeded; accuracy is measured on the held-out split.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -68,13 +69,25 @@ def single_qubit_accuracy(data: qdata.QuantumDataset, seed: int = 0) -> dict[str
     return out
 
 
-def shadow_accuracy(data: qdata.QuantumDataset, copies: int, seed: int = 0) -> dict[str, float]:
-    """Held-out accuracy of ``logreg`` and ``mlp`` on shadow features from ``copies`` snapshots per state (0: exact)."""
-    from .shadows import shadow_features
-
-    x_train = shadow_features(data.x_train, copies, seed=seed)
-    x_test = shadow_features(data.x_test, copies, seed=seed + 1)
+def _feature_accuracy(data: qdata.QuantumDataset, features: Callable[[np.ndarray, int, int], np.ndarray], copies: int,
+                      seed: int) -> dict[str, float]:
+    x_train = features(data.x_train, copies, seed)
+    x_test = features(data.x_test, copies, seed + 1)
     return {
         "logreg": _fit_score(logreg(seed), x_train, data.y_train, x_test, data.y_test),
         "mlp": _fit_score(small_mlp(seed), x_train, data.y_train, x_test, data.y_test),
     }
+
+
+def shadow_accuracy(data: qdata.QuantumDataset, copies: int, seed: int = 0) -> dict[str, float]:
+    """Held-out accuracy of ``logreg`` and ``mlp`` on shadow features from ``copies`` snapshots per state (0: exact)."""
+    from .shadows import shadow_features
+
+    return _feature_accuracy(data, shadow_features, copies, seed)
+
+
+def bell_accuracy(data: qdata.QuantumDataset, copies: int, seed: int = 0) -> dict[str, float]:
+    """Held-out accuracy of ``logreg`` and ``mlp`` on Bell-sampled purities from ``copies`` copies per state (0: exact)."""
+    from .bell import bell_features
+
+    return _feature_accuracy(data, bell_features, copies, seed)
