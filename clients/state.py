@@ -2,8 +2,9 @@
 
 Where it lives, first match wins:
 
-1. a ``qfl edge`` daemon's node (node config ``qfl-state``): files under that
-   state directory, so the state survives a restart of the node;
+1. a ``qfl edge`` daemon's node (node config ``qfl-state``): Flower's
+   ``context.state``, which the daemon commits to its own state database with
+   the round it belongs to (:func:`qfl.clients.daemon.edge_state_mod`);
 2. ``client_state_dir`` in the run config (the simulation runner sets it to
    ``<run dir>/client-state``): files, so 1,000 simulated clients do not keep
    1,000 residuals in memory while they are not sampled, and a resumed run
@@ -80,9 +81,8 @@ class CodecStateFiles:
 
 def state_files(context: Context, client_state_dir: str, partition: int) -> CodecStateFiles | None:
     """The files holding this client's codec state, or None when it stays in ``context.state``."""
-    node_dir = context.node_config.get(NODE_STATE_DIR)
-    if node_dir:
-        return CodecStateFiles(Path(str(node_dir)) / "codec-state", partition)
+    if context.node_config.get(NODE_STATE_DIR):
+        return None  # an edge daemon keeps context.state in its own durable state
     if client_state_dir:
         return CodecStateFiles(client_state_dir, partition)
     return None
