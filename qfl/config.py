@@ -137,7 +137,7 @@ class FederationConfig(_ConfigPart):
     clients: int = 10
     fraction: float = 1.0  # share of clients sampled for training each round
     seed: int = 0
-    fed_eval: bool = True  # also evaluate on the clients' local data each round
+    fed_eval: bool = True  # also evaluate on a sample of clients' local data each round (as many as `fraction` trains)
     timeout_s: float = 600.0  # how long the server waits for replies per round
     # Largest 'num-examples' (averaging weight) the server accepts from one client
     # whose partition size it does not know; a reply claiming more is dropped.

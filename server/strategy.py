@@ -88,7 +88,8 @@ class QflFedAvg(FedAvg):
     seed : int
         Seeds the per-round sampling.
     fed_eval : bool
-        Whether to run federated evaluation on all nodes each round.
+        Whether to run federated evaluation each round, on a sample of the
+        nodes as large as the training sample (drawn independently of it).
     wait_timeout : float
         Seconds to wait for ``min_nodes`` to connect.
     max_client_examples : int
@@ -119,7 +120,7 @@ class QflFedAvg(FedAvg):
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
-            fraction_evaluate=1.0 if fed_eval else 0.0,
+            fraction_evaluate=fraction_train if fed_eval else 0.0,
             min_train_nodes=1,
             min_evaluate_nodes=1 if fed_eval else 0,
             min_available_nodes=min_nodes,
@@ -155,10 +156,11 @@ class QflFedAvg(FedAvg):
             time.sleep(0.5)
         return nodes
 
-    def _sample(self, grid: Grid, server_round: int, fraction: float) -> list[int]:
+    def _sample(self, grid: Grid, server_round: int, fraction: float, purpose: int = 0) -> list[int]:
+        """``fraction`` of the connected nodes, drawn from (seed, round[, purpose]): 0 trains, 1 evaluates."""
         nodes = self._wait_for_nodes(grid)
         count = max(1, int(round(len(nodes) * fraction)))
-        rng = np.random.default_rng([self.seed, server_round])
+        rng = np.random.default_rng([self.seed, server_round, purpose] if purpose else [self.seed, server_round])
         picks = rng.choice(len(nodes), size=count, replace=False)  # indices: node ids overflow int64
         return sorted(nodes[int(i)] for i in picks)
 
@@ -183,7 +185,7 @@ class QflFedAvg(FedAvg):
         if self.fraction_evaluate == 0.0:
             self.eval_downlink_bytes = 0
             return []
-        nodes = self._wait_for_nodes(grid)
+        nodes = self._sample(grid, server_round, self.fraction_evaluate, purpose=1)
         model = encode_update(record_to_weights(arrays), self.downlink_codec)
         self.eval_downlink_bytes = payload_bytes(model) * len(nodes)
         config["server-round"] = server_round

@@ -288,3 +288,16 @@ def test_evaluate_replies_with_bad_metrics_are_ignored_with_a_reason(task_identi
     assert len(strategy.eval_ignored) == 4 and "from node 12 ignored" in strategy.eval_ignored[0]
     text = " | ".join(strategy.eval_ignored)
     assert "'num-examples' must be an integer, got nan" in text and "'eval-accuracy' = 7.0 is outside" in text
+
+
+def test_federated_evaluation_asks_a_sample_as_large_as_the_training_one(task_identity):
+    """At 1,000 clients and fraction 0.1 a round evaluates on 100 nodes, not on all 1,000."""
+    strategy = _strategy(fraction_train=0.5, seed=3)
+    train = {m.metadata.dst_node_id for m in _configure(strategy)}
+    evaluate = {m.metadata.dst_node_id for m in strategy.configure_evaluate(1, weights_to_record(_weights()),
+                                                                            ConfigRecord({}), FakeGrid())}
+    assert len(evaluate) == len(train) == round(len(NODES) * 0.5) and evaluate <= set(NODES)
+    everyone = _strategy(fraction_train=1.0)
+    assert len(list(everyone.configure_evaluate(1, weights_to_record(_weights()), ConfigRecord({}), FakeGrid()))) == len(NODES)
+    assert list(_strategy(fed_eval=False).configure_evaluate(1, weights_to_record(_weights()), ConfigRecord({}),
+                                                             FakeGrid())) == []
