@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from qfl.clients.tasks import ClientTask, task_for
 from qfl.compression import make_codec
 from qfl.config import RunConfig, resolve_config
-from qfl.errors import ResumeError
+from qfl.errors import ResumeError, ResumeReason
 from qfl.files import atomic_write_bytes, atomic_write_json
 from qfl.records import as_int
 from qfl.security.secagg import MASKED_MODES, SECURITY_LEVELS
@@ -69,7 +69,7 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
     path = Path(run_dir) / CONFIG_NAME
     if not path.exists():
-        raise ResumeError(f"{run_dir} has no {CONFIG_NAME}; pass the directory a `qfl run` wrote")
+        raise ResumeError(f"{run_dir} has no {CONFIG_NAME}; pass the directory a `qfl run` wrote", reason=ResumeReason.NO_CONFIG)
     return resolve_config(load_config_file(path))
 
 
@@ -90,7 +90,7 @@ def run_federation(
     checkpoint = load_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         if {k: tuple(v.shape) for k, v in checkpoint.weights.items()} != shapes:
-            raise ResumeError(f"checkpoint in {run_dir} does not match the model {cfg.model!r}")
+            raise ResumeError(f"checkpoint in {run_dir} does not match the model {cfg.model!r}", reason=ResumeReason.MODEL_MISMATCH)
         weights, history, first_round = checkpoint.weights, checkpoint.history, checkpoint.round + 1
         optimizer.load_state_arrays(checkpoint.optimizer_state)
     else:

@@ -74,6 +74,7 @@ from qfl.security.secagg import (
     RoundPlan,
     SealedShare,
     SecAggError,
+    SecAggReason,
     UnknownKeyId,
     UnmaskReply,
     client_sae,
@@ -173,11 +174,11 @@ def _text(value: object) -> str:
 def _seal_fields(content: RecordDict, name: str) -> tuple[str, bytes]:
     """(key id, tag) of a sealed record, type-checked; SecAggError if missing or mistyped."""
     if name not in content.config_records:
-        raise SecAggError(f"the reply lacks the {name!r} ConfigRecord")
+        raise SecAggError(f"the reply lacks the {name!r} ConfigRecord", reason=SecAggReason.MALFORMED)
     record = content[name]
     key_id, tag = record.get("key-id"), record.get("tag")
     if not isinstance(key_id, str) or len(key_id) > MAX_KEY_ID or not isinstance(tag, bytes):
-        raise SecAggError(f"the {name!r} record needs a key id (str) and a tag (bytes)")
+        raise SecAggError(f"the {name!r} record needs a key id (str) and a tag (bytes)", reason=SecAggReason.MALFORMED)
     return key_id, tag
 
 
@@ -188,11 +189,11 @@ def _pair(a: str, b: str) -> tuple[str, str]:
 
 def _one_array(content: RecordDict, record: str, name: str) -> bytes:
     if record not in content.array_records:
-        raise SecAggError(f"the reply lacks the {record!r} ArrayRecord")
+        raise SecAggError(f"the reply lacks the {record!r} ArrayRecord", reason=SecAggReason.MALFORMED)
     arrays = content.array_records[record]
     exact = record == "update"  # the upload is one array; the shares record holds two
     if (exact and list(arrays.keys()) != [name]) or name not in arrays:
-        raise SecAggError(f"the {record!r} ArrayRecord must hold the array {name!r}" + (" only" if exact else ""))
+        raise SecAggError(f"the {record!r} ArrayRecord must hold the array {name!r}" + (" only" if exact else ""), reason=SecAggReason.MALFORMED)
     return bytes(arrays[name].data)
 
 
@@ -302,19 +303,19 @@ class MaskedRound:
 
     def _key_ids(self, reply: Message, pid: int) -> dict[int, str]:
         if reply.has_error():
-            raise SecAggError(_text(reply.error.reason))
+            raise SecAggError(_text(reply.error.reason), reason=SecAggReason.REFUSED)
         if "pair-keys" not in reply.content.config_records:
-            raise SecAggError("no 'pair-keys' record")
+            raise SecAggError("no 'pair-keys' record", reason=SecAggReason.MALFORMED)
         rec = reply.content["pair-keys"]
         peers, ids = rec.get("peers"), rec.get("key-ids")
         if not isinstance(peers, list) or not isinstance(ids, list) or len(peers) != len(ids):
-            raise SecAggError("'pair-keys' needs two lists of equal length, 'peers' and 'key-ids'")
+            raise SecAggError("'pair-keys' needs two lists of equal length, 'peers' and 'key-ids'", reason=SecAggReason.MALFORMED)
         out = {}
         for peer, key_id in zip(peers, ids):
             if (isinstance(peer, bool) or not isinstance(peer, int) or peer not in self.plan.peers(pid)
                     or peer <= pid or not isinstance(key_id, str) or len(key_id) > MAX_KEY_ID or peer in out):
                 raise SecAggError(f"'pair-keys' names peer {_text(peer)!s} / key id {_text(key_id)!s}, "
-                                  "not a key with a higher participant")
+                                  "not a key with a higher participant", reason=SecAggReason.MALFORMED)
             out[peer] = key_id
         return out
 
@@ -443,11 +444,11 @@ class MaskedRound:
 
     def _open_unmask(self, reply: Message, pid: int, survivors: list[int], dropped: list[int]) -> UnmaskReply:
         if reply.has_error():
-            raise SecAggError(_text(reply.error.reason))
+            raise SecAggError(_text(reply.error.reason), reason=SecAggReason.REFUSED)
         key_id, tag = _seal_fields(reply.content, "reveal")
         body = reply.content["reveal"].get("body")
         if not isinstance(body, bytes):
-            raise SecAggError("the 'reveal' record needs a 'body' (bytes)")
+            raise SecAggError("the 'reveal' record needs a 'body' (bytes)", reason=SecAggReason.MALFORMED)
         self.outcome.uplink_bytes += len(body)
         try:
             open_seal(self.source, pid, self.plan.mode, "reveal", self.plan.round, body, key_id, tag)
@@ -605,7 +606,7 @@ class SecureFedAvg(QflFedAvg):
         node = msg.metadata.src_node_id
         pid = self.partition_of.get(node)
         if pid is None:
-            raise SecAggError(f"node {node} has no known partition id")
+            raise SecAggError(f"node {node} has no known partition id", reason=SecAggReason.MALFORMED)
         key_id, tag = _seal_fields(msg.content, "seal")
         padded = msg.content.array_records["update"]  # _check_reply has checked that it is one
         cipher = b"".join(bytes(a.data) for a in padded.values())

@@ -150,7 +150,9 @@ class QflFedAvg(FedAvg):
             if time.monotonic() > deadline:
                 raise NotEnoughNodes(
                     f"only {len(nodes)} of {self.min_available_nodes} nodes connected after "
-                    f"{self.wait_timeout:.0f}s; start more SuperNodes or set clients={len(nodes)}"
+                    f"{self.wait_timeout:.0f}s; start more SuperNodes or set clients={len(nodes)}",
+                    connected=len(nodes),
+                    needed=self.min_available_nodes,
                 )
             time.sleep(0.5)
         return nodes
