@@ -27,6 +27,7 @@ from qfl.clients import app as client_app
 from qfl.clients import secure as client_secure
 from qfl.compression import encode_update, make_codec
 from qfl.config import resolve_config
+from qfl.errors import SecAggError, SecAggReason
 from qfl.server.key_budget import KeyBudget
 from qfl.server.optimizers import make_server_optimizer
 from qfl.server.preflight import check_components
@@ -443,5 +444,6 @@ def test_the_client_app_routes_the_workflow_queries_to_its_mod(task_identity):
     reply = client_app.app(Message(RecordDict({}), dst_node_id=100, message_type=HELLO), context)
     assert reply.content["metrics"]["partition-id"] == 3
     # without the mod the registered endpoint only raises
-    with pytest.raises(Exception, match="install secagg_mod"):
+    with pytest.raises(SecAggError) as err:
         client_secure._answered_by_mod(Message(RecordDict({}), dst_node_id=100, message_type=HELLO), context)
+    assert err.value.reason is SecAggReason.SETUP  # the message says: install secagg_mod
