@@ -39,8 +39,10 @@ Every field a client sends (partition ids, key ids, tags, share blobs, reveal
 bodies, metrics) is untrusted: a wrong type, size or value drops that client
 with a reason; nothing a client sends raises out of ``aggregate_train``.
 
-For ``security=channel-pad`` the round is QflFedAvg's, with every reply
-verified and unpadded before it is decoded.
+For ``security=channel-pad`` there is no workflow: the round is QflFedAvg's
+(:class:`PaddedFedAvg`), and the pad is a transport step (:class:`ChannelPad`)
+that verifies and unpads every reply before it is decoded. Both strategies
+share :class:`KeyedFedAvg`'s key budget; :func:`secure_strategy` picks one.
 """
 
 from __future__ import annotations
@@ -68,7 +70,6 @@ from qfl.config import RunConfig
 from qfl.security.keys.source import KeySource
 from qfl.security.secagg import (
     MAC_KEY_BYTES,
-    MASKED_MODES,
     SERVER_SAE,
     MaskedSum,
     RoundPlan,
@@ -472,8 +473,54 @@ class MaskedRound:
         return self.outcome
 
 
-class SecureFedAvg(QflFedAvg):
-    """QflFedAvg whose uploads are masked (masked-sum, expanded) or padded (channel-pad) with QKD key.
+class ChannelPad:
+    """channel-pad, the server half of a transport step: each reply's ``update`` arrives padded and
+    sealed with a fresh key of link client~server (``clients.secure`` pads it); :meth:`open` checks
+    the seal and strips the pad, so the strategy decodes and aggregates the update as without security.
+
+    The budget reserves :meth:`link_bits` per client and round: the tag key plus a pad of
+    ``PAD_MARGIN`` times the largest upload seen so far.
+    """
+
+    def __init__(self, source: KeySource) -> None:
+        self.source = source
+        self.max_upload = 0  # bytes of the largest padded upload so far
+
+    def link_bits(self) -> int:
+        return 8 * (MAC_KEY_BYTES + int(self.max_upload * PAD_MARGIN))
+
+    def observe(self, replies: Iterable[Message]) -> None:
+        """Before the first upload was seen, size the pad by this round's replies."""
+        if not self.max_upload:
+            self.max_upload = max((sum(len(a.data) for a in m.content.array_records["update"].values()) for m in replies
+                                   if not m.has_error() and "update" in m.content.array_records), default=0)
+
+    def open(self, msg: Message, pid: int | None, server_round: int) -> ArrayRecord:
+        """The codec payloads of ``msg``, unpadded; SecAggError if the seal or the pad does not check out."""
+        if pid is None:
+            raise SecAggError(f"node {msg.metadata.src_node_id} has no known partition id", reason=SecAggReason.MALFORMED)
+        key_id, tag = _seal_fields(msg.content, "seal")
+        padded = msg.content.array_records["update"]  # QflFedAvg._check_reply has checked that it is one
+        cipher = b"".join(bytes(a.data) for a in padded.values())
+        self.max_upload = max(self.max_upload, len(cipher))
+        plain = open_pad(self.source, pid, server_round, cipher, key_id, tag)
+        out, start = ArrayRecord(), 0
+        for name, array in padded.items():
+            n = len(array.data)
+            out[name] = type(array)(dtype="uint8", shape=(n,), stype=str(array.stype).removesuffix("+pad"),
+                                    data=plain[start : start + n])
+            start += n
+        return out
+
+
+class KeyedFedAvg(QflFedAvg):
+    """QflFedAvg whose rounds take QKD key: the half both secure strategies share.
+
+    Each round it samples, learns the nodes' partition ids, ticks the QKD clock,
+    prices the round per link and applies ``key_policy`` (clients whose links
+    cannot pay are left out), then hands the admitted clients to the subclass's
+    round (:meth:`_start`, :meth:`_aggregate`) and accounts the key bits used.
+    :func:`secure_strategy` picks the subclass for ``security``.
 
     Parameters (besides QflFedAvg's)
     --------------------------------
@@ -482,27 +529,18 @@ class SecureFedAvg(QflFedAvg):
         ``secure_min_clients``, ``timeout_s`` and the codec.
     budget : KeyBudget
         The key source, QKD network and exhaustion policy of the run.
-    round_seed : callable
-        ``round_seed(server_round)``: the seed all clients of a round share (rand-k supports).
-    clips : dict[str, float] | None
-        The clip bound per tensor to start from (a resumed run's last one).
     """
 
-    def __init__(self, *args, cfg: RunConfig, budget: KeyBudget, round_seed, clips=None, **kwargs) -> None:
+    def __init__(self, *args, cfg: RunConfig, budget: KeyBudget, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.cfg = cfg
         self.mode = cfg.security
         self.budget = budget
-        self.round_seed = round_seed
-        self.clips: dict[str, float] = dict(clips or {name: cfg.secure_clip for name in self.shapes})
         self.partition_of: dict[int, int] = {}  # node id -> partition id (unambiguous claims only)
         self.contested: dict[int, set[int]] = {}  # partition id -> nodes that all claim it
-        self.masked: MaskedRound | None = None  # the current masked round
         self.key_usage_before: dict[str, int] = {}
         self.key_links: dict[str, int] = {}  # bits used this round per link (filled after aggregation)
-        self.key_split = KeySplit()
         self.key_wait_s = 0.0
-        self.max_upload = 0  # channel-pad: the largest padded upload so far, for the budget
 
     # -- helpers --------------------------------------------------------------------------------
     def _send(self, grid: Grid, messages: list[Message]) -> list[Message]:
@@ -539,14 +577,10 @@ class SecureFedAvg(QflFedAvg):
                 bad[node] = Drop(node, None, DropReason.NO_PARTITION_ID)
         return bad
 
-    def _needs(self, pids: list[int], plan: RoundPlan | None) -> dict[tuple[str, str], int]:
-        """Bits each link must supply this round, sorted pairs as keys."""
-        needs: dict[tuple[str, str], int] = {}
-        server_bits = 8 * 2 * MAC_KEY_BYTES  # an upload tag and an unmask-reply tag
-        if plan is None:  # channel-pad: the pad plus its tag key
-            server_bits = 8 * (MAC_KEY_BYTES + int(self.max_upload * PAD_MARGIN))
-        for i in pids:
-            needs[_pair(client_sae(i), SERVER_SAE)] = server_bits
+    def _needs(self, pids: list[int], server_bits: int, plan: RoundPlan | None = None) -> dict[tuple[str, str], int]:
+        """Bits each link must supply this round, sorted pairs as keys: ``server_bits`` on every
+        client~server link, and the pair keys of ``plan`` (a masked round) on the client~client links."""
+        needs = {_pair(client_sae(i), SERVER_SAE): server_bits for i in pids}
         if plan is not None:
             pair_bits = 8 * plan.pair_key_bytes()
             sampled = plan.with_participants(pids)
@@ -556,25 +590,34 @@ class SecureFedAvg(QflFedAvg):
                         needs[_pair(client_sae(i), client_sae(j))] = pair_bits
         return needs
 
-    # -- configure ------------------------------------------------------------------------------
+    # -- the round ------------------------------------------------------------------------------
+    def _price(self, server_round: int, pids: list[int]) -> tuple[RoundPlan | None, dict[tuple[str, str], int]]:
+        """The round's plan (None without masking) and the bits each link must supply for ``pids``."""
+        raise NotImplementedError
+
+    def _start(
+        self, server_round: int, model: ArrayRecord, config: ConfigRecord, plan: RoundPlan | None,
+        nodes: dict[int, int], drops: list[Drop], grid: Grid,
+    ) -> Iterable[Message]:
+        """The train messages for the admitted ``nodes`` (node id -> partition id); ``drops`` are the left out."""
+        raise NotImplementedError
+
+    def _aggregate(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        raise NotImplementedError
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.masked = None
         self.key_links = {}
-        self.key_split = KeySplit()
         self.key_usage_before = self.budget.usage()
         super().configure_train(server_round, arrays, config, grid)  # samples, encodes the model
         self.budget.tick()
         bad = self._learn_partitions(grid, self.sampled)
         drops = list(bad.values())
         nodes = {n: self.partition_of[n] for n in self.sampled if n not in bad}
-        plan = None
-        if self.mode in MASKED_MODES:  # the round's one plan: priced for all, narrowed to who can pay
-            plan = make_plan(self.cfg, server_round, sorted(nodes.values()), self.shapes, self.clips,
-                             self.round_seed(server_round))
+        plan, needs = self._price(server_round, sorted(nodes.values()))  # one plan: priced for all, narrowed to who can pay
         start = self.budget.clock_s
-        admission = self.budget.admit(sorted(nodes.values()), self._needs(sorted(nodes.values()), plan))
+        admission = self.budget.admit(sorted(nodes.values()), needs)
         self.key_wait_s = self.budget.clock_s - start
         if admission.waited_s:
             log(INFO, "round %s waited %.1f simulated s for QKD key", server_round, admission.waited_s)
@@ -588,49 +631,10 @@ class SecureFedAvg(QflFedAvg):
             log(WARNING, "round %s: %s", server_round, drop.text())
         assert self.current_weights is not None  # configure_train has set the global model
         model = encode_update(self.current_weights, self.downlink_codec)
-        if plan is None:  # channel-pad
-            self.drop_reasons += [d.text() for d in drops]
-            self.downlink_bytes = payload_bytes(model) * len(nodes)
-            record = RecordDict({"arrays": model, "config": config, "secagg": ConfigRecord({"mode": self.mode})})
-            return self._construct_messages(record, sorted(nodes), MessageType.TRAIN)
-        self.masked = MaskedRound(
-            self.cfg, self.budget.source, lambda messages: self._send(grid, messages), config,
-            plan.with_participants(nodes.values()), nodes, drops, self._example_cap,
-        )
-        return self.masked.setup_keys(model)
+        return self._start(server_round, model, config, plan, nodes, drops, grid)
 
-    # -- channel-pad ----------------------------------------------------------------------------
-    def _update_record(self, msg: Message) -> ArrayRecord:
-        if self.mode != "channel-pad":
-            return super()._update_record(msg)
-        node = msg.metadata.src_node_id
-        pid = self.partition_of.get(node)
-        if pid is None:
-            raise SecAggError(f"node {node} has no known partition id", reason=SecAggReason.MALFORMED)
-        key_id, tag = _seal_fields(msg.content, "seal")
-        padded = msg.content.array_records["update"]  # _check_reply has checked that it is one
-        cipher = b"".join(bytes(a.data) for a in padded.values())
-        self.max_upload = max(self.max_upload, len(cipher))
-        plain = open_pad(self.budget.source, pid, self._round, cipher, key_id, tag)
-        out, start = ArrayRecord(), 0
-        for name, array in padded.items():
-            n = len(array.data)
-            out[name] = type(array)(dtype="uint8", shape=(n,), stype=str(array.stype).removesuffix("+pad"),
-                                    data=plain[start : start + n])
-            start += n
-        return out
-
-    # -- aggregate ------------------------------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        self._round = server_round
-        replies = list(replies)
-        if self.mode == "channel-pad":
-            if not self.max_upload:
-                self.max_upload = max((sum(len(a.data) for a in m.content.array_records["update"].values()) for m in replies
-                                       if not m.has_error() and "update" in m.content.array_records), default=0)
-            result = super().aggregate_train(server_round, replies)
-        else:
-            result = self._aggregate_masked(server_round, replies)
+        result = self._aggregate(server_round, list(replies))
         self._account(result[1])
         return result
 
@@ -643,7 +647,77 @@ class SecureFedAvg(QflFedAvg):
     def _key_bits_used(self) -> int:
         return self.budget.physical(self.key_links) if self.key_links else 0
 
-    def _aggregate_masked(self, server_round: int, replies: list[Message]):
+
+class PaddedFedAvg(KeyedFedAvg):
+    """security=channel-pad: QflFedAvg's round; the only secure step is the transport (:class:`ChannelPad`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pad = ChannelPad(self.budget.source)
+        self._round = 0  # the round being aggregated, for the seals
+
+    def _price(self, server_round: int, pids: list[int]) -> tuple[RoundPlan | None, dict[tuple[str, str], int]]:
+        return None, self._needs(pids, self.pad.link_bits())
+
+    def _start(
+        self, server_round: int, model: ArrayRecord, config: ConfigRecord, plan: RoundPlan | None,
+        nodes: dict[int, int], drops: list[Drop], grid: Grid,
+    ) -> Iterable[Message]:
+        self.drop_reasons += [d.text() for d in drops]
+        self.downlink_bytes = payload_bytes(model) * len(nodes)
+        record = RecordDict({"arrays": model, "config": config, "secagg": ConfigRecord({"mode": self.mode})})
+        return self._construct_messages(record, sorted(nodes), MessageType.TRAIN)
+
+    def _update_record(self, msg: Message) -> ArrayRecord:
+        return self.pad.open(msg, self.partition_of.get(msg.metadata.src_node_id), self._round)
+
+    def _aggregate(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self._round = server_round
+        self.pad.observe(replies)
+        return QflFedAvg.aggregate_train(self, server_round, replies)
+
+
+class SecureFedAvg(KeyedFedAvg):
+    """security=masked-sum or expanded: each round is a :class:`MaskedRound`; this strategy applies
+    the mean of the sum the round hands it (:class:`RoundOutcome`) and adapts the clip bounds.
+
+    Parameters (besides KeyedFedAvg's)
+    ----------------------------------
+    round_seed : callable
+        ``round_seed(server_round)``: the seed all clients of a round share (rand-k supports).
+    clips : dict[str, float] | None
+        The clip bound per tensor to start from (a resumed run's last one).
+    """
+
+    def __init__(self, *args, round_seed, clips=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.round_seed = round_seed
+        self.clips: dict[str, float] = dict(clips or {name: self.cfg.secure_clip for name in self.shapes})
+        self.masked: MaskedRound | None = None  # the current round's workflow
+        self.key_split = KeySplit()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.masked, self.key_split = None, KeySplit()
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def _price(self, server_round: int, pids: list[int]) -> tuple[RoundPlan | None, dict[tuple[str, str], int]]:
+        plan = make_plan(self.cfg, server_round, pids, self.shapes, self.clips, self.round_seed(server_round))
+        return plan, self._needs(pids, 8 * 2 * MAC_KEY_BYTES, plan)  # an upload tag and an unmask-reply tag
+
+    def _start(
+        self, server_round: int, model: ArrayRecord, config: ConfigRecord, plan: RoundPlan | None,
+        nodes: dict[int, int], drops: list[Drop], grid: Grid,
+    ) -> Iterable[Message]:
+        assert plan is not None  # _price made it
+        self.masked = MaskedRound(
+            self.cfg, self.budget.source, lambda messages: self._send(grid, messages), config,
+            plan.with_participants(nodes.values()), nodes, drops, self._example_cap,
+        )
+        return self.masked.setup_keys(model)
+
+    def _aggregate(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.masked is not None, "configure_train runs before aggregate_train"
         outcome = self.masked.finish(replies)
         self.key_split = outcome.keys
@@ -683,3 +757,10 @@ class SecureFedAvg(QflFedAvg):
     def checkpoint_state(self) -> dict[str, float]:
         """What a resumed run needs: the clip bounds (stored in the round's metrics)."""
         return dict(self.clips)
+
+
+def secure_strategy(*args, cfg: RunConfig, budget: KeyBudget, round_seed, clips=None, **kwargs) -> KeyedFedAvg:
+    """The strategy for ``cfg.security`` (not none): channel-pad pads the transport, the masked modes mask."""
+    if cfg.security == "channel-pad":
+        return PaddedFedAvg(*args, cfg=cfg, budget=budget, **kwargs)
+    return SecureFedAvg(*args, cfg=cfg, budget=budget, round_seed=round_seed, clips=clips, **kwargs)

@@ -31,7 +31,7 @@ from qfl.errors import SecAggError, SecAggReason
 from qfl.server.key_budget import KeyBudget
 from qfl.server.optimizers import make_server_optimizer
 from qfl.server.preflight import check_components
-from qfl.server.secure import HELLO, REVEAL, SETUP, DropReason, SecureFedAvg
+from qfl.server.secure import HELLO, REVEAL, SETUP, DropReason, secure_strategy
 from qfl.server.strategy import record_to_weights, weights_to_record
 
 SHAPES = {"w": (4, 5), "b": (3,)}
@@ -112,7 +112,7 @@ def _strategy(tmp_path, **values):
         "fed_eval": False, "secure_clip": 1.0, **values,
     }))
     budget = KeyBudget(cfg, tmp_path)
-    strategy = SecureFedAvg(
+    strategy = secure_strategy(
         codec=make_codec(cfg.codec, cfg.codec_params), downlink_codec=make_codec("fp32"), shapes=SHAPES,
         optimizer=make_server_optimizer(cfg), min_nodes=N, wait_timeout=1, cfg=cfg, budget=budget,
         round_seed=lambda r: r,
