@@ -115,6 +115,15 @@ class DropReason(Enum):
     NO_UNMASK = "did not answer the unmask request"  # a survivor: its upload stays in the sum
 
 
+class FailReason(Enum):
+    """Why a masked round opens no sum (the text goes to logs and ``drop_reasons``)."""
+
+    TOO_FEW_CLIENTS = "fewer clients admitted, set up or with a valid upload than a sum needs"
+    BAD_PLAN = "the round's plan cannot run with the clients that set up keys"
+    SINGLE_MASKING_RECEIVED = "single masking cannot open a sum around a received but invalid upload"
+    UNMASK_FAILED = "the masked sum cannot be opened (pair masks or self-mask shares missing or malformed)"
+
+
 @dataclass(frozen=True)
 class Drop:
     """One client left out of (or, for NO_UNMASK, failing) a round, with the details."""
@@ -156,6 +165,7 @@ class RoundOutcome:
     plan: RoundPlan | None
     total: MaskedSum | None = None
     failure: str | None = None  # why the model is unchanged, when it is
+    fail_reason: FailReason | None = None
     drops: list[Drop] = field(default_factory=list)
     uploads: int = 0  # replies that carried an upload, valid or not
     uplink_bytes: int = 0
@@ -242,7 +252,8 @@ class MaskedRound:
             self.failed.add(pid)
         log(WARNING, "round %s: %s", self.plan.round, drop.text())
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, reason: FailReason, why: str) -> None:
+        self.outcome.fail_reason = reason
         self.outcome.failure = f"round {self.plan.round}: {why}; no masked sum this round (the model is unchanged)"
         log(WARNING, self.outcome.failure)
 
@@ -251,7 +262,7 @@ class MaskedRound:
         """Each participant takes its pair keys; return the train messages for those that did."""
         self.plan = setup_plan = self._viable(self.plan, self.nodes)
         if len(self.nodes) < self.min_survivors:
-            self._fail(f"only {len(self.nodes)} clients admitted, fewer than the {self.min_survivors} a sum needs")
+            self._fail(FailReason.TOO_FEW_CLIENTS, f"only {len(self.nodes)} clients admitted, fewer than the {self.min_survivors} a sum needs")
             return []
         record = ConfigRecord(setup_plan.to_config())
         setup = [Message(RecordDict({"config": self.config, "secagg": record}), dst_node_id=n, message_type=SETUP)
@@ -277,12 +288,12 @@ class MaskedRound:
         self.plan = plan = self._viable(setup_plan.with_participants(ready.values()), ready)
         ready = self.nodes
         if len(ready) < self.min_survivors:
-            self._fail(f"only {len(ready)} clients set up keys, fewer than the {self.min_survivors} a sum needs")
+            self._fail(FailReason.TOO_FEW_CLIENTS, f"only {len(ready)} clients set up keys, fewer than the {self.min_survivors} a sum needs")
             return []
         try:
             plan.check()
         except SecAggError as err:
-            self._fail(str(err))
+            self._fail(FailReason.BAD_PLAN, str(err))
             return []
         self.outcome.downlink_bytes = payload_bytes(model) * len(ready)
         messages = []
@@ -396,10 +407,11 @@ class MaskedRound:
         if weight:
             out.train_loss = sum(n * loss for n, loss in with_loss) / weight
         if len(survivors) < self.min_survivors:
-            self._fail(f"only {len(survivors)} valid uploads, fewer than the {self.min_survivors} a sum needs")
+            self._fail(FailReason.TOO_FEW_CLIENTS, f"only {len(survivors)} valid uploads, fewer than the {self.min_survivors} a sum needs")
             return out
         if not plan.double and set(dropped) & self.received:
             self._fail(
+                FailReason.SINGLE_MASKING_RECEIVED,
                 f"clients {sorted(set(dropped) & self.received)} sent an upload that was received but is invalid; "
                 "single masking never asks for the pair masks of a client whose upload arrived (that would "
                 "unmask it), so the others' sum cannot be opened. Use secure_masking=double"
@@ -412,7 +424,7 @@ class MaskedRound:
         try:
             out.total = unmask_sum(plan, {p: self.uploads[p].blob for p in survivors}, replies, dropped)
         except SecAggError as err:
-            self._fail(f"the masked sum cannot be opened: {err}")
+            self._fail(FailReason.UNMASK_FAILED, f"the masked sum cannot be opened: {err}")
         return out
 
     def _collect_unmask(self, survivors: list[int], dropped: list[int]) -> dict[int, UnmaskReply]:
