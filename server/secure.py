@@ -88,31 +88,13 @@ from qfl.security.secagg import (
 )
 from qfl.server.key_budget import KeyBudget
 
-from .strategy import MAX_ABS_LOSS, QflFedAvg, weights_to_record
+from .strategy import MAX_ABS_LOSS, Drop, DropReason, QflFedAvg, weights_to_record
 from .untrusted import UntrustedValue, capped_examples, finite_float, int_in_range
 
 SETUP, REVEAL, HELLO = "query.secagg_setup", "query.secagg_reveal", "query.secagg_hello"
 PAD_MARGIN = 1.25  # channel-pad: key reserved per upload, relative to the largest upload seen
 MAX_KEY_ID = 256  # characters; a key id is a UUID (36)
 MAX_ERROR_TEXT = 300  # characters of a client's error text kept in the drop reasons
-
-
-class DropReason(Enum):
-    """Why a client's contribution is not in a round's sum (the text goes to logs and ``drop_reasons``)."""
-
-    NO_PARTITION_ID = "did not tell a valid partition id"
-    SHARED_PARTITION_ID = "claims a partition id another node claims too"
-    KEY_BUDGET = "left out by the key budget"
-    SETUP_FAILED = "failed the key setup"
-    CLIENT_ERROR = "the client failed"
-    NO_REPLY = "did not reply in time"
-    MALFORMED = "sent a malformed reply"
-    NOT_PARTICIPANT = "is not a participant of this round"
-    REPLAYED = "sent a seal whose key id is unknown or spent (replayed or forged)"
-    BAD_SEAL = "sent an upload that fails its MAC"
-    WRONG_SIZE = "sent an upload or shares of the wrong size"
-    BAD_METRICS = "sent invalid metrics"
-    NO_UNMASK = "did not answer the unmask request"  # a survivor: its upload stays in the sum
 
 
 class FailReason(Enum):
@@ -122,20 +104,6 @@ class FailReason(Enum):
     BAD_PLAN = "the round's plan cannot run with the clients that set up keys"
     SINGLE_MASKING_RECEIVED = "single masking cannot open a sum around a received but invalid upload"
     UNMASK_FAILED = "the masked sum cannot be opened (pair masks or self-mask shares missing or malformed)"
-
-
-@dataclass(frozen=True)
-class Drop:
-    """One client left out of (or, for NO_UNMASK, failing) a round, with the details."""
-
-    node: int | None
-    pid: int | None
-    reason: DropReason
-    detail: str = ""
-
-    def text(self) -> str:
-        who = f"client {self.pid} (node {self.node})" if self.pid is not None else f"node {self.node}"
-        return f"{who}: {self.reason.value}" + (f": {self.detail}" if self.detail else "")
 
 
 @dataclass
@@ -675,6 +643,7 @@ class PaddedFedAvg(KeyedFedAvg):
         self, server_round: int, model: ArrayRecord, config: ConfigRecord, plan: RoundPlan | None,
         nodes: dict[int, int], drops: list[Drop], grid: Grid,
     ) -> Iterable[Message]:
+        self.drops += drops
         self.drop_reasons += [d.text() for d in drops]
         self.downlink_bytes = payload_bytes(model) * len(nodes)
         record = RecordDict({"arrays": model, "config": config, "secagg": ConfigRecord({"mode": self.mode})})
@@ -733,6 +702,7 @@ class SecureFedAvg(KeyedFedAvg):
         assert self.masked is not None, "configure_train runs before aggregate_train"
         outcome = self.masked.finish(replies)
         self.key_split = outcome.keys
+        self.drops = list(outcome.drops)
         self.drop_reasons = outcome.reasons()
         result = outcome.total
         metrics = MetricRecord({

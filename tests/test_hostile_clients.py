@@ -14,7 +14,7 @@ from qfl.compression.wire import max_payload_size, pack_header, unpack_header
 from qfl.config import ConfigError, RunConfig, resolve_config
 from qfl.errors import CodecReason, UntrustedReason
 from qfl.server.optimizers import make_server_optimizer
-from qfl.server.strategy import QflFedAvg, record_to_weights, weights_to_record
+from qfl.server.strategy import DropReason, QflFedAvg, record_to_weights, weights_to_record
 from qfl.server.untrusted import UntrustedValue, capped_examples, finite_float, int_in_range
 
 F32 = np.dtype("<f4")
@@ -192,8 +192,9 @@ def test_a_bad_metric_drops_that_client_and_the_round_goes_on(task_identity, fie
     assert metrics["clients"] == 3 and metrics["dropped"] == 1
     assert np.allclose(record_to_weights(new)["w"], 2.0)  # mean of 1, 2, 3; the hostile 1000 left out
     assert math.isclose(metrics["train-loss"], 0.5)
-    reason = strategy.drop_reasons[0]
-    assert f"node {NODES[3]} dropped: bad metric: '{field}'" in reason
+    (drop,) = strategy.drops
+    assert (drop.node, drop.reason) == (NODES[3], DropReason.BAD_METRICS)
+    assert f"'{field}'" in drop.detail  # names the metric at fault
 
 
 def test_the_example_weight_is_capped(task_identity):
@@ -208,8 +209,8 @@ def test_the_example_weight_is_capped(task_identity):
     new, metrics = strategy.aggregate_train(1, replies)
     assert metrics["clients"] == 2 and metrics["dropped"] == 2
     assert np.allclose(record_to_weights(new)["b"], (50 * 1.0 + 20 * 3.0) / 70)
-    reasons = " | ".join(strategy.drop_reasons)
-    assert "'num-examples' = 21 is outside [1, 20]" in reasons and "'num-examples' = 51 is outside [1, 50]" in reasons
+    assert [(d.node, d.reason) for d in strategy.drops] == [(NODES[1], DropReason.BAD_METRICS),
+                                                            (NODES[2], DropReason.BAD_METRICS)]
 
 
 def test_the_round_config_sets_the_cap_and_partition_ids_are_range_checked(task_identity):
@@ -224,7 +225,8 @@ def test_the_round_config_sets_the_cap_and_partition_ids_are_range_checked(task_
     ]
     _, metrics = strategy.aggregate_train(1, replies)
     assert metrics["clients"] == 2 and metrics["dropped"] == 2
-    assert "'partition-id' = 4 is outside [0, 3]" in " | ".join(strategy.drop_reasons)
+    assert [(d.node, d.reason) for d in strategy.drops] == [(NODES[1], DropReason.BAD_METRICS),
+                                                            (NODES[2], DropReason.BAD_METRICS)]
 
 
 def test_hostile_payloads_in_a_round_are_dropped(task_identity):
@@ -247,7 +249,7 @@ def test_hostile_payloads_in_a_round_are_dropped(task_identity):
         tracemalloc.stop()
     assert peak < 8 << 20
     assert metrics["clients"] == 3 and metrics["dropped"] == 1 and new is not None
-    assert "inner randk payload" in strategy.drop_reasons[0]
+    assert [(d.node, d.reason) for d in strategy.drops] == [(NODES[3], DropReason.UNDECODABLE)]
 
 
 def test_an_unexpected_decoder_error_drops_the_client_not_the_run(task_identity, monkeypatch):
@@ -264,7 +266,7 @@ def test_an_unexpected_decoder_error_drops_the_client_not_the_run(task_identity,
     monkeypatch.setattr("qfl.server.strategy.decode_update", flaky)
     new, metrics = strategy.aggregate_train(1, [_reply(m, **{"partition-id": i}) for i, m in enumerate(msgs)])
     assert metrics["clients"] == 3 and metrics["dropped"] == 1 and new is not None
-    assert "IndexError: index 99 is out of bounds" in strategy.drop_reasons[0]
+    assert [d.reason for d in strategy.drops] == [DropReason.UNDECODABLE]
 
 
 def test_finite_but_huge_updates_leave_the_model_and_the_optimizer_unchanged(task_identity):
@@ -273,7 +275,7 @@ def test_finite_but_huge_updates_leave_the_model_and_the_optimizer_unchanged(tas
     msgs = _configure(strategy, weights=_weights(3e38))
     new, metrics = strategy.aggregate_train(1, [_reply(m, 3e38, **{"partition-id": i}) for i, m in enumerate(msgs)])
     assert new is None and metrics["clients"] == 4
-    assert "not finite in float32" in strategy.drop_reasons[-1]
+    assert strategy.drops == [] and len(strategy.drop_reasons) == 1  # no client dropped: the round says why
     assert strategy.optimizer.state == {}  # the velocity of the refused step was rolled back
 
 

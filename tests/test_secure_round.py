@@ -123,7 +123,7 @@ def _strategy(tmp_path, **values):
 
 def _drops(strategy):
     """(partition id, DropReason) of every client the masked round left out, in order."""
-    return [(d.pid, d.reason) for d in strategy.masked.outcome.drops]
+    return [(d.pid, d.reason) for d in strategy.drops]
 
 
 def _round(strategy, flat, grid, rnd=1):
@@ -280,7 +280,7 @@ def test_a_hostile_upload_drops_only_that_client(tmp_path, task_identity, kind):
     assert metrics["clients"] == N - 1 and metrics["dropped"] == 1
     expected = _mean([0, 1, 2, 4, 5])
     assert all(np.abs(new[k] - expected[k]).max() < 1e-6 for k in SHAPES)
-    (drop,) = strategy.masked.outcome.drops
+    (drop,) = strategy.drops
     assert drop.pid == 3
 
 
