@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qfl.errors import PartitionError
+from qfl.errors import PartitionError, PartitionReason
 
 _MAX_DRAWS = 1000
 
@@ -30,7 +30,7 @@ def partition_dirichlet(
     labels = np.asarray(labels)
     _check_counts(len(labels), num_clients)
     if alpha <= 0:
-        raise PartitionError(f"alpha must be > 0, got {alpha}")
+        raise PartitionError(f"alpha must be > 0, got {alpha}", reason=PartitionReason.BAD_ARGUMENT)
     min_size = min(min_size, len(labels) // num_clients)
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
@@ -47,15 +47,15 @@ def partition_dirichlet(
             return [np.sort(np.concatenate(p)) for p in parts]
     raise PartitionError(
         f"could not give each of {num_clients} clients >= {min_size} samples with alpha={alpha} "
-        f"in {_MAX_DRAWS} draws; raise alpha or use fewer clients"
+        f"in {_MAX_DRAWS} draws; raise alpha or use fewer clients", reason=PartitionReason.NO_SPLIT
     )
 
 
 def _check_counts(num_samples: int, num_clients: int) -> None:
     if num_clients < 1:
-        raise PartitionError(f"clients must be >= 1, got {num_clients}")
+        raise PartitionError(f"clients must be >= 1, got {num_clients}", reason=PartitionReason.BAD_ARGUMENT)
     if num_clients > num_samples:
         raise PartitionError(
             f"{num_clients} clients but only {num_samples} training samples; "
-            "use fewer clients or a larger dataset"
+            "use fewer clients or a larger dataset", reason=PartitionReason.TOO_FEW_SAMPLES
         )

@@ -76,6 +76,7 @@ import torch
 from torch import nn
 
 from qfl.config import RunConfig
+from qfl.errors import ConfigError
 from qfl.quantum.ml import bell, qdata, shadows, vqc
 from qfl.seeds import task_seed
 
@@ -131,80 +132,90 @@ def parse_client_kinds(text: str, clients: int, natural: str = "quantum") -> lis
     return kinds
 
 
+def _client_kinds(cfg: RunConfig) -> list[str]:
+    try:
+        return parse_client_kinds(cfg.client_kinds, cfg.clients, natural_kind(cfg))
+    except ValueError as err:
+        raise ConfigError(str(err), key="client_kinds") from None
+
+
 def check_quantum_config(cfg: RunConfig) -> None:
-    """Raise ValueError, naming the fix, for a quantum configuration that cannot train."""
+    """Raise ConfigError, naming the key and the fix, for a quantum configuration that cannot train."""
     quantum_data = cfg.dataset in qdata.QUANTUM_DATASETS
     if cfg.model not in QUANTUM_MODELS:
         if quantum_data:
-            raise ValueError(f"dataset {cfg.dataset!r} holds quantum states, which model {cfg.model!r} cannot read; set model='vqc'")
+            raise ConfigError(f"dataset {cfg.dataset!r} holds quantum states, which model {cfg.model!r} cannot read; set model='vqc'", key="model")
         if cfg.client_kinds:
-            raise ValueError("client_kinds mixes clients of a quantum model; set model='vqc' or leave client_kinds empty")
+            raise ConfigError("client_kinds mixes clients of a quantum model; set model='vqc' or leave client_kinds empty", key="client_kinds")
         return
-    vqc.check_backend(cfg.backend)
+    try:
+        vqc.check_backend(cfg.backend)
+    except ValueError as err:
+        raise ConfigError(str(err), key="backend") from None
     if cfg.ansatz not in vqc.ANSATZE:
-        raise ValueError(f"unknown ansatz {cfg.ansatz!r}; choose one of {', '.join(vqc.ANSATZE)}")
+        raise ConfigError(f"unknown ansatz {cfg.ansatz!r}; choose one of {', '.join(vqc.ANSATZE)}", key="ansatz")
     if cfg.embedding not in vqc.EMBEDDINGS:
-        raise ValueError(f"unknown embedding {cfg.embedding!r}; choose one of {', '.join(vqc.EMBEDDINGS)}")
+        raise ConfigError(f"unknown embedding {cfg.embedding!r}; choose one of {', '.join(vqc.EMBEDDINGS)}", key="embedding")
     if not MIN_CIRCUIT_QUBITS <= cfg.qubits <= MAX_CIRCUIT_QUBITS:
-        raise ValueError(
+        raise ConfigError(
             f"qubits={cfg.qubits} is outside the supported range {MIN_CIRCUIT_QUBITS}..{MAX_CIRCUIT_QUBITS}; "
-            f"set qubits between {MIN_CIRCUIT_QUBITS} and {MAX_CIRCUIT_QUBITS}"
+            f"set qubits between {MIN_CIRCUIT_QUBITS} and {MAX_CIRCUIT_QUBITS}", key="qubits"
         )
     if cfg.layers < 1:
-        raise ValueError(f"layers must be >= 1, got {cfg.layers}")
+        raise ConfigError(f"layers must be >= 1, got {cfg.layers}", key="layers")
     if cfg.shots < 0:
-        raise ValueError(f"shots must be >= 0 (0 = exact expectations), got {cfg.shots}")
+        raise ConfigError(f"shots must be >= 0 (0 = exact expectations), got {cfg.shots}", key="shots")
     if not 0.0 <= cfg.noise <= 0.75:
-        raise ValueError(f"noise is a depolarizing probability in [0, 0.75], got {cfg.noise}")
+        raise ConfigError(f"noise is a depolarizing probability in [0, 0.75], got {cfg.noise}", key="noise")
     if cfg.noise > 0 and cfg.backend == "lightning":
-        raise ValueError("noise needs a mixed-state simulator; lightning.qubit holds pure states: set backend='default' or 'qiskit'")
+        raise ConfigError("noise needs a mixed-state simulator; lightning.qubit holds pure states: set backend='default' or 'qiskit'", key="backend")
     if quantum_data:
         if cfg.model == "hybrid":
-            raise ValueError(
+            raise ConfigError(
                 f"model 'hybrid' is for classical data (digits, mnist, cifar10); on {cfg.dataset!r} set model='vqc' "
-                "and add hybrid clients with client_kinds, e.g. 'quantum:1,hybrid:3'"
+                "and add hybrid clients with client_kinds, e.g. 'quantum:1,hybrid:3'", key="model"
             )
         if cfg.embedding != "state":
-            raise ValueError(f"dataset {cfg.dataset!r} holds quantum states; set embedding='state' to feed them to the circuit")
+            raise ConfigError(f"dataset {cfg.dataset!r} holds quantum states; set embedding='state' to feed them to the circuit", key="embedding")
         width = data_qubits(cfg)
         if not qdata.MIN_QUBITS <= width <= qdata.MAX_QUBITS:
             key = "data_qubits" if cfg.data_qubits else "qubits"
-            raise ValueError(
+            raise ConfigError(
                 f"dataset {cfg.dataset!r} supports {qdata.MIN_QUBITS} to {qdata.MAX_QUBITS} qubits, got {key}={width}; "
-                f"set {key} between {qdata.MIN_QUBITS} and {qdata.MAX_QUBITS}"
+                f"set {key} between {qdata.MIN_QUBITS} and {qdata.MAX_QUBITS}", key=key
             )
         if width > cfg.qubits:
-            raise ValueError(
+            raise ConfigError(
                 f"the {cfg.dataset} states have data_qubits={width} qubits but the circuit has qubits={cfg.qubits}; "
-                f"set qubits >= {width} (extra qubits start in |0>) or data_qubits <= {cfg.qubits}"
+                f"set qubits >= {width} (extra qubits start in |0>) or data_qubits <= {cfg.qubits}", key="qubits"
             )
         if cfg.quantum_samples < 2 * MIN_SAMPLES_PER_CLASS:
-            raise ValueError(f"quantum_samples={cfg.quantum_samples} is too few; set quantum_samples >= {2 * MIN_SAMPLES_PER_CLASS}")
-        parse_client_kinds(cfg.client_kinds, cfg.clients, natural_kind(cfg))
+            raise ConfigError(f"quantum_samples={cfg.quantum_samples} is too few; set quantum_samples >= {2 * MIN_SAMPLES_PER_CLASS}", key="quantum_samples")
+        _client_kinds(cfg)
         return
     if cfg.data_qubits:
-        raise ValueError(f"data_qubits sets the width of ntangled / magic states; leave it 0 for dataset {cfg.dataset!r}")
+        raise ConfigError(f"data_qubits sets the width of ntangled / magic states; leave it 0 for dataset {cfg.dataset!r}", key="data_qubits")
     features = CLASSICAL_FEATURES.get(cfg.dataset, 0)
     if cfg.embedding == "state":
-        raise ValueError(f"embedding='state' feeds quantum states; dataset {cfg.dataset!r} is classical: use 'amplitude' or 'angle'")
+        raise ConfigError(f"embedding='state' feeds quantum states; dataset {cfg.dataset!r} is classical: use 'amplitude' or 'angle'", key="embedding")
     if cfg.model == "hybrid" and cfg.embedding != "angle":
-        raise ValueError("model 'hybrid' feeds its classical network's outputs to the circuit as angles; set embedding='angle'")
+        raise ConfigError("model 'hybrid' feeds its classical network's outputs to the circuit as angles; set embedding='angle'", key="embedding")
     if cfg.model == "vqc" and cfg.embedding == "angle" and features != cfg.qubits:
-        raise ValueError(
+        raise ConfigError(
             f"embedding='angle' needs one feature per qubit, but {cfg.dataset} has {features} features and qubits={cfg.qubits}; "
-            f"use embedding='amplitude' (qubits >= {math.ceil(math.log2(features))}) or model='hybrid'"
+            f"use embedding='amplitude' (qubits >= {math.ceil(math.log2(features))}) or model='hybrid'", key="embedding"
         )
     if cfg.model == "vqc" and cfg.embedding == "amplitude" and 2**cfg.qubits < features:
         need = math.ceil(math.log2(features))
-        raise ValueError(
+        raise ConfigError(
             f"amplitude embedding of the {features} features of {cfg.dataset} needs qubits >= {need}, got qubits={cfg.qubits}"
-            + (f"; set qubits={need}" if need <= MAX_CIRCUIT_QUBITS else "; use model='hybrid'")
+            + (f"; set qubits={need}" if need <= MAX_CIRCUIT_QUBITS else "; use model='hybrid'"), key="qubits"
         )
-    kinds = parse_client_kinds(cfg.client_kinds, cfg.clients, natural_kind(cfg))
+    kinds = _client_kinds(cfg)
     if any(k != natural_kind(cfg) for k in kinds):
-        raise ValueError(
+        raise ConfigError(
             f"client kinds other than {natural_kind(cfg)!r} need a quantum dataset (ntangled, magic); "
-            f"dataset {cfg.dataset!r} is classical: leave client_kinds empty"
+            f"dataset {cfg.dataset!r} is classical: leave client_kinds empty", key="client_kinds"
         )
 
 

@@ -69,6 +69,7 @@ from qfl.security.secagg import (
     SEALED_STYPE,
     RoundPlan,
     SecAggError,
+    SecAggReason,
     UnmaskRequest,
     answer_unmask,
     check_unmask_request,
@@ -94,7 +95,7 @@ RAW_DELTA_MARK = "secagg-raw-delta"  # set by secagg_mod only, on a masked-mode 
 
 def key_source(cfg: RunConfig, partition_id: int) -> KeySource:
     if cfg.key_source == "store" and not cfg.key_store:
-        raise SecAggError("the server did not say where the key store is (key_store is empty)")
+        raise SecAggError("the server did not say where the key store is (key_store is empty)", reason=SecAggReason.SETUP)
     return open_key_source(
         KeySourceConfig(cfg.key_source, cfg.key_store, cfg.kms_url, cfg.kms_certs), client_sae(partition_id)
     )
@@ -133,7 +134,7 @@ def _plan(msg: Message, context: Context) -> RoundPlan:
     plan = RoundPlan.from_config(msg.content["secagg"])
     pinned = context.node_config.get(PIN_MASKING)
     if pinned is not None and str(pinned) != plan.masking:
-        raise SecAggError(f"this node pins secure_masking={pinned}; the server asked for {plan.masking!r}")
+        raise SecAggError(f"this node pins secure_masking={pinned}; the server asked for {plan.masking!r}", reason=SecAggReason.SETUP)
     return plan
 
 
@@ -147,7 +148,7 @@ def setup(msg: Message, context: Context, cfg: RunConfig, partition_id: int) -> 
     uploaded, answered = _log(context)
     if plan.round <= max(uploaded, answered):
         raise SecAggError(f"client {partition_id} already took part in round {max(uploaded, answered)}; "
-                          f"refusing keys for round {plan.round}")
+                          f"refusing keys for round {plan.round}", reason=SecAggReason.REPLAYED)
     taken = take_pair_keys(key_source(cfg, partition_id), plan, partition_id)
     _save_keys(context, plan.round, {peer: c.key for peer, c in taken.items()})
     ids = ConfigRecord({"peers": list(taken), "key-ids": [c.key_id for c in taken.values()]})
@@ -160,7 +161,7 @@ def _upload_plan(msg: Message, context: Context, partition_id: int) -> RoundPlan
     uploaded, answered = _log(context)
     if plan.round <= max(uploaded, answered):
         raise SecAggError(f"client {partition_id} already uploaded in round {uploaded}; refusing a second upload "
-                          f"for round {plan.round}")
+                          f"for round {plan.round}", reason=SecAggReason.REPLAYED)
     return plan
 
 
@@ -176,7 +177,7 @@ def masked_reply(
     try:
         masters = dict(zip((as_int(p) for p in as_iterable(sec["masters"])), (str(k) for k in as_iterable(sec["master-key-ids"]))))
     except (KeyError, TypeError, ValueError) as err:
-        raise SecAggError(f"the train message lacks the key ids of the lower peers: {err}") from None
+        raise SecAggError(f"the train message lacks the key ids of the lower peers: {err}", reason=SecAggReason.MALFORMED) from None
     keys.update(fetch_pair_keys(source, partition_id, masters))
     upload = masked_upload(plan, partition_id, delta, keys, np.random.default_rng([seed, 7]))  # rounding noise
     _save_keys(context, plan.round, keys)  # kept for the unmask request
@@ -218,17 +219,17 @@ def reveal(msg: Message, context: Context, cfg: RunConfig, partition_id: int) ->
     """
     stored = context.state.config_records.get(PLAN_STATE)
     if stored is None:
-        raise SecAggError(f"client {partition_id} has not uploaded in this run; nothing to unmask")
+        raise SecAggError(f"client {partition_id} has not uploaded in this run; nothing to unmask", reason=SecAggReason.BAD_REQUEST)
     plan = RoundPlan.from_config(stored)
     uploaded, answered = _log(context)
     request = UnmaskRequest.from_config(plan, msg.content["secagg"])
     if request.round <= answered:
         raise SecAggError(
             f"client {partition_id} already answered an unmask request for round {answered}; "
-            "a client answers once per round (a second request could ask for both masks of one client)"
+            "a client answers once per round (a second request could ask for both masks of one client)", reason=SecAggReason.REPLAYED
         )
     if request.round != uploaded:
-        raise SecAggError(f"client {partition_id} uploaded in round {uploaded}, not in round {request.round}")
+        raise SecAggError(f"client {partition_id} uploaded in round {uploaded}, not in round {request.round}", reason=SecAggReason.BAD_REQUEST)
     check_unmask_request(plan, partition_id, request)
     keys = _load_keys(context, plan.round)
     _set_log(context, uploaded, request.round)  # answered: whatever follows, no second answer for this round
@@ -286,7 +287,7 @@ def _partition_id(context: Context) -> int:
         return int(context.node_config["partition-id"])
     except KeyError:
         raise SecAggError('node config lacks partition-id; start the SuperNode with '
-                          '--node-config "partition-id=<i> num-partitions=<n>"') from None
+                          '--node-config "partition-id=<i> num-partitions=<n>"', reason=SecAggReason.SETUP) from None
 
 
 def _refuse(msg: Message, err: Exception) -> Message:
@@ -328,7 +329,7 @@ def _masked_train(msg: Message, context: Context, call_next: ClientAppCallable) 
     if reply.has_error():
         return reply
     if RAW_DELTA not in reply.content.array_records:
-        return _refuse(msg, SecAggError(f"the train handler returned no {RAW_DELTA!r} record under a masked mode"))
+        return _refuse(msg, SecAggError(f"the train handler returned no {RAW_DELTA!r} record under a masked mode", reason=SecAggReason.MALFORMED))
     try:
         delta = {name: array.numpy() for name, array in reply.content.array_records[RAW_DELTA].items()}
         seed = task_seed(cfg.seed, server_round, partition_id)
@@ -374,7 +375,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     if kind != MessageType.TRAIN:
         return call_next(msg, context)
     if RAW_DELTA_MARK in msg.content.config_records:
-        return _refuse(msg, SecAggError(f"a train message may not carry {RAW_DELTA_MARK!r}; only secagg_mod sets it"))
+        return _refuse(msg, SecAggError(f"a train message may not carry {RAW_DELTA_MARK!r}; only secagg_mod sets it", reason=SecAggReason.MALFORMED))
     mode = _mode(msg)
     if mode in MASKED_MODES:
         return _masked_train(msg, context, call_next)
@@ -382,12 +383,12 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         return _padded_train(msg, context, call_next)
     reply = call_next(msg, context)
     if not reply.has_error() and RAW_DELTA in reply.content.array_records:
-        return _refuse(msg, SecAggError(f"the train reply carries the raw {RAW_DELTA!r} record; not sent"))
+        return _refuse(msg, SecAggError(f"the train reply carries the raw {RAW_DELTA!r} record; not sent", reason=SecAggReason.MALFORMED))
     return reply
 
 
 def _answered_by_mod(msg: Message, context: Context) -> Message:
-    raise SecAggError(f"{msg.metadata.message_type} reached the app: install secagg_mod (ClientApp(mods=[secagg_mod]))")
+    raise SecAggError(f"{msg.metadata.message_type} reached the app: install secagg_mod (ClientApp(mods=[secagg_mod]))", reason=SecAggReason.SETUP)
 
 
 def route_queries(app: ClientApp) -> None:

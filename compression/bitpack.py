@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from .codec import CodecError
+from .codec import CodecError, CodecReason
 
 __all__ = ["pack_bits", "packed_size", "unpack_bits"]
 
@@ -236,7 +236,7 @@ def unpack_bits(data: bytes | bytearray | memoryview, bits: int, count: int) -> 
     if buf.size < need:
         raise CodecError(
             f"packed data of {buf.size} bytes is too short for {count} values of {bits} bits "
-            f"({need} bytes needed)"
+            f"({need} bytes needed)", reason=CodecReason.TRUNCATED
         )
     out = np.empty(count, np.uint8)
     step = BLOCK * bits // 8

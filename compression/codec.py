@@ -36,7 +36,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from qfl.errors import CodecError
+from qfl.errors import CodecError, CodecReason
 
 from .summable import clip_flags, decode_grid_sum, ring_input, summable_codec_names
 
@@ -111,20 +111,20 @@ class Codec(ABC):
 
         shape = tuple(int(n) for n in shape)
         if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
+            raise CodecError(f"payload must be bytes, got {type(payload).__name__}", reason=CodecReason.NOT_BYTES)
         limit = max_payload_size(math.prod(shape))
         size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
         if size > limit:
             raise CodecError(
                 f"payload of {size} bytes is longer than any codec sends for shape {shape} "
-                f"({limit} bytes at most); the sender is faulty or hostile"
+                f"({limit} bytes at most); the sender is faulty or hostile", reason=CodecReason.OVERSIZE
             )
         claimed = unpack_header(payload, self.codec_id).shape
         if claimed != shape:
-            raise CodecError(f"payload header claims shape {claimed}, expected {shape}")
+            raise CodecError(f"payload header claims shape {claimed}, expected {shape}", reason=CodecReason.SHAPE_MISMATCH)
         tensor = self.decode(payload)
         if tensor.shape != shape:
-            raise CodecError(f"payload decoded to shape {tensor.shape}, expected {shape}")
+            raise CodecError(f"payload decoded to shape {tensor.shape}, expected {shape}", reason=CodecReason.SHAPE_MISMATCH)
         return tensor
 
     # ------------------------------------------------------------ ring form (masked sums)

@@ -7,7 +7,7 @@ import zlib
 
 import numpy as np
 
-from .codec import Codec, CodecError, CodecTraits, EncodeContext
+from .codec import Codec, CodecError, CodecReason, CodecTraits, EncodeContext
 from .wire import pack_header, unpack_header
 
 _METHODS = {"zstd": 1, "zlib": 2}
@@ -113,15 +113,15 @@ class EntropyCodec(Codec):
         header = unpack_header(payload, self.codec_id)
         body = memoryview(payload)[header.size :]
         if len(body) < 2:
-            raise CodecError(f"entropy body of {len(body)} bytes is shorter than its method/codec fields")
+            raise CodecError(f"entropy body of {len(body)} bytes is shorter than its method/codec fields", reason=CodecReason.TRUNCATED)
         method, inner_id = body[0], body[1]
         if method != _METHODS[self.method]:
             got = _METHOD_NAMES.get(method, f"unknown method {method}")
-            raise CodecError(f"payload was compressed with {got}, this decoder expects {self.method}")
+            raise CodecError(f"payload was compressed with {got}, this decoder expects {self.method}", reason=CodecReason.WRONG_CODEC)
         if inner_id != self.inner.codec_id:
             raise CodecError(
                 f"payload wraps codec id {inner_id}, but this decoder wraps {self.inner.name} "
-                f"(codec id {self.inner.codec_id}); client and server must use the same codec"
+                f"(codec id {self.inner.codec_id}); client and server must use the same codec", reason=CodecReason.WRONG_CODEC
             )
         cap = max_inner_payload(header.numel)
         data = body[2:]
@@ -129,7 +129,7 @@ class EntropyCodec(Codec):
         try:  # the inner header is checked against the outer shape before the inner decoder allocates
             return self.inner.decode_as(inner, header.shape)
         except CodecError as err:
-            raise CodecError(f"entropy payload of shape {header.shape}: inner {self.inner.name} payload: {err}") from None
+            raise CodecError(f"entropy payload of shape {header.shape}: inner {self.inner.name} payload: {err}", reason=err.reason) from None
 
     @staticmethod
     def _decompress_zstd(data: memoryview, cap: int) -> bytes:
@@ -137,19 +137,19 @@ class EntropyCodec(Codec):
         try:
             size = zstandard.frame_content_size(data)
         except zstandard.ZstdError as exc:
-            raise CodecError(f"entropy payload is not a zstd frame: {exc}") from None
+            raise CodecError(f"entropy payload is not a zstd frame: {exc}", reason=CodecReason.CORRUPT) from None
         if size < 0:
-            raise CodecError("zstd frame does not record its content size")
+            raise CodecError("zstd frame does not record its content size", reason=CodecReason.CORRUPT)
         if size > cap:
             raise CodecError(
-                f"zstd frame claims {size} decompressed bytes, more than the {cap} this tensor's shape allows"
+                f"zstd frame claims {size} decompressed bytes, more than the {cap} this tensor's shape allows", reason=CodecReason.OVERSIZE
             )
         try:
             out = zstandard.ZstdDecompressor().decompress(data, max_output_size=cap, allow_extra_data=False)
         except zstandard.ZstdError as exc:
-            raise CodecError(f"zstd stream is corrupt or truncated: {exc}") from None
+            raise CodecError(f"zstd stream is corrupt or truncated: {exc}", reason=CodecReason.CORRUPT) from None
         if len(out) != size:
-            raise CodecError(f"zstd frame decompressed to {len(out)} bytes, its header says {size}")
+            raise CodecError(f"zstd frame decompressed to {len(out)} bytes, its header says {size}", reason=CodecReason.CORRUPT)
         return out
 
     @staticmethod
@@ -158,11 +158,11 @@ class EntropyCodec(Codec):
         try:
             out = stream.decompress(data, cap + 1)
         except zlib.error as exc:
-            raise CodecError(f"zlib stream is corrupt: {exc}") from None
+            raise CodecError(f"zlib stream is corrupt: {exc}", reason=CodecReason.CORRUPT) from None
         if len(out) > cap:
-            raise CodecError(f"zlib stream expands past the {cap} bytes this tensor's shape allows")
+            raise CodecError(f"zlib stream expands past the {cap} bytes this tensor's shape allows", reason=CodecReason.OVERSIZE)
         if not stream.eof:
-            raise CodecError("zlib stream is truncated")
+            raise CodecError("zlib stream is truncated", reason=CodecReason.TRUNCATED)
         if stream.unused_data:
-            raise CodecError(f"zlib stream is followed by {len(stream.unused_data)} extra byte(s)")
+            raise CodecError(f"zlib stream is followed by {len(stream.unused_data)} extra byte(s)", reason=CodecReason.WRONG_LENGTH)
         return out

@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-from .codec import CodecError
+from .codec import CodecError, CodecReason
 
 MAX_RICE_PARAMETER = 63
 # An encoder refuses to emit more unary bits than this (a k far too small for
@@ -135,36 +135,36 @@ def rice_decode(data: bytes | bytearray | memoryview, k: int, count: int) -> np.
     try:
         k = _check_parameter(k)
     except ValueError as exc:
-        raise CodecError(str(exc)) from None
+        raise CodecError(str(exc), reason=CodecReason.BAD_PARAMETER) from None
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
-        raise CodecError(f"Rice value count must be a non-negative int, got {count!r}")
+        raise CodecError(f"Rice value count must be a non-negative int, got {count!r}", reason=CodecReason.BAD_PARAMETER)
     count = int(count)
     buf = np.frombuffer(data, dtype=np.uint8)
     if count == 0:
         if buf.size:
-            raise CodecError(f"Rice stream for 0 values must be empty, got {buf.size} bytes")
+            raise CodecError(f"Rice stream for 0 values must be empty, got {buf.size} bytes", reason=CodecReason.WRONG_LENGTH)
         return np.zeros(0, dtype=np.uint64)
     # Each value takes at least 1 + k bits: refuse before unpacking anything.
     if count * (1 + k) > 8 * buf.size:
         raise CodecError(
-            f"Rice stream of {buf.size} bytes is too short for {count} values with k={k}"
+            f"Rice stream of {buf.size} bytes is too short for {count} values with k={k}", reason=CodecReason.TRUNCATED
         )
     terminators = _first_ones(buf, count)
     remainder_start = int(terminators[-1]) + 1
     end = remainder_start + count * k
     if end > 8 * buf.size:
         raise CodecError(
-            f"Rice stream is truncated: remainders need {end} bits, the stream has {8 * buf.size}"
+            f"Rice stream is truncated: remainders need {end} bits, the stream has {8 * buf.size}", reason=CodecReason.TRUNCATED
         )
     if buf.size != (end + 7) // 8:
         raise CodecError(
-            f"Rice stream has {buf.size - (end + 7) // 8} byte(s) after its last value"
+            f"Rice stream has {buf.size - (end + 7) // 8} byte(s) after its last value", reason=CodecReason.WRONG_LENGTH
         )
     if end % 8 and int(buf[-1]) & ((1 << (8 - end % 8)) - 1):  # bits after `end`, MSB first
-        raise CodecError("Rice stream has non-zero padding bits")
+        raise CodecError("Rice stream has non-zero padding bits", reason=CodecReason.BAD_VALUE)
     q = np.diff(terminators, prepend=-1) - 1  # int64, >= 0
     if k and int(q.max()) >> (64 - k):
-        raise CodecError("Rice stream decodes to a value that does not fit 64 bits")
+        raise CodecError("Rice stream decodes to a value that does not fit 64 bits", reason=CodecReason.BAD_VALUE)
     values = q.astype(np.uint64) << np.uint64(k)
     if k:
         shifts = np.arange(k - 1, -1, -1, dtype=np.uint64)
@@ -201,4 +201,4 @@ def _first_ones(buf: np.ndarray, count: int) -> np.ndarray:
         total += ones.size
         if total == count:
             return found[0] if len(found) == 1 else np.concatenate(found)
-    raise CodecError(f"Rice stream is truncated: {total} unary terminators for {count} values")
+    raise CodecError(f"Rice stream is truncated: {total} unary terminators for {count} values", reason=CodecReason.TRUNCATED)

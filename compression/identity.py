@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .codec import Codec, CodecError, CodecTraits, EncodeContext
+from .codec import Codec, CodecError, CodecReason, CodecTraits, EncodeContext
 from .summable import FIXED_POINT_LEVELS, grid_codes
 from .wire import pack_header, unpack_header
 
@@ -46,6 +46,6 @@ class Fp32Codec(Codec):
         expected = 4 * header.numel
         if len(body) != expected:
             raise CodecError(
-                f"fp32 payload for shape {header.shape} needs {expected} body bytes, got {len(body)}"
+                f"fp32 payload for shape {header.shape} needs {expected} body bytes, got {len(body)}", reason=CodecReason.WRONG_LENGTH
             )
         return np.frombuffer(body, dtype="<f4").reshape(header.shape).astype(np.float32)

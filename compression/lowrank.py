@@ -12,7 +12,7 @@ import struct
 
 import numpy as np
 
-from .codec import Codec, CodecError, CodecTraits, EncodeContext
+from .codec import Codec, CodecError, CodecReason, CodecTraits, EncodeContext
 from .wire import pack_header, unpack_header
 
 
@@ -115,23 +115,23 @@ class PowerSGDCodec(Codec):
             if len(body) != expected:
                 raise CodecError(
                     f"powersgd payload for the {len(shape)}-d shape {shape} needs {expected} "
-                    f"raw float32 body bytes, got {len(body)}"
+                    f"raw float32 body bytes, got {len(body)}", reason=CodecReason.WRONG_LENGTH
                 )
             return np.frombuffer(body, dtype="<f4").astype(np.float32).reshape(shape)
         n, m = _matrix_shape(shape)
         if len(body) < 4:
-            raise CodecError(f"powersgd body of {len(body)} bytes is shorter than its 4-byte rank field")
+            raise CodecError(f"powersgd body of {len(body)} bytes is shorter than its 4-byte rank field", reason=CodecReason.TRUNCATED)
         (r,) = struct.unpack_from("<I", body)
         top = min(self.rank, n, m)  # the encoder sends r = min(rank, n, m); the decode costs O(n·m·r)
         if r > top or (r == 0 and min(n, m) > 0):
             raise CodecError(
                 f"powersgd payload has rank {r} for a {n} × {m} matrix; this decoder (rank={self.rank}) "
-                f"accepts 1 ≤ r ≤ {top}"
+                f"accepts 1 ≤ r ≤ {top}", reason=CodecReason.BAD_PARAMETER
             )
         expected = 4 + 4 * r * (n + m)
         if len(body) != expected:
             raise CodecError(
-                f"powersgd payload of rank {r} for a {n} × {m} matrix needs a {expected}-byte body, got {len(body)}"
+                f"powersgd payload of rank {r} for a {n} × {m} matrix needs a {expected}-byte body, got {len(body)}", reason=CodecReason.WRONG_LENGTH
             )
         if r == 0:
             return np.zeros(shape, dtype=np.float32)

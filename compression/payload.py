@@ -14,7 +14,7 @@ from collections.abc import Mapping, MutableMapping
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from qfl.errors import PayloadError
+from qfl.errors import PayloadError, PayloadReason
 
 from .codec import Codec, CodecError, EncodeContext
 
@@ -71,7 +71,7 @@ def decode_update(
             parts.append(f"unexpected {extra}")
         raise PayloadError(
             f"update tensors do not match the model ({'; '.join(parts)}); "
-            "client and server must build the same model"
+            "client and server must build the same model", reason=PayloadReason.TENSOR_MISMATCH
         )
     decoded: dict[str, np.ndarray] = {}
     for name, shape in expected_shapes.items():
@@ -79,19 +79,19 @@ def decode_update(
         if array.stype != PAYLOAD_STYPE:
             raise PayloadError(
                 f"tensor {name!r} has stype {array.stype!r}, expected {PAYLOAD_STYPE!r}; "
-                "updates must be made by qfl.compression.encode_update"
+                "updates must be made by qfl.compression.encode_update", reason=PayloadReason.FOREIGN_ARRAY
             )
         try:
             # decode_as refuses a foreign header, another shape or an oversize
             # payload before the decoder allocates anything (nested stages too)
             tensor = codec.decode_as(array.data, tuple(shape))
         except CodecError as err:
-            raise PayloadError(f"tensor {name!r} cannot be decoded: {err}") from err
+            raise PayloadError(f"tensor {name!r} cannot be decoded: {err}", reason=PayloadReason.UNDECODABLE) from err
         bad = int(np.count_nonzero(~np.isfinite(tensor)))
         if bad:
             raise PayloadError(
                 f"tensor {name!r} holds {bad} NaN/Inf values; the client diverged "
-                "(lower `lr` or check its data)"
+                "(lower `lr` or check its data)", reason=PayloadReason.NON_FINITE
             )
         decoded[name] = tensor
     return decoded

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from .bitpack import BLOCK, _pack_into, _unpack_into, packed_size
-from .codec import Codec, CodecError, CodecTraits, EncodeContext
+from .codec import Codec, CodecError, CodecReason, CodecTraits, EncodeContext
 from .wire import Header, pack_header, unpack_header
 
 __all__ = ["Bf16Codec", "Fp16Codec", "QsgdCodec", "SignCodec", "TernaryCodec"]
@@ -81,7 +81,7 @@ def _open(payload: bytes, codec: Codec) -> tuple[Header, np.ndarray]:
 def _expect(codec: Codec, header: Header, body: np.ndarray, expected: int) -> None:
     if body.size != expected:
         raise CodecError(
-            f"{codec.name} payload for shape {header.shape} needs {expected} body bytes, got {body.size}"
+            f"{codec.name} payload for shape {header.shape} needs {expected} body bytes, got {body.size}", reason=CodecReason.WRONG_LENGTH
         )
 
 
@@ -91,7 +91,7 @@ def _open_scaled(payload: bytes, codec: Codec, bits: int) -> tuple[Header, np.fl
     _expect(codec, header, body, 4 + packed_size(header.numel, bits))
     scale = body[:4].view(_F32)[0]
     if scale < 0:
-        raise CodecError(f"{codec.name} payload has a negative scale {scale}")
+        raise CodecError(f"{codec.name} payload has a negative scale {scale}", reason=CodecReason.BAD_VALUE)
     return header, scale, body[4:]
 
 
@@ -749,10 +749,10 @@ class QsgdCodec(Codec):
         header, body = _open(payload, self)
         n = header.numel
         if body.size < _QSGD_PARAMS.size:
-            raise CodecError(f"qsgd payload body of {body.size} bytes is shorter than its parameters")
+            raise CodecError(f"qsgd payload body of {body.size} bytes is shorter than its parameters", reason=CodecReason.TRUNCATED)
         bits, bucket = _QSGD_PARAMS.unpack_from(body, 0)  # type: ignore[arg-type]  # ndarray is a buffer; numpy's stubs say so only for Python >= 3.12
         if not 1 <= bits <= 8 or bucket < 1:
-            raise CodecError(f"qsgd payload has bits={bits}, bucket={bucket}; need bits in 1..8, bucket >= 1")
+            raise CodecError(f"qsgd payload has bits={bits}, bucket={bucket}; need bits in 1..8, bucket >= 1", reason=CodecReason.BAD_PARAMETER)
         nbuckets = -(-n // bucket)
         _expect(self, header, body, _QSGD_PARAMS.size + 4 * nbuckets + packed_size(n, bits))
         return self.dequantize(body[_QSGD_PARAMS.size :], n, bits, bucket).reshape(header.shape)
@@ -765,7 +765,7 @@ class QsgdCodec(Codec):
         nbuckets = -(-n // bucket)
         scales = data[: 4 * nbuckets].view(_F32)
         if np.any(scales < 0):
-            raise CodecError("qsgd payload has a negative bucket scale")
+            raise CodecError("qsgd payload has a negative bucket scale", reason=CodecReason.BAD_VALUE)
         packed = data[4 * nbuckets :]
         ratio = np.float32(2 / ((1 << bits) - 1))
         with np.errstate(over="ignore", invalid="ignore"):
@@ -890,7 +890,7 @@ class TernaryCodec(Codec):
                 k = code[: hi - lo]
                 _unpack_into(packed[lo // 4 : packed_size(hi, 2)], 2, k)
                 if k.max() > 2:
-                    raise CodecError("ternary payload holds the invalid code 3")
+                    raise CodecError("ternary payload holds the invalid code 3", reason=CodecReason.BAD_VALUE)
                 block = out[lo:hi]
                 np.copyto(block, k)
                 block -= np.float32(1)

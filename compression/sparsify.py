@@ -16,7 +16,7 @@ from functools import lru_cache
 import numpy as np
 
 from .bitpack import packed_size
-from .codec import Codec, CodecError, CodecTraits, EncodeContext
+from .codec import Codec, CodecError, CodecReason, CodecTraits, EncodeContext
 from .golomb import MAX_RICE_PARAMETER, best_rice_parameter, rice_decode, rice_encode
 from .quantizers import QsgdCodec
 from .summable import FIXED_POINT_LEVELS, grid_codes
@@ -70,11 +70,11 @@ def _open_sparse(
     body = memoryview(payload)[header.size :]
     size = struct.calcsize(fields)
     if len(body) < size:
-        raise CodecError(f"{codec.name} body of {len(body)} bytes is shorter than its {size}-byte {names} fields")
+        raise CodecError(f"{codec.name} body of {len(body)} bytes is shorter than its {size}-byte {names} fields", reason=CodecReason.TRUNCATED)
     values = struct.unpack_from(fields, body)
     k, d = values[k_index], header.numel
     if k > d or (k == 0 and d > 0):
-        raise CodecError(f"{codec.name} payload keeps k={k} coordinates of a {d}-element tensor; need 0 < k ≤ d")
+        raise CodecError(f"{codec.name} payload keeps k={k} coordinates of a {d}-element tensor; need 0 < k ≤ d", reason=CodecReason.BAD_PARAMETER)
     return header, body, values
 
 
@@ -203,17 +203,17 @@ class TopKCodec(Codec):
         header, body, (k, b) = _open_sparse(payload, self, "<IB", "k/Rice")
         d = header.numel
         if b > MAX_RICE_PARAMETER:
-            raise CodecError(f"topk payload has Rice parameter {b}; at most {MAX_RICE_PARAMETER} is valid")
+            raise CodecError(f"topk payload has Rice parameter {b}; at most {MAX_RICE_PARAMETER} is valid", reason=CodecReason.BAD_PARAMETER)
         value_bytes = k * self._vdtype.itemsize
         positions_end = len(body) - value_bytes
         if positions_end < 5:
             raise CodecError(
                 f"topk payload is truncated: {k} {self.values} values need {value_bytes} bytes "
-                f"after the positions, the body has {len(body) - 5}"
+                f"after the positions, the body has {len(body) - 5}", reason=CodecReason.TRUNCATED
             )
         gaps = rice_decode(body[5:positions_end], b, k)
         if k and (int(gaps.max()) >= d or float(gaps.sum(dtype=np.float64)) + k > d):
-            raise CodecError(f"topk positions run past the end of the {d}-element tensor")
+            raise CodecError(f"topk positions run past the end of the {d}-element tensor", reason=CodecReason.BAD_VALUE)
         idx = np.cumsum(gaps.astype(np.int64) + 1) - 1
         out = np.zeros(d, dtype=np.float32)
         out[idx] = np.frombuffer(body[positions_end:], dtype=self._vdtype)
@@ -425,17 +425,17 @@ class RandKCodec(Codec):
             seed, _, k, bits = _QUANTIZED.unpack_from(body)
             if not 0 < k <= d or not 1 <= bits <= 8:
                 raise CodecError(
-                    f"randk payload has k={k}, bits={bits} for a {d}-element tensor; need 0 < k ≤ d, bits in 1..8"
+                    f"randk payload has k={k}, bits={bits} for a {d}-element tensor; need 0 < k ≤ d, bits in 1..8", reason=CodecReason.BAD_PARAMETER
                 )
             expected = _QUANTIZED.size + 4 + packed_size(k, bits)
             if len(body) != expected:
-                raise CodecError(f"randk payload with k={k} at {bits} bits needs a {expected}-byte body, got {len(body)}")
+                raise CodecError(f"randk payload with k={k} at {bits} bits needs a {expected}-byte body, got {len(body)}", reason=CodecReason.WRONG_LENGTH)
             data = np.frombuffer(body[_QUANTIZED.size :], np.uint8)
             values = QsgdCodec.dequantize(data, k, bits, k)
         else:
             header, body, (seed, k) = _open_sparse(payload, self, "<QI", "seed/k", k_index=1)
             if len(body) != 12 + 4 * k:
-                raise CodecError(f"randk payload with k={k} needs a {12 + 4 * k}-byte body, got {len(body)}")
+                raise CodecError(f"randk payload with k={k} needs a {12 + 4 * k}-byte body, got {len(body)}", reason=CodecReason.WRONG_LENGTH)
             values = np.frombuffer(body[12:], dtype="<f4")
         out = np.zeros(d, dtype=np.float32)
         if k == support_size(self.ratio, d) or k == d:

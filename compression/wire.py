@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .codec import CodecError
+from .codec import CodecError, CodecReason
 
 MAGIC = b"QC"
 VERSION = 1
@@ -68,9 +68,9 @@ def pack_header(codec_id: int, dtype: np.dtype, shape: tuple[int, ...]) -> bytes
     """Serialise the header for a tensor of ``dtype`` and ``shape``."""
     code = _DTYPE_CODES.get(np.dtype(dtype).newbyteorder("<"))
     if code is None:
-        raise CodecError(f"dtype {dtype} has no wire code; codecs take float32 tensors")
+        raise CodecError(f"dtype {dtype} has no wire code; codecs take float32 tensors", reason=CodecReason.UNENCODABLE)
     if len(shape) > MAX_NDIM:
-        raise CodecError(f"tensor has {len(shape)} dimensions; the wire format allows {MAX_NDIM}")
+        raise CodecError(f"tensor has {len(shape)} dimensions; the wire format allows {MAX_NDIM}", reason=CodecReason.UNENCODABLE)
     return _FIXED.pack(MAGIC, VERSION, codec_id, code, len(shape)) + struct.pack(
         f"<{len(shape)}I", *shape
     )
@@ -79,27 +79,27 @@ def pack_header(codec_id: int, dtype: np.dtype, shape: tuple[int, ...]) -> bytes
 def unpack_header(payload: bytes, expected_codec_id: int) -> Header:
     """Parse and check the header; raise CodecError naming what is wrong."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
-        raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
+        raise CodecError(f"payload must be bytes, got {type(payload).__name__}", reason=CodecReason.NOT_BYTES)
     if len(payload) < _FIXED.size:
-        raise CodecError(f"payload of {len(payload)} bytes is shorter than the {_FIXED.size}-byte header")
+        raise CodecError(f"payload of {len(payload)} bytes is shorter than the {_FIXED.size}-byte header", reason=CodecReason.TRUNCATED)
     magic, version, codec_id, dtype_code, ndim = _FIXED.unpack_from(payload, 0)
     if magic != MAGIC:
-        raise CodecError(f"payload does not start with the qfl magic {MAGIC!r} (got {bytes(magic)!r})")
+        raise CodecError(f"payload does not start with the qfl magic {MAGIC!r} (got {bytes(magic)!r})", reason=CodecReason.BAD_MAGIC)
     if version != VERSION:
-        raise CodecError(f"wire version {version} is not supported (this qfl reads version {VERSION})")
+        raise CodecError(f"wire version {version} is not supported (this qfl reads version {VERSION})", reason=CodecReason.VERSION)
     if codec_id != expected_codec_id:
         raise CodecError(
             f"payload was made by codec id {codec_id}, but this decoder is codec id "
-            f"{expected_codec_id}; client and server must use the same codec"
+            f"{expected_codec_id}; client and server must use the same codec", reason=CodecReason.WRONG_CODEC
         )
     if dtype_code not in _DTYPES:
-        raise CodecError(f"unknown dtype code {dtype_code} in payload header")
+        raise CodecError(f"unknown dtype code {dtype_code} in payload header", reason=CodecReason.BAD_HEADER)
     if ndim > MAX_NDIM:
-        raise CodecError(f"header claims {ndim} dimensions; at most {MAX_NDIM} are allowed")
+        raise CodecError(f"header claims {ndim} dimensions; at most {MAX_NDIM} are allowed", reason=CodecReason.BAD_HEADER)
     end = _FIXED.size + 4 * ndim
     if len(payload) < end:
-        raise CodecError("payload is truncated inside its shape field")
+        raise CodecError("payload is truncated inside its shape field", reason=CodecReason.TRUNCATED)
     shape = struct.unpack_from(f"<{ndim}I", payload, _FIXED.size)
     if math.prod(shape) > MAX_ELEMENTS:  # Python ints: 8 dims of 2**32 - 1 do not wrap to 0
-        raise CodecError(f"header claims shape {shape}, larger than any tensor qfl sends")
+        raise CodecError(f"header claims shape {shape}, larger than any tensor qfl sends", reason=CodecReason.OVERSIZE)
     return Header(codec_id, _DTYPES[dtype_code], tuple(shape), end)

@@ -128,7 +128,7 @@ import numpy as np
 from qfl.compression import Codec, make_summable_codec
 from qfl.compression.payload import tensor_seed
 from qfl.compression.summable import ring_bits
-from qfl.errors import SecAggError, UnknownKeyId
+from qfl.errors import SecAggError, SecAggReason, UnknownKeyId
 from qfl.records import ConfigValue, as_float, as_int, as_iterable
 from qfl.security.graph import colluding_peers, neighbours, sparse_degree, threshold
 from qfl.security.keys.source import KeyContainer, KeySource, UnknownKey, dec_key_each, enc_key_each
@@ -342,30 +342,30 @@ class RoundPlan:
         """
         n = len(self.participants)
         if self.mode not in MASKED_MODES:
-            raise SecAggError(f"a masked round needs mode {' or '.join(MASKED_MODES)}, got {self.mode!r}")
+            raise SecAggError(f"a masked round needs mode {' or '.join(MASKED_MODES)}, got {self.mode!r}", reason=SecAggReason.BAD_PLAN)
         if self.masking not in MASKINGS:
-            raise SecAggError(f"unknown masking {self.masking!r}; choose one of {', '.join(MASKINGS)}")
+            raise SecAggError(f"unknown masking {self.masking!r}; choose one of {', '.join(MASKINGS)}", reason=SecAggReason.BAD_PLAN)
         if len(set(self.participants)) != n or any(not 0 <= p < MAX_PARTICIPANTS for p in self.participants):
-            raise SecAggError(f"participants must be distinct partition ids in [0, {MAX_PARTICIPANTS})")
+            raise SecAggError(f"participants must be distinct partition ids in [0, {MAX_PARTICIPANTS})", reason=SecAggReason.BAD_PLAN)
         if self.min_threshold < 0:
-            raise SecAggError(f"secure_threshold must be >= 0, got {self.min_threshold}")
+            raise SecAggError(f"secure_threshold must be >= 0, got {self.min_threshold}", reason=SecAggReason.BAD_PLAN)
         try:
             _ = self.codec  # builds (and caches) the codec: every parameter has a ring form
         except ValueError as err:
-            raise SecAggError(f"the round's codec {self.codec_name!r} cannot be summed under masks: {err}") from None
+            raise SecAggError(f"the round's codec {self.codec_name!r} cannot be summed under masks: {err}", reason=SecAggReason.UNSUMMABLE_CODEC) from None
         if self.ring_bits > 64:
-            raise SecAggError(f"the round needs a {self.ring_bits}-bit ring; at most 64 bits are supported")
+            raise SecAggError(f"the round needs a {self.ring_bits}-bit ring; at most 64 bits are supported", reason=SecAggReason.BAD_PLAN)
         if self.colluders < 0:
-            raise SecAggError(f"colluders must be >= 0, got {self.colluders}")
+            raise SecAggError(f"colluders must be >= 0, got {self.colluders}", reason=SecAggReason.BAD_PLAN)
         if self.degree < 0 or (self.graph_of and not set(self.participants) <= set(self.graph_of)):
-            raise SecAggError("the masking graph must have a degree >= 0 and be drawn over a superset of the participants")
+            raise SecAggError("the masking graph must have a degree >= 0 and be drawn over a superset of the participants", reason=SecAggReason.BAD_PLAN)
         if self.double and n >= 2:
             short = [p for p in self.participants if self.threshold_of(p) > len(self.peers(p))]
             if short:
                 p = short[0]
                 raise SecAggError(
                     f"client {p} shares with {len(self.peers(p))} peers, fewer than its threshold t = "
-                    f"{self.threshold_of(p)}; lower secure_threshold (0 = a strict majority) or admit more clients"
+                    f"{self.threshold_of(p)}; lower secure_threshold (0 = a strict majority) or admit more clients", reason=SecAggReason.TOO_FEW
                 )
         return self
 
@@ -412,7 +412,7 @@ class RoundPlan:
                 graph_of=tuple(sorted(as_int(p) for p in as_iterable(values["graph-of"]))),
             )
         except (KeyError, TypeError, ValueError) as err:
-            raise SecAggError(f"malformed round plan: {err}") from None
+            raise SecAggError(f"malformed round plan: {err}", reason=SecAggReason.MALFORMED) from None
         return plan.check()
 
 
@@ -508,7 +508,7 @@ def pair_material(plan: RoundPlan, me: int, peer: int, key: bytes) -> PairMateri
     key = bytes(key)
     if len(key) < layout.total:
         raise SecAggError(f"the round-{plan.round} key of clients {me}~{peer} has {len(key)} bytes, the plan needs "
-                          f"{layout.total}")
+                          f"{layout.total}", reason=SecAggReason.NO_KEYS)
     M, S = plan.upload_bytes(), plan.share_bytes()
     lo, hi = sorted((int(me), int(peer)))
     if plan.mode == "expanded":
@@ -531,7 +531,7 @@ def _materials(plan: RoundPlan, me: int, pair_keys: Mapping[int, bytes], peers: 
     peers = list(peers)
     missing = sorted(set(peers) - set(pair_keys))
     if missing:
-        raise SecAggError(f"client {me} holds no round-{plan.round} keys with {missing}")
+        raise SecAggError(f"client {me} holds no round-{plan.round} keys with {missing}", reason=SecAggReason.NO_KEYS)
     return {peer: pair_material(plan, me, peer, pair_keys[peer]) for peer in peers}
 
 
@@ -591,13 +591,13 @@ def open_share(plan: RoundPlan, me: int, sender: int, material: PairMaterial, se
     (tampered in transit, or not made for ``me`` in this round).
     """
     if len(sealed.cipher) != plan.share_bytes() or len(sealed.tag) != TAG_BYTES:
-        raise SecAggError(f"the share of client {sender} for client {me} has the wrong size: tampered in transit")
+        raise SecAggError(f"the share of client {sender} for client {me} has the wrong size: tampered in transit", reason=SecAggReason.WRONG_SIZE)
     if not mac.verify(_share_message(plan, sender, me, sealed.cipher), sealed.tag, material.mac_in):
-        raise SecAggError(f"the share of client {sender} for client {me} fails its MAC: tampered in transit")
+        raise SecAggError(f"the share of client {sender} for client {me} fails its MAC: tampered in transit", reason=SecAggReason.BAD_MAC)
     try:
         return shamir.unpack_share(xor_pad(sealed.cipher, material.pad_in), plan.share_chunks())
     except ValueError as err:  # a valid tag on a bad share: the sender made it so
-        raise SecAggError(f"the share of client {sender} for client {me} is malformed: {err}") from None
+        raise SecAggError(f"the share of client {sender} for client {me} is malformed: {err}", reason=SecAggReason.MALFORMED) from None
 
 
 def masked_upload(
@@ -609,7 +609,7 @@ def masked_upload(
     ``secrets`` and is forgotten once shared.
     """
     if me not in plan.participants:
-        raise SecAggError(f"client {me} is not a participant of round {plan.round}")
+        raise SecAggError(f"client {me} is not a participant of round {plan.round}", reason=SecAggReason.BAD_REQUEST)
     peers = plan.peers(me)
     materials = _materials(plan, me, pair_keys, peers)
     parts, flags = [], []
@@ -634,12 +634,12 @@ def shares_from_wire(plan: RoundPlan, sender: int, ciphers: bytes, tags: bytes) 
     S = plan.share_bytes()
     if not plan.double:
         if ciphers or tags:
-            raise SecAggError("single masking carries no self-mask shares")
+            raise SecAggError("single masking carries no self-mask shares", reason=SecAggReason.WRONG_SIZE)
         return {}
     if len(ciphers) != S * len(peers) or len(tags) != TAG_BYTES * len(peers):
         raise SecAggError(
             f"the self-mask shares have {len(ciphers)} + {len(tags)} bytes, the plan needs "
-            f"{S * len(peers)} + {TAG_BYTES * len(peers)} ({len(peers)} peers)"
+            f"{S * len(peers)} + {TAG_BYTES * len(peers)} ({len(peers)} peers)", reason=SecAggReason.WRONG_SIZE
         )
     cipher_view, tag_view = memoryview(ciphers), memoryview(tags)  # slices share the wire bytes: no copy per share
     return {
@@ -681,12 +681,12 @@ class UnmaskRequest:
             ciphers, tags = values["shares"], values["share-tags"]
             rnd = values["round"]
         except KeyError as err:
-            raise SecAggError(f"the unmask request lacks {err}") from None
+            raise SecAggError(f"the unmask request lacks {err}", reason=SecAggReason.MALFORMED) from None
         if not isinstance(ciphers, bytes) or not isinstance(tags, bytes) or isinstance(rnd, bool) or not isinstance(rnd, int):
-            raise SecAggError("the unmask request's shares must be bytes and its round an int")
+            raise SecAggError("the unmask request's shares must be bytes and its round an int", reason=SecAggReason.MALFORMED)
         S = plan.share_bytes()
         if len(set(senders)) != len(senders) or len(ciphers) != S * len(senders) or len(tags) != TAG_BYTES * len(senders):
-            raise SecAggError("the unmask request's shares do not match its senders")
+            raise SecAggError("the unmask request's shares do not match its senders", reason=SecAggReason.MALFORMED)
         shares = {
             k: SealedShare(ciphers[i * S : (i + 1) * S], tags[i * TAG_BYTES : (i + 1) * TAG_BYTES])
             for i, k in enumerate(senders)
@@ -696,7 +696,7 @@ class UnmaskRequest:
 
 def _int_list(value: object, name: str) -> list[int]:
     if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
-        raise SecAggError(f"{name!r} must be a list of partition ids")
+        raise SecAggError(f"{name!r} must be a list of partition ids", reason=SecAggReason.MALFORMED)
     return [int(v) for v in value]
 
 
@@ -720,28 +720,28 @@ class UnmaskReply:
     def decode(cls, plan: RoundPlan, sender: int, body: bytes, survivors: Sequence[int], dropped: Sequence[int]) -> UnmaskReply:
         """The server's parse of a (verified) reply body; SecAggError unless it fits the request it answers."""
         if len(body) < 8:
-            raise SecAggError(f"the unmask reply of client {sender} is truncated")
+            raise SecAggError(f"the unmask reply of client {sender} is truncated", reason=SecAggReason.MALFORMED)
         n_from, n_rej = struct.unpack_from("<II", body)
         mine = set(plan.peers(sender))
         others = (set(survivors) - {sender}) & mine
         dropped = sorted(set(dropped) & mine)
         if n_from + n_rej > len(others):
-            raise SecAggError(f"the unmask reply of client {sender} lists more senders than survivors")
+            raise SecAggError(f"the unmask reply of client {sender} lists more senders than survivors", reason=SecAggReason.MALFORMED)
         head = 8 + 4 * (n_from + n_rej)
         if len(body) < head:
-            raise SecAggError(f"the unmask reply of client {sender} is truncated")
+            raise SecAggError(f"the unmask reply of client {sender} is truncated", reason=SecAggReason.MALFORMED)
         ids = struct.unpack_from(f"<{n_from + n_rej}I", body, 8)
         share_from, rejected = tuple(ids[:n_from]), tuple(ids[n_from:])
         if (list(share_from) != sorted(set(share_from)) or not set(share_from) <= others
                 or not set(rejected) <= others or set(share_from) & set(rejected)):
-            raise SecAggError(f"the unmask reply of client {sender} names shares it cannot hold")
+            raise SecAggError(f"the unmask reply of client {sender} names shares it cannot hold", reason=SecAggReason.MALFORMED)
         if share_from and not plan.double:
-            raise SecAggError(f"client {sender} sent self-mask shares in a single-masking round")
+            raise SecAggError(f"client {sender} sent self-mask shares in a single-masking round", reason=SecAggReason.MALFORMED)
         mask_len = plan.upload_bytes() * len(dropped)
         if len(body) != head + mask_len + plan.share_bytes() * n_from:
             raise SecAggError(
                 f"the unmask reply of client {sender} has {len(body)} bytes, {head + mask_len + plan.share_bytes() * n_from} "
-                f"expected for {len(dropped)} pair masks and {n_from} shares"
+                f"expected for {len(dropped)} pair masks and {n_from} shares", reason=SecAggReason.WRONG_SIZE
             )
         return cls(body[head : head + mask_len], share_from, body[head + mask_len :], rejected)
 
@@ -754,7 +754,7 @@ class UnmaskReply:
         try:
             return shamir.unpack_share(self.shares[idx * S : (idx + 1) * S], plan.share_chunks())
         except ValueError as err:
-            raise SecAggError(f"a share of client {k}'s self-mask is malformed: {err}") from None
+            raise SecAggError(f"a share of client {k}'s self-mask is malformed: {err}", reason=SecAggReason.MALFORMED) from None
 
 
 def check_unmask_request(plan: RoundPlan, me: int, request: UnmaskRequest) -> None:
@@ -769,21 +769,21 @@ def check_unmask_request(plan: RoundPlan, me: int, request: UnmaskRequest) -> No
     """
     S, D = list(request.survivors), list(request.dropped)
     if request.round != plan.round:
-        raise SecAggError(f"the unmask request is for round {request.round}, client {me} uploaded in round {plan.round}")
+        raise SecAggError(f"the unmask request is for round {request.round}, client {me} uploaded in round {plan.round}", reason=SecAggReason.BAD_REQUEST)
     if len(set(S)) != len(S) or len(set(D)) != len(D) or set(S) & set(D):
-        raise SecAggError("the unmask request lists a client twice (survivors and dropped must be disjoint)")
+        raise SecAggError("the unmask request lists a client twice (survivors and dropped must be disjoint)", reason=SecAggReason.BAD_REQUEST)
     if set(S) | set(D) != set(plan.participants):
         raise SecAggError(
             f"the unmask request's survivors and dropped ({sorted(set(S) | set(D))}) are not the round's "
-            f"participants {list(plan.participants)}"
+            f"participants {list(plan.participants)}", reason=SecAggReason.BAD_REQUEST
         )
     if me not in S:
-        raise SecAggError(f"client {me} is listed as dropped; a dropped client does not unmask")
+        raise SecAggError(f"client {me} is listed as dropped; a dropped client does not unmask", reason=SecAggReason.BAD_REQUEST)
     surviving_peers = len(set(S) & set(plan.peers(me)))
     if plan.double and surviving_peers < plan.threshold_of(me):
         raise SecAggError(
             f"only {surviving_peers} of client {me}'s peers survive; unmasking needs at least its threshold "
-            f"t = {plan.threshold_of(me)}"
+            f"t = {plan.threshold_of(me)}", reason=SecAggReason.TOO_FEW
         )
 
 
@@ -866,37 +866,37 @@ def unmask_sum(
     B, m = plan.ring_bits, plan.elements()
     survivors = sorted(uploads)
     if set(survivors) | set(dropped) != set(plan.participants) or set(survivors) & set(dropped):
-        raise SecAggError(f"survivors {survivors} and dropped {sorted(dropped)} must partition the participants")
+        raise SecAggError(f"survivors {survivors} and dropped {sorted(dropped)} must partition the participants", reason=SecAggReason.BAD_REQUEST)
     total = np.zeros(m, dtype=np.uint64)
     try:
         for i in survivors:
             add_packed(total, uploads[i], B)
     except ValueError as err:
-        raise SecAggError(f"an upload is malformed: {err}") from None
+        raise SecAggError(f"an upload is malformed: {err}", reason=SecAggReason.MALFORMED) from None
     if dropped:
         size = plan.upload_bytes()
         gone = {i: sorted(set(plan.peers(i)) & set(dropped)) for i in survivors}  # i's dropped peers
         missing = [i for i in survivors if gone[i] and (i not in replies or len(replies[i].masks) != size * len(gone[i]))]
         if missing:
-            raise SecAggError(f"survivors {missing} did not reveal their pair masks with the dropped {sorted(dropped)}")
+            raise SecAggError(f"survivors {missing} did not reveal their pair masks with the dropped {sorted(dropped)}", reason=SecAggReason.TOO_FEW)
         for i in survivors:
             blob = replies[i].masks if gone[i] else b""
             for idx, k in enumerate(gone[i]):  # survivor i added +s_ik for k > i, −s_ik for k < i
                 try:
                     add_packed(total, blob[idx * size : (idx + 1) * size], B, subtract=k > i)
                 except ValueError as err:
-                    raise SecAggError(f"the pair masks of survivor {i} are malformed: {err}") from None
+                    raise SecAggError(f"the pair masks of survivor {i} are malformed: {err}", reason=SecAggReason.MALFORMED) from None
     if plan.double:
         for k in survivors:
             t = plan.threshold_of(k)
             points = {j + 1: replies[j].share_of(plan, k) for j in survivors if j in replies and k in replies[j].share_from}
             if len(points) < t:
-                raise SecAggError(f"only {len(points)} of the {t} shares of client {k}'s self-mask arrived")
+                raise SecAggError(f"only {len(points)} of the {t} shares of client {k}'s self-mask arrived", reason=SecAggReason.TOO_FEW)
             try:
                 packed = shamir.from_chunks(shamir.combine(points, t), plan.upload_bytes())
                 add_packed(total, packed, B, subtract=True)
             except ValueError as err:
-                raise SecAggError(f"the self-mask of client {k} cannot be rebuilt: {err}") from None
+                raise SecAggError(f"the self-mask of client {k} cannot be rebuilt: {err}", reason=SecAggReason.MALFORMED) from None
     out, over, under, start = {}, {}, {}, 0
     for name, shape, clip, c in zip(plan.tensors, plan.shapes, plan.clips, plan.coords()):
         out[name] = plan.codec.decode_ring_sum(total[start : start + c], clip, len(survivors), plan.seed(name), shape)
@@ -935,12 +935,12 @@ def open_seal(
 ) -> None:
     """Check a sealed message; raise UnknownKeyId if replayed or forged, SecAggError if tampered."""
     if not isinstance(key_id, str) or not isinstance(tag, bytes) or len(tag) != TAG_BYTES or len(key_id) > 256:
-        raise SecAggError(f"the {purpose} of client {sender} has a malformed seal (key id str, tag of {TAG_BYTES} bytes)")
+        raise SecAggError(f"the {purpose} of client {sender} has a malformed seal (key id str, tag of {TAG_BYTES} bytes)", reason=SecAggReason.MALFORMED)
     key = _server_key(source, sender, key_id)
     if len(key) != MAC_KEY_BYTES or not mac.verify(
         _tag_message(mode, purpose, server_round, sender, key_id, body), tag, key
     ):
-        raise SecAggError(f"the {purpose} of client {sender} fails its MAC: tampered in transit")
+        raise SecAggError(f"the {purpose} of client {sender} fails its MAC: tampered in transit", reason=SecAggReason.BAD_MAC)
 
 
 def pad_and_seal(source: KeySource, me: int, server_round: int, payload: bytes) -> tuple[bytes, str, bytes]:
@@ -954,10 +954,10 @@ def pad_and_seal(source: KeySource, me: int, server_round: int, payload: bytes) 
 def open_pad(source: KeySource, sender: int, server_round: int, cipher: bytes, key_id: str, tag: bytes) -> bytes:
     """channel-pad, server side: verify then unpad; raise SecAggError if replayed, forged or tampered."""
     if not isinstance(key_id, str) or not isinstance(tag, bytes) or len(tag) != TAG_BYTES or len(key_id) > 256:
-        raise SecAggError(f"the upload of client {sender} has a malformed seal (key id str, tag of {TAG_BYTES} bytes)")
+        raise SecAggError(f"the upload of client {sender} has a malformed seal (key id str, tag of {TAG_BYTES} bytes)", reason=SecAggReason.MALFORMED)
     key = _server_key(source, sender, key_id)
     if len(key) != MAC_KEY_BYTES + len(cipher):
-        raise SecAggError(f"the upload of client {sender} does not match its pad length: tampered in transit")
+        raise SecAggError(f"the upload of client {sender} does not match its pad length: tampered in transit", reason=SecAggReason.WRONG_SIZE)
     if not mac.verify(_tag_message("channel-pad", "upload", server_round, sender, key_id, cipher), tag, key[:MAC_KEY_BYTES]):
-        raise SecAggError(f"the upload of client {sender} fails its MAC: tampered in transit")
+        raise SecAggError(f"the upload of client {sender} fails its MAC: tampered in transit", reason=SecAggReason.BAD_MAC)
     return xor_pad(cipher, key[MAC_KEY_BYTES:])

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from qfl.clients.daemon import ANSI_ESCAPE, free_port, read_status, stop_marked
-from qfl.errors import DeploymentError
+from qfl.errors import DeploymentError, DeploymentReason
 from qfl.files import atomic_write_json
 from qfl.security.keys.certs import NODE_PUB_FILE, NODES_DIR, SUPERLINK_STEM, make_pki
 from qfl.security.secagg import SERVER_SAE, client_sae, network_nodes
@@ -57,7 +57,7 @@ def app_dir() -> Path:
     """The Flower app (this repository: pyproject.toml with [tool.flwr.app])."""
     here = Path(__file__).resolve().parents[1]
     if not (here / "pyproject.toml").is_file():
-        raise DeploymentError(f"no pyproject.toml next to {here}; run from a source checkout (pip install -e .)")
+        raise DeploymentError(f"no pyproject.toml next to {here}; run from a source checkout (pip install -e .)", reason=DeploymentReason.NOT_INSTALLED)
     return here
 
 
@@ -91,7 +91,7 @@ class LocalDeployment:
     def __post_init__(self) -> None:
         self.out = Path(self.out).resolve()
         if self.nodes < 2:
-            raise DeploymentError("a deployment needs at least 2 nodes (secure aggregation sums 2 or more uploads)")
+            raise DeploymentError("a deployment needs at least 2 nodes (secure aggregation sums 2 or more uploads)", reason=DeploymentReason.BAD_REQUEST)
         self.marker = uuid.uuid4().hex
         self.bin = Path(sys.executable).parent
         self.procs: dict[str, subprocess.Popen] = {}
@@ -117,7 +117,7 @@ class LocalDeployment:
         path = self.bin / name
         found = str(path) if path.exists() else shutil.which(name)
         if not found:
-            raise DeploymentError(f"{name} not found next to {sys.executable}; install qfl (`make install`)")
+            raise DeploymentError(f"{name} not found next to {sys.executable}; install qfl (`make install`)", reason=DeploymentReason.NOT_INSTALLED)
         return found
 
     def start(self, name: str, argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -137,13 +137,13 @@ class LocalDeployment:
             done = subprocess.run(argv, cwd=self.out, env={**self.env, "FLWR_HOME": str(self.cli_home)},
                                   stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s)
         except subprocess.TimeoutExpired as err:
-            raise DeploymentError(f"`{' '.join(argv)}` did not finish within {timeout_s:.0f} s") from err
+            raise DeploymentError(f"`{' '.join(argv)}` did not finish within {timeout_s:.0f} s", reason=DeploymentReason.TIMEOUT) from err
         out = ANSI_ESCAPE.sub("", done.stdout.decode(errors="replace"))
         with open(self.logs / f"{name}.log", "ab") as log:
             log.write(done.stdout + done.stderr)
         if done.returncode != 0:
             raise DeploymentError(f"`{' '.join(argv)}` exited with {done.returncode}: {out[-800:]} "
-                                  f"{ANSI_ESCAPE.sub('', done.stderr.decode(errors='replace'))[-800:]}")
+                                  f"{ANSI_ESCAPE.sub('', done.stderr.decode(errors='replace'))[-800:]}", reason=DeploymentReason.EXITED)
         return out
 
     def tail(self, name: str, chars: int = 3000) -> str:
@@ -158,9 +158,9 @@ class LocalDeployment:
             for name in watch:
                 rc = self.procs[name].poll()
                 if rc is not None:
-                    raise DeploymentError(f"{name} exited with {rc} while waiting for {what}:\n{self.tail(name)}")
+                    raise DeploymentError(f"{name} exited with {rc} while waiting for {what}:\n{self.tail(name)}", reason=DeploymentReason.EXITED)
             if time.monotonic() > deadline:
-                raise DeploymentError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+                raise DeploymentError(f"timed out after {timeout_s:.0f} s waiting for {what}", reason=DeploymentReason.TIMEOUT)
             time.sleep(0.2)
 
     # -- the parts ----------------------------------------------------------------------------
@@ -253,7 +253,7 @@ class LocalDeployment:
                 except FileNotFoundError:
                     st = {}
                 seen[client_sae(i)] = {k: st.get(k) for k in ("connection", "reconnects", "restarts", "last_exit_reason")}
-            raise DeploymentError(f"{err}; daemons (wanted reconnects {want}): {seen}") from None
+            raise DeploymentError(f"{err}; daemons (wanted reconnects {want}): {seen}", reason=err.reason) from None
 
     def submit(self) -> int:
         """``flwr run`` the app with this deployment's run config; returns the run ID."""
@@ -264,7 +264,7 @@ class LocalDeployment:
                                         " ".join(f"{k}={_toml_value(v)}" for k, v in config.items()), "--format", "json"])
         match = re.search(r'"run-id":\s*"?(\d+)', out) or re.search(r"run (\d+)", out)
         if not match:
-            raise DeploymentError(f"`flwr run` printed no run ID: {out[-800:]}")
+            raise DeploymentError(f"`flwr run` printed no run ID: {out[-800:]}", reason=DeploymentReason.NO_RUN_ID)
         self.run_ids.append(int(match.group(1)))
         return self.run_ids[-1]
 
@@ -296,13 +296,13 @@ class LocalDeployment:
                 continue
             for name in ("superlink", "kms"):
                 if self.procs[name].poll() is not None:
-                    raise DeploymentError(f"{name} exited with {self.procs[name].returncode}:\n{self.tail(name)}")
+                    raise DeploymentError(f"{name} exited with {self.procs[name].returncode}:\n{self.tail(name)}", reason=DeploymentReason.EXITED)
             status = self.run_status(run_id)
             if status.startswith("finished"):
                 return status
             time.sleep(1.0)
         raise DeploymentError(f"run {run_id} still {status!r} after {timeout_s:.0f} s "
-                              f"({self.rounds_completed()} rounds done)")
+                              f"({self.rounds_completed()} rounds done)", reason=DeploymentReason.TIMEOUT)
 
     def online_node_ids(self) -> set[int]:
         """The node IDs the SuperLink lists as online (``flwr supernode ls``)."""
@@ -427,5 +427,5 @@ def deploy_local(out: Path, nodes: int, rounds: int, tls: bool, run_timeout_s: f
         left = deployment.stop()
         summary = deployment.write_summary(status)
     if left:
-        raise DeploymentError(f"processes survived SIGKILL: {left}")
+        raise DeploymentError(f"processes survived SIGKILL: {left}", reason=DeploymentReason.SURVIVED_KILL)
     return summary

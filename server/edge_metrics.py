@@ -21,7 +21,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.supercore import log
 
-from .untrusted import UntrustedValue, finite_float, int_in_range
+from .untrusted import UntrustedReason, UntrustedValue, finite_float, int_in_range
 
 MAX_BYTES = 2**53
 MAX_WINDOWS = 2**31
@@ -33,10 +33,10 @@ def _one(metrics: Any, depth: int) -> tuple[int, int, int, list[int], float, flo
     down = int_in_range(metrics.get("edge-split-downlink-bytes"), "edge-split-downlink-bytes", 0, MAX_BYTES)
     raw = metrics.get("edge-split-hist")
     if not isinstance(raw, list) or len(raw) != depth + 1:
-        raise UntrustedValue(f"'edge-split-hist' must be a list of {depth + 1} counts")
+        raise UntrustedValue(f"'edge-split-hist' must be a list of {depth + 1} counts", reason=UntrustedReason.WRONG_TYPE, key="edge-split-hist")
     hist = [int_in_range(v, "edge-split-hist", 0, windows) for v in raw]
     if sum(hist) != windows:
-        raise UntrustedValue("'edge-split-hist' does not sum to 'edge-windows'")
+        raise UntrustedValue("'edge-split-hist' does not sum to 'edge-windows'", reason=UntrustedReason.INCONSISTENT, key="edge-split-hist")
     latency = finite_float(metrics.get("edge-latency-ms"), "edge-latency-ms", 0.0, 1e15)
     energy = finite_float(metrics.get("edge-energy-mj"), "edge-energy-mj", 0.0, 1e15)
     return windows, up, down, hist, latency, energy

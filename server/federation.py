@@ -22,16 +22,16 @@ from flwr.serverapp import Grid
 from qfl.clients.tasks import ClientTask, task_for
 from qfl.compression import make_codec
 from qfl.config import RunConfig, resolve_config
-from qfl.errors import ResumeError
+from qfl.errors import ResumeError, ResumeReason
 from qfl.files import atomic_write_bytes, atomic_write_json
 from qfl.records import as_int
-from qfl.security.secagg import MASKED_MODES, SECURITY_LEVELS
+from qfl.security.secagg import SECURITY_LEVELS
 from qfl.seeds import round_seed
 from qfl.server.key_budget import KeyBudget
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .optimizers import make_server_optimizer
-from .secure import SecureFedAvg
+from .secure import KeyedFedAvg, SecureFedAvg, secure_strategy
 from .strategy import QflFedAvg, record_to_weights, weights_to_record
 
 CONFIG_NAME = "config.toml"
@@ -69,7 +69,7 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
     path = Path(run_dir) / CONFIG_NAME
     if not path.exists():
-        raise ResumeError(f"{run_dir} has no {CONFIG_NAME}; pass the directory a `qfl run` wrote")
+        raise ResumeError(f"{run_dir} has no {CONFIG_NAME}; pass the directory a `qfl run` wrote", reason=ResumeReason.NO_CONFIG)
     return resolve_config(load_config_file(path))
 
 
@@ -94,7 +94,7 @@ def run_federation(
     checkpoint = load_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         if {k: tuple(v.shape) for k, v in checkpoint.weights.items()} != shapes:
-            raise ResumeError(f"checkpoint in {run_dir} does not match the model {cfg.model!r}")
+            raise ResumeError(f"checkpoint in {run_dir} does not match the model {cfg.model!r}", reason=ResumeReason.MODEL_MISMATCH)
         weights, history, first_round = checkpoint.weights, checkpoint.history, checkpoint.round + 1
         optimizer.load_state_arrays(checkpoint.optimizer_state)
     else:
@@ -125,7 +125,7 @@ def run_federation(
         budget = KeyBudget(cfg, run_dir)  # its QKD clock continues from the key store, not from history
         if cfg.key_source == "store":
             flat_config["key_store"] = str(budget.store_path.resolve())  # where the clients find the pools
-        strategy = SecureFedAvg(
+        strategy = secure_strategy(
             **common, cfg=cfg, budget=budget, round_seed=lambda r: round_seed(cfg.seed, r), clips=last.get("secure_clip")
         )
     if reporter:
@@ -165,7 +165,7 @@ def run_federation(
             "sampled": as_int(train["sampled"]),
             "dropped": as_int(train["dropped"]),
             "drop_reasons": list(strategy.drop_reasons),
-            **(_key_record(strategy, budget) if isinstance(strategy, SecureFedAvg) and budget is not None else {}),
+            **(_key_record(strategy, budget) if isinstance(strategy, KeyedFedAvg) and budget is not None else {}),
             **({"linear_probe_accuracy": accuracy, **edge} if edge else {}),
             "wall_s": wall,
             "elapsed_s": elapsed,
@@ -194,18 +194,24 @@ def _edge_record(cfg: RunConfig, replies: list[Any]) -> dict[str, Any]:
     return split_round_metrics(replies, cfg.edge_blocks)
 
 
-def _key_record(strategy: SecureFedAvg, budget: KeyBudget) -> dict[str, Any]:
+def _key_record(strategy: KeyedFedAvg, budget: KeyBudget) -> dict[str, Any]:
     """The key layer's figures for one round's metrics.json record."""
     return {
         "key_bits_by_link": dict(sorted(strategy.key_links.items())),
         "key_pools_left": budget.pools(strategy.key_links),
         "key_wait_s": strategy.key_wait_s,
         "qkd_clock_s": budget.clock_s,
-        **({"secure_clip": strategy.checkpoint_state()} if strategy.mode in MASKED_MODES else {}),
+        **(_masked_record(strategy) if isinstance(strategy, SecureFedAvg) else {}),
+    }
+
+
+def _masked_record(strategy: SecureFedAvg) -> dict[str, Any]:
+    return {
+        "secure_clip": strategy.checkpoint_state(),
         # mean peers a client masked with (security.graph): n − 1 in the full graph, k in a sparse one
         **({"mask_degree": strategy.masked.plan.mask_degree()} if strategy.masked is not None else {}),
         # key bits by use (pair masks / share pads / MAC keys), end to end; see server.secure.KeySplit
-        **(strategy.key_split.record() if strategy.mode in MASKED_MODES else {}),
+        **strategy.key_split.record(),
     }
 
 

@@ -39,8 +39,10 @@ Every field a client sends (partition ids, key ids, tags, share blobs, reveal
 bodies, metrics) is untrusted: a wrong type, size or value drops that client
 with a reason; nothing a client sends raises out of ``aggregate_train``.
 
-For ``security=channel-pad`` the round is QflFedAvg's, with every reply
-verified and unpadded before it is decoded.
+For ``security=channel-pad`` there is no workflow: the round is QflFedAvg's
+(:class:`PaddedFedAvg`), and the pad is a transport step (:class:`ChannelPad`)
+that verifies and unpads every reply before it is decoded. Both strategies
+share :class:`KeyedFedAvg`'s key budget; :func:`secure_strategy` picks one.
 """
 
 from __future__ import annotations
@@ -68,12 +70,12 @@ from qfl.config import RunConfig
 from qfl.security.keys.source import KeySource
 from qfl.security.secagg import (
     MAC_KEY_BYTES,
-    MASKED_MODES,
     SERVER_SAE,
     MaskedSum,
     RoundPlan,
     SealedShare,
     SecAggError,
+    SecAggReason,
     UnknownKeyId,
     UnmaskReply,
     client_sae,
@@ -86,7 +88,7 @@ from qfl.security.secagg import (
 )
 from qfl.server.key_budget import KeyBudget
 
-from .strategy import MAX_ABS_LOSS, QflFedAvg, weights_to_record
+from .strategy import MAX_ABS_LOSS, Drop, DropReason, QflFedAvg, weights_to_record
 from .untrusted import UntrustedValue, capped_examples, finite_float, int_in_range
 
 SETUP, REVEAL, HELLO = "query.secagg_setup", "query.secagg_reveal", "query.secagg_hello"
@@ -95,36 +97,13 @@ MAX_KEY_ID = 256  # characters; a key id is a UUID (36)
 MAX_ERROR_TEXT = 300  # characters of a client's error text kept in the drop reasons
 
 
-class DropReason(Enum):
-    """Why a client's contribution is not in a round's sum (the text goes to logs and ``drop_reasons``)."""
+class FailReason(Enum):
+    """Why a masked round opens no sum (the text goes to logs and ``drop_reasons``)."""
 
-    NO_PARTITION_ID = "did not tell a valid partition id"
-    SHARED_PARTITION_ID = "claims a partition id another node claims too"
-    KEY_BUDGET = "left out by the key budget"
-    SETUP_FAILED = "failed the key setup"
-    CLIENT_ERROR = "the client failed"
-    NO_REPLY = "did not reply in time"
-    MALFORMED = "sent a malformed reply"
-    NOT_PARTICIPANT = "is not a participant of this round"
-    REPLAYED = "sent a seal whose key id is unknown or spent (replayed or forged)"
-    BAD_SEAL = "sent an upload that fails its MAC"
-    WRONG_SIZE = "sent an upload or shares of the wrong size"
-    BAD_METRICS = "sent invalid metrics"
-    NO_UNMASK = "did not answer the unmask request"  # a survivor: its upload stays in the sum
-
-
-@dataclass(frozen=True)
-class Drop:
-    """One client left out of (or, for NO_UNMASK, failing) a round, with the details."""
-
-    node: int | None
-    pid: int | None
-    reason: DropReason
-    detail: str = ""
-
-    def text(self) -> str:
-        who = f"client {self.pid} (node {self.node})" if self.pid is not None else f"node {self.node}"
-        return f"{who}: {self.reason.value}" + (f": {self.detail}" if self.detail else "")
+    TOO_FEW_CLIENTS = "fewer clients admitted, set up or with a valid upload than a sum needs"
+    BAD_PLAN = "the round's plan cannot run with the clients that set up keys"
+    SINGLE_MASKING_RECEIVED = "single masking cannot open a sum around a received but invalid upload"
+    UNMASK_FAILED = "the masked sum cannot be opened (pair masks or self-mask shares missing or malformed)"
 
 
 @dataclass
@@ -154,6 +133,7 @@ class RoundOutcome:
     plan: RoundPlan | None
     total: MaskedSum | None = None
     failure: str | None = None  # why the model is unchanged, when it is
+    fail_reason: FailReason | None = None
     drops: list[Drop] = field(default_factory=list)
     uploads: int = 0  # replies that carried an upload, valid or not
     uplink_bytes: int = 0
@@ -173,11 +153,11 @@ def _text(value: object) -> str:
 def _seal_fields(content: RecordDict, name: str) -> tuple[str, bytes]:
     """(key id, tag) of a sealed record, type-checked; SecAggError if missing or mistyped."""
     if name not in content.config_records:
-        raise SecAggError(f"the reply lacks the {name!r} ConfigRecord")
+        raise SecAggError(f"the reply lacks the {name!r} ConfigRecord", reason=SecAggReason.MALFORMED)
     record = content[name]
     key_id, tag = record.get("key-id"), record.get("tag")
     if not isinstance(key_id, str) or len(key_id) > MAX_KEY_ID or not isinstance(tag, bytes):
-        raise SecAggError(f"the {name!r} record needs a key id (str) and a tag (bytes)")
+        raise SecAggError(f"the {name!r} record needs a key id (str) and a tag (bytes)", reason=SecAggReason.MALFORMED)
     return key_id, tag
 
 
@@ -188,11 +168,11 @@ def _pair(a: str, b: str) -> tuple[str, str]:
 
 def _one_array(content: RecordDict, record: str, name: str) -> bytes:
     if record not in content.array_records:
-        raise SecAggError(f"the reply lacks the {record!r} ArrayRecord")
+        raise SecAggError(f"the reply lacks the {record!r} ArrayRecord", reason=SecAggReason.MALFORMED)
     arrays = content.array_records[record]
     exact = record == "update"  # the upload is one array; the shares record holds two
     if (exact and list(arrays.keys()) != [name]) or name not in arrays:
-        raise SecAggError(f"the {record!r} ArrayRecord must hold the array {name!r}" + (" only" if exact else ""))
+        raise SecAggError(f"the {record!r} ArrayRecord must hold the array {name!r}" + (" only" if exact else ""), reason=SecAggReason.MALFORMED)
     return bytes(arrays[name].data)
 
 
@@ -240,7 +220,8 @@ class MaskedRound:
             self.failed.add(pid)
         log(WARNING, "round %s: %s", self.plan.round, drop.text())
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, reason: FailReason, why: str) -> None:
+        self.outcome.fail_reason = reason
         self.outcome.failure = f"round {self.plan.round}: {why}; no masked sum this round (the model is unchanged)"
         log(WARNING, self.outcome.failure)
 
@@ -249,7 +230,7 @@ class MaskedRound:
         """Each participant takes its pair keys; return the train messages for those that did."""
         self.plan = setup_plan = self._viable(self.plan, self.nodes)
         if len(self.nodes) < self.min_survivors:
-            self._fail(f"only {len(self.nodes)} clients admitted, fewer than the {self.min_survivors} a sum needs")
+            self._fail(FailReason.TOO_FEW_CLIENTS, f"only {len(self.nodes)} clients admitted, fewer than the {self.min_survivors} a sum needs")
             return []
         record = ConfigRecord(setup_plan.to_config())
         setup = [Message(RecordDict({"config": self.config, "secagg": record}), dst_node_id=n, message_type=SETUP)
@@ -275,12 +256,12 @@ class MaskedRound:
         self.plan = plan = self._viable(setup_plan.with_participants(ready.values()), ready)
         ready = self.nodes
         if len(ready) < self.min_survivors:
-            self._fail(f"only {len(ready)} clients set up keys, fewer than the {self.min_survivors} a sum needs")
+            self._fail(FailReason.TOO_FEW_CLIENTS, f"only {len(ready)} clients set up keys, fewer than the {self.min_survivors} a sum needs")
             return []
         try:
             plan.check()
         except SecAggError as err:
-            self._fail(str(err))
+            self._fail(FailReason.BAD_PLAN, str(err))
             return []
         self.outcome.downlink_bytes = payload_bytes(model) * len(ready)
         messages = []
@@ -302,19 +283,19 @@ class MaskedRound:
 
     def _key_ids(self, reply: Message, pid: int) -> dict[int, str]:
         if reply.has_error():
-            raise SecAggError(_text(reply.error.reason))
+            raise SecAggError(_text(reply.error.reason), reason=SecAggReason.REFUSED)
         if "pair-keys" not in reply.content.config_records:
-            raise SecAggError("no 'pair-keys' record")
+            raise SecAggError("no 'pair-keys' record", reason=SecAggReason.MALFORMED)
         rec = reply.content["pair-keys"]
         peers, ids = rec.get("peers"), rec.get("key-ids")
         if not isinstance(peers, list) or not isinstance(ids, list) or len(peers) != len(ids):
-            raise SecAggError("'pair-keys' needs two lists of equal length, 'peers' and 'key-ids'")
+            raise SecAggError("'pair-keys' needs two lists of equal length, 'peers' and 'key-ids'", reason=SecAggReason.MALFORMED)
         out = {}
         for peer, key_id in zip(peers, ids):
             if (isinstance(peer, bool) or not isinstance(peer, int) or peer not in self.plan.peers(pid)
                     or peer <= pid or not isinstance(key_id, str) or len(key_id) > MAX_KEY_ID or peer in out):
                 raise SecAggError(f"'pair-keys' names peer {_text(peer)!s} / key id {_text(key_id)!s}, "
-                                  "not a key with a higher participant")
+                                  "not a key with a higher participant", reason=SecAggReason.MALFORMED)
             out[peer] = key_id
         return out
 
@@ -396,10 +377,11 @@ class MaskedRound:
         if weight:
             out.train_loss = sum(n * loss for n, loss in with_loss) / weight
         if len(survivors) < self.min_survivors:
-            self._fail(f"only {len(survivors)} valid uploads, fewer than the {self.min_survivors} a sum needs")
+            self._fail(FailReason.TOO_FEW_CLIENTS, f"only {len(survivors)} valid uploads, fewer than the {self.min_survivors} a sum needs")
             return out
         if not plan.double and set(dropped) & self.received:
             self._fail(
+                FailReason.SINGLE_MASKING_RECEIVED,
                 f"clients {sorted(set(dropped) & self.received)} sent an upload that was received but is invalid; "
                 "single masking never asks for the pair masks of a client whose upload arrived (that would "
                 "unmask it), so the others' sum cannot be opened. Use secure_masking=double"
@@ -412,7 +394,7 @@ class MaskedRound:
         try:
             out.total = unmask_sum(plan, {p: self.uploads[p].blob for p in survivors}, replies, dropped)
         except SecAggError as err:
-            self._fail(f"the masked sum cannot be opened: {err}")
+            self._fail(FailReason.UNMASK_FAILED, f"the masked sum cannot be opened: {err}")
         return out
 
     def _collect_unmask(self, survivors: list[int], dropped: list[int]) -> dict[int, UnmaskReply]:
@@ -447,11 +429,11 @@ class MaskedRound:
 
     def _open_unmask(self, reply: Message, pid: int, survivors: list[int], dropped: list[int]) -> UnmaskReply:
         if reply.has_error():
-            raise SecAggError(_text(reply.error.reason))
+            raise SecAggError(_text(reply.error.reason), reason=SecAggReason.REFUSED)
         key_id, tag = _seal_fields(reply.content, "reveal")
         body = reply.content["reveal"].get("body")
         if not isinstance(body, bytes):
-            raise SecAggError("the 'reveal' record needs a 'body' (bytes)")
+            raise SecAggError("the 'reveal' record needs a 'body' (bytes)", reason=SecAggReason.MALFORMED)
         self.outcome.uplink_bytes += len(body)
         try:
             open_seal(self.source, pid, self.plan.mode, "reveal", self.plan.round, body, key_id, tag)
@@ -476,8 +458,54 @@ class MaskedRound:
         return self.outcome
 
 
-class SecureFedAvg(QflFedAvg):
-    """QflFedAvg whose uploads are masked (masked-sum, expanded) or padded (channel-pad) with QKD key.
+class ChannelPad:
+    """channel-pad, the server half of a transport step: each reply's ``update`` arrives padded and
+    sealed with a fresh key of link client~server (``clients.secure`` pads it); :meth:`open` checks
+    the seal and strips the pad, so the strategy decodes and aggregates the update as without security.
+
+    The budget reserves :meth:`link_bits` per client and round: the tag key plus a pad of
+    ``PAD_MARGIN`` times the largest upload seen so far.
+    """
+
+    def __init__(self, source: KeySource) -> None:
+        self.source = source
+        self.max_upload = 0  # bytes of the largest padded upload so far
+
+    def link_bits(self) -> int:
+        return 8 * (MAC_KEY_BYTES + int(self.max_upload * PAD_MARGIN))
+
+    def observe(self, replies: Iterable[Message]) -> None:
+        """Before the first upload was seen, size the pad by this round's replies."""
+        if not self.max_upload:
+            self.max_upload = max((sum(len(a.data) for a in m.content.array_records["update"].values()) for m in replies
+                                   if not m.has_error() and "update" in m.content.array_records), default=0)
+
+    def open(self, msg: Message, pid: int | None, server_round: int) -> ArrayRecord:
+        """The codec payloads of ``msg``, unpadded; SecAggError if the seal or the pad does not check out."""
+        if pid is None:
+            raise SecAggError(f"node {msg.metadata.src_node_id} has no known partition id", reason=SecAggReason.MALFORMED)
+        key_id, tag = _seal_fields(msg.content, "seal")
+        padded = msg.content.array_records["update"]  # QflFedAvg._check_reply has checked that it is one
+        cipher = b"".join(bytes(a.data) for a in padded.values())
+        self.max_upload = max(self.max_upload, len(cipher))
+        plain = open_pad(self.source, pid, server_round, cipher, key_id, tag)
+        out, start = ArrayRecord(), 0
+        for name, array in padded.items():
+            n = len(array.data)
+            out[name] = type(array)(dtype="uint8", shape=(n,), stype=str(array.stype).removesuffix("+pad"),
+                                    data=plain[start : start + n])
+            start += n
+        return out
+
+
+class KeyedFedAvg(QflFedAvg):
+    """QflFedAvg whose rounds take QKD key: the half both secure strategies share.
+
+    Each round it samples, learns the nodes' partition ids, ticks the QKD clock,
+    prices the round per link and applies ``key_policy`` (clients whose links
+    cannot pay are left out), then hands the admitted clients to the subclass's
+    round (:meth:`_start`, :meth:`_aggregate`) and accounts the key bits used.
+    :func:`secure_strategy` picks the subclass for ``security``.
 
     Parameters (besides QflFedAvg's)
     --------------------------------
@@ -486,27 +514,18 @@ class SecureFedAvg(QflFedAvg):
         ``secure_min_clients``, ``timeout_s`` and the codec.
     budget : KeyBudget
         The key source, QKD network and exhaustion policy of the run.
-    round_seed : callable
-        ``round_seed(server_round)``: the seed all clients of a round share (rand-k supports).
-    clips : dict[str, float] | None
-        The clip bound per tensor to start from (a resumed run's last one).
     """
 
-    def __init__(self, *args, cfg: RunConfig, budget: KeyBudget, round_seed, clips=None, **kwargs) -> None:
+    def __init__(self, *args, cfg: RunConfig, budget: KeyBudget, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.cfg = cfg
         self.mode = cfg.security
         self.budget = budget
-        self.round_seed = round_seed
-        self.clips: dict[str, float] = dict(clips or {name: cfg.secure_clip for name in self.shapes})
         self.partition_of: dict[int, int] = {}  # node id -> partition id (unambiguous claims only)
         self.contested: dict[int, set[int]] = {}  # partition id -> nodes that all claim it
-        self.masked: MaskedRound | None = None  # the current masked round
         self.key_usage_before: dict[str, int] = {}
         self.key_links: dict[str, int] = {}  # bits used this round per link (filled after aggregation)
-        self.key_split = KeySplit()
         self.key_wait_s = 0.0
-        self.max_upload = 0  # channel-pad: the largest padded upload so far, for the budget
 
     # -- helpers --------------------------------------------------------------------------------
     def _send(self, grid: Grid, messages: list[Message]) -> list[Message]:
@@ -543,14 +562,10 @@ class SecureFedAvg(QflFedAvg):
                 bad[node] = Drop(node, None, DropReason.NO_PARTITION_ID)
         return bad
 
-    def _needs(self, pids: list[int], plan: RoundPlan | None) -> dict[tuple[str, str], int]:
-        """Bits each link must supply this round, sorted pairs as keys."""
-        needs: dict[tuple[str, str], int] = {}
-        server_bits = 8 * 2 * MAC_KEY_BYTES  # an upload tag and an unmask-reply tag
-        if plan is None:  # channel-pad: the pad plus its tag key
-            server_bits = 8 * (MAC_KEY_BYTES + int(self.max_upload * PAD_MARGIN))
-        for i in pids:
-            needs[_pair(client_sae(i), SERVER_SAE)] = server_bits
+    def _needs(self, pids: list[int], server_bits: int, plan: RoundPlan | None = None) -> dict[tuple[str, str], int]:
+        """Bits each link must supply this round, sorted pairs as keys: ``server_bits`` on every
+        client~server link, and the pair keys of ``plan`` (a masked round) on the client~client links."""
+        needs = {_pair(client_sae(i), SERVER_SAE): server_bits for i in pids}
         if plan is not None:
             pair_bits = 8 * plan.pair_key_bytes()
             sampled = plan.with_participants(pids)
@@ -560,25 +575,34 @@ class SecureFedAvg(QflFedAvg):
                         needs[_pair(client_sae(i), client_sae(j))] = pair_bits
         return needs
 
-    # -- configure ------------------------------------------------------------------------------
+    # -- the round ------------------------------------------------------------------------------
+    def _price(self, server_round: int, pids: list[int]) -> tuple[RoundPlan | None, dict[tuple[str, str], int]]:
+        """The round's plan (None without masking) and the bits each link must supply for ``pids``."""
+        raise NotImplementedError
+
+    def _start(
+        self, server_round: int, model: ArrayRecord, config: ConfigRecord, plan: RoundPlan | None,
+        nodes: dict[int, int], drops: list[Drop], grid: Grid,
+    ) -> Iterable[Message]:
+        """The train messages for the admitted ``nodes`` (node id -> partition id); ``drops`` are the left out."""
+        raise NotImplementedError
+
+    def _aggregate(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        raise NotImplementedError
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.masked = None
         self.key_links = {}
-        self.key_split = KeySplit()
         self.key_usage_before = self.budget.usage()
         super().configure_train(server_round, arrays, config, grid)  # samples, encodes the model
         self.budget.tick()
         bad = self._learn_partitions(grid, self.sampled)
         drops = list(bad.values())
         nodes = {n: self.partition_of[n] for n in self.sampled if n not in bad}
-        plan = None
-        if self.mode in MASKED_MODES:  # the round's one plan: priced for all, narrowed to who can pay
-            plan = make_plan(self.cfg, server_round, sorted(nodes.values()), self.shapes, self.clips,
-                             self.round_seed(server_round))
+        plan, needs = self._price(server_round, sorted(nodes.values()))  # one plan: priced for all, narrowed to who can pay
         start = self.budget.clock_s
-        admission = self.budget.admit(sorted(nodes.values()), self._needs(sorted(nodes.values()), plan))
+        admission = self.budget.admit(sorted(nodes.values()), needs)
         self.key_wait_s = self.budget.clock_s - start
         if admission.waited_s:
             log(INFO, "round %s waited %.1f simulated s for QKD key", server_round, admission.waited_s)
@@ -592,49 +616,10 @@ class SecureFedAvg(QflFedAvg):
             log(WARNING, "round %s: %s", server_round, drop.text())
         assert self.current_weights is not None  # configure_train has set the global model
         model = encode_update(self.current_weights, self.downlink_codec)
-        if plan is None:  # channel-pad
-            self.drop_reasons += [d.text() for d in drops]
-            self.downlink_bytes = payload_bytes(model) * len(nodes)
-            record = RecordDict({"arrays": model, "config": config, "secagg": ConfigRecord({"mode": self.mode})})
-            return self._construct_messages(record, sorted(nodes), MessageType.TRAIN)
-        self.masked = MaskedRound(
-            self.cfg, self.budget.source, lambda messages: self._send(grid, messages), config,
-            plan.with_participants(nodes.values()), nodes, drops, self._example_cap,
-        )
-        return self.masked.setup_keys(model)
+        return self._start(server_round, model, config, plan, nodes, drops, grid)
 
-    # -- channel-pad ----------------------------------------------------------------------------
-    def _update_record(self, msg: Message) -> ArrayRecord:
-        if self.mode != "channel-pad":
-            return super()._update_record(msg)
-        node = msg.metadata.src_node_id
-        pid = self.partition_of.get(node)
-        if pid is None:
-            raise SecAggError(f"node {node} has no known partition id")
-        key_id, tag = _seal_fields(msg.content, "seal")
-        padded = msg.content.array_records["update"]  # _check_reply has checked that it is one
-        cipher = b"".join(bytes(a.data) for a in padded.values())
-        self.max_upload = max(self.max_upload, len(cipher))
-        plain = open_pad(self.budget.source, pid, self._round, cipher, key_id, tag)
-        out, start = ArrayRecord(), 0
-        for name, array in padded.items():
-            n = len(array.data)
-            out[name] = type(array)(dtype="uint8", shape=(n,), stype=str(array.stype).removesuffix("+pad"),
-                                    data=plain[start : start + n])
-            start += n
-        return out
-
-    # -- aggregate ------------------------------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        self._round = server_round
-        replies = list(replies)
-        if self.mode == "channel-pad":
-            if not self.max_upload:
-                self.max_upload = max((sum(len(a.data) for a in m.content.array_records["update"].values()) for m in replies
-                                       if not m.has_error() and "update" in m.content.array_records), default=0)
-            result = super().aggregate_train(server_round, replies)
-        else:
-            result = self._aggregate_masked(server_round, replies)
+        result = self._aggregate(server_round, list(replies))
         self._account(result[1])
         return result
 
@@ -647,10 +632,82 @@ class SecureFedAvg(QflFedAvg):
     def _key_bits_used(self) -> int:
         return self.budget.physical(self.key_links) if self.key_links else 0
 
-    def _aggregate_masked(self, server_round: int, replies: list[Message]):
+
+class PaddedFedAvg(KeyedFedAvg):
+    """security=channel-pad: QflFedAvg's round; the only secure step is the transport (:class:`ChannelPad`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pad = ChannelPad(self.budget.source)
+        self._round = 0  # the round being aggregated, for the seals
+
+    def _price(self, server_round: int, pids: list[int]) -> tuple[RoundPlan | None, dict[tuple[str, str], int]]:
+        return None, self._needs(pids, self.pad.link_bits())
+
+    def _start(
+        self, server_round: int, model: ArrayRecord, config: ConfigRecord, plan: RoundPlan | None,
+        nodes: dict[int, int], drops: list[Drop], grid: Grid,
+    ) -> Iterable[Message]:
+        self.drops += drops
+        self.drop_reasons += [d.text() for d in drops]
+        self.downlink_bytes = payload_bytes(model) * len(nodes)
+        record = RecordDict({"arrays": model, "config": config, "secagg": ConfigRecord({"mode": self.mode})})
+        return self._construct_messages(record, sorted(nodes), MessageType.TRAIN)
+
+    def _update_record(self, msg: Message) -> ArrayRecord:
+        return self.pad.open(msg, self.partition_of.get(msg.metadata.src_node_id), self._round)
+
+    def _aggregate(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self._round = server_round
+        self.pad.observe(replies)
+        return QflFedAvg.aggregate_train(self, server_round, replies)
+
+
+class SecureFedAvg(KeyedFedAvg):
+    """security=masked-sum or expanded: each round is a :class:`MaskedRound`; this strategy applies
+    the mean of the sum the round hands it (:class:`RoundOutcome`) and adapts the clip bounds.
+
+    Parameters (besides KeyedFedAvg's)
+    ----------------------------------
+    round_seed : callable
+        ``round_seed(server_round)``: the seed all clients of a round share (rand-k supports).
+    clips : dict[str, float] | None
+        The clip bound per tensor to start from (a resumed run's last one).
+    """
+
+    def __init__(self, *args, round_seed, clips=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.round_seed = round_seed
+        self.clips: dict[str, float] = dict(clips or {name: self.cfg.secure_clip for name in self.shapes})
+        self.masked: MaskedRound | None = None  # the current round's workflow
+        self.key_split = KeySplit()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.masked, self.key_split = None, KeySplit()
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def _price(self, server_round: int, pids: list[int]) -> tuple[RoundPlan | None, dict[tuple[str, str], int]]:
+        plan = make_plan(self.cfg, server_round, pids, self.shapes, self.clips, self.round_seed(server_round))
+        return plan, self._needs(pids, 8 * 2 * MAC_KEY_BYTES, plan)  # an upload tag and an unmask-reply tag
+
+    def _start(
+        self, server_round: int, model: ArrayRecord, config: ConfigRecord, plan: RoundPlan | None,
+        nodes: dict[int, int], drops: list[Drop], grid: Grid,
+    ) -> Iterable[Message]:
+        assert plan is not None  # _price made it
+        self.masked = MaskedRound(
+            self.cfg, self.budget.source, lambda messages: self._send(grid, messages), config,
+            plan.with_participants(nodes.values()), nodes, drops, self._example_cap,
+        )
+        return self.masked.setup_keys(model)
+
+    def _aggregate(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.masked is not None, "configure_train runs before aggregate_train"
         outcome = self.masked.finish(replies)
         self.key_split = outcome.keys
+        self.drops = list(outcome.drops)
         self.drop_reasons = outcome.reasons()
         result = outcome.total
         metrics = MetricRecord({
@@ -687,3 +744,10 @@ class SecureFedAvg(QflFedAvg):
     def checkpoint_state(self) -> dict[str, float]:
         """What a resumed run needs: the clip bounds (stored in the round's metrics)."""
         return dict(self.clips)
+
+
+def secure_strategy(*args, cfg: RunConfig, budget: KeyBudget, round_seed, clips=None, **kwargs) -> KeyedFedAvg:
+    """The strategy for ``cfg.security`` (not none): channel-pad pads the transport, the masked modes mask."""
+    if cfg.security == "channel-pad":
+        return PaddedFedAvg(*args, cfg=cfg, budget=budget, **kwargs)
+    return SecureFedAvg(*args, cfg=cfg, budget=budget, round_seed=round_seed, clips=clips, **kwargs)

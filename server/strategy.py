@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import Enum
 from logging import WARNING
 
 import numpy as np
@@ -50,7 +52,7 @@ from flwr.supercore import log
 from qfl.compression import Codec, PayloadError, decode_update, encode_update, payload_bytes
 from qfl.config import RunConfig
 from qfl.errors import NotEnoughNodes
-from qfl.security.secagg import SecAggError
+from qfl.security.secagg import SecAggError, SecAggReason
 
 from .optimizers import ServerOptimizer, weighted_mean
 from .untrusted import UntrustedValue, capped_examples, finite_float, int_in_range
@@ -65,6 +67,44 @@ def weights_to_record(weights: dict[str, np.ndarray]) -> ArrayRecord:
 
 def record_to_weights(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: a.numpy() for k, a in record.items()}
+
+
+class DropReason(Enum):
+    """Why a client's update is not in a round's aggregate (the text goes to logs and ``drop_reasons``)."""
+
+    NO_PARTITION_ID = "did not tell a valid partition id"
+    SHARED_PARTITION_ID = "claims a partition id another node claims too"
+    KEY_BUDGET = "left out by the key budget"
+    SETUP_FAILED = "failed the key setup"
+    CLIENT_ERROR = "the client failed"
+    NO_REPLY = "did not reply in time"
+    MALFORMED = "sent a malformed reply"
+    NOT_PARTICIPANT = "is not a participant of this round"
+    REPLAYED = "sent a seal whose key id is unknown or spent (replayed or forged)"
+    BAD_SEAL = "sent an upload that fails its MAC"
+    WRONG_SIZE = "sent an upload or shares of the wrong size"
+    BAD_METRICS = "sent invalid metrics"
+    UNDECODABLE = "sent an update that cannot be decoded"
+    NO_UNMASK = "did not answer the unmask request"  # a survivor: its upload stays in the sum
+
+
+@dataclass(frozen=True)
+class Drop:
+    """One client left out of (or, for NO_UNMASK, failing) a round, with the details."""
+
+    node: int | None
+    pid: int | None
+    reason: DropReason
+    detail: str = ""
+
+    def text(self) -> str:
+        who = f"client {self.pid} (node {self.node})" if self.pid is not None else f"node {self.node}"
+        return f"{who}: {self.reason.value}" + (f": {self.detail}" if self.detail else "")
+
+
+#: A channel pad that does not open (server.secure.ChannelPad), as a drop reason.
+_PAD_DROPS = {SecAggReason.REPLAYED: DropReason.REPLAYED, SecAggReason.WRONG_SIZE: DropReason.WRONG_SIZE,
+              SecAggReason.BAD_MAC: DropReason.BAD_SEAL}
 
 
 class QflFedAvg(FedAvg):
@@ -135,7 +175,8 @@ class QflFedAvg(FedAvg):
         self.sampled: list[int] = []
         self.downlink_bytes = 0
         self.eval_downlink_bytes = 0
-        self.drop_reasons: list[str] = []
+        self.drop_reasons: list[str] = []  # one line per drop (and per failed round), for logs and metrics
+        self.drops: list[Drop] = []  # the same drops, with their DropReason
         self.eval_ignored: list[str] = []  # why evaluate replies were left out of the last fed-* metrics
         self.excluded: set[int] = set()  # sampled nodes not sent a train message (a subclass's choice)
         self.max_client_examples = _positive_int(max_client_examples, "max_client_examples")
@@ -151,7 +192,9 @@ class QflFedAvg(FedAvg):
             if time.monotonic() > deadline:
                 raise NotEnoughNodes(
                     f"only {len(nodes)} of {self.min_available_nodes} nodes connected after "
-                    f"{self.wait_timeout:.0f}s; start more SuperNodes or set clients={len(nodes)}"
+                    f"{self.wait_timeout:.0f}s; start more SuperNodes or set clients={len(nodes)}",
+                    connected=len(nodes),
+                    needed=self.min_available_nodes,
                 )
             time.sleep(0.5)
         return nodes
@@ -169,6 +212,7 @@ class QflFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self.current_weights = record_to_weights(arrays)
         self.drop_reasons = []
+        self.drops = []
         if "max_client_examples" in config:
             self.max_client_examples = _positive_int(config["max_client_examples"], "max_client_examples")
         self.excluded = set()
@@ -193,8 +237,9 @@ class QflFedAvg(FedAvg):
         return self._construct_messages(record, nodes, MessageType.EVALUATE)
 
     # -- aggregation ------------------------------------------------------
-    def _drop(self, msg: Message, reason: str) -> None:
-        text = f"round reply from node {msg.metadata.src_node_id} dropped: {reason}"
+    def _drop(self, msg: Message, reason: DropReason, detail: str) -> None:
+        self.drops.append(Drop(msg.metadata.src_node_id, None, reason, detail))
+        text = f"round reply from node {msg.metadata.src_node_id} dropped: {detail}"
         self.drop_reasons.append(text)
         log(WARNING, text)
 
@@ -218,11 +263,11 @@ class QflFedAvg(FedAvg):
         the model's shapes; nothing a client sends can raise out of here.
         """
         if msg.has_error():
-            self._drop(msg, f"the client failed: {msg.error.reason}")
+            self._drop(msg, DropReason.CLIENT_ERROR, f"the client failed: {msg.error.reason}")
             return None
         content = msg.content
         if "update" not in content.array_records or "metrics" not in content.metric_records:
-            self._drop(msg, "reply lacks the 'update' ArrayRecord or the 'metrics' MetricRecord")
+            self._drop(msg, DropReason.MALFORMED, "reply lacks the 'update' ArrayRecord or the 'metrics' MetricRecord")
             return None
         metrics = content.metric_records["metrics"]
         node = msg.metadata.src_node_id
@@ -233,15 +278,18 @@ class QflFedAvg(FedAvg):
             if "train-loss" in metrics:
                 loss = finite_float(metrics["train-loss"], "train-loss", -MAX_ABS_LOSS, MAX_ABS_LOSS)
         except UntrustedValue as err:
-            self._drop(msg, f"bad metric: {err}")
+            self._drop(msg, DropReason.BAD_METRICS, f"bad metric: {err}")
             return None
         try:
             delta = decode_update(self._update_record(msg), self.codec, self.shapes)
-        except (PayloadError, SecAggError) as err:
-            self._drop(msg, str(err))
+        except PayloadError as err:
+            self._drop(msg, DropReason.UNDECODABLE, str(err))
+            return None
+        except SecAggError as err:  # a channel pad that does not open
+            self._drop(msg, _PAD_DROPS.get(err.reason, DropReason.MALFORMED), str(err))
             return None
         except Exception as err:  # a decoder bug must not end the run; the client is left out
-            self._drop(msg, f"its update could not be decoded ({type(err).__name__}: {err}); this is a qfl bug, please report it")
+            self._drop(msg, DropReason.UNDECODABLE, f"its update could not be decoded ({type(err).__name__}: {err}); this is a qfl bug, please report it")
             return None
         # Sorted by (partition, node): duplicate partition ids (a lying client) stay in a fixed order.
         key = (partition if partition is not None else node, node)
@@ -262,6 +310,7 @@ class QflFedAvg(FedAvg):
         answered = {m.metadata.src_node_id for m in replies}
         for node in self.sampled:
             if node not in answered and node not in self.excluded:
+                self.drops.append(Drop(node, None, DropReason.NO_REPLY))
                 self.drop_reasons.append(f"node {node} did not reply in time")
                 log(WARNING, "node %s did not reply in time; dropped from round %s", node, server_round)
         accepted = sorted(filter(None, (self._check_reply(m) for m in replies)), key=lambda r: r[0])

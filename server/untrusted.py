@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
-from qfl.errors import UntrustedValue
+from qfl.errors import UntrustedReason, UntrustedValue
 
 __all__ = ["UntrustedValue", "finite_float", "int_in_range", "capped_examples"]
 
@@ -44,31 +44,31 @@ def _is_number(value: object) -> bool:
 def finite_float(value: object, name: str, lo: float = -math.inf, hi: float = math.inf) -> float:
     """``value`` as a finite float in [lo, hi]; else raise UntrustedValue."""
     if not _is_number(value):
-        raise UntrustedValue(f"{name!r} must be a number, got {type(value).__name__} {_show(value)}")
+        raise UntrustedValue(f"{name!r} must be a number, got {type(value).__name__} {_show(value)}", reason=UntrustedReason.WRONG_TYPE, key=name)
     try:
         out = float(value)  # type: ignore[arg-type]
     except (OverflowError, ValueError) as err:  # an int too large for a float
-        raise UntrustedValue(f"{name!r} = {_show(value)} is not representable as a float") from err
+        raise UntrustedValue(f"{name!r} = {_show(value)} is not representable as a float", reason=UntrustedReason.NOT_FINITE, key=name) from err
     if not math.isfinite(out):
-        raise UntrustedValue(f"{name!r} must be finite, got {out!r}")
+        raise UntrustedValue(f"{name!r} must be finite, got {out!r}", reason=UntrustedReason.NOT_FINITE, key=name)
     if not lo <= out <= hi:
-        raise UntrustedValue(f"{name!r} = {out!r} is outside [{lo}, {hi}]")
+        raise UntrustedValue(f"{name!r} = {out!r} is outside [{lo}, {hi}]", reason=UntrustedReason.OUT_OF_RANGE, key=name)
     return out
 
 
 def int_in_range(value: object, name: str, lo: int, hi: int) -> int:
     """``value`` as an int in [lo, hi] (an integral float is accepted); else raise UntrustedValue."""
     if not _is_number(value):
-        raise UntrustedValue(f"{name!r} must be an integer, got {type(value).__name__} {_show(value)}")
+        raise UntrustedValue(f"{name!r} must be an integer, got {type(value).__name__} {_show(value)}", reason=UntrustedReason.WRONG_TYPE, key=name)
     if isinstance(value, Integral):
         out = int(value)
     else:
         as_float = float(value)  # type: ignore[arg-type]
         if not math.isfinite(as_float) or not as_float.is_integer():
-            raise UntrustedValue(f"{name!r} must be an integer, got {as_float!r}")
+            raise UntrustedValue(f"{name!r} must be an integer, got {as_float!r}", reason=UntrustedReason.WRONG_TYPE, key=name)
         out = int(as_float)
     if not lo <= out <= hi:
-        raise UntrustedValue(f"{name!r} = {_show(value)} is outside [{lo}, {hi}]")
+        raise UntrustedValue(f"{name!r} = {_show(value)} is outside [{lo}, {hi}]", reason=UntrustedReason.OUT_OF_RANGE, key=name)
     return out
 
 

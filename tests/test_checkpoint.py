@@ -26,11 +26,14 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporaries(tmp_path, monkeyp
     target = tmp_path / "metrics.json"
     files.atomic_write_json(target, [1])
 
+    disk_full = OSError("disk full")
+
     def broken_replace(src, dst):
-        raise OSError("disk full")
+        raise disk_full
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError) as err:
         files.atomic_write_json(target, [1, 2])
+    assert err.value is disk_full  # passed on as it was
     assert json.loads(target.read_text()) == [1]
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["metrics.json"]

@@ -6,7 +6,9 @@ import ast
 import builtins
 import importlib
 import inspect
+import pickle
 import pkgutil
+from enum import Enum
 from pathlib import Path
 
 import pytest
@@ -59,7 +61,11 @@ def test_every_project_exception_class_derives_from_qfl_error():
 
 def test_the_public_classes_live_in_qfl_errors_and_keep_their_builtin_bases():
     public = [getattr(errors, name) for name in errors.__all__]
-    assert all(issubclass(cls, QflError) and cls.__module__ == "qfl.errors" for cls in public)
+    exceptions = [cls for cls in public if issubclass(cls, BaseException)]
+    reasons = [cls for cls in public if issubclass(cls, Enum)]
+    assert len(exceptions) + len(reasons) == len(public)
+    assert all(issubclass(cls, QflError) and cls.__module__ == "qfl.errors" for cls in exceptions)
+    assert all(cls.__module__ == "qfl.errors" and cls.__name__.endswith("Reason") for cls in reasons)
     assert issubclass(errors.CodecError, ValueError) and issubclass(errors.DatasetNotFound, FileNotFoundError)
     assert issubclass(errors.KmsUnavailable, ConnectionError) and issubclass(errors.ResumeError, RuntimeError)
     assert issubclass(errors.StoreOutdated, errors.StoreCorrupt) and issubclass(errors.KmsError, errors.KeyLayerError)
@@ -78,6 +84,23 @@ def test_old_import_paths_give_the_same_classes():
         errors.DatasetNotFound, errors.CodecError, errors.ConfigError, errors.KeyExhausted, errors.StoreOutdated,
         errors.SecAggError, errors.UntrustedValue,
     )
+
+
+@pytest.mark.parametrize("error", [
+    errors.CodecError("truncated", reason=errors.CodecReason.TRUNCATED),
+    errors.UnknownKeyId("spent"),
+    errors.UntrustedValue("'loss' must be finite", reason=errors.UntrustedReason.NOT_FINITE, key="loss"),
+    errors.NotEnoughNodes("only 1 of 2", connected=1, needed=2),
+    errors.KeyExhausted("a~b", 8, 0),
+    errors.ConfigError("bad", key="rounds"),
+])
+def test_errors_keep_their_structured_fields_through_pickle(error):
+    copy = pickle.loads(pickle.dumps(error))  # Ray and multiprocessing move exceptions this way
+    assert type(copy) is type(error) and copy.args == error.args and vars(copy) == vars(error)
+
+
+def test_unknown_key_id_is_a_replay():
+    assert errors.UnknownKeyId("spent").reason is errors.SecAggReason.REPLAYED
 
 
 def test_qfl_errors_imports_nothing_from_qfl():

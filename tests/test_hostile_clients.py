@@ -12,8 +12,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from qfl.compression import PAYLOAD_STYPE, CodecError, PayloadError, decode_update, encode_update, make_codec
 from qfl.compression.wire import max_payload_size, pack_header, unpack_header
 from qfl.config import ConfigError, RunConfig, resolve_config
+from qfl.errors import CodecReason, UntrustedReason
 from qfl.server.optimizers import make_server_optimizer
-from qfl.server.strategy import QflFedAvg, record_to_weights, weights_to_record
+from qfl.server.strategy import DropReason, QflFedAvg, record_to_weights, weights_to_record
 from qfl.server.untrusted import UntrustedValue, capped_examples, finite_float, int_in_range
 
 F32 = np.dtype("<f4")
@@ -54,8 +55,9 @@ def test_the_51_byte_inner_bomb_is_refused_without_allocating():
         lambda: decode_update(record, codec, {"w": (10,)}),
     ):
         assert _peak(decode) < 1 << 20
-    with pytest.raises(CodecError, match=r"inner randk payload: payload header claims shape \(131072, 131072\)"):
+    with pytest.raises(CodecError) as err:
         codec.decode_as(payload, (10,))
+    assert err.value.reason is CodecReason.SHAPE_MISMATCH  # the inner header's claim, refused before allocating
 
 
 @pytest.mark.parametrize(
@@ -71,8 +73,9 @@ def test_raw_decoders_refuse_a_huge_claim_before_allocating(name, params, body):
     codec = make_codec(name, {**params, "feedback": False})
     payload = pack_header(codec.codec_id, F32, (1 << 17, 1 << 17)) + body
     assert _peak(lambda: codec.decode_as(payload, (4, 3))) < 1 << 20
-    with pytest.raises(CodecError, match=r"claims shape \(131072, 131072\), expected \(4, 3\)"):
+    with pytest.raises(CodecError) as err:
         codec.decode_as(payload, (4, 3))
+    assert err.value.reason is CodecReason.SHAPE_MISMATCH
 
 
 def test_decompression_is_bounded_by_the_expected_shape():
@@ -88,24 +91,28 @@ def test_decompression_is_bounded_by_the_expected_shape():
     # a zstd frame that claims 2**40 bytes of content
     frame = struct.pack("<IB", 0xFD2FB528, 0xE0) + struct.pack("<Q", 1 << 40) + b"\x01\x00\x00"
     codec = make_codec("fp32", {"entropy": "zstd"})
-    with pytest.raises(CodecError, match="claims 1099511627776 decompressed bytes"):
+    with pytest.raises(CodecError) as err:
         codec.decode_as(pack_header(10, F32, (8,)) + bytes((1, 1)) + frame, (8,))
+    assert err.value.reason is CodecReason.OVERSIZE
 
 
 def test_oversize_payloads_and_wrapping_shapes_are_refused():
     codec = make_codec("fp32")
-    with pytest.raises(CodecError, match="longer than any codec sends"):
+    with pytest.raises(CodecError) as err:
         codec.decode_as(bytes(max_payload_size(12) + 1), (3, 4))
+    assert err.value.reason is CodecReason.OVERSIZE
     # 2**32 · 2**32 wraps to 0 in int64: the header must still be refused, not read as empty
-    with pytest.raises(CodecError, match="larger than any tensor"):
+    with pytest.raises(CodecError) as err:
         unpack_header(pack_header(1, F32, (0xFFFFFFFF,) * 8), 1)
+    assert err.value.reason is CodecReason.OVERSIZE
 
 
 def test_powersgd_refuses_a_rank_above_its_own():
     codec = make_codec("powersgd", {"rank": 1, "feedback": False})
     rank3 = make_codec("powersgd", {"rank": 3, "feedback": False}).encode(np.ones((6, 5), np.float32))
-    with pytest.raises(CodecError, match="rank 3 .* accepts 1 ≤ r ≤ 1"):
+    with pytest.raises(CodecError) as err:
         codec.decode_as(rank3, (6, 5))
+    assert err.value.reason is CodecReason.BAD_PARAMETER
 
 
 # ------------------------------------------------------------------ untrusted
@@ -116,18 +123,21 @@ def test_untrusted_validators():
     for bad in HOSTILE + [True, None, 0, 11]:
         with pytest.raises(UntrustedValue):
             capped_examples(bad, 10)
-    with pytest.raises(UntrustedValue, match="'loss' must be finite"):
+    with pytest.raises(UntrustedValue) as err:
         finite_float(float("nan"), "loss")
-    with pytest.raises(UntrustedValue, match="outside"):
+    assert (err.value.reason, err.value.key) == (UntrustedReason.NOT_FINITE, "loss")
+    with pytest.raises(UntrustedValue) as err:
         finite_float(2.0, "acc", 0.0, 1.0)
+    assert (err.value.reason, err.value.key) == (UntrustedReason.OUT_OF_RANGE, "acc")
 
 
 def test_max_client_examples_is_a_checked_config_key():
     assert RunConfig().max_client_examples == 100_000
     assert resolve_config({"max_client_examples": 500}).max_client_examples == 500
     for bad in (0, -1, 2**60):
-        with pytest.raises(ConfigError, match="max_client_examples"):
+        with pytest.raises(ConfigError) as err:
             resolve_config({"max_client_examples": bad})
+        assert err.value.key == "max_client_examples"
 
 
 # ------------------------------------------------------------------ strategy
@@ -182,8 +192,9 @@ def test_a_bad_metric_drops_that_client_and_the_round_goes_on(task_identity, fie
     assert metrics["clients"] == 3 and metrics["dropped"] == 1
     assert np.allclose(record_to_weights(new)["w"], 2.0)  # mean of 1, 2, 3; the hostile 1000 left out
     assert math.isclose(metrics["train-loss"], 0.5)
-    reason = strategy.drop_reasons[0]
-    assert f"node {NODES[3]} dropped: bad metric: '{field}'" in reason
+    (drop,) = strategy.drops
+    assert (drop.node, drop.reason) == (NODES[3], DropReason.BAD_METRICS)
+    assert f"'{field}'" in drop.detail  # names the metric at fault
 
 
 def test_the_example_weight_is_capped(task_identity):
@@ -198,8 +209,8 @@ def test_the_example_weight_is_capped(task_identity):
     new, metrics = strategy.aggregate_train(1, replies)
     assert metrics["clients"] == 2 and metrics["dropped"] == 2
     assert np.allclose(record_to_weights(new)["b"], (50 * 1.0 + 20 * 3.0) / 70)
-    reasons = " | ".join(strategy.drop_reasons)
-    assert "'num-examples' = 21 is outside [1, 20]" in reasons and "'num-examples' = 51 is outside [1, 50]" in reasons
+    assert [(d.node, d.reason) for d in strategy.drops] == [(NODES[1], DropReason.BAD_METRICS),
+                                                            (NODES[2], DropReason.BAD_METRICS)]
 
 
 def test_the_round_config_sets_the_cap_and_partition_ids_are_range_checked(task_identity):
@@ -214,7 +225,8 @@ def test_the_round_config_sets_the_cap_and_partition_ids_are_range_checked(task_
     ]
     _, metrics = strategy.aggregate_train(1, replies)
     assert metrics["clients"] == 2 and metrics["dropped"] == 2
-    assert "'partition-id' = 4 is outside [0, 3]" in " | ".join(strategy.drop_reasons)
+    assert [(d.node, d.reason) for d in strategy.drops] == [(NODES[1], DropReason.BAD_METRICS),
+                                                            (NODES[2], DropReason.BAD_METRICS)]
 
 
 def test_hostile_payloads_in_a_round_are_dropped(task_identity):
@@ -237,7 +249,7 @@ def test_hostile_payloads_in_a_round_are_dropped(task_identity):
         tracemalloc.stop()
     assert peak < 8 << 20
     assert metrics["clients"] == 3 and metrics["dropped"] == 1 and new is not None
-    assert "inner randk payload" in strategy.drop_reasons[0]
+    assert [(d.node, d.reason) for d in strategy.drops] == [(NODES[3], DropReason.UNDECODABLE)]
 
 
 def test_an_unexpected_decoder_error_drops_the_client_not_the_run(task_identity, monkeypatch):
@@ -254,7 +266,7 @@ def test_an_unexpected_decoder_error_drops_the_client_not_the_run(task_identity,
     monkeypatch.setattr("qfl.server.strategy.decode_update", flaky)
     new, metrics = strategy.aggregate_train(1, [_reply(m, **{"partition-id": i}) for i, m in enumerate(msgs)])
     assert metrics["clients"] == 3 and metrics["dropped"] == 1 and new is not None
-    assert "IndexError: index 99 is out of bounds" in strategy.drop_reasons[0]
+    assert [d.reason for d in strategy.drops] == [DropReason.UNDECODABLE]
 
 
 def test_finite_but_huge_updates_leave_the_model_and_the_optimizer_unchanged(task_identity):
@@ -263,7 +275,7 @@ def test_finite_but_huge_updates_leave_the_model_and_the_optimizer_unchanged(tas
     msgs = _configure(strategy, weights=_weights(3e38))
     new, metrics = strategy.aggregate_train(1, [_reply(m, 3e38, **{"partition-id": i}) for i, m in enumerate(msgs)])
     assert new is None and metrics["clients"] == 4
-    assert "not finite in float32" in strategy.drop_reasons[-1]
+    assert strategy.drops == [] and len(strategy.drop_reasons) == 1  # no client dropped: the round says why
     assert strategy.optimizer.state == {}  # the velocity of the refused step was rolled back
 
 

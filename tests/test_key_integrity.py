@@ -155,8 +155,9 @@ def test_an_older_store_is_refused_with_the_fix_named(tmp_path):
         con.execute("CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
         con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
         con.execute("CREATE TABLE links (id INTEGER PRIMARY KEY, name TEXT, a TEXT, b TEXT, made_bits INT, used_bits INT)")
-    with pytest.raises(StoreOutdated, match=r"schema_version 1.*Move the file aside \(mv "):
+    with pytest.raises(StoreOutdated) as err:
         KeyStore(path)
+    assert f"mv {path} " in str(err.value)  # the message names the fix: move the file aside
 
 
 # -- files ---------------------------------------------------------------------------------------

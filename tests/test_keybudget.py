@@ -41,8 +41,9 @@ def test_skip_leaves_out_the_clients_whose_links_are_short(tmp_path):
 
 def test_abort_stops_with_the_fix_named(tmp_path):
     budget = KeyBudget(_cfg(key_policy="abort"), tmp_path)
-    with pytest.raises(KeyBudgetExceeded, match="key_policy=abort.*--resume"):
+    with pytest.raises(KeyBudgetExceeded) as err:
         budget.admit([0, 1], _pair_needs(range(2), 8_000))
+    assert "--resume" in str(err.value)  # the message names the way on
 
 
 def test_an_eavesdropped_link_makes_no_key_and_its_client_sits_out(tmp_path):
@@ -65,19 +66,20 @@ def test_star_relays_pair_key_through_the_server(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "values,message",
+    "values,key",
     [
-        ({"qkd_links": "client-0~client-9=5"}, "bad link"),
-        ({"qkd_links": "client-0~server=far"}, "not a number"),
-        ({"qkd_eavesdropped": "client-0~server:1.5"}, r"in \(0, 1\]"),
-        ({"key_policy": "pray"}, "unknown key_policy"),
-        ({"secure_min_clients": 1}, "secure_min_clients must be >= 2"),
-        ({"key_source": "kms"}, "kms_url"),
+        ({"qkd_links": "client-0~client-9=5"}, "qkd_links"),  # a node that does not exist
+        ({"qkd_links": "client-0~server=far"}, "qkd_links"),  # not a number
+        ({"qkd_eavesdropped": "client-0~server:1.5"}, "qkd_eavesdropped"),  # outside (0, 1]
+        ({"key_policy": "pray"}, "key_policy"),
+        ({"secure_min_clients": 1}, "secure_min_clients"),
+        ({"key_source": "kms"}, "kms_url"),  # the KMS needs its URL
     ],
 )
-def test_bad_key_settings_are_config_errors(values, message):
-    with pytest.raises(ConfigError, match=message):
+def test_bad_key_settings_are_config_errors(values, key):
+    with pytest.raises(ConfigError) as err:
         _cfg(**values)
+    assert err.value.key == key
 
 
 @pytest.mark.parametrize("topology", ["mesh", "star"])

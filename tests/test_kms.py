@@ -138,7 +138,7 @@ def test_second_dec_keys_of_same_id_is_400(kms, pki, client):
     assert call(kms, pki, "B", "POST", "/api/v1/keys/A/dec_keys", body)[0] == 200
     status, obj = call(kms, pki, "B", "POST", "/api/v1/keys/A/dec_keys", body)
     assert_error(status, obj, 400)
-    with pytest.raises(UnknownKey, match="no key"):
+    with pytest.raises(UnknownKey):
         client("B").dec_keys("B", "A", [keys[0].key_id])
 
 
@@ -223,7 +223,7 @@ def test_malformed_requests_are_400_and_take_nothing(kms, pki, store, method, pa
 
 
 def test_client_maps_bad_requests_to_value_error(kms, client):
-    with pytest.raises(KmsBadRequest, match="multiple of 8") as exc:
+    with pytest.raises(KmsBadRequest) as exc:  # 100 bits: not a multiple of 8
         client("A").enc_keys("A", "B", 1, 100)
     assert isinstance(exc.value, ValueError) and exc.value.status == 400
     with pytest.raises(UnknownKey):
@@ -265,8 +265,9 @@ def test_certificate_from_another_ca_is_refused_at_the_handshake(kms, pki, forei
     ctx = client_context(foreign_pki.sae_cert("A"), foreign_pki.sae_key("A"), pki.ca_cert)
     ctx.maximum_version = tls
     if tls == ssl.TLSVersion.TLSv1_2:  # fails inside the handshake, with the KME's alert
-        with pytest.raises(ssl.SSLError, match="(?i)unknown.ca"):
+        with pytest.raises(ssl.SSLError) as exc:
             _raw_tls(kms, ctx)
+        assert exc.value.reason == "TLSV1_ALERT_UNKNOWN_CA"  # OpenSSL's code for the alert
     else:
         # TLS 1.3: the client's side of the handshake ends before the KME checks its
         # certificate; the first read then gets the alert, or EOF / reset when the
@@ -326,8 +327,9 @@ def test_a_client_offering_only_cbc_suites_fails_the_handshake(kms, pki):
     ctx.set_ciphers(CBC_TLS12)
     offered = [c for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"]  # (get_ciphers lists TLS 1.3 too)
     assert offered and not any(c["aead"] for c in offered)
-    with pytest.raises(ssl.SSLError, match="(?i)handshake.failure|no.shared.cipher|no.cipher"):
+    with pytest.raises(ssl.SSLError) as exc:
         _raw_tls(kms, ctx)
+    assert exc.value.reason in {"SSLV3_ALERT_HANDSHAKE_FAILURE", "NO_SHARED_CIPHER", "NO_CIPHERS_AVAILABLE"}
     assert kms.handshakes == 0
     # the same certificate over TLS 1.2 with the project's client context gets an AEAD suite
     good = client_context(pki.sae_cert("A"), pki.sae_key("A"), pki.ca_cert)
@@ -346,7 +348,7 @@ def test_certificate_without_cn_is_401(kms, pki, tmp_path):
     assert_error(status, obj, 401)
     with pytest.raises(KmsUnauthorized):  # how the client reads that answer
         KmsKeySource._decode(status, json.dumps(obj).encode(), ("A", "B"))
-    with pytest.raises(ValueError, match="CN"):
+    with pytest.raises(ValueError):  # a certificate without a CN
         KmsKeySource(kms.url, cert_path, key_path, pki.ca_cert)  # the client needs an identity too
 
 

@@ -12,6 +12,7 @@ from qfl.compression.codec import CodecError
 from qfl.compression.identity import Fp32Codec
 from qfl.compression.quantizers import Bf16Codec, Fp16Codec, QsgdCodec, SignCodec, TernaryCodec
 from qfl.compression.wire import pack_header
+from qfl.errors import CodecReason
 
 F32 = np.dtype("<f4")
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -73,16 +74,17 @@ def test_bitpack_bit_order_is_little_endian():
 
 
 def test_bitpack_rejects_bad_input():
-    with pytest.raises(CodecError, match="too short"):
+    with pytest.raises(CodecError) as err:
         unpack_bits(b"\x00" * 3, 4, 7)
-    with pytest.raises(ValueError, match="0..15"):
+    assert err.value.reason is CodecReason.TRUNCATED
+    with pytest.raises(ValueError):  # a value outside 0..15
         pack_bits(np.array([16], np.uint8), 4)
-    with pytest.raises(ValueError, match="0..1"):
+    with pytest.raises(ValueError):  # a value outside 0..1
         pack_bits(np.array([-1, 0]), 1)
     for bits in (0, 9):
-        with pytest.raises(ValueError, match="bits must be"):
+        with pytest.raises(ValueError):
             pack_bits(np.zeros(3, np.uint8), bits)
-    with pytest.raises(ValueError, match="integer values"):
+    with pytest.raises(ValueError):  # not integers
         pack_bits(np.zeros(3, np.float32), 4)
 
 
@@ -108,16 +110,13 @@ def test_ids_names_and_traits():
 
 
 def test_qsgd_constructor_validation():
-    for bits in (0, 9):
-        with pytest.raises(ValueError, match=f"qsgd bits must be in 1..8, got {bits}"):
+    for bits in (0, 9, True):
+        with pytest.raises(ValueError):
             QsgdCodec(bits=bits)
-    with pytest.raises(ValueError, match="qsgd bits"):
-        QsgdCodec(bits=True)
-    with pytest.raises(ValueError, match="qsgd bucket"):
-        QsgdCodec(bucket=0)
-    with pytest.raises(ValueError, match="qsgd bucket"):
-        QsgdCodec(bucket=2**32)
-    with pytest.raises(ValueError, match="seed"):
+    for bucket in (0, 2**32):
+        with pytest.raises(ValueError):
+            QsgdCodec(bucket=bucket)
+    with pytest.raises(ValueError):
         QsgdCodec(seed="7")  # type: ignore[arg-type]
     assert repr(QsgdCodec(bits=2, bucket=64)) == "QsgdCodec(bits=2, bucket=64)"
 
@@ -380,29 +379,36 @@ def test_decode_rejects_truncated_extended_random_and_foreign_payloads(index):
             codec.decode(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
     for other, foreign in payloads:
         if other.codec_id != codec.codec_id:
-            with pytest.raises(CodecError, match="codec id"):
+            with pytest.raises(CodecError) as err:
                 codec.decode(foreign)
-    with pytest.raises(CodecError, match="must be bytes"):
+            assert err.value.reason is CodecReason.WRONG_CODEC
+    with pytest.raises(CodecError) as err:
         codec.decode("not bytes")  # type: ignore[arg-type]
+    assert err.value.reason is CodecReason.NOT_BYTES
 
 
 def test_decode_rejects_impossible_bodies():
     header = pack_header(TernaryCodec.codec_id, F32, (4,))
-    with pytest.raises(CodecError, match="invalid code 3"):
-        TernaryCodec().decode(header + np.float32(1).tobytes() + bytes([0b11_01_01_01]))
+    with pytest.raises(CodecError) as err:
+        TernaryCodec().decode(header + np.float32(1).tobytes() + bytes([0b11_01_01_01]))  # the code 3
+    assert err.value.reason is CodecReason.BAD_VALUE
     for codec in (TernaryCodec(), SignCodec()):
         body = np.float32(-1).tobytes() + b"\x00"
-        with pytest.raises(CodecError, match="negative scale"):
-            codec.decode(pack_header(codec.codec_id, F32, (4,)) + body)
+        with pytest.raises(CodecError) as err:
+            codec.decode(pack_header(codec.codec_id, F32, (4,)) + body)  # a negative scale
+        assert err.value.reason is CodecReason.BAD_VALUE
     qsgd_header = pack_header(QsgdCodec.codec_id, F32, (4,))
-    with pytest.raises(CodecError, match="negative bucket scale"):
-        params = bytes([4]) + (512).to_bytes(4, "little")
-        QsgdCodec().decode(qsgd_header + params + np.float32(-1).tobytes() + b"\x00\x00")
+    params = bytes([4]) + (512).to_bytes(4, "little")
+    with pytest.raises(CodecError) as err:
+        QsgdCodec().decode(qsgd_header + params + np.float32(-1).tobytes() + b"\x00\x00")  # a negative bucket scale
+    assert err.value.reason is CodecReason.BAD_VALUE
     for bits, bucket in [(0, 512), (9, 512), (4, 0)]:
-        with pytest.raises(CodecError, match="bits="):
+        with pytest.raises(CodecError) as err:
             QsgdCodec().decode(qsgd_header + bytes([bits]) + bucket.to_bytes(4, "little") + b"\x00" * 16)
-    with pytest.raises(CodecError, match="larger than any tensor"):
+        assert err.value.reason is CodecReason.BAD_PARAMETER
+    with pytest.raises(CodecError) as err:
         Fp16Codec().decode(pack_header(Fp16Codec.codec_id, F32, (2**20, 2**20)) + b"\x00" * 8)
+    assert err.value.reason is CodecReason.OVERSIZE
 
 
 @FUZZ

@@ -17,6 +17,7 @@ from qfl.compression.identity import Fp32Codec
 from qfl.compression.lowrank import PowerSGDCodec
 from qfl.compression.sparsify import RandKCodec, TopKCodec, randk_support, support_size
 from qfl.compression.wire import pack_header
+from qfl.errors import CodecReason
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 U64 = (1 << 64) - 1
@@ -73,13 +74,13 @@ def test_rice_edge_cases():
 
 
 def test_rice_rejects_bad_input_and_malformed_streams():
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError):  # a negative value
         rice_encode(np.array([1, -1]), 2)
-    with pytest.raises(ValueError, match="integer array"):
+    with pytest.raises(ValueError):  # not integers
         rice_encode(np.array([1.5]), 2)
-    with pytest.raises(ValueError, match=r"\[0, 63\]"):
+    with pytest.raises(ValueError):  # a parameter outside [0, 63]
         rice_encode(np.array([1]), 64)
-    with pytest.raises(ValueError, match="too small"):
+    with pytest.raises(ValueError):  # a parameter too small for the value
         rice_encode(np.array([U64], dtype=np.uint64), 0)
 
     v = np.array([3, 0, 17, 250, 1, 9], dtype=np.uint64)
@@ -87,21 +88,27 @@ def test_rice_rejects_bad_input_and_malformed_streams():
     for cut in range(len(coded)):
         with pytest.raises(CodecError):
             rice_decode(coded[:cut], 3, v.size)
-    with pytest.raises(CodecError, match="after its last value"):
+    with pytest.raises(CodecError) as err:
         rice_decode(coded + b"\x00", 3, v.size)
-    with pytest.raises(CodecError, match="too short"):
+    assert err.value.reason is CodecReason.WRONG_LENGTH
+    with pytest.raises(CodecError) as err:
         rice_decode(coded, 3, 100)
+    assert err.value.reason is CodecReason.TRUNCATED
     assert rice_bits(v, 3) == 58  # so the last 6 bits of the 8th byte are padding
     padded = bytearray(coded)
     padded[-1] |= 1
-    with pytest.raises(CodecError, match="padding"):
+    with pytest.raises(CodecError) as err:
         rice_decode(bytes(padded), 3, v.size)
-    with pytest.raises(CodecError, match="truncated"):
+    assert err.value.reason is CodecReason.BAD_VALUE  # non-zero padding bits
+    with pytest.raises(CodecError) as err:
         rice_decode(b"\x00" * 4, 0, 1)  # a unary run past the end
-    with pytest.raises(CodecError, match="64 bits"):
-        rice_decode(bytes([0b00100000]) + b"\x00" * 8, 63, 1)  # q = 2 with k = 63
-    with pytest.raises(CodecError, match="must be empty"):
-        rice_decode(b"\x80", 0, 0)
+    assert err.value.reason is CodecReason.TRUNCATED
+    with pytest.raises(CodecError) as err:
+        rice_decode(bytes([0b00100000]) + b"\x00" * 8, 63, 1)  # q = 2 with k = 63: does not fit 64 bits
+    assert err.value.reason is CodecReason.BAD_VALUE
+    with pytest.raises(CodecError) as err:
+        rice_decode(b"\x80", 0, 0)  # 0 values need an empty stream
+    assert err.value.reason is CodecReason.WRONG_LENGTH
     with pytest.raises(CodecError):
         rice_decode(b"\x80", 64, 1)
 
@@ -335,10 +342,10 @@ def test_randk_quantized_keeps_non_finite_values_visible():
 
 @pytest.mark.parametrize("bits", [0, 9, 16, 31, 33, -1, True, 4.0, "8"])
 def test_randk_bits_out_of_range_is_refused_at_make_codec(bits):
-    with pytest.raises(ValueError, match="bits"):
+    with pytest.raises(ValueError):
         make_codec("randk", {"ratio": 0.1, "bits": bits})
     if not isinstance(bits, (bool, float, str)):
-        with pytest.raises(ValueError, match=r"randk bits must be 32 \(float32 values\) or in 1..8"):
+        with pytest.raises(ValueError):
             RandKCodec(0.1, bits=bits)
 
 
@@ -348,7 +355,7 @@ def test_randk_attributes_for_masked_sums():
     assert RandKCodec(0.25).bits == 32
     assert np.array_equal(codec.support(U64 + 6, 100), randk_support(5, 100, 25))  # seed taken mod 2**64
     assert repr(codec) == "RandKCodec(ratio=0.25, bits=8)"
-    with pytest.raises(ValueError, match="seed must be an integer"):
+    with pytest.raises(ValueError):
         RandKCodec(0.5, bits=4, seed=1.5)  # type: ignore[arg-type]
 
 
@@ -366,15 +373,19 @@ def test_randk_quantized_payloads_reject_corruption_by_field():
         return bytes(data)
 
     for bits in (0, 9, 255):
-        with pytest.raises(CodecError, match="bits in 1..8"):
+        with pytest.raises(CodecError) as err:
             codec.decode(patched(16, "<B", bits))
+        assert err.value.reason is CodecReason.BAD_PARAMETER
     for bad_k in (51, 2**32 - 1):
-        with pytest.raises(CodecError, match="0 < k ≤ d"):
+        with pytest.raises(CodecError) as err:
             codec.decode(patched(12, "<I", bad_k))
-    with pytest.raises(CodecError, match="-byte body"):
+        assert err.value.reason is CodecReason.BAD_PARAMETER
+    with pytest.raises(CodecError) as err:
         codec.decode(patched(16, "<B", 4))  # a valid width, but not this payload's length
-    with pytest.raises(CodecError, match="negative"):
-        codec.decode(patched(17, "<f", -1.0))
+    assert err.value.reason is CodecReason.WRONG_LENGTH
+    with pytest.raises(CodecError) as err:
+        codec.decode(patched(17, "<f", -1.0))  # a negative scale
+    assert err.value.reason is CodecReason.BAD_VALUE
     for cut in range(len(payload)):
         with pytest.raises(CodecError):
             codec.decode(payload[:cut])
@@ -486,26 +497,31 @@ def test_entropy_stage_refuses_decompression_bombs():
         (EntropyCodec(Fp32Codec(), "zstd"), 1, zstandard.ZstdCompressor().compress(bomb)),
         (EntropyCodec(Fp32Codec(), "zlib"), 2, zlib.compress(bomb, 9)),
     ]:
-        with pytest.raises(CodecError, match="allows"):
+        with pytest.raises(CodecError) as err:
             codec.decode(_entropy_payload(code, 1, (2,), compressed))
+        assert err.value.reason is CodecReason.OVERSIZE
     # a zstd frame without its content size is refused too
     writer = zstandard.ZstdCompressor().compressobj()
     unsized = writer.compress(Fp32Codec().encode(np.ones(2, np.float32))) + writer.flush()
-    with pytest.raises(CodecError, match="content size"):
+    with pytest.raises(CodecError) as err:
         EntropyCodec(Fp32Codec()).decode(_entropy_payload(1, 1, (2,), unsized))
+    assert err.value.reason is CodecReason.CORRUPT  # a zstd frame must record its content size
     assert max_inner_payload(0) == 4096
 
 
 def test_entropy_stage_checks_method_and_inner_codec():
     x = np.ones(4, np.float32)
     zstd_payload = EntropyCodec(Fp32Codec(), "zstd").encode(x)
-    with pytest.raises(CodecError, match="compressed with zstd"):
+    with pytest.raises(CodecError) as err:
         EntropyCodec(Fp32Codec(), "zlib").decode(zstd_payload)
-    with pytest.raises(CodecError, match="wraps codec id 1"):
+    assert err.value.reason is CodecReason.WRONG_CODEC  # another entropy method
+    with pytest.raises(CodecError) as err:
         EntropyCodec(TopKCodec(), "zstd").decode(zstd_payload)
+    assert err.value.reason is CodecReason.WRONG_CODEC  # another inner codec
     lying = _entropy_payload(1, 1, (5,), zstandard_compress(Fp32Codec().encode(x)))
-    with pytest.raises(CodecError, match=r"inner fp32 payload: payload header claims shape \(4,\), expected \(5,\)"):
+    with pytest.raises(CodecError) as err:
         EntropyCodec(Fp32Codec()).decode(lying)
+    assert err.value.reason is CodecReason.SHAPE_MISMATCH  # the inner header's shape, not the outer one
 
 
 def zstandard_compress(data):
@@ -545,8 +561,9 @@ def test_every_codec_rejects_truncated_extended_and_random_payloads(label, codec
     for n in range(0, 200, 9):
         with pytest.raises(CodecError):
             codec.decode(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
-    with pytest.raises(CodecError, match="codec id"):
+    with pytest.raises(CodecError) as err:
         codec.decode(Fp32Codec().encode(_normal(shape)))
+    assert err.value.reason is CodecReason.WRONG_CODEC
 
 
 @pytest.mark.parametrize("label, codec, shape", _codecs(), ids=[c[0] for c in _codecs()])
@@ -575,25 +592,23 @@ def test_every_codec_survives_corrupted_bodies(label, codec, shape, data):
 
 @pytest.mark.parametrize("cls, name", [(TopKCodec, "topk"), (RandKCodec, "randk")])
 @pytest.mark.parametrize("ratio", [0, -0.5, 1.5, float("nan")])
-def test_ratio_validation_names_the_fix(cls, name, ratio):
-    with pytest.raises(ValueError, match=rf"{name} ratio must be in \(0, 1\], got .*0 < k ≤ d"):
+def test_ratio_validation_names_the_parameter(cls, name, ratio):
+    with pytest.raises(ValueError) as err:
         cls(ratio)
+    assert f"{name} ratio" in str(err.value)  # the message names what to change (its wording is free)
 
 
 def test_other_constructor_validation():
-    with pytest.raises(ValueError, match="topk ratio must be a number"):
+    with pytest.raises(ValueError):
         TopKCodec("0.1")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="topk values must be 'fp16' or 'fp32', got 'bf16'"):
+    with pytest.raises(ValueError):
         TopKCodec(0.1, "bf16")
-    for rank in (0, -3):
-        with pytest.raises(ValueError, match=f"powersgd rank must be >= 1, got {rank}"):
-            PowerSGDCodec(rank)
-    for rank in (2.5, True):
-        with pytest.raises(ValueError, match="powersgd rank must be an integer"):
+    for rank in (0, -3, 2.5, True):
+        with pytest.raises(ValueError):
             PowerSGDCodec(rank)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"zstd\|zlib, got 'gzip'"):
+    with pytest.raises(ValueError):
         EntropyCodec(Fp32Codec(), "gzip")
-    with pytest.raises(ValueError, match="wraps a Codec"):
+    with pytest.raises(ValueError):
         EntropyCodec("fp32", "zstd")  # type: ignore[arg-type]
     assert repr(TopKCodec(0.5, "fp32")) == "TopKCodec(ratio=0.5, values='fp32')"
 

