@@ -17,7 +17,8 @@ ValueError`` handlers still catch it. ``qfl`` on the command line prints a
     │   └── PartitionError (ValueError)           an impossible split
     ├── compression (qfl.compression)
     │   ├── CodecError (ValueError)               a payload that cannot be decoded
-    │   └── PayloadError (ValueError)             an update record with missing/foreign/non-finite arrays
+    │   ├── PayloadError (ValueError)             an update record with missing/foreign/non-finite arrays
+    │   └── DownlinkOutOfSync (RuntimeError)      a client's model replica disagrees with the server's
     ├── KeyLayerError                         qfl.security.keys: the QKD key layer
     │   ├── KeyExhausted                          a pool holds fewer bits than requested
     │   ├── UnknownKey                            a key id that does not exist or was delivered
@@ -48,6 +49,7 @@ __all__ = [
     "CodecError",
     "ConfigError",
     "DatasetNotFound",
+    "DownlinkOutOfSync",
     "KeyBudgetExceeded",
     "KeyExhausted",
     "KeyLayerError",
@@ -107,6 +109,11 @@ class CodecError(QflError, ValueError):
 
 class PayloadError(QflError, ValueError):
     """An update record is missing tensors, has foreign arrays, or non-finite values."""
+
+
+class DownlinkOutOfSync(QflError, RuntimeError):
+    """Under ``downlink_mode = "delta"``, a client's replica of the model is not the one the server's
+    message builds on (another version, or a digest that differs); the server sends it the whole replica next."""
 
 
 # --------------------------------------------------------------------------- key layer (qfl.security.keys)
