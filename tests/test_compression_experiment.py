@@ -29,5 +29,5 @@ def test_compression_experiment_writes_table_json_and_plot(tmp_path):
 
 
 def test_every_arm_label_is_unique():
-    labels = [label for label, _, _ in COMPRESSION_ARMS]
+    labels = [arm.label for arm in COMPRESSION_ARMS]
     assert len(labels) == len(set(labels))
