@@ -190,9 +190,10 @@ def _plot(out: Path, rows: list[dict[str, Any]]) -> None:
     if base is not None:
         front.axhline(base["final_accuracy"] - 0.01, color="grey", linestyle="--", linewidth=0.8)
         front.axvline(base["total_bytes"] / 100, color="grey", linestyle=":", linewidth=0.8)
-        front.annotate("fp32 − 1 pt", (front.get_xlim()[0], base["final_accuracy"] - 0.01), fontsize=7, color="grey")
-        front.annotate("100× less than fp32", (base["total_bytes"] / 100, front.get_ylim()[0]), fontsize=7,
-                       color="grey", rotation=90, va="bottom")
+        front.text(0.01, base["final_accuracy"] - 0.01, "fp32 − 1 pt", fontsize=7, color="grey", va="bottom",
+                   transform=front.get_yaxis_transform())
+        front.text(base["total_bytes"] / 100, 0.01, "100× less than fp32", fontsize=7, color="grey", rotation=90,
+                   va="bottom", transform=front.get_xaxis_transform())
     seeds = len(rows[0]["seeds"])
     suffix = f" (mean of {seeds} seeds)" if seeds > 1 else ""
     for ax in (front, curves):
