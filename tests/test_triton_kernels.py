@@ -76,3 +76,16 @@ def test_ternary_of_zeros_sends_code_one_everywhere():
     body = tt.encode_ternary(torch.from_numpy(x).to(DEVICE), 5).cpu().numpy().tobytes()
     reference = TernaryCodec(seed=1).encode(x)
     assert body == reference[-len(body):]
+
+
+def test_the_torch_ternary_decoder_reads_the_fused_payload():
+    x = _x(37, seed=2)
+    body = tt.encode_ternary(torch.from_numpy(x).to(DEVICE), tt.first_key(4))
+    expected = TernaryCodec(seed=4).decode(TernaryCodec(seed=4).encode(x))
+    assert np.array_equal(tk.decode_ternary(body, x.size).cpu().numpy(), expected)
+
+
+def test_the_cuda_bench_adds_the_fused_rows_only_where_they_can_run():
+    from qfl.benchmarks.codecs import _triton_encoders
+
+    assert (_triton_encoders() is not None) == torch.cuda.is_available()
