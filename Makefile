@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qfl-installed
 
 .PHONY: demo test test-deploy lint install clean fuzz bench-codecs bench-qkd bench-kms bench-secagg bench-quantum \
-	experiment-compression experiment-key-budget experiment-quantum-mixed experiment-quantum-mixed-quick \
+	experiment-compression experiment-compression-100x experiment-key-budget experiment-quantum-mixed experiment-quantum-mixed-quick \
 	experiment-streamsplit
 
 $(STAMP): pyproject.toml
@@ -56,6 +56,11 @@ bench-quantum: $(STAMP)
 
 experiment-compression: $(STAMP)
 	$(BIN)/qfl experiment compression --seeds 3 --out runs/experiment-compression
+
+# The two-way arms against fp32 (3 seeds): the README's 100× figure and its frontier plot.
+experiment-compression-100x: $(STAMP)
+	$(BIN)/qfl experiment compression --seeds 3 --out runs/experiment-compression-100x \
+		--arm fp32 --arm 'stc-3%+ef' --arm 'stc-3%+down-stc-3%' --arm 'stc-3%+dgc+down-stc-3%'
 
 experiment-key-budget: $(STAMP)
 	$(BIN)/qfl experiment key-budget --out runs/experiment-key-budget

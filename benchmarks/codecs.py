@@ -133,10 +133,28 @@ def format_table(rows: list[dict]) -> str:
 
 TORCH_CODECS = [("fp16", "fp16", {}), ("bf16", "bf16", {}), ("sign", "sign", {}),
                 ("qsgd-4bit", "qsgd", {"bits": 4, "bucket": 512}), ("qsgd-1bit", "qsgd", {"bits": 1, "bucket": 512})]
+# the fused Triton encoders (compression/triton_kernels.py), timed on CUDA devices when triton is installed
+TRITON_CODECS = [("sign (triton)", "sign", {}), ("qsgd-4bit (triton)", "qsgd", {"bits": 4, "bucket": 512}),
+                 ("qsgd-1bit (triton)", "qsgd", {"bits": 1, "bucket": 512}), ("ternary (triton)", "ternary", {})]
+
+
+def _triton_encoders() -> Any:
+    """``compression.triton_kernels`` when triton is installed and a CUDA device is there, else None."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from qfl.compression import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
 
 
 def bench_codecs_torch(device: str = "cuda", size: int = 1 << 24, repeats: int = 5, seed: int = 0) -> list[dict]:
-    """The torch kernels (``compression/torch_kernels.py``) on ``device``.
+    """The torch kernels (``compression/torch_kernels.py``) on ``device``, and on a CUDA device
+    with triton installed the fused Triton encoders too (``compression/triton_kernels.py``, rows
+    ``"… (triton)"``; decode rows time the torch decoders).
 
     ``encode_*``/``decode_*`` fields time the on-device kernels (payload body
     left on the device), as ratios to ``dst.copy_(x)`` on the same device;
@@ -169,8 +187,22 @@ def bench_codecs_torch(device: str = "cuda", size: int = 1 << 24, repeats: int =
     rows = []
     encode: Callable[..., Any]  # lambdas with bound defaults (p=params, h=half)
     decode: Callable[..., Any]
-    for label, name, params in TORCH_CODECS:
-        if name == "qsgd":
+    tt: Any = _triton_encoders() if dev.type == "cuda" else None
+    cases = TORCH_CODECS + (TRITON_CODECS if tt is not None else [])
+    for label, name, params in cases:
+        if "(triton)" in label:
+            fused: dict[str, Callable[..., Any]] = {
+                "sign": lambda: tt.encode_sign(x),
+                "qsgd": lambda p=params: tt.encode_qsgd(x, p["bits"], p["bucket"], 0x5EED),
+                "ternary": lambda: tt.encode_ternary(x, 0x5EED),
+            }
+            encode = fused[name]
+            decode = {
+                "sign": lambda body: tk.decode_sign(body, size),
+                "qsgd": lambda body: tk.decode_qsgd(body, size),
+                "ternary": lambda body: tk.decode_ternary(body, size),
+            }[name]
+        elif name == "qsgd":
             encode = lambda p=params: tk.encode_qsgd(x, p["bits"], p["bucket"], gen)  # noqa: E731
             decode = lambda body: tk.decode_qsgd(body, size)  # noqa: E731
         elif name == "sign":

@@ -97,6 +97,7 @@ def targets() -> list[Target]:
     variants: dict[str, list[dict[str, Any]]] = {
         "qsgd": [{}, {"bits": 1, "bucket": 1}, {"bits": 8, "bucket": 7}],
         "topk": [{"ratio": 0.2}, {"ratio": 1.0, "values": "fp32"}],
+        "stc": [{"ratio": 0.2}, {"ratio": 1.0}],
         "randk": [{"ratio": 0.3}, {"ratio": 0.3, "bits": 4}, {"ratio": 1.0, "bits": 1}],
         "powersgd": [{"rank": 1}, {"rank": 3}],
     }

@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from qfl.compression import decode_update, encode_update, make_codec
+from qfl.compression.downlink import SYNC_RECORD, client_replica, make_downlink_codec
 from qfl.config import RunConfig, resolve_config
 from qfl.records import as_int
 from qfl.seeds import round_seed, task_seed
@@ -42,6 +43,8 @@ from . import secure
 from .daemon import edge_state_mod
 from .state import CodecStates, load_in_memory, save_in_memory, state_files
 from .tasks import task_for
+
+REPLICA, REPLICA_VERSION = "downlink-replica", "downlink-version"
 
 app = ClientApp(mods=[edge_state_mod, secure.secagg_mod])  # edge_state_mod: a no-op outside `qfl edge`
 secure.route_queries(app)  # the query.secagg_* messages reach secagg_mod, which answers them
@@ -62,9 +65,24 @@ def _partition(context: Context) -> tuple[int, int]:
         ) from None
 
 
-def _global_weights(msg: Message, cfg: RunConfig) -> dict[str, np.ndarray]:
-    codec = make_codec(cfg.downlink_codec, cfg.downlink_codec_params)
-    return decode_update(msg.content.array_records["arrays"], codec, task_for(cfg).shapes())
+def _global_weights(msg: Message, cfg: RunConfig, context: Context) -> dict[str, np.ndarray]:
+    """The model to train or evaluate: the decoded global model, or (``downlink_mode = "delta"``) the
+    node's replica after this message's sync, kept in ``context.state`` for the next one."""
+    codec = make_downlink_codec(cfg.downlink_codec, cfg.downlink_codec_params, cfg.downlink_mode)
+    task = task_for(cfg)
+    arrays = msg.content.array_records["arrays"]
+    if cfg.downlink_mode != "delta":
+        return decode_update(arrays, codec, task.shapes())
+    held = None
+    if REPLICA in context.state.array_records and REPLICA_VERSION in context.state.config_records:
+        replica = {k: a.numpy() for k, a in context.state.array_records[REPLICA].items()}
+        held = (as_int(context.state.config_records[REPLICA_VERSION]["version"]), replica)
+    version, weights = client_replica(
+        msg.content.config_records[SYNC_RECORD], arrays, held, task.initial_weights, codec, task.shapes()
+    )
+    context.state[REPLICA] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+    context.state[REPLICA_VERSION] = ConfigRecord({"version": version})
+    return weights
 
 
 def load_codec_state(context: Context, cfg: RunConfig, partition_id: int, server_round: int) -> CodecStates:
@@ -87,7 +105,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg, server_round = _run_config(msg.content.config_records["config"])
     partition_id, num_partitions = _partition(context)
     task = task_for(cfg)
-    delta, num_examples, loss = task.local_update(_global_weights(msg, cfg), partition_id, num_partitions, server_round)
+    delta, num_examples, loss = task.local_update(_global_weights(msg, cfg, context), partition_id, num_partitions, server_round)
     metrics = MetricRecord({"num-examples": num_examples, "train-loss": loss, "partition-id": partition_id,
                             **task.round_metrics()})
     if secure.wants_raw_delta(msg):  # a masked mode: secagg_mod masks Δ; it never leaves the node
@@ -105,6 +123,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     cfg, _ = _run_config(msg.content.config_records["config"])
     partition_id, num_partitions = _partition(context)
-    loss, accuracy, n = task_for(cfg).local_evaluate(_global_weights(msg, cfg), partition_id, num_partitions)
+    loss, accuracy, n = task_for(cfg).local_evaluate(_global_weights(msg, cfg, context), partition_id, num_partitions)
     metrics = MetricRecord({"num-examples": n, "eval-loss": loss, "eval-accuracy": accuracy, "partition-id": partition_id})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -10,7 +10,10 @@ run before round 1:
     topk       ratio (0 < ratio <= 1), values (fp16|fp32)   error feedback on
     randk      ratio (0 < ratio <= 1), bits (32 = float32 values, default; 1..8 = QSGD grid)
     powersgd   rank (>= 1)                error feedback on by default
+    stc        ratio (0 < ratio <= 1)     error feedback on by default (Sattler et al. 2019)
     every codec: entropy (none|zstd|zlib), feedback (true|false)
+    with feedback, DGC's options (``feedback.DgcOptions``): momentum ([0, 1)), clip (>= 0),
+    momentum_masking (true|false), warmup_rounds (>= 0; topk and stc only), warmup_start ((0, 1])
 
 Stochastic codecs (qsgd, ternary, randk with bits < 32) draw their rounding noise from ``seed``;
 callers pass one per client and round so runs are reproducible and clients'
@@ -30,11 +33,11 @@ from typing import Any
 
 from .codec import Codec
 from .entropy import EntropyCodec
-from .feedback import ErrorFeedback
+from .feedback import DgcOptions, ErrorFeedback
 from .identity import Fp32Codec
 from .lowrank import PowerSGDCodec
 from .quantizers import Bf16Codec, Fp16Codec, QsgdCodec, SignCodec, TernaryCodec
-from .sparsify import RandKCodec, TopKCodec
+from .sparsify import RandKCodec, STCCodec, TopKCodec
 from .summable import summable_codec_names
 
 # name -> (class, {parameter: type}, error feedback by default)
@@ -46,10 +49,14 @@ _CODECS: dict[str, tuple[type[Codec], dict[str, type], bool]] = {
     "ternary": (TernaryCodec, {}, False),
     "sign": (SignCodec, {}, True),
     "topk": (TopKCodec, {"ratio": float, "values": str}, True),
+    "stc": (STCCodec, {"ratio": float}, True),
     "randk": (RandKCodec, {"ratio": float, "bits": int}, False),
     "powersgd": (PowerSGDCodec, {"rank": int}, True),
 }
-_COMMON = {"entropy": str, "feedback": bool}
+_FEEDBACK_OPTIONS = {
+    "momentum": float, "clip": float, "momentum_masking": bool, "warmup_rounds": int, "warmup_start": float,
+}
+_COMMON = {"entropy": str, "feedback": bool, **_FEEDBACK_OPTIONS}
 _STOCHASTIC = {"qsgd", "ternary", "randk"}
 ENTROPY_METHODS = ("none", "zstd", "zlib")
 
@@ -83,8 +90,14 @@ def make_codec(name: str, params: Mapping[str, Any] | None = None, seed: int | N
     if name in _STOCHASTIC:
         kwargs["seed"] = seed
     codec: Codec = cls(**kwargs)
+    dgc = {k: _typed(name, k, v, _FEEDBACK_OPTIONS[k]) for k, v in params.items() if k in _FEEDBACK_OPTIONS}
     if _typed(name, "feedback", params.get("feedback", feedback_default), bool):
-        codec = ErrorFeedback(codec)
+        codec = ErrorFeedback(codec, DgcOptions(**dgc))
+    elif dgc:
+        raise ValueError(
+            f"codec.{sorted(dgc)[0]} is an option of error feedback, which is off for {name!r}; "
+            "set codec.feedback=true or remove it"
+        )
     entropy = _typed(name, "entropy", params.get("entropy", "none"), str)
     if entropy not in ENTROPY_METHODS:
         raise ValueError(f"codec.entropy must be one of {', '.join(ENTROPY_METHODS)}, got {entropy!r}")

@@ -124,6 +124,38 @@ def _candidates(magnitude: np.ndarray, k: int) -> np.ndarray | None:
     return candidates if k <= candidates.size <= d // 4 else None
 
 
+def top_k_positions(flat: np.ndarray, k: int) -> np.ndarray:
+    """Sorted int64 positions of the ``k`` largest |flat| (ties: lowest positions; NaN counts as largest)."""
+    d = flat.size
+    if k == d:
+        return np.arange(d, dtype=np.int64)
+    magnitude = np.abs(flat)
+    candidates = _candidates(magnitude, k)
+    if candidates is not None:  # the k largest are among these (sorted) positions
+        return candidates[_top_k(magnitude[candidates], k)]
+    return _top_k(magnitude, k)
+
+
+def _coded_support(name: str, ratio: float, flat: np.ndarray) -> tuple[np.ndarray, int, bytes]:
+    """The top-k positions of ``flat`` (k from ``ratio``), their Rice parameter and Rice-coded gaps."""
+    k = support_size(ratio, flat.size)
+    _check_k_fits(name, k)
+    idx = top_k_positions(flat, k)
+    gaps = np.diff(idx, prepend=-1) - 1
+    b = best_rice_parameter(gaps)
+    return idx, b, rice_encode(gaps, b)
+
+
+def _decode_support(name: str, coded: memoryview, b: int, k: int, d: int) -> np.ndarray:
+    """The sorted positions from Rice-coded gaps; CodecError if b is invalid or they run past ``d``."""
+    if b > MAX_RICE_PARAMETER:
+        raise CodecError(f"{name} payload has Rice parameter {b}; at most {MAX_RICE_PARAMETER} is valid", reason=CodecReason.BAD_PARAMETER)
+    gaps = rice_decode(coded, b, k)
+    if k and (int(gaps.max()) >= d or float(gaps.sum(dtype=np.float64)) + k > d):
+        raise CodecError(f"{name} positions run past the end of the {d}-element tensor", reason=CodecReason.BAD_VALUE)
+    return np.cumsum(gaps.astype(np.int64) + 1) - 1
+
+
 class TopKCodec(Codec):
     """Keeps the ``k = max(1, ceil(ratio·d))`` largest-magnitude coordinates.
 
@@ -169,32 +201,21 @@ class TopKCodec(Codec):
     def __repr__(self) -> str:
         return f"TopKCodec(ratio={self.ratio!r}, values={self.values!r})"
 
-    def _select(self, flat: np.ndarray, k: int) -> np.ndarray:
-        d = flat.size
-        if k == d:
-            return np.arange(d, dtype=np.int64)
-        magnitude = np.abs(flat)
-        candidates = _candidates(magnitude, k)
-        if candidates is not None:  # the k largest are among these (sorted) positions
-            return candidates[_top_k(magnitude[candidates], k)]
-        return _top_k(magnitude, k)
+    def with_ratio(self, ratio: float) -> TopKCodec:
+        """The same codec keeping ``ratio`` of the coordinates (error feedback's sparsity warm-up)."""
+        return TopKCodec(ratio, self.values)
 
     def encode(self, x: np.ndarray, ctx: EncodeContext | None = None) -> bytes:
         x, flat = _flat_f32(x)
-        d = flat.size
-        k = support_size(self.ratio, d)
-        _check_k_fits("topk", k)
-        idx = self._select(flat, k)
-        gaps = np.diff(idx, prepend=-1) - 1
-        b = best_rice_parameter(gaps)
+        idx, b, coded = _coded_support("topk", self.ratio, flat)
         values = flat[idx]
         if self.values == "fp16":
             values = np.where(np.isfinite(values), np.clip(values, -_FP16_MAX, _FP16_MAX), values)
         return b"".join(
             (
                 pack_header(self.codec_id, x.dtype, x.shape),
-                struct.pack("<IB", k, b),
-                rice_encode(gaps, b),
+                struct.pack("<IB", idx.size, b),
+                coded,
                 values.astype(self._vdtype).tobytes(),
             )
         )
@@ -202,8 +223,6 @@ class TopKCodec(Codec):
     def decode(self, payload: bytes) -> np.ndarray:
         header, body, (k, b) = _open_sparse(payload, self, "<IB", "k/Rice")
         d = header.numel
-        if b > MAX_RICE_PARAMETER:
-            raise CodecError(f"topk payload has Rice parameter {b}; at most {MAX_RICE_PARAMETER} is valid", reason=CodecReason.BAD_PARAMETER)
         value_bytes = k * self._vdtype.itemsize
         positions_end = len(body) - value_bytes
         if positions_end < 5:
@@ -211,12 +230,93 @@ class TopKCodec(Codec):
                 f"topk payload is truncated: {k} {self.values} values need {value_bytes} bytes "
                 f"after the positions, the body has {len(body) - 5}", reason=CodecReason.TRUNCATED
             )
-        gaps = rice_decode(body[5:positions_end], b, k)
-        if k and (int(gaps.max()) >= d or float(gaps.sum(dtype=np.float64)) + k > d):
-            raise CodecError(f"topk positions run past the end of the {d}-element tensor", reason=CodecReason.BAD_VALUE)
-        idx = np.cumsum(gaps.astype(np.int64) + 1) - 1
+        idx = _decode_support("topk", body[5:positions_end], b, k, d)
         out = np.zeros(d, dtype=np.float32)
         out[idx] = np.frombuffer(body[positions_end:], dtype=self._vdtype)
+        return out.reshape(header.shape)
+
+
+class STCCodec(Codec):
+    """Sparse Ternary Compression (Sattler et al. 2019): top-k support, one magnitude, sign bits.
+
+    Keeps the ``k = max(1, ceil(ratio·d))`` largest-magnitude coordinates
+    (selected exactly as :class:`TopKCodec`, ties at the lowest indices) and
+    replaces each kept value by ``±μ``, μ = mean |x_i| over the kept ones
+    (computed in float64, sent as float32); all other coordinates are 0.
+
+    Wire body after the header (little-endian)::
+
+        uint32  k
+        uint8   Rice parameter b (0..63)
+        float32 μ
+        bytes   Rice code of the k gaps (as topk's: first index, then index_i − index_{i−1} − 1)
+        ⌈k/8⌉ bytes  sign bits, one per kept value in index order (1 = negative),
+                     little-endian bit order, padding bits 0
+
+    Bits per coordinate: k·(b + 1 + gap/2**b + 1)/d + (72 + h)/d, h = 8·(6 + 4·ndim)
+    header bits; with b ≈ log2(ln2·d/k) the Rice part is ≈ b + 2.44, so at
+    ratio 0.01 about 0.01·(8.2 + 1) ≈ 0.092 bits per coordinate.
+
+    Error: ||x − C(x)||² = ||x||² − k·μ² exactly (Σ over the kept of
+    (|x_i| − μ)² = Σ|x_i|² − k·μ²), and k·μ² ≥ ||x||²/d, so the codec is
+    contractive with δ = k·μ²/||x||² ≥ 1/d (≥ k/d·(μ/rms_top)², rms_top the root
+    mean square of the kept values). Biased; needs error feedback (on by
+    default in the registry); does not commute with sum (each client keeps its
+    own support); stateless. A non-finite kept value makes μ non-finite, so
+    the server's NaN/Inf check still sees a diverged client.
+    """
+
+    name = "stc"
+    codec_id = 11
+    traits = CodecTraits(
+        unbiased=False, contractive=True, commutes_with_sum=False, stateful=False, lossless=False
+    )
+    _FIELDS = struct.Struct("<IBf")
+
+    def __init__(self, ratio: float = 0.01) -> None:
+        self.ratio = _check_ratio("stc", ratio)
+
+    def __repr__(self) -> str:
+        return f"STCCodec(ratio={self.ratio!r})"
+
+    def with_ratio(self, ratio: float) -> STCCodec:
+        """The same codec keeping ``ratio`` of the coordinates (error feedback's sparsity warm-up)."""
+        return STCCodec(ratio)
+
+    def encode(self, x: np.ndarray, ctx: EncodeContext | None = None) -> bytes:
+        x, flat = _flat_f32(x)
+        idx, b, coded = _coded_support("stc", self.ratio, flat)
+        kept = flat[idx]
+        with np.errstate(over="ignore", invalid="ignore"):
+            mu = np.float32(np.abs(kept, dtype=np.float64).mean()) if idx.size else np.float32(0.0)
+        signs = np.packbits(np.signbit(kept), bitorder="little")
+        return b"".join(
+            (
+                pack_header(self.codec_id, x.dtype, x.shape),
+                self._FIELDS.pack(idx.size, b, mu),
+                coded,
+                signs.tobytes(),
+            )
+        )
+
+    def decode(self, payload: bytes) -> np.ndarray:
+        header, body, (k, b, mu) = _open_sparse(payload, self, "<IBf", "k/Rice/magnitude")
+        d = header.numel
+        sign_bytes = (k + 7) // 8
+        start = self._FIELDS.size
+        positions_end = len(body) - sign_bytes
+        if positions_end < start:
+            raise CodecError(
+                f"stc payload is truncated: {k} sign bits need {sign_bytes} bytes after the positions, "
+                f"the body has {len(body) - start}", reason=CodecReason.TRUNCATED
+            )
+        idx = _decode_support("stc", body[start:positions_end], b, k, d)
+        signs = np.frombuffer(body[positions_end:], dtype=np.uint8)
+        if k % 8 and int(signs[-1]) >> (k % 8):
+            raise CodecError("stc sign bits have non-zero padding bits", reason=CodecReason.CORRUPT)
+        negative = np.unpackbits(signs, count=k, bitorder="little").astype(bool)
+        out = np.zeros(d, dtype=np.float32)
+        out[idx] = np.where(negative, -mu, mu).astype(np.float32)
         return out.reshape(header.shape)
 
 

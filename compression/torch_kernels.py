@@ -25,7 +25,7 @@ import struct
 import numpy as np
 import torch
 
-from .quantizers import Bf16Codec, Fp16Codec, QsgdCodec, SignCodec
+from .quantizers import Bf16Codec, Fp16Codec, QsgdCodec, SignCodec, TernaryCodec
 from .wire import pack_header
 
 _FP16_MAX = 65504.0
@@ -116,7 +116,14 @@ def decode_qsgd(body: torch.Tensor, count: int) -> torch.Tensor:
     return (k * (2 * m / s)[:, None] - m[:, None]).reshape(-1)[:count]
 
 
-CODEC_IDS = {"fp16": Fp16Codec.codec_id, "bf16": Bf16Codec.codec_id, "sign": SignCodec.codec_id, "qsgd": QsgdCodec.codec_id}
+def decode_ternary(body: torch.Tensor, count: int) -> torch.Tensor:
+    """(code − 1)·m from a ternary body (float32 m, then 2-bit codes in {0, 1, 2})."""
+    scale = body[:4].clone().view(torch.float32)
+    return (unpack_bits(body[4:], 2, count).to(torch.float32) - 1) * scale
+
+
+CODEC_IDS = {"fp16": Fp16Codec.codec_id, "bf16": Bf16Codec.codec_id, "sign": SignCodec.codec_id, "qsgd": QsgdCodec.codec_id,
+             "ternary": TernaryCodec.codec_id}
 
 
 def to_payload(name: str, x: torch.Tensor, body: torch.Tensor) -> bytes:

@@ -231,8 +231,19 @@ class CodecConfig(_ConfigPart):
 
     codec: str = "qsgd"  # 4-bit QSGD by default (codec.bits); the demo's masked sums take it
     codec_params: dict[str, Any] = field(default_factory=dict)
-    downlink_codec: str = "fp32"  # how the global model travels to clients (stateless codecs only)
+    downlink_codec: str = "fp32"  # how the global model travels to clients (stateless codecs only in model mode)
     downlink_codec_params: dict[str, Any] = field(default_factory=dict)
+    # model: the global model, encoded by downlink_codec, every round. delta: the change of the model
+    # against the clients' replica, which the server keeps (its error feedback); any codec
+    # (qfl.compression.downlink; security=none only)
+    downlink_mode: str = "model"
+
+    def check(self) -> None:
+        super().check()
+        _need(
+            self.downlink_mode in ("model", "delta"), "downlink_mode",
+            f"downlink_mode must be 'model' or 'delta', got {self.downlink_mode!r}",
+        )
 
 
 @dataclass(frozen=True)

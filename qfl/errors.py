@@ -23,8 +23,9 @@ the message is for people (the cause and the fix) and may be reworded.
     │   └── PartitionError (ValueError)           an impossible split                     reason: PartitionReason
     ├── compression (qfl.compression)
     │   ├── CodecError (ValueError)               a payload that cannot be decoded        reason: CodecReason
-    │   └── PayloadError (ValueError)             an update record with missing/foreign/non-finite arrays
-    │                                                                                     reason: PayloadReason
+    │   ├── PayloadError (ValueError)             an update record with missing/foreign/non-finite arrays
+    │   │                                                                                 reason: PayloadReason
+    │   └── DownlinkOutOfSync (RuntimeError)      a client's model replica disagrees with the server's
     ├── KeyLayerError                         qfl.security.keys: the QKD key layer
     │   ├── KeyExhausted                          a pool holds fewer bits than requested
     │   ├── UnknownKey                            a key id that does not exist or was delivered
@@ -62,6 +63,7 @@ __all__ = [
     "DatasetNotFound",
     "DeploymentError",
     "DeploymentReason",
+    "DownlinkOutOfSync",
     "KeyBudgetExceeded",
     "KeyExhausted",
     "KeyLayerError",
@@ -180,6 +182,11 @@ class PayloadReason(Enum):
 
 class PayloadError(ReasonedError[PayloadReason], ValueError):
     """An update record is missing tensors, has foreign arrays, or non-finite values."""
+
+
+class DownlinkOutOfSync(QflError, RuntimeError):
+    """Under ``downlink_mode = "delta"``, a client's replica of the model is not the one the server's
+    message builds on (another version, or a digest that differs); the server sends it the whole replica next."""
 
 
 # --------------------------------------------------------------------------- key layer (qfl.security.keys)

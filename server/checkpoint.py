@@ -2,15 +2,16 @@
 leaves the previous checkpoint or the new one.
 
 A checkpoint (``checkpoint.npz``) holds the global weights (``w/NAME``), the
-server optimizer state (``opt/SLOT/NAME``) and a JSON ``meta`` blob with the
-round number and the metrics history up to that round.
+server optimizer state (``opt/SLOT/NAME``), the downlink's replica state under
+``downlink_mode = "delta"`` (``down/...``, ``DownlinkReplica.state_arrays``) and a
+JSON ``meta`` blob with the round number and the metrics history up to that round.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,13 @@ class Checkpoint:
     weights: dict[str, np.ndarray]
     optimizer_state: dict[str, np.ndarray]
     history: list[dict[str, Any]]
+    downlink_state: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
     arrays = {f"w/{k}": v for k, v in ckpt.weights.items()}
     arrays.update({f"opt/{k}": v for k, v in ckpt.optimizer_state.items()})
+    arrays.update({f"down/{k}": v for k, v in ckpt.downlink_state.items()})
     meta = json.dumps({"round": ckpt.round, "history": ckpt.history, "weight_names": list(ckpt.weights)})
     arrays["meta"] = np.frombuffer(meta.encode(), dtype=np.uint8)
     buffer = io.BytesIO()
@@ -49,4 +52,5 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
         meta = json.loads(bytes(f["meta"]).decode())
         weights = {k: f[f"w/{k}"] for k in meta["weight_names"]}
         opt = {k[len("opt/") :]: f[k] for k in f.files if k.startswith("opt/")}
-    return Checkpoint(meta["round"], weights, opt, meta["history"])
+        down = {k[len("down/") :]: f[k] for k in f.files if k.startswith("down/")}
+    return Checkpoint(meta["round"], weights, opt, meta["history"], down)

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 
 from qfl.clients.tasks import ClientTask, task_for
 from qfl.compression import make_codec
+from qfl.compression.downlink import DownlinkReplica, make_downlink_codec
 from qfl.config import RunConfig, resolve_config
 from qfl.errors import ResumeError, ResumeReason
 from qfl.files import atomic_write_bytes, atomic_write_json
@@ -91,19 +92,30 @@ def run_federation(
     optimizer = make_server_optimizer(cfg)
     history: list[dict[str, Any]] = []
     first_round = 1
+    downlink = None
+    if cfg.downlink_mode == "delta":  # the clients' replica starts at the initial model they build themselves
+        def downlink_codec_for(version: int):
+            return make_downlink_codec(
+                cfg.downlink_codec, cfg.downlink_codec_params, "delta", seed=round_seed(cfg.seed, version)
+            )
+
+        downlink = DownlinkReplica(downlink_codec_for, weights)
     checkpoint = load_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         if {k: tuple(v.shape) for k, v in checkpoint.weights.items()} != shapes:
             raise ResumeError(f"checkpoint in {run_dir} does not match the model {cfg.model!r}", reason=ResumeReason.MODEL_MISMATCH)
         weights, history, first_round = checkpoint.weights, checkpoint.history, checkpoint.round + 1
         optimizer.load_state_arrays(checkpoint.optimizer_state)
+        if downlink is not None:
+            downlink.load_state_arrays(checkpoint.downlink_state)
     else:
         atomic_write_bytes(run_dir / CONFIG_NAME, cfg.to_toml().encode())
     initial_loss, initial_acc = evaluator(evaluator.initial_weights())
 
     common: dict[str, Any] = dict(
         codec=make_codec(cfg.codec, cfg.codec_params),
-        downlink_codec=make_codec(cfg.downlink_codec, cfg.downlink_codec_params),
+        downlink_codec=make_downlink_codec(cfg.downlink_codec, cfg.downlink_codec_params, cfg.downlink_mode),
+        downlink=downlink,
         shapes=shapes,
         optimizer=optimizer,
         min_nodes=cfg.clients,
@@ -171,7 +183,8 @@ def run_federation(
             "elapsed_s": elapsed,
         }
         history.append(record)
-        save_checkpoint(run_dir, Checkpoint(rnd, weights, optimizer.state_arrays(), history))
+        downlink_state = downlink.state_arrays() if downlink is not None else {}
+        save_checkpoint(run_dir, Checkpoint(rnd, weights, optimizer.state_arrays(), history, downlink_state))
         atomic_write_json(run_dir / METRICS_NAME, history)
         if reporter:
             reporter.round(record)

@@ -47,26 +47,26 @@ def preflight(cfg: RunConfig) -> None:
 
 def _check_codecs(cfg: RunConfig) -> None:
     from qfl.compression import make_codec
+    from qfl.compression.downlink import make_downlink_codec
 
     try:
         make_codec(cfg.codec, cfg.codec_params)
     except ValueError as err:
         raise ConfigError(str(err), key="codec") from None
     try:
-        downlink = make_codec(cfg.downlink_codec, cfg.downlink_codec_params)
+        make_downlink_codec(cfg.downlink_codec, cfg.downlink_codec_params, cfg.downlink_mode)
     except ValueError as err:
         raise ConfigError(str(err), key="downlink_codec") from None
+    if cfg.downlink_mode == "delta" and cfg.security != "none":
+        raise ConfigError(
+            f"downlink_mode=delta is implemented for security=none only (got security={cfg.security}); "
+            "set security=none or downlink_mode=model", key="downlink_mode",
+        )
     if cfg.model == "streamsplit":
         try:
             make_codec(cfg.edge_codec, cfg.edge_codec_params)
         except ValueError as err:
             raise ConfigError(str(err), key="edge_codec") from None
-    if downlink.traits.stateful:
-        raise ConfigError(
-            f"downlink_codec {cfg.downlink_codec!r} keeps state (error feedback / warm start), but the server "
-            "broadcasts one model to clients that were not all there last round; set downlink_codec.feedback=false "
-            "or pick a stateless codec (fp32, fp16, bf16, qsgd, ternary, randk)", key="downlink_codec",
-        )
 
 
 def _check_security(cfg: RunConfig) -> None:

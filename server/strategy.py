@@ -50,6 +50,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from qfl.compression import Codec, PayloadError, decode_update, encode_update, payload_bytes
+from qfl.compression.downlink import SYNC_RECORD, DownlinkReplica
 from qfl.config import RunConfig
 from qfl.errors import NotEnoughNodes
 from qfl.security.secagg import SecAggError, SecAggReason
@@ -141,6 +142,10 @@ class QflFedAvg(FedAvg):
         client of that partition may claim at most that many examples.
     num_partitions : int | None
         Partition ids must lie in [0, num_partitions); None: [0, 2**31).
+    downlink : DownlinkReplica | None
+        ``downlink_mode = "delta"``: the clients' replica; train messages carry
+        the compressed change of the model against it (``qfl.compression.downlink``)
+        and ``downlink_codec`` is unused. None: the model itself, by ``downlink_codec``.
     """
 
     def __init__(
@@ -157,6 +162,7 @@ class QflFedAvg(FedAvg):
         max_client_examples: int = RunConfig.max_client_examples,
         example_caps: Mapping[int, int] | None = None,
         num_partitions: int | None = None,
+        downlink: DownlinkReplica | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -167,6 +173,7 @@ class QflFedAvg(FedAvg):
         )
         self.codec = codec
         self.downlink_codec = downlink_codec
+        self.downlink = downlink
         self.shapes = shapes
         self.optimizer = optimizer
         self.seed = seed
@@ -175,6 +182,7 @@ class QflFedAvg(FedAvg):
         self.sampled: list[int] = []
         self.downlink_bytes = 0
         self.eval_downlink_bytes = 0
+        self.eval_nodes: list[int] = []  # the nodes sent the last evaluate messages
         self.drop_reasons: list[str] = []  # one line per drop (and per failed round), for logs and metrics
         self.drops: list[Drop] = []  # the same drops, with their DropReason
         self.eval_ignored: list[str] = []  # why evaluate replies were left out of the last fed-* metrics
@@ -217,11 +225,9 @@ class QflFedAvg(FedAvg):
             self.max_client_examples = _positive_int(config["max_client_examples"], "max_client_examples")
         self.excluded = set()
         self.sampled = self._sample(grid, server_round, self.fraction_train)
-        model = encode_update(self.current_weights, self.downlink_codec)
-        self.downlink_bytes = payload_bytes(model) * len(self.sampled)
         config["server-round"] = server_round
-        record = RecordDict({"arrays": model, "config": config})
-        return self._construct_messages(record, self.sampled, MessageType.TRAIN)
+        messages, self.downlink_bytes = self._model_messages(self.current_weights, self.sampled, config, MessageType.TRAIN)
+        return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -230,11 +236,41 @@ class QflFedAvg(FedAvg):
             self.eval_downlink_bytes = 0
             return []
         nodes = self._sample(grid, server_round, self.fraction_evaluate, purpose=1)
-        model = encode_update(record_to_weights(arrays), self.downlink_codec)
-        self.eval_downlink_bytes = payload_bytes(model) * len(nodes)
+        self.eval_nodes = nodes
         config["server-round"] = server_round
-        record = RecordDict({"arrays": model, "config": config})
-        return self._construct_messages(record, nodes, MessageType.EVALUATE)
+        messages, self.eval_downlink_bytes = self._model_messages(
+            record_to_weights(arrays), nodes, config, MessageType.EVALUATE
+        )
+        return messages
+
+    def _model_messages(
+        self, weights: dict[str, np.ndarray], nodes: list[int], config: ConfigRecord, kind: str
+    ) -> tuple[list[Message], int]:
+        """The messages carrying ``weights`` (or, in delta mode, the replica's sync) to ``nodes``, and their bytes.
+
+        Delta mode syncs the replica towards ``weights`` on train messages only;
+        evaluate messages bring each node to the replica it should hold already.
+        """
+        if self.downlink is None:
+            model = encode_update(weights, self.downlink_codec)
+            record = RecordDict({"arrays": model, "config": config})
+            return list(self._construct_messages(record, nodes, kind)), payload_bytes(model) * len(nodes)
+        if kind == MessageType.TRAIN:
+            self.downlink.sync(weights)
+        messages: list[Message] = []
+        sent = 0
+        for group in self.downlink.messages(nodes):
+            record = RecordDict({"arrays": group.arrays, "config": config, SYNC_RECORD: ConfigRecord(group.config())})
+            messages += self._construct_messages(record, group.nodes, kind)
+            sent += group.bytes_per_node * len(group.nodes)
+        return messages, sent
+
+    def _forget_unsynced(self, sent: Iterable[int], replies: list[Message]) -> None:
+        """Delta mode: nodes sent a sync that failed or never answered may not hold it; they get the full replica next."""
+        if self.downlink is None:
+            return
+        ok = {m.metadata.src_node_id for m in replies if not m.has_error()}
+        self.downlink.forget(n for n in sent if n not in ok)
 
     # -- aggregation ------------------------------------------------------
     def _drop(self, msg: Message, reason: DropReason, detail: str) -> None:
@@ -303,6 +339,7 @@ class QflFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        self._forget_unsynced(set(self.sampled) - self.excluded, replies)
         uplink = sum(
             payload_bytes(m.content.array_records["update"]) for m in replies if not m.has_error() and "update" in m.content.array_records
         )
@@ -361,6 +398,8 @@ class QflFedAvg(FedAvg):
         are left out, with the reason in ``eval_ignored`` and the log.
         """
         self.eval_ignored = []
+        replies = list(replies)
+        self._forget_unsynced(self.eval_nodes, replies)
         rows = []
         for msg in replies:
             node = msg.metadata.src_node_id

@@ -1,4 +1,4 @@
-"""`qfl experiment compression`: accuracy against uplink bytes, one run per codec and seed.
+"""`qfl experiment compression`: accuracy against bytes, one run per codec and seed.
 
 Digits, 20 clients, Dirichlet α = 0.5, the same rounds and seeds for every
 codec; fp32 is the baseline. Aggregation is plaintext (``security=none``):
@@ -8,17 +8,26 @@ seed fixes the partition, the initial model and the data order, so pairing
 removes most of the seed-to-seed spread); ``delta_by_seed_pts`` keeps them.
 One seed's accuracy on the 360-image test split moves by about a point.
 
+Each arm names the uplink codec and, for the two-way arms, a downlink: by
+default the server sends the fp32 model; ``downlink_mode = "delta"`` arms send
+the compressed change against the clients' replica (``qfl.compression.downlink``).
+Reductions are fp32's bytes over the arm's, per direction and in total (uplink
+plus downlink, train messages; the fp32 arm's downlink is the fp32 model to
+every sampled client, as its uplink is an fp32 Δ from each).
+
 Writes ``compression.md`` (table), ``compression.json`` (rows) and
-``compression.png`` (accuracy against cumulative uplink bytes, seed-mean,
-log scale) into the output directory, plus each run's own directory
-``<arm>/seed-<s>``. Runs already finished there are read back rather than run
-again, so an interrupted experiment continues where it stopped.
+``compression.png`` (the frontier: final accuracy against total bytes, one
+point per arm, and accuracy against cumulative total bytes round by round;
+seed means, log scale) into the output directory, plus each run's own
+directory ``<arm>/seed-<s>``. Runs already finished there are read back rather
+than run again, so an interrupted experiment continues where it stopped.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,30 +39,59 @@ from .runner import run_simulation_job
 
 CLIENTS = 20
 
-# (label, codec, codec params)
-COMPRESSION_ARMS: list[tuple[str, str, dict[str, Any]]] = [
-    ("fp32", "fp32", {}),
-    ("fp16", "fp16", {}),
-    ("qsgd-4bit", "qsgd", {"bits": 4}),
-    ("qsgd-2bit", "qsgd", {"bits": 2}),
-    ("qsgd-1bit", "qsgd", {"bits": 1}),
-    ("ternary", "ternary", {}),
-    ("ternary+zstd", "ternary", {"entropy": "zstd"}),
-    ("sign+ef", "sign", {}),
-    ("topk-10%+ef", "topk", {"ratio": 0.1}),
-    ("topk-3%+ef", "topk", {"ratio": 0.03}),
-    ("topk-1%+ef", "topk", {"ratio": 0.01}),
-    ("randk-10%", "randk", {"ratio": 0.1}),
-    ("powersgd-r2+ef", "powersgd", {"rank": 2}),
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: the uplink codec and its parameters, and config values for the downlink (default: fp32 model).
+
+    Two-way labels read ``<uplink>+down-<downlink>``."""
+
+    label: str
+    codec: str
+    params: dict[str, Any] = field(default_factory=dict)
+    downlink: dict[str, Any] = field(default_factory=dict)
+
+
+def _delta_down(codec: str, **params: Any) -> dict[str, Any]:
+    """Config values of a compressed downlink: the model's change against the clients' replica."""
+    return {"downlink_mode": "delta", "downlink_codec": codec, **{f"downlink_codec.{k}": v for k, v in params.items()}}
+
+
+# DGC's techniques on top of error feedback (qfl.compression.feedback.DgcOptions)
+DGC = {"momentum": 0.5, "momentum_masking": True, "warmup_rounds": 4, "warmup_start": 0.1}
+
+COMPRESSION_ARMS: list[Arm] = [
+    Arm("fp32", "fp32"),
+    Arm("fp16", "fp16"),
+    Arm("qsgd-4bit", "qsgd", {"bits": 4}),
+    Arm("qsgd-2bit", "qsgd", {"bits": 2}),
+    Arm("qsgd-1bit", "qsgd", {"bits": 1}),
+    Arm("ternary", "ternary"),
+    Arm("ternary+zstd", "ternary", {"entropy": "zstd"}),
+    Arm("sign+ef", "sign"),
+    Arm("topk-10%+ef", "topk", {"ratio": 0.1}),
+    Arm("topk-3%+ef", "topk", {"ratio": 0.03}),
+    Arm("topk-1%+ef", "topk", {"ratio": 0.01}),
+    Arm("randk-10%", "randk", {"ratio": 0.1}),
+    Arm("powersgd-r2+ef", "powersgd", {"rank": 2}),
+    # two-way arms: STC (Sattler et al. 2019) up, and a compressed model delta down
+    Arm("stc-3%+ef", "stc", {"ratio": 0.03}),
+    Arm("stc-3%+down-stc-3%", "stc", {"ratio": 0.03}, _delta_down("stc", ratio=0.03)),
+    Arm("stc-1%+down-stc-1%", "stc", {"ratio": 0.01}, _delta_down("stc", ratio=0.01)),
+    Arm("stc-3%+dgc+down-stc-3%", "stc", {"ratio": 0.03, **DGC}, _delta_down("stc", ratio=0.03)),
+    Arm("topk-3%+dgc+down-stc-3%", "topk", {"ratio": 0.03, **DGC}, _delta_down("stc", ratio=0.03)),
+    Arm("stc-3%+down-ternary+zstd", "stc", {"ratio": 0.03}, _delta_down("ternary", entropy="zstd")),
+    Arm("stc-5%+down-stc-5%", "stc", {"ratio": 0.05}, _delta_down("stc", ratio=0.05)),
 ]
 
 
-def _run(out: Path, label: str, codec: str, params: dict[str, Any], rounds: int, seed: int) -> Path:
+def _run(out: Path, arm: Arm, rounds: int, seed: int) -> Path:
     values: dict[str, Any] = {
-        "clients": CLIENTS, "alpha": 0.5, "rounds": rounds, "codec": codec, "seed": seed, "security": "none",
+        "clients": CLIENTS, "alpha": 0.5, "rounds": rounds, "codec": arm.codec, "seed": seed, "security": "none",
     }
-    values.update({f"codec.{k}": v for k, v in params.items()})
-    run_dir = out / label / f"seed-{seed}"
+    values.update({f"codec.{k}": v for k, v in arm.params.items()})
+    values.update(arm.downlink)
+    run_dir = out / arm.label / f"seed-{seed}"
     # a finished run is read back, not run again (a partial one resumes)
     run_simulation_job(resolve_config(values), run_dir, resume=(run_dir / "config.toml").exists())
     return run_dir
@@ -67,27 +105,32 @@ def run_compression_experiment(
     if not seeds:
         raise ValueError("the compression experiment needs at least one seed")
     rows = []
-    for label, codec, params in COMPRESSION_ARMS:
-        if arms and label not in arms:
+    for arm in COMPRESSION_ARMS:
+        if arms and arm.label not in arms:
             continue
-        summaries = [
-            json.loads((_run(out, label, codec, params, rounds, seed) / "summary.json").read_text()) for seed in seeds
-        ]
+        summaries = [json.loads((_run(out, arm, rounds, seed) / "summary.json").read_text()) for seed in seeds]
         uplink = sum(s["total_uplink_bytes"] for s in summaries) / len(seeds)
+        downlink = sum(s["total_downlink_bytes"] for s in summaries) / len(seeds)
         rows.append(
             {
-                "arm": label,
+                "arm": arm.label,
+                "two_way": bool(arm.downlink),
                 "seeds": seeds,
                 "accuracy_by_seed": [s["final_accuracy"] for s in summaries],
                 "final_accuracy": sum(s["final_accuracy"] for s in summaries) / len(seeds),
                 "best_accuracy": sum(s["best_accuracy"] for s in summaries) / len(seeds),
                 "total_uplink_bytes": uplink,
+                "total_downlink_bytes": downlink,
+                "total_bytes": uplink + downlink,
                 "bits_per_param_up": 8 * uplink / (summaries[0]["num_params"] * CLIENTS * rounds),
+                "bits_per_param_down": 8 * downlink / (summaries[0]["num_params"] * CLIENTS * rounds),
             }
         )
     base = next((r for r in rows if r["arm"] == "fp32"), None)
     for r in rows:
         r["uplink_reduction"] = base["total_uplink_bytes"] / r["total_uplink_bytes"] if base else None
+        r["downlink_reduction"] = base["total_downlink_bytes"] / r["total_downlink_bytes"] if base else None
+        r["total_reduction"] = base["total_bytes"] / r["total_bytes"] if base else None
         paired = [100 * (a - b) for a, b in zip(r["accuracy_by_seed"], base["accuracy_by_seed"])] if base else None
         r["delta_by_seed_pts"] = paired
         r["accuracy_delta_pts"] = sum(paired) / len(paired) if paired else None
@@ -100,41 +143,68 @@ def run_compression_experiment(
 def format_rows(rows: list[dict[str, Any]]) -> str:
     several = any(len(r["seeds"]) > 1 for r in rows)
     by_seed = " | Δ by seed (pts)" if several else ""
+
+    def times(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}×"
+
     lines = [
-        "| codec | final acc | best acc | uplink bytes | bits/param | reduction vs fp32 | Δ acc (pts)" + by_seed + " |",
-        "|---|---:|---:|---:|---:|---:|---:" + ("|---:" if several else "") + "|",
+        "| codec (up/down) | final acc | best acc | uplink bytes | downlink bytes | bits/param up | bits/param down "
+        "| up × | down × | total × | Δ acc (pts)" + by_seed + " |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:" + ("|---:" if several else "") + "|",
     ]
     for r in rows:
-        red = "-" if r["uplink_reduction"] is None else f"{r['uplink_reduction']:.1f}×"
         delta = "-" if r["accuracy_delta_pts"] is None else f"{r['accuracy_delta_pts']:+.1f}"
         spread = ""
         if several:
             spread = " | " + ("-" if r["delta_by_seed_pts"] is None else " ".join(f"{d:+.1f}" for d in r["delta_by_seed_pts"]))
         lines.append(
             f"| {r['arm']} | {r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | {r['total_uplink_bytes']:,.0f} "
-            f"| {r['bits_per_param_up']:.3f} | {red} | {delta}{spread} |"
+            f"| {r['total_downlink_bytes']:,.0f} | {r['bits_per_param_up']:.3f} | {r['bits_per_param_down']:.3f} "
+            f"| {times(r['uplink_reduction'])} | {times(r['downlink_reduction'])} | {times(r['total_reduction'])} "
+            f"| {delta}{spread} |"
         )
     return "\n".join(lines)
 
 
 def _plot(out: Path, rows: list[dict[str, Any]]) -> None:
+    """Left: the frontier (seed-mean final accuracy against total bytes, one point per arm).
+    Right: seed-mean accuracy against cumulative total bytes, round by round."""
     plt = pyplot()
-    histories = {}
-    for r in rows:  # seed-mean accuracy and cumulative uplink bytes, round by round
+    fig, (front, curves) = plt.subplots(1, 2, figsize=(13, 5), dpi=110)
+    markers = "os^vD<>pXh*P"
+    for i, r in enumerate(rows):
         runs = [json.loads((out / r["arm"] / f"seed-{s}" / "metrics.json").read_text()) for s in r["seeds"]]
         cumulative, total, accuracy = [], 0.0, []
         for per_seed in zip(*runs):
-            total += sum(m["uplink_bytes"] for m in per_seed) / len(per_seed)
+            total += sum(m["uplink_bytes"] + m["downlink_bytes"] for m in per_seed) / len(per_seed)
             cumulative.append(total)
             accuracy.append(sum(m["accuracy"] for m in per_seed) / len(per_seed))
-        histories[r["arm"]] = (cumulative, accuracy)
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
-    for arm, (xs, ys) in histories.items():
-        ax.plot(xs, ys, marker=".", label=arm)
-    ax.set_xscale("log")
-    ax.set_xlabel("cumulative uplink bytes (all clients)")
-    ax.set_ylabel("test accuracy" + (f" (mean of {len(rows[0]['seeds'])} seeds)" if len(rows[0]["seeds"]) > 1 else ""))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        two_way = r["two_way"]
+        marker = markers[i % len(markers)]
+        front.scatter(r["total_bytes"], r["final_accuracy"], marker=marker, s=60 if two_way else 40,
+                      edgecolors="black" if two_way else "none", label=r["arm"])
+        front.annotate(r["arm"], (r["total_bytes"], r["final_accuracy"]), fontsize=6, xytext=(4, 3),
+                       textcoords="offset points")
+        curves.plot(cumulative, accuracy, marker=marker, markersize=3, label=r["arm"], linestyle="-" if two_way else ":")
+    base = next((r for r in rows if r["arm"] == "fp32"), None)
+    if base is not None:
+        front.axhline(base["final_accuracy"] - 0.01, color="grey", linestyle="--", linewidth=0.8)
+        front.axvline(base["total_bytes"] / 100, color="grey", linestyle=":", linewidth=0.8)
+        front.text(0.01, base["final_accuracy"] - 0.01, "fp32 − 1 pt", fontsize=7, color="grey", va="bottom",
+                   transform=front.get_yaxis_transform())
+        front.text(base["total_bytes"] / 100, 0.01, "100× less than fp32", fontsize=7, color="grey", rotation=90,
+                   va="bottom", transform=front.get_xaxis_transform())
+    seeds = len(rows[0]["seeds"])
+    suffix = f" (mean of {seeds} seeds)" if seeds > 1 else ""
+    for ax in (front, curves):
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    front.set_xlabel("total bytes, uplink + downlink (all clients, all rounds)")
+    front.set_ylabel("final test accuracy" + suffix)
+    front.set_title("frontier: accuracy against total bytes (ringed: compressed downlink)", fontsize=9)
+    curves.set_xlabel("cumulative bytes, uplink + downlink")
+    curves.set_ylabel("test accuracy" + suffix)
+    curves.set_title("round by round (dotted: fp32 downlink)", fontsize=9)
+    curves.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     save_png(fig, out / "compression.png")

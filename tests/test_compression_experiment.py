@@ -29,5 +29,16 @@ def test_compression_experiment_writes_table_json_and_plot(tmp_path):
 
 
 def test_every_arm_label_is_unique():
-    labels = [label for label, _, _ in COMPRESSION_ARMS]
+    labels = [arm.label for arm in COMPRESSION_ARMS]
     assert len(labels) == len(set(labels))
+
+
+def test_the_shipped_100x_config_is_the_experiment_arm():
+    from qfl.config import load_config_file, resolve_config
+    from qfl.simulations.experiments import CLIENTS
+
+    shipped = resolve_config(load_config_file("simulations/configs/compression-100x.toml"))
+    (arm,) = [a for a in COMPRESSION_ARMS if a.label == "stc-3%+down-stc-3%"]
+    values = {"clients": CLIENTS, "alpha": 0.5, "rounds": 30, "codec": arm.codec, "seed": 0, "security": "none",
+              **{f"codec.{k}": v for k, v in arm.params.items()}, **arm.downlink}
+    assert resolve_config(values) == shipped

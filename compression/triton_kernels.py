@@ -1,0 +1,223 @@
+"""Fused Triton encoders for sign, qsgd and ternary: one kernel each, payloads byte-identical to the CPU codecs.
+
+``torch_kernels.py`` builds each payload from a chain of eager torch ops (its
+bit packing alone expands every bit into a byte). Here each encoder is one
+Triton kernel that reads x once from memory and writes the packed body:
+
+- :func:`encode_sign`: per block of 8·G coordinates, the G bytes of sign bits
+  (1 = x ≥ 0, little-endian bit order) and the block's Σ|x| (float32); the
+  scale is Σ|x|/d over the blocks' partial sums (a tiny second reduction).
+  Bits: byte-identical to :class:`~.quantizers.SignCodec`; the float32 scale
+  differs from its float64 sum by float32 rounding only.
+- :func:`encode_qsgd`: one program per bucket: the bucket's max |x| (m), then
+  for every output byte the 8 bits it holds, each recomputed from its
+  coordinate (index k = ⌊x·(s/2)/m + r + s/2 − 1/2⌋ clipped to [0, s],
+  s = 2^bits − 1, formed in float32 exactly as :class:`~.quantizers.QsgdCodec`
+  does, with its magic-number rounding), r the codec's own 16-bit uniforms:
+  SplitMix64 lane i//4 of the call's 64-bit ``key``, 16-bit cell i mod 4,
+  r = 1 + (j + 1/2)/2¹⁶ on [1, 2). A coordinate's k is recomputed for every
+  byte its bits reach (8/bits times for bits in {1, 2, 4, 8}; the bucket is
+  in cache). Byte-identical to ``QsgdCodec(bits, bucket, seed)`` whose first
+  key is ``key`` (:func:`first_key`), for finite inputs; needs
+  bucket·bits ≡ 0 (mod 8) so that each bucket owns whole bytes.
+- :func:`encode_ternary`: scale m = max |x| (a first reduction kernel), then
+  code 1 + sign(x)·b, b = [r < 1 + |x|/m] with the codec's 23-bit uniforms
+  (lane i//2 of the key's SplitMix64 stream, 32-bit half i mod 2), 2 bits
+  each. Byte-identical to :class:`~.quantizers.TernaryCodec` for finite
+  inputs with a normal (not subnormal) scale.
+
+Importing this module needs ``triton`` (``pip install triton``). On a machine
+without a GPU the kernels run under Triton's interpreter (set
+``TRITON_INTERPRET=1`` before the import), which is how the tests check the
+bytes on CPU torch; the speed figures need a CUDA device (``qfl bench codecs
+--device cuda``).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MAGIC = 1.5 * 2.0**23  # as quantizers._MAGIC: float32 sums in [2**23, 2**24) are integers
+_SIGN_BLOCK = 1024  # coordinates per program of the sign kernel (128 output bytes)
+_CHUNK = 1024  # coordinates per step of the qsgd bucket-max loop
+_OUT_CHUNK = 256  # output bytes per step of the packing loops
+
+
+def first_key(seed: int) -> int:
+    """The 64-bit noise key the CPU codecs (qsgd, ternary) built with ``seed`` draw at their first encode."""
+    return int(np.random.default_rng(seed).integers(0, 2**64, dtype=np.uint64))
+
+
+@triton.jit
+def _splitmix(key, lane):
+    """SplitMix64 output of ``lane`` (uint64 tensor) of the stream keyed by ``key``: mix(key + (lane + 1)·golden)."""
+    z = key + (lane + 1) * 0x9E3779B97F4A7C15
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    return z ^ (z >> 31)
+
+
+@triton.jit
+def _sign_kernel(x_ptr, bits_ptr, partial_ptr, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    x = tl.load(x_ptr + offs, mask=inside, other=0.0)
+    tl.store(partial_ptr + pid, tl.sum(tl.abs(x), axis=0))
+    bit = ((x >= 0.0) & inside).to(tl.int32)
+    weights = 1 << tl.arange(0, 8)
+    byte = tl.sum(tl.reshape(bit, (BLOCK // 8, 8)) * weights[None, :], axis=1)
+    out = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+    tl.store(bits_ptr + out, byte.to(tl.uint8), mask=out < (n + 7) // 8)
+
+
+def encode_sign(x: torch.Tensor) -> torch.Tensor:
+    """The sign payload body (float32 mean |x|, then the sign bits) as uint8 on ``x``'s device."""
+    flat = x.reshape(-1).contiguous().float()
+    n = flat.numel()
+    grid = max(1, triton.cdiv(n, _SIGN_BLOCK))
+    packed = torch.empty((n + 7) // 8, dtype=torch.uint8, device=flat.device)
+    partial = torch.empty(grid, dtype=torch.float32, device=flat.device)
+    _sign_kernel[(grid,)](flat, packed, partial, n, BLOCK=_SIGN_BLOCK)
+    scale = (partial.sum() / n if n else partial.new_zeros(())).reshape(1)
+    return torch.cat([scale.view(torch.uint8), packed])
+
+
+@triton.jit
+def _qsgd_index(x, i, m, a, key, S: tl.constexpr):
+    """QSGD's index of coordinate ``i`` (value ``x``) in a bucket of scale ``m`` (``a`` = (s/2)/m), as int32."""
+    m = tl.zeros(x.shape, tl.float32) + m  # the bucket's scalars as tensors of x's shape
+    a = tl.zeros(x.shape, tl.float32) + a
+    tiny = ((a != a) | (a == float("inf"))) & (m > 0.0) & (m < float("inf"))  # a not finite, m subnormal
+    a0 = tl.where((a == a) & (a < float("inf")), a, 0.0)
+    uv = tl.where(tiny, tl.math.div_rn(x, m) * (S / 2), x * a0)
+    lane = (i // 4).to(tl.uint64)
+    cell = (_splitmix(key, lane) >> ((i % 4).to(tl.uint64) * 16)).to(tl.uint32) & 0xFFFF
+    r = ((cell << 7) | 0x3F800040).to(tl.float32, bitcast=True)
+    u = (uv + r) + (1.5 * 2.0**23 + (S + 1) // 2 - 2)
+    pattern = u.to(tl.uint32, bitcast=True)
+    lowest = tl.full(pattern.shape, 0x4B400000, tl.uint32)  # the pattern of _MAGIC
+    pattern = tl.minimum(tl.maximum(pattern, lowest), lowest + S)
+    return (pattern - lowest).to(tl.int32)
+
+
+@triton.jit
+def _qsgd_kernel(x_ptr, scales_ptr, packed_ptr, n, bucket, key,
+                 BITS: tl.constexpr, CHUNK: tl.constexpr, OUT_CHUNK: tl.constexpr):
+    b = tl.program_id(0)
+    start = b * bucket
+    stop = tl.minimum(start + bucket, n)
+    m = tl.zeros((CHUNK,), tl.float32)
+    low = tl.full((CHUNK,), float("inf"), tl.float32)
+    for lo in range(start, stop, CHUNK):
+        offs = lo + tl.arange(0, CHUNK)
+        x = tl.load(x_ptr + offs, mask=offs < stop, other=float("inf"))
+        m = tl.maximum(m, tl.where(offs < stop, tl.abs(x), 0.0))
+        low = tl.minimum(low, x)
+    scale = tl.max(m, axis=0)
+    # an all-zero bucket: the CPU codec writes numpy's max(max x, −min x), i.e. −min x (−0.0 for +0s)
+    scale = tl.where(scale == 0.0, -tl.min(low, axis=0), scale)
+    tl.store(scales_ptr + b, scale)
+    S: tl.constexpr = (1 << BITS) - 1
+    a = tl.math.div_rn(tl.full((OUT_CHUNK,), S / 2, tl.float32), tl.zeros((OUT_CHUNK,), tl.float32) + scale)
+    first_byte = start * BITS // 8
+    last_byte = (stop * BITS + 7) // 8
+    for lo in range(first_byte, last_byte, OUT_CHUNK):
+        j = lo + tl.arange(0, OUT_CHUNK)
+        byte = tl.zeros((OUT_CHUNK,), tl.int32)
+        for t in tl.static_range(8):
+            p = j * 8 + t  # the bit's position in the stream
+            i = p // BITS
+            valid = (j < last_byte) & (i < stop)
+            x = tl.load(x_ptr + i, mask=valid, other=0.0)
+            k = _qsgd_index(x, i, scale, a, key, S)
+            byte = byte | tl.where(valid, ((k >> (p % BITS)) & 1) << t, 0)
+        tl.store(packed_ptr + j, byte.to(tl.uint8), mask=j < last_byte)
+
+
+def encode_qsgd(x: torch.Tensor, bits: int, bucket: int, key: int) -> torch.Tensor:
+    """The qsgd payload body (bits, bucket, float32 scale per bucket, packed indices) as uint8 on ``x``'s device.
+
+    ``key``: the call's 64-bit noise key (``first_key(seed)`` reproduces the
+    CPU codec built with ``seed``). Raises ValueError unless bits ∈ 1..8 and
+    bucket·bits is a multiple of 8.
+    """
+    if not 1 <= bits <= 8 or bucket < 1 or (bucket * bits) % 8:
+        raise ValueError(
+            f"the fused qsgd kernel needs bits in 1..8 and bucket·bits a multiple of 8 (got bits={bits}, "
+            f"bucket={bucket}); use a bucket such as 512, or torch_kernels.encode_qsgd"
+        )
+    flat = x.reshape(-1).contiguous().float()
+    n = flat.numel()
+    nb = -(-n // bucket)
+    scales = torch.empty(nb, dtype=torch.float32, device=flat.device)
+    packed = torch.empty((n * bits + 7) // 8, dtype=torch.uint8, device=flat.device)
+    if n:
+        _qsgd_kernel[(nb,)](flat, scales, packed, n, bucket, _as_u64(key),
+                            BITS=bits, CHUNK=_CHUNK, OUT_CHUNK=_OUT_CHUNK)
+    params = torch.tensor(list(struct.pack("<BI", bits, bucket)), dtype=torch.uint8, device=flat.device)
+    return torch.cat([params, scales.view(torch.uint8), packed])
+
+
+@triton.jit
+def _absmax_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + pid, tl.max(tl.abs(tl.load(x_ptr + offs, mask=offs < n, other=0.0)), axis=0))
+
+
+@triton.jit
+def _ternary_kernel(x_ptr, packed_ptr, n, scale, key, OUT_CHUNK: tl.constexpr):
+    j = tl.program_id(0) * OUT_CHUNK + tl.arange(0, OUT_CHUNK)
+    inv = tl.math.div_rn(tl.full((OUT_CHUNK,), 1.0, tl.float32), tl.zeros((OUT_CHUNK,), tl.float32) + scale)
+    byte = tl.zeros((OUT_CHUNK,), tl.int32)
+    for t in tl.static_range(4):
+        i = j * 4 + t
+        valid = i < n
+        x = tl.load(x_ptr + i, mask=valid, other=0.0)
+        p = tl.abs(x) * inv + 1.0
+        lane = (i // 2).to(tl.uint64)
+        half = (_splitmix(key, lane) >> ((i % 2).to(tl.uint64) * 32)).to(tl.uint32)  # truncates to the low 32 bits
+        r = ((half >> 9) | 0x3F800000).to(tl.float32, bitcast=True)
+        keep = (r < p).to(tl.int32)
+        code = (1 + keep) ^ ((keep & (x < 0.0).to(tl.int32)) << 1)
+        byte = byte | tl.where(valid, code << (2 * t), 0)
+    tl.store(packed_ptr + j, byte.to(tl.uint8), mask=j < (n + 3) // 4)
+
+
+def encode_ternary(x: torch.Tensor, key: int) -> torch.Tensor:
+    """The ternary payload body (float32 max |x|, then 2-bit codes) as uint8 on ``x``'s device.
+
+    All zero or non-finite tensors send code 1 (zero) everywhere, as the CPU codec.
+    """
+    _as_u64(key)
+    flat = x.reshape(-1).contiguous().float()
+    n = flat.numel()
+    packed = torch.full(((n + 3) // 4,), 0b01010101, dtype=torch.uint8, device=flat.device)
+    if n % 4:
+        packed[-1] = (1 << 2 * (n % 4)) - 1 & 0b01010101
+    if not n:
+        return torch.cat([flat.new_zeros(1).view(torch.uint8), packed])
+    grid = triton.cdiv(n, _SIGN_BLOCK)
+    partial = torch.empty(grid, dtype=torch.float32, device=flat.device)
+    _absmax_kernel[(grid,)](flat, partial, n, BLOCK=_SIGN_BLOCK)
+    scale = partial.max()
+    if float(scale) == 0.0:  # all zero: the CPU codec writes numpy's max(max x, −min x), i.e. −min x (−0.0 for +0s)
+        scale = -flat.min()
+    value = float(scale)  # the one host sync: the kernel takes the scale as an argument
+    if 0 < value < float("inf"):
+        _ternary_kernel[(triton.cdiv(packed.numel(), _OUT_CHUNK),)](flat, packed, n, value, _as_u64(key),
+                                                                      OUT_CHUNK=_OUT_CHUNK)
+    return torch.cat([scale.reshape(1).view(torch.uint8), packed])
+
+
+def _as_u64(key: int) -> int:
+    if not 0 <= key < 2**64:
+        raise ValueError(f"the noise key must be a 64-bit unsigned integer, got {key}")
+    return key

@@ -1,0 +1,91 @@
+"""The fused Triton encoders write the CPU codecs' exact bytes.
+
+Without a CUDA device the kernels run under Triton's interpreter
+(``TRITON_INTERPRET=1``, set before the module is imported), on CPU torch; on a
+GPU machine the same tests launch the compiled kernels on CUDA."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated, i.e. at import
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+if not torch.cuda.is_available():
+    triton.knobs.runtime.interpret = True  # in case triton was imported (and read the variable) before
+
+from qfl.compression import torch_kernels as tk  # noqa: E402
+from qfl.compression import triton_kernels as tt  # noqa: E402
+from qfl.compression.quantizers import QsgdCodec, SignCodec, TernaryCodec  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the interpreter evaluates (s/2)/m in numpy: an all-zero bucket divides by zero there, as the CPU codec does
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+
+
+def _x(n: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
+    x[: min(n, 4)] = [0.0, -0.0, 30.0, -7.5][: min(n, 4)]
+    return x
+
+
+def _payload(name: str, x: np.ndarray, body: torch.Tensor) -> bytes:
+    return tk.to_payload(name, torch.from_numpy(x), body)
+
+
+@pytest.mark.parametrize("n", [1, 13, 1000, 2051])
+def test_sign_bits_are_byte_identical_and_the_scale_close(n):
+    x = _x(n)
+    payload = _payload("sign", x, tt.encode_sign(torch.from_numpy(x).to(DEVICE)))
+    reference = SignCodec().encode(x)
+    assert len(payload) == len(reference) and payload[-((n + 7) // 8):] == reference[-((n + 7) // 8):]
+    assert np.isclose(SignCodec().decode(payload)[0], SignCodec().decode(reference)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits, bucket, n", [(4, 512, 1300), (1, 64, 700), (2, 4, 61), (3, 8, 120), (8, 7, 100),
+                                             (5, 16, 64)])
+def test_qsgd_payload_is_the_cpu_codecs_byte_for_byte(bits, bucket, n):
+    x = _x(n, seed=bits)
+    x[40:40 + bucket] = 0.0  # an all-zero bucket (scale 0)
+    seed = 11 + bits
+    body = tt.encode_qsgd(torch.from_numpy(x).to(DEVICE), bits, bucket, tt.first_key(seed))
+    assert _payload("qsgd", x, body) == QsgdCodec(bits, bucket, seed=seed).encode(x)
+
+
+def test_qsgd_refuses_buckets_that_do_not_own_whole_bytes():
+    with pytest.raises(ValueError):
+        tt.encode_qsgd(torch.zeros(10), 3, 100, 0)
+    with pytest.raises(ValueError):
+        tt.encode_qsgd(torch.zeros(10), 4, 512, -1)
+
+
+@pytest.mark.parametrize("n", [1, 6, 999])
+def test_ternary_payload_is_the_cpu_codecs_byte_for_byte(n):
+    x = _x(n, seed=n)
+    body = tt.encode_ternary(torch.from_numpy(x).to(DEVICE), tt.first_key(4))
+    reference = TernaryCodec(seed=4).encode(x)
+    assert body.cpu().numpy().tobytes() == reference[len(reference) - body.numel():]
+
+
+def test_ternary_of_zeros_sends_code_one_everywhere():
+    x = np.zeros(7, np.float32)
+    body = tt.encode_ternary(torch.from_numpy(x).to(DEVICE), 5).cpu().numpy().tobytes()
+    reference = TernaryCodec(seed=1).encode(x)
+    assert body == reference[-len(body):]
+
+
+def test_the_torch_ternary_decoder_reads_the_fused_payload():
+    x = _x(37, seed=2)
+    body = tt.encode_ternary(torch.from_numpy(x).to(DEVICE), tt.first_key(4))
+    expected = TernaryCodec(seed=4).decode(TernaryCodec(seed=4).encode(x))
+    assert np.array_equal(tk.decode_ternary(body, x.size).cpu().numpy(), expected)
+
+
+def test_the_cuda_bench_adds_the_fused_rows_only_where_they_can_run():
+    from qfl.benchmarks.codecs import _triton_encoders
+
+    assert (_triton_encoders() is not None) == torch.cuda.is_available()
