@@ -14,7 +14,8 @@ ValueError`` handlers still catch it. ``qfl`` on the command line prints a
     ├── ConfigError (ValueError)              qfl.config: an invalid configuration key or value
     ├── data (qfl.clients)
     │   ├── DatasetNotFound (FileNotFoundError)   a dataset's files are not where expected
-    │   └── PartitionError (ValueError)           an impossible split
+    │   ├── PartitionError (ValueError)           an impossible split
+    │   └── EdgeDataError (ValueError)            an edge daemon's --data source or its buffered stream (``reason``)
     ├── compression (qfl.compression)
     │   ├── CodecError (ValueError)               a payload that cannot be decoded
     │   └── PayloadError (ValueError)             an update record with missing/foreign/non-finite arrays
@@ -41,6 +42,7 @@ ValueError`` handlers still catch it. ``qfl`` on the command line prints a
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 __all__ = [
@@ -48,6 +50,8 @@ __all__ = [
     "CodecError",
     "ConfigError",
     "DatasetNotFound",
+    "EdgeDataError",
+    "EdgeDataReason",
     "KeyBudgetExceeded",
     "KeyExhausted",
     "KeyLayerError",
@@ -96,6 +100,23 @@ class DatasetNotFound(QflError, FileNotFoundError):
 
 class PartitionError(QflError, ValueError):
     """The requested split is impossible (more clients than samples, ...)."""
+
+
+class EdgeDataReason(str, Enum):
+    """Why an edge daemon's data cannot be used (:attr:`EdgeDataError.reason`)."""
+
+    NO_SUCH_SOURCE = "no-such-source"  # --data names a path that does not exist
+    NOT_A_SOURCE = "not-a-source"  # --data names a path that is neither a folder nor a named pipe
+    NOT_ENOUGH_AUDIO = "not-enough-audio"  # a round found less than one batch of windows buffered
+
+
+class EdgeDataError(QflError, ValueError):
+    """An edge daemon's ``--data`` source cannot be used, or its stream holds too little audio for a round;
+    ``reason`` is an :class:`EdgeDataReason`, the message names the fix."""
+
+    def __init__(self, message: str, reason: EdgeDataReason) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 # --------------------------------------------------------------------------- compression
