@@ -11,6 +11,7 @@ the same round is refused).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from pathlib import Path
@@ -50,7 +51,7 @@ def _tone(seconds: float, rate: int, channels: int, freq: float) -> np.ndarray:
 def _all_audio(spool: StreamSpool) -> np.ndarray:
     """Every sample the spool ingested (nothing consumed yet)."""
     total = spool.summary()["ingested_samples"]
-    return spool._read(0, total)
+    return from_pcm(spool._read(0, total))
 
 
 # --------------------------------------------------------------------------- the spool
@@ -92,7 +93,9 @@ def test_leases_commit_and_release_in_stream_order(tmp_path: Path) -> None:
     assert summary["consumed_samples"] == 8 * WINDOW and summary["buffered_s"] == pytest.approx(2 * WINDOW / SAMPLE_RATE)
     assert summary["open_lease"] is None and summary["rounds_committed"] == 2
     # consumed chunks are dropped; the buffered ones are whole
-    np.testing.assert_array_equal(spool._read(8 * WINDOW, 10 * WINDOW), expected[8 * WINDOW :])
+    np.testing.assert_array_equal(from_pcm(spool._read(8 * WINDOW, 10 * WINDOW)), expected[8 * WINDOW :])
+    pcm = to_pcm(audio)
+    assert committed_leases[1]["sha256"] == hashlib.sha256(pcm[8 * WINDOW : 16 * WINDOW]).hexdigest()
     spool.close()
 
 

@@ -15,7 +15,8 @@ ClientApp processes of its SuperNode (which train). It is one sequence of
   training round was committed); ``ingested − consumed`` is the buffered,
   un-uploaded work.
 - ``leases``: one row per round that took windows, ``[start, end)`` in
-  samples, ``open``, ``committed`` or ``released``: the ledger.
+  samples, ``open``, ``committed`` or ``released``, with the SHA-256 of its
+  PCM: the ledger.
 - ``records``: the ClientApp's per-node records that must survive a restart
   (error-feedback residuals, the secure-aggregation log, the device's mixture;
   see :mod:`qfl.clients.daemon`), written with the commit of the round that
@@ -41,6 +42,7 @@ SuperNode, and no window is ever trained on twice or skipped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -65,7 +67,7 @@ _SCHEMA = (
     "status TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS leases (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id INTEGER NOT NULL, "
     "round INTEGER NOT NULL, start INTEGER NOT NULL, end INTEGER NOT NULL, state TEXT NOT NULL, "
-    "opened_at REAL NOT NULL, closed_at REAL)",
+    "sha256 TEXT NOT NULL, opened_at REAL NOT NULL, closed_at REAL)",
     "CREATE TABLE IF NOT EXISTS records (name TEXT PRIMARY KEY, kind TEXT NOT NULL, blob BLOB NOT NULL)",
 )
 
@@ -201,30 +203,32 @@ class StreamSpool:
                         EdgeDataReason.NOT_ENOUGH_AUDIO,
                     )
                 row = (consumed, consumed + granted * window)
-                self._db.execute("INSERT INTO leases(run_id, round, start, end, state, opened_at) VALUES(?, ?, ?, ?, 'open', ?)",
-                                 (run_id, server_round, row[0], row[1], time.time()))
-            audio = self._read(row[0], row[1])
+                pcm = self._read(row[0], row[1])
+                self._db.execute("INSERT INTO leases(run_id, round, start, end, state, sha256, opened_at) "
+                                 "VALUES(?, ?, ?, ?, 'open', ?, ?)", (run_id, server_round, row[0], row[1],
+                                                                       hashlib.sha256(pcm).hexdigest(), time.time()))
+            else:
+                pcm = self._read(row[0], row[1])
             self._commit()
         except BaseException:
             self._rollback()
             raise
-        return Lease(run_id, server_round, row[0], row[1], window, audio)
+        return Lease(run_id, server_round, row[0], row[1], window, from_pcm(pcm))
 
-    def _read(self, start: int, end: int) -> np.ndarray:
-        out = np.empty(end - start, dtype=np.float32)
-        filled = start
+    def _read(self, start: int, end: int) -> bytes:
+        """The s16le PCM of samples ``[start, end)`` (all buffered)."""
+        parts, filled = [], start
         rows = self._db.execute("SELECT start, pcm FROM chunks WHERE start < ? AND start + length(pcm) / 2 > ? "
                                 "ORDER BY start", (end, start))
         for chunk_start, pcm in rows:
-            samples = from_pcm(pcm)
-            lo, hi = max(start, chunk_start), min(end, chunk_start + len(samples))
+            lo, hi = max(start, chunk_start), min(end, chunk_start + len(pcm) // 2)
             if lo != filled:
                 break
-            out[lo - start : hi - start] = samples[lo - chunk_start : hi - chunk_start]
+            parts.append(bytes(pcm[2 * (lo - chunk_start) : 2 * (hi - chunk_start)]))
             filled = hi
         if filled != end:
             raise RuntimeError(f"the stream lacks samples [{filled}, {end}) it counts as ingested (edge.db damaged?)")
-        return out
+        return b"".join(parts)
 
     def commit(self, run_id: int, server_round: int, records: dict[str, tuple[str, bytes]]) -> Lease | None:
         """The round's reply is made: its open lease (if any) becomes consumed and ``records`` (name → (kind,
@@ -287,9 +291,9 @@ class StreamSpool:
 
     def ledger(self, state: str | None = None) -> list[dict[str, Any]]:
         """The leases in the order they were opened (``state`` filters)."""
-        query = "SELECT run_id, round, start, end, state FROM leases"
+        query = "SELECT run_id, round, start, end, state, sha256 FROM leases"
         rows = self._db.execute(query + (" WHERE state = ?" if state else "") + " ORDER BY id", (state,) if state else ())
-        leases = [dict(zip(("run_id", "round", "start", "end", "state"), r)) for r in rows]
+        leases = [dict(zip(("run_id", "round", "start", "end", "state", "sha256"), r)) for r in rows]
         return [{**lease, "seconds": (lease["end"] - lease["start"]) / SAMPLE_RATE} for lease in leases]
 
     def summary(self) -> dict[str, Any]:
