@@ -19,6 +19,10 @@ afterwards:
 - the run completed all its rounds, client-0 took part again after the kill,
   and its error-feedback residuals are in its state.
 
+A second, lighter test kills a daemon in the middle of its stream (its
+buffer full, a file half read; no SuperLink needed) and checks that the
+restarted one reads exactly the rest.
+
 Every process is stopped by PID.
 """
 
@@ -54,13 +58,13 @@ EDGE = {"model": "streamsplit", "security": "none", "codec": "sign", "edge_block
 FILES = 4  # of 7 s: 28 s of audio, enough for every round of client-0 (24 s)
 
 
-def _write_files(folder: Path) -> list[Path]:
+def _write_files(folder: Path, count: int = FILES, seconds: float = 7.0) -> list[Path]:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(4)
     paths = []
-    for i in range(FILES):
+    for i in range(count):
         rate = 22050
-        t = np.arange(7 * rate) / rate
+        t = np.arange(int(seconds * rate)) / rate
         left = 0.2 * np.sin(2 * np.pi * (200 + 150 * i) * t) + 0.02 * rng.standard_normal(len(t))
         path = folder / f"clip-{i}.wav"
         soundfile.write(path, np.stack([left, 0.5 * left], axis=1).astype(np.float32), rate)
@@ -190,3 +194,71 @@ def test_the_generated_stream_is_consumed_in_order_too(resumed) -> None:
         waves, _ = SyntheticStream(seed=0).windows(1, 2, 0, made)
         committed = _check_ledger(spool, to_pcm(waves.reshape(-1)))
     assert [lease["round"] for lease in committed] == list(range(1, ROUNDS + 1))
+
+
+def _edge_run(state: Path, data: Path, buffer_s: float) -> subprocess.Popen:
+    """`qfl edge run` toward a SuperLink that is not there (its SuperNode keeps retrying): the ingest alone."""
+    return subprocess.Popen([*QFL, "edge", "run", "--superlink", "127.0.0.1:1", "--insecure", "--state", str(state),
+                             "--data", str(data), "--buffer", str(buffer_s), "--flower-retries", "1",
+                             "--backoff-base", "0.5", "--backoff-cap", "2"],
+                            cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _wait_for(what: str, ready, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not ready():
+        assert proc.poll() is None, f"the daemon exited with {proc.returncode} while waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _stream(state: Path) -> tuple[int, dict, int]:
+    """(samples ingested, source position, files done) of a daemon's state; zeros before it has one."""
+    if not (state / "edge.db").is_file():
+        return 0, {}, 0
+    with StreamSpool(state) as spool:
+        return spool.summary()["ingested_samples"], spool.position(), len(spool.done_files())
+
+
+def _stop_all(daemon: subprocess.Popen, markers: list[str]) -> list[int]:
+    """SIGTERM the daemon (it drains its SuperNode); SIGKILL, by PID, whatever any of its daemons left."""
+    if daemon.poll() is None:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+    left: list[int] = []
+    for _ in range(50):
+        left = [p for marker in markers for p in marked_processes(marker) if is_running(p)]
+        if not left:
+            break
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    return left
+
+
+def test_a_daemon_killed_mid_stream_reads_on_without_rereading_or_skipping(tmp_path: Path) -> None:
+    """kill -9 a daemon while its folder holds more audio than it has read (its buffer is full, the current file
+    half read); restarted with a larger buffer, it reads exactly the rest: the stream is the files' samples."""
+    files = _write_files(tmp_path / "audio", count=2, seconds=25.0)  # read in 10 s chunks
+    expected = to_pcm(np.concatenate([read_audio(path) for path in files]))
+    state = tmp_path / "state"
+    markers: list[str] = []
+    daemon = _edge_run(state, tmp_path / "audio", buffer_s=15.0)
+    try:
+        _wait_for("15 s of audio read", lambda: _stream(state)[0] >= 15 * SAMPLE_RATE, daemon)
+        markers.append(read_status(state)["marker"])
+        os.kill(daemon.pid, signal.SIGKILL)
+        daemon.wait(timeout=30)
+        ingested, position, _ = _stream(state)
+        assert not position["done"] and position["offset"] > 0  # killed in the middle of a file
+        assert ingested < len(expected) // 2
+        daemon = _edge_run(state, tmp_path / "audio", buffer_s=60.0)  # it stops the SuperNode the killed one left
+        _wait_for("every file read", lambda: _stream(state)[2] == len(files), daemon)
+        markers.append(read_status(state)["marker"])
+        with StreamSpool(state) as spool:
+            assert spool.summary()["ingested_samples"] == len(expected) // 2
+            assert spool._read(0, len(expected) // 2) == expected  # no sample read twice, none skipped
+    finally:
+        left = _stop_all(daemon, markers)
+    assert daemon.returncode == 0 and not left

@@ -10,7 +10,8 @@ SOURCE is one of:
   are taken oldest first (modification time, then name), once unchanged for
   ``settle_s`` (write a file elsewhere and ``mv`` it in to be safe), each
   appended whole (its last part is not padded: the stream is continuous
-  across files). Position: the current file and the samples of it appended
+  across files; a file is decoded whole in memory, so cut long recordings
+  into files of minutes). Position: the current file and the samples of it appended
   (a file is appended in 10 s chunks, each committed with its offset); a done
   file is recorded by name and never read again. An unreadable file is
   recorded as ``unreadable`` and skipped, with a log line.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import sqlite3
 import stat
 import sys
 import threading
@@ -180,6 +182,7 @@ class PipeSource:
         self.path = path
         self.ended = False
         self._fd: int | None = None
+        self._pending = b""  # read, not yet committed
 
     def _open(self) -> int | None:
         if self._fd is None:
@@ -190,27 +193,29 @@ class PipeSource:
         return self._fd
 
     def step(self, spool: StreamSpool) -> bool:
-        fd = self._open()
-        if fd is None or not select.select([fd], [], [], 0.2)[0]:
-            return False
-        try:
-            data = os.read(fd, PIPE_READ)
-        except BlockingIOError:
-            return False
-        if not data:  # every writer closed the pipe
-            if self.path is None:
-                self.ended = True
-            else:
-                os.close(fd)
-                self._fd = None
-                time.sleep(0.2)  # with no writer a FIFO reads as end-of-file at once; poll gently
-            return False
+        if not self._pending:  # a read whose commit failed is committed first, never read over
+            fd = self._open()
+            if fd is None or not select.select([fd], [], [], 0.2)[0]:
+                return False
+            try:
+                self._pending = os.read(fd, PIPE_READ)
+            except BlockingIOError:
+                return False
+            if not self._pending:  # every writer closed the pipe
+                if self.path is None:
+                    self.ended = True
+                else:
+                    os.close(fd)
+                    self._fd = None
+                    time.sleep(0.2)  # with no writer a FIFO reads as end-of-file at once; poll gently
+                return False
         position = spool.position()
         carried = bytes.fromhex(position.get("carry", ""))
-        data = carried + data
+        data = carried + self._pending
         whole = len(data) - len(data) % 2
-        read = int(position.get("bytes", 0)) + len(data) - len(carried)
+        read = int(position.get("bytes", 0)) + len(self._pending)
         spool.append(data[:whole], {"kind": "pipe" if self.path else "stdin", "bytes": read, "carry": data[whole:].hex()})
+        self._pending = b""
         return True
 
     def close(self) -> None:
@@ -234,10 +239,14 @@ class Ingest:
     def _run(self) -> None:
         try:
             while not self._stop.is_set() and not self.source.ended:
-                if self.spool.buffered() >= self.buffer_s * SAMPLE_RATE:
-                    self._stop.wait(0.5)
-                elif not self.source.step(self.spool):
-                    self._stop.wait(0.5)
+                try:
+                    if self.spool.buffered() >= self.buffer_s * SAMPLE_RATE:
+                        self._stop.wait(0.5)
+                    elif not self.source.step(self.spool):
+                        self._stop.wait(0.5)
+                except sqlite3.OperationalError as err:  # the file busy past its timeout: nothing committed, retry
+                    self.log.warning("ingest retrying", extra={"fields": {"error": str(err)}})
+                    self._stop.wait(1.0)
             if self.source.ended:
                 self.log.info("stream ended", extra={"fields": self.spool.summary()["source"]})
         except Exception as err:  # noqa: BLE001 -- logged; the daemon keeps training on what is buffered
