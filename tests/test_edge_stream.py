@@ -189,6 +189,24 @@ def test_pipe_source_keeps_odd_bytes_and_reopens_for_a_new_writer(tmp_path: Path
     spool.close()
 
 
+def test_stdin_source_reads_until_its_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    read_end, write_end = os.pipe()
+    monkeypatch.setattr("sys.stdin", os.fdopen(read_end, "rb"))
+    pcm = to_pcm(np.linspace(-0.5, 0.5, 30_000, dtype=np.float32))
+    os.write(write_end, pcm[:-1])  # an odd byte count first
+    os.write(write_end, pcm[-1:])
+    os.close(write_end)
+    spool = StreamSpool(tmp_path)
+    source = PipeSource(None)
+    for _ in range(100):
+        if source.ended:
+            break
+        source.step(spool)
+    assert source.ended and spool.position() == {"kind": "stdin", "bytes": len(pcm), "carry": ""}
+    np.testing.assert_array_equal(_all_audio(spool), from_pcm(pcm))
+    spool.close()
+
+
 # --------------------------------------------------------------------------- the ClientApp side
 
 
