@@ -37,7 +37,8 @@ node's TLS root, authentication key and node config, and watches it:
   (``codec-state``), the secure-aggregation log and plan (``secagg-log``:
   after a restart a node still uploads at most once and answers at most one
   unmask request per round), and the device's mixture after its last round
-  (``edge-mixture``). The round's pair keys (``secagg-keys``) are key
+  (``edge-mixture``: what its last upload carried, kept for inspection; each
+  round trains from the mixture the server synced down with the model). The round's pair keys (``secagg-keys``) are key
   material and are never written: a restart in the middle of a masked round
   forfeits that round's answer.
 - **Logs.** One JSON object a line, ``STATE/edge.log``, rotated at
