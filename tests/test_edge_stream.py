@@ -40,6 +40,7 @@ from qfl.clients.edge.stream import SyntheticStream
 from qfl.errors import EdgeDataError, EdgeDataReason
 
 WINDOW = 1600  # 0.1 s windows keep the spool tests small
+RUN = 2**64 - 5  # Flower's run IDs are unsigned 64-bit
 
 
 def _tone(seconds: float, rate: int, channels: int, freq: float) -> np.ndarray:
@@ -64,31 +65,32 @@ def test_leases_commit_and_release_in_stream_order(tmp_path: Path) -> None:
         spool.append(to_pcm(part), {"kind": "test"})
     expected = from_pcm(to_pcm(audio))
 
-    first = spool.lease(run_id=5, server_round=1, window=WINDOW, windows=4, multiple=2)
+    first = spool.lease(run_id=RUN, server_round=1, window=WINDOW, windows=4, multiple=2)
     assert (first.start, first.end, first.first_window) == (0, 4 * WINDOW, 0)
     np.testing.assert_array_equal(first.audio, expected[: 4 * WINDOW])
-    again = spool.lease(run_id=5, server_round=1, window=WINDOW, windows=4, multiple=2)  # the same message twice
+    again = spool.lease(run_id=RUN, server_round=1, window=WINDOW, windows=4, multiple=2)  # the same message twice
     assert (again.start, again.end) == (first.start, first.end)
     assert spool.release() == 1  # a kill before the reply: the windows are buffered again, first in line
-    retry = spool.lease(run_id=5, server_round=2, window=WINDOW, windows=4, multiple=2)
+    retry = spool.lease(run_id=RUN, server_round=2, window=WINDOW, windows=4, multiple=2)
     assert (retry.start, retry.end) == (0, 4 * WINDOW)
-    committed = spool.commit(5, 2, {"codec-state": ("array", b"x")})
+    committed = spool.commit(RUN, 2, {"codec-state": ("array", b"x")})
     assert committed is not None and committed.end == 4 * WINDOW
     assert spool.records() == {"codec-state": ("array", b"x")}
 
     # an open lease of a round the server has left behind is released by the next round's lease
-    spool.lease(run_id=5, server_round=3, window=WINDOW, windows=4, multiple=2)
-    later = spool.lease(run_id=5, server_round=4, window=WINDOW, windows=5, multiple=2)
+    spool.lease(run_id=RUN, server_round=3, window=WINDOW, windows=4, multiple=2)
+    later = spool.lease(run_id=RUN, server_round=4, window=WINDOW, windows=5, multiple=2)
     assert (later.start, later.end) == (4 * WINDOW, 8 * WINDOW)  # 4 of 5: a multiple of the batch
     np.testing.assert_array_equal(later.audio, expected[4 * WINDOW : 8 * WINDOW])
-    spool.commit(5, 4, {})
+    spool.commit(RUN, 4, {})
     with pytest.raises(EdgeDataError) as err:  # 2 windows left, fewer than one batch of 3
-        spool.lease(run_id=5, server_round=5, window=WINDOW, windows=4, multiple=3)
+        spool.lease(run_id=RUN, server_round=5, window=WINDOW, windows=4, multiple=3)
     assert err.value.reason is EdgeDataReason.NOT_ENOUGH_AUDIO
 
     committed_leases = spool.ledger("committed")
     assert [(c["round"], c["start"], c["end"]) for c in committed_leases] == [(2, 0, 4 * WINDOW), (4, 4 * WINDOW, 8 * WINDOW)]
     assert [c["round"] for c in spool.ledger("released")] == [1, 3]
+    assert {c["run_id"] for c in spool.ledger()} == {RUN}
     summary = spool.summary()
     assert summary["consumed_samples"] == 8 * WINDOW and summary["buffered_s"] == pytest.approx(2 * WINDOW / SAMPLE_RATE)
     assert summary["open_lease"] is None and summary["rounds_committed"] == 2
@@ -222,7 +224,7 @@ def test_records_round_trip() -> None:
 
 
 def _context(state_dir: Path, node_id: int = 7) -> Context:
-    return Context(run_id=11, node_id=node_id, node_config={STATE_KEY: str(state_dir), "partition-id": 0,
+    return Context(run_id=RUN, node_id=node_id, node_config={STATE_KEY: str(state_dir), "partition-id": 0,
                                                             "num-partitions": 1}, state=RecordDict(), run_config={})
 
 
@@ -299,7 +301,7 @@ def test_a_daemon_node_trains_streamsplit_on_its_own_stream(tmp_path: Path, task
     assert not reply.has_error(), reply.error.reason
     assert reply.content.metric_records["metrics"]["num-examples"] == 16
     status = read_status(tmp_path)
-    assert status["last_lease"] == {"run_id": 11, "round": 1, "start": 0, "end": 16 * SAMPLE_RATE}
+    assert status["last_lease"] == {"run_id": RUN, "round": 1, "start": 0, "end": 16 * SAMPLE_RATE}
     assert status["stream"]["consumed_samples"] == 16 * SAMPLE_RATE
     assert {"codec-state", MIXTURE_STATE} <= set(status["stream"]["records"])
     with StreamSpool(tmp_path) as spool:

@@ -16,7 +16,8 @@ ClientApp processes of its SuperNode (which train). It is one sequence of
   un-uploaded work.
 - ``leases``: one row per round that took windows, ``[start, end)`` in
   samples, ``open``, ``committed`` or ``released``, with the SHA-256 of its
-  PCM: the ledger.
+  PCM: the ledger. Run IDs are kept as text (Flower's are unsigned 64-bit,
+  beyond SQLite's integers).
 - ``records``: the ClientApp's per-node records that must survive a restart
   (error-feedback residuals, the secure-aggregation log, the device's mixture;
   see :mod:`qfl.clients.daemon`), written with the commit of the round that
@@ -65,7 +66,7 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS stream (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, samples INTEGER, "
     "status TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS leases (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id INTEGER NOT NULL, "
+    "CREATE TABLE IF NOT EXISTS leases (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, "
     "round INTEGER NOT NULL, start INTEGER NOT NULL, end INTEGER NOT NULL, state TEXT NOT NULL, "
     "sha256 TEXT NOT NULL, opened_at REAL NOT NULL, closed_at REAL)",
     "CREATE TABLE IF NOT EXISTS records (name TEXT PRIMARY KEY, kind TEXT NOT NULL, blob BLOB NOT NULL)",
@@ -190,7 +191,7 @@ class StreamSpool:
         self._begin()
         try:
             row = self._db.execute("SELECT start, end FROM leases WHERE run_id = ? AND round = ? AND state = 'open'",
-                                   (run_id, server_round)).fetchone()
+                                   (str(run_id), server_round)).fetchone()
             if row is None or (row[1] - row[0]) % window:
                 self._release_open()
                 consumed, ingested = int(self._get("consumed", 0)), int(self._get("ingested", 0))
@@ -205,7 +206,7 @@ class StreamSpool:
                 row = (consumed, consumed + granted * window)
                 pcm = self._read(row[0], row[1])
                 self._db.execute("INSERT INTO leases(run_id, round, start, end, state, sha256, opened_at) "
-                                 "VALUES(?, ?, ?, ?, 'open', ?, ?)", (run_id, server_round, row[0], row[1],
+                                 "VALUES(?, ?, ?, ?, 'open', ?, ?)", (str(run_id), server_round, row[0], row[1],
                                                                        hashlib.sha256(pcm).hexdigest(), time.time()))
             else:
                 pcm = self._read(row[0], row[1])
@@ -236,12 +237,12 @@ class StreamSpool:
         self._begin()
         try:
             row = self._db.execute("SELECT start, end FROM leases WHERE run_id = ? AND round = ? AND state = 'open'",
-                                   (run_id, server_round)).fetchone()
+                                   (str(run_id), server_round)).fetchone()
             if row is not None:
                 if row[0] != int(self._get("consumed", 0)):
                     raise RuntimeError(f"lease [{row[0]}, {row[1]}) does not start at the consumed position")
                 self._db.execute("UPDATE leases SET state = 'committed', closed_at = ? WHERE run_id = ? AND round = ? "
-                                 "AND state = 'open'", (time.time(), run_id, server_round))
+                                 "AND state = 'open'", (time.time(), str(run_id), server_round))
                 self._set("consumed", row[1])
                 self._db.execute("DELETE FROM chunks WHERE start + length(pcm) / 2 <= ?", (row[1],))
             self._save_records(records)
@@ -293,7 +294,7 @@ class StreamSpool:
         """The leases in the order they were opened (``state`` filters)."""
         query = "SELECT run_id, round, start, end, state, sha256 FROM leases"
         rows = self._db.execute(query + (" WHERE state = ?" if state else "") + " ORDER BY id", (state,) if state else ())
-        leases = [dict(zip(("run_id", "round", "start", "end", "state", "sha256"), r)) for r in rows]
+        leases = [dict(zip(("run_id", "round", "start", "end", "state", "sha256"), (int(r[0]), *r[1:]))) for r in rows]
         return [{**lease, "seconds": (lease["end"] - lease["start"]) / SAMPLE_RATE} for lease in leases]
 
     def summary(self) -> dict[str, Any]:
