@@ -316,7 +316,9 @@ def edge_state_mod(msg: Message, context: Context, call_next: ClientAppCallable)
     Before the message: the :data:`PERSISTED_RECORDS` the spool holds are restored into a ``context.state``
     that lacks them. After it (before Flower sends the reply), in one transaction: a train reply commits
     the round's lease of stream windows (they are consumed) with the records; an error reply, or a handler
-    that raised, releases it (the windows are buffered again); other messages store the records.
+    that raised, releases it (the windows are buffered again); other messages store the records. A train
+    reply whose commit fails is replaced by an error reply: windows not recorded as consumed must not be
+    uploaded, or they would be trained on again.
     Fields of the state table: ``last_round`` / ``last_message`` / ``last_message_at``, ``last_lease``
     (the committed windows), and on an error reply ``last_sit_out`` (round and reason: the client sat the
     round out, e.g. its KMS was unreachable or the stream held too little audio).
@@ -338,7 +340,13 @@ def edge_state_mod(msg: Message, context: Context, call_next: ClientAppCallable)
                             reply_to=msg)
         records = _persisted(context)
         if msg.metadata.message_type == MessageType.TRAIN and not reply.has_error():
-            lease = spool.commit(context.run_id, server_round, records)
+            try:
+                lease = spool.commit(context.run_id, server_round, records)
+            except sqlite3.Error as err:  # not recorded as consumed: not sent either (it would be trained on twice)
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                      reason=f"the round's windows could not be committed ({err}); reply withheld"),
+                                reply_to=msg)
+                lease = None
             if lease is not None:
                 fields["last_lease"] = {"run_id": lease.run_id, "round": lease.round, "start": lease.start,
                                         "end": lease.end}

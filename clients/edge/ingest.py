@@ -225,8 +225,8 @@ class PipeSource:
 
 
 class Ingest:
-    """The daemon's ingest thread: steps ``source`` into the spool until stopped, pausing while ``buffer_s``
-    seconds wait to be trained on."""
+    """The daemon's ingest thread: steps ``source`` into ``spool`` (which it owns and closes) until stopped,
+    pausing while ``buffer_s`` seconds wait to be trained on."""
 
     def __init__(self, spool: StreamSpool, source: Source, buffer_s: float, log: logging.Logger) -> None:
         self.spool, self.source, self.buffer_s, self.log = spool, source, buffer_s, log
@@ -253,6 +253,7 @@ class Ingest:
             self.log.error("ingest stopped", extra={"fields": {"error": f"{type(err).__name__}: {err}"}})
         finally:
             self.source.close()
+            self.spool.close()
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
