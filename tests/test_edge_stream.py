@@ -275,6 +275,29 @@ def test_state_mod_commits_a_round_with_its_records_and_releases_a_failed_one(tm
     np.testing.assert_array_equal(seen["codec-state"]["w/residual"].numpy(), np.full(3, 2.0, np.float32))
 
 
+def test_a_reply_whose_windows_cannot_be_committed_is_withheld(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             task_identity) -> None:
+    import sqlite3
+
+    with StreamSpool(tmp_path) as spool:
+        spool.append(to_pcm(np.zeros(4 * WINDOW, np.float32)), {"kind": "test"})
+
+    def trains(msg: Message, context: Context) -> Message:
+        with StreamSpool(tmp_path) as spool:
+            spool.lease(context.run_id, 1, WINDOW, 4)
+        return Message(RecordDict({"update": ArrayRecord()}), reply_to=msg)
+
+    def locked(*args: object) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(StreamSpool, "commit", locked)
+    reply = edge_state_mod(_train_msg(1), _context(tmp_path), trains)
+    assert reply.has_error()  # the update is not sent
+    monkeypatch.undo()
+    with StreamSpool(tmp_path) as spool:
+        assert spool.summary()["consumed_samples"] == 0 and spool.summary()["open_lease"]["round"] == 1
+
+
 EDGE_RUN = {"model": "streamsplit", "security": "none", "codec": "sign", "edge_blocks": 4, "edge_windows": 16,
             "edge_batch": 8, "edge_split": "static", "edge_components": 8, "edge_virtual_negatives": 16,
             "edge_probe_windows": 20, "clients": 1}
