@@ -32,7 +32,7 @@ test: $(STAMP) lint
 
 # The loopback deployments alone (SuperLink, KMS and edge daemons as processes; also part of `make test`).
 test-deploy: $(STAMP)
-	$(BIN)/python -m pytest -q -m deployment tests/test_edge_daemon.py tests/test_deploy_faults.py
+	$(BIN)/python -m pytest -q -m deployment tests/test_edge_daemon.py tests/test_deploy_faults.py tests/test_edge_resume.py
 
 # Slower work, kept out of `make test`.
 # 10^5 hostile payloads against every decoder; exits 1 on any crash, hang or oversize allocation.

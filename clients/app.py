@@ -12,6 +12,12 @@ per-tensor state between the rounds a client trains: in files under the run's
 ``client_state_dir`` (simulations) or an edge daemon's state directory, else in
 the node's ``context.state`` (see :mod:`qfl.clients.state`).
 
+On an edge daemon's node (node config ``qfl-state``, set by ``qfl edge run``) a
+``streamsplit`` round trains on the daemon's own stream (``--data``) instead:
+the next windows not yet consumed (:mod:`qfl.clients.edge.spool`), and the
+per-node records that must outlive the SuperNode are kept in the daemon's
+state (:func:`qfl.clients.daemon.edge_state_mod`).
+
 The node's ``partition-id`` and ``num-partitions`` come from its node config:
 the simulation engine sets them; on the deployment engine pass them with
 ``flower-supernode --node-config "partition-id=0 num-partitions=2"``.
@@ -40,9 +46,9 @@ from qfl.records import as_int
 from qfl.seeds import round_seed, task_seed
 
 from . import secure
-from .daemon import edge_state_mod
+from .daemon import MIXTURE_STATE, edge_state_mod, node_spool
 from .state import CodecStates, load_in_memory, save_in_memory, state_files
-from .tasks import task_for
+from .tasks import ClientTask, task_for
 
 REPLICA, REPLICA_VERSION = "downlink-replica", "downlink-version"
 
@@ -99,13 +105,36 @@ def save_codec_state(context: Context, cfg: RunConfig, partition_id: int, server
         files.save(server_round, states)
 
 
+def _local_update(
+    task: ClientTask, msg: Message, context: Context, cfg: RunConfig, partition_id: int, num_partitions: int,
+    server_round: int,
+) -> tuple[dict[str, np.ndarray], int, float]:
+    """The task's local update. On an edge daemon's node (``qfl edge run``) a StreamSplit round trains on the
+    next windows of the daemon's stream, leased to this round (committed or released by ``edge_state_mod``
+    once the reply is made), and the device's mixture afterwards goes into ``context.state``."""
+    from .edge.task import EdgeTask
+
+    weights = _global_weights(msg, cfg, context)
+    spool = node_spool(context) if isinstance(task, EdgeTask) else None
+    if spool is None:
+        return task.local_update(weights, partition_id, num_partitions, server_round)
+    assert isinstance(task, EdgeTask)
+    try:
+        lease = spool.lease(context.run_id, server_round, task.window, cfg.edge_windows, multiple=cfg.edge_batch)
+    finally:
+        spool.close()
+    result = task.train_on(weights, lease.windows(), partition_id, server_round, lease.first_window)
+    context.state[MIXTURE_STATE] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in task.last_mixture.items()})
+    return result
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     cfg, server_round = _run_config(msg.content.config_records["config"])
     partition_id, num_partitions = _partition(context)
     task = task_for(cfg)
-    delta, num_examples, loss = task.local_update(_global_weights(msg, cfg, context), partition_id, num_partitions, server_round)
+    delta, num_examples, loss = _local_update(task, msg, context, cfg, partition_id, num_partitions, server_round)
     metrics = MetricRecord({"num-examples": num_examples, "train-loss": loss, "partition-id": partition_id,
                             **task.round_metrics()})
     if secure.wants_raw_delta(msg):  # a masked mode: secagg_mod masks Δ; it never leaves the node

@@ -19,6 +19,28 @@ node's TLS root, authentication key and node config, and watches it:
   round and message, last sit-out reason, key handles (SAE ID, KMS URL,
   fingerprints of the certificates; never key material). ``qfl edge status``
   reads it.
+- **Data.** ``--data SOURCE`` (:mod:`qfl.clients.edge.ingest`: the generated
+  stream, a watched folder of audio files, a named pipe or stdin of 16 kHz
+  s16le PCM) is read by the daemon's ingest thread into the stream of the
+  same file (:mod:`qfl.clients.edge.spool`): every chunk of samples is
+  committed with the source position after it. The SuperNode's ClientApp
+  finds the file through the node config (``qfl-state``) and trains a
+  StreamSplit round on the next windows not yet consumed; a window is consumed
+  when the reply of the round that trained on it is made (the spool's module
+  docstring states the rule). Before its SuperNode starts, the daemon releases
+  the leases of rounds a killed ClientApp never answered.
+- **ClientApp records.** Flower's per-node ``context.state`` lives in the
+  SuperNode's memory and dies with it. On a daemon's node
+  :func:`edge_state_mod` restores the records listed in
+  :data:`PERSISTED_RECORDS` from the spool before each message and stores them
+  after it, with the round's commit: error-feedback residuals
+  (``codec-state``), the secure-aggregation log and plan (``secagg-log``:
+  after a restart a node still uploads at most once and answers at most one
+  unmask request per round), and the device's mixture after its last round
+  (``edge-mixture``: what its last upload carried, kept for inspection; each
+  round trains from the mixture the server synced down with the model). The round's pair keys (``secagg-keys``) are key
+  material and are never written: a restart in the middle of a masked round
+  forfeits that round's answer.
 - **Logs.** One JSON object a line, ``STATE/edge.log``, rotated at
   ``log_bytes`` with ``log_backups`` old files: the daemon's events and every
   line the SuperNode prints (``event: supernode``).
@@ -30,7 +52,9 @@ node's TLS root, authentication key and node config, and watches it:
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
 import logging
 import logging.handlers
@@ -49,12 +73,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
 
 from qfl.records import as_int
 
-STATE_DB = "edge.db"
+from .edge.ingest import GENERATED, Ingest, describe, open_source
+from .edge.spool import STATE_DB, StreamSpool
+
 LOG_FILE = "edge.log"
 NODE_KEY = "node.key"
 CA_FILE = "ca.pem"
@@ -62,6 +90,11 @@ CA_FILE = "ca.pem"
 STATE_KEY = "qfl-state"  # the daemon's state directory: edge_state_mod records rounds there
 KMS_URL_KEY = "kms-url"  # this node's KMS address; overrides the run's kms_url
 KMS_CERTS_KEY = "kms-certs"  # this node's KMS credentials (ca.pem, <sae>.pem/.key); overrides kms_certs
+DATA_KEY = "qfl-data"  # the kind of the daemon's --data (informative; the ClientApp reads the stream of qfl-state)
+# context.state records a daemon's node keeps in its spool across SuperNode restarts (the names of
+# qfl.clients.app.CODEC_STATE, qfl.clients.secure.LOG_STATE / PLAN_STATE and MIXTURE_STATE)
+MIXTURE_STATE = "edge-mixture"
+PERSISTED_RECORDS = ("codec-state", "secagg-log", "secagg-plan", MIXTURE_STATE)
 EXIT_ACTIVATION_REFUSED = 305  # flower-supernode: "Failed to activate SuperNode" (key not registered, or node still online)
 
 # What Flower's SuperNode prints, and what the daemon makes of it.
@@ -94,8 +127,15 @@ class EdgeConfig:
     drain_s: float = 6.0  # SIGTERM to SIGKILL; with 1 s for stragglers and 2 s after SIGKILL, under 10 s
     log_bytes: int = 1 << 20
     log_backups: int = 5
+    data: str = GENERATED  # --data: "generated", a folder, a named pipe, or "-" (stdin); see qfl.clients.edge.ingest
+    buffer_s: float = 300.0  # ingest pauses while this many seconds of audio wait to be trained on
+    seed: int = 0  # the generated stream's seed
+    settle_s: float = 1.0  # a folder's new file is read once unchanged this long
 
     def __post_init__(self) -> None:
+        describe(self.data)  # EdgeDataError (a ValueError) for a --data that names no source
+        if self.buffer_s <= 0:
+            raise ValueError(f"--buffer must be positive seconds of audio, got {self.buffer_s}")
         if not 0 <= self.partition_id < self.num_partitions:
             raise ValueError(f"partition id {self.partition_id} is not in [0, {self.num_partitions})")
         if self.certs is None and not self.insecure:
@@ -164,7 +204,8 @@ class EdgeState:
 
 
 def read_status(state_dir: str | os.PathLike) -> dict[str, Any]:
-    """What ``qfl edge status`` prints: the state table, and whether the daemon's PID is alive."""
+    """What ``qfl edge status`` prints: the state table, the stream (``stream``: position, buffered and
+    consumed seconds, rounds committed, the open lease), and whether the daemon's PID is alive."""
     path = Path(state_dir) / STATE_DB
     if not path.is_file():
         raise FileNotFoundError(f"{state_dir} holds no {STATE_DB}; pass the --state DIR of `qfl edge run`")
@@ -173,6 +214,8 @@ def read_status(state_dir: str | os.PathLike) -> dict[str, Any]:
         status = state.read()
     finally:
         state.close()
+    with StreamSpool(state_dir) as spool:
+        status["stream"] = spool.summary()
     pid = status.get("daemon_pid")
     status["daemon_alive"] = isinstance(pid, int) and _alive(pid) and status.get("connection") != "stopped"
     return status
@@ -212,34 +255,119 @@ def _fingerprint(path: Path) -> str:
 # --------------------------------------------------------------------------- the ClientApp side
 
 
-def edge_state_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """A Flower mod: on a daemon's node (node config ``qfl-state``), record each message it answers.
+def dump_record(record: ArrayRecord | ConfigRecord) -> tuple[str, bytes]:
+    """A ``context.state`` record as (kind, bytes) for the spool: arrays as ``.npz``, config values as JSON
+    (bytes values base64-tagged)."""
+    if isinstance(record, ArrayRecord):
+        buffer = io.BytesIO()
+        arrays: dict[str, Any] = {name: array.numpy() for name, array in record.items()}
+        np.savez(buffer, **arrays)
+        return "array", buffer.getvalue()
 
-    Fields: ``last_round`` / ``last_message`` / ``last_message_at``, and on an
-    error reply ``last_sit_out`` (round and reason: the client sat the round out,
-    e.g. its KMS was unreachable). Elsewhere (simulations) it only passes the
-    message on.
-    """
-    reply = call_next(msg, context)
+    def encode(value: Any) -> Any:
+        if isinstance(value, bytes):
+            return {"b64": base64.b64encode(value).decode()}
+        return [encode(v) for v in value] if isinstance(value, list) else value
+
+    return "config", json.dumps({k: encode(v) for k, v in record.items()}).encode()
+
+
+def load_record(kind: str, blob: bytes) -> ArrayRecord | ConfigRecord:
+    """The inverse of :func:`dump_record`."""
+    if kind == "array":
+        with np.load(io.BytesIO(blob), allow_pickle=False) as arrays:
+            return ArrayRecord({name: Array(np.ascontiguousarray(arrays[name])) for name in arrays.files})
+
+    def decode(value: Any) -> Any:
+        if isinstance(value, dict):
+            return base64.b64decode(value["b64"])
+        return [decode(v) for v in value] if isinstance(value, list) else value
+
+    return ConfigRecord({k: decode(v) for k, v in json.loads(blob).items()})
+
+
+def _persisted(context: Context) -> dict[str, tuple[str, bytes]]:
+    out = {}
+    for name in PERSISTED_RECORDS:
+        if name in context.state:
+            record = context.state[name]
+            if isinstance(record, (ArrayRecord, ConfigRecord)):
+                out[name] = dump_record(record)
+    return out
+
+
+def _restore(spool: StreamSpool, context: Context) -> None:
+    """Put the spool's records back into a ``context.state`` that lacks them (a SuperNode started afresh)."""
+    for name, (kind, blob) in spool.records().items():
+        if name in PERSISTED_RECORDS and name not in context.state:
+            context.state[name] = load_record(kind, blob)
+
+
+def node_spool(context: Context) -> StreamSpool | None:
+    """The stream of the daemon this node runs under (node config ``qfl-state``); None elsewhere."""
     state_dir = context.node_config.get(STATE_KEY)
-    if not state_dir:
-        return reply
+    return StreamSpool(str(state_dir)) if state_dir else None
+
+
+def edge_state_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A Flower mod, the ClientApp's outermost: on a daemon's node (node config ``qfl-state``), make the node's
+    state durable and record each message it answers. Elsewhere (simulations) it only passes the message on.
+
+    Before the message: the :data:`PERSISTED_RECORDS` the spool holds are restored into a ``context.state``
+    that lacks them. After it (before Flower sends the reply), in one transaction: a train reply commits
+    the round's lease of stream windows (they are consumed) with the records; an error reply, or a handler
+    that raised, releases it (the windows are buffered again); other messages store the records. A train
+    reply whose commit fails is replaced by an error reply: windows not recorded as consumed must not be
+    uploaded, or they would be trained on again.
+    Fields of the state table: ``last_round`` / ``last_message`` / ``last_message_at``, ``last_lease``
+    (the committed windows), and on an error reply ``last_sit_out`` (round and reason: the client sat the
+    round out, e.g. its KMS was unreachable or the stream held too little audio).
+    """
+    spool = node_spool(context)
+    if spool is None:
+        return call_next(msg, context)
     fields: dict[str, Any] = {"last_message": msg.metadata.message_type, "last_message_at": time.time()}
     config = msg.content.config_records.get("config")
-    if config is not None and "server-round" in config:
-        fields["last_round"] = as_int(config["server-round"])
+    server_round = as_int(config["server-round"]) if config is not None and "server-round" in config else 0
+    if server_round:
+        fields["last_round"] = server_round
+    try:
+        _restore(spool, context)
+        try:
+            reply = call_next(msg, context)
+        except Exception as err:  # noqa: BLE001 -- Flower would make the same error reply; the lease is released
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}"),
+                            reply_to=msg)
+        records = _persisted(context)
+        if msg.metadata.message_type == MessageType.TRAIN and not reply.has_error():
+            try:
+                lease = spool.commit(context.run_id, server_round, records)
+            except sqlite3.Error as err:  # not recorded as consumed: not sent either (it would be trained on twice)
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                      reason=f"the round's windows could not be committed ({err}); reply withheld"),
+                                reply_to=msg)
+                lease = None
+            if lease is not None:
+                fields["last_lease"] = {"run_id": lease.run_id, "round": lease.round, "start": lease.start,
+                                        "end": lease.end}
+        elif msg.metadata.message_type == MessageType.TRAIN:
+            spool.release(records)
+        else:
+            spool.save(records)
+    finally:
+        spool.close()
     if reply.has_error():
         fields["last_sit_out"] = {"round": fields.get("last_round"), "message": msg.metadata.message_type,
                                   "reason": reply.error.reason}
         logging.getLogger("qfl.edge").warning("round %s: sat out (%s)", fields.get("last_round"), reply.error.reason)
     try:
-        state = EdgeState(str(state_dir))
+        state = EdgeState(spool.dir)
         try:
             state.update(**fields)
         finally:
             state.close()
     except sqlite3.Error as err:  # the reply matters more than the bookkeeping
-        logging.getLogger("qfl.edge").warning("edge state %s not updated: %s", state_dir, err)
+        logging.getLogger("qfl.edge").warning("edge state %s not updated: %s", spool.dir, err)
     return reply
 
 
@@ -350,7 +478,7 @@ class EdgeDaemon:
     def command(self, runtime_port: int) -> list[str]:
         cfg = self.cfg
         node_config = [f"partition-id={cfg.partition_id}", f"num-partitions={cfg.num_partitions}",
-                       f'{STATE_KEY}="{cfg.state_dir.resolve()}"']
+                       f'{STATE_KEY}="{cfg.state_dir.resolve()}"', f'{DATA_KEY}="{describe(cfg.data)}"']
         if cfg.kms_url:
             node_config.append(f'{KMS_URL_KEY}="{cfg.kms_url}"')
         if cfg.certs is not None:
@@ -427,8 +555,9 @@ class EdgeDaemon:
                   "node_key_sha256": _fingerprint(certs / NODE_KEY) if certs else "",
                   "sae_cert_sha256": _fingerprint(certs / f"{cfg.sae_id}.pem") if certs else ""},
         )
-        self._event("daemon started", superlink=cfg.superlink, state=str(cfg.state_dir))
+        self._event("daemon started", superlink=cfg.superlink, state=str(cfg.state_dir), data=cfg.data)
         self._stop_previous()
+        ingest = self._start_ingest()
         attempt = 0
         while not self._stop.is_set():
             self._proc = proc = self._start()
@@ -456,9 +585,24 @@ class EdgeDaemon:
             self._event("supernode exited", level=logging.WARNING, exit_code=rc, reason=reason,
                         retry_in_s=round(delay, 2), restarts=restarts)
             self._stop.wait(delay)
+        ingest.stop()
         self.state.update(connection="stopped", supernode_pid=None, stopped_at=time.time())
         self._event("daemon stopped")
         return 0
+
+    def _start_ingest(self) -> Ingest:
+        """Release the leases no ClientApp will answer any more (this daemon's SuperNode has not started; a
+        previous one's was stopped), then start reading ``--data`` into the stream."""
+        cfg = self.cfg
+        spool = StreamSpool(cfg.state_dir)
+        released = spool.release()
+        summary = spool.summary()
+        self._event("stream resumed", released_leases=released, buffered_s=round(summary["buffered_s"], 3),
+                    consumed_s=round(summary["consumed_s"], 3), source=summary["source"])
+        ingest = Ingest(spool, open_source(cfg.data, cfg.partition_id, cfg.num_partitions, cfg.seed, cfg.settle_s),
+                        cfg.buffer_s, self.log)
+        ingest.start()
+        return ingest
 
     def _stop_previous(self) -> None:
         """A daemon killed with SIGKILL leaves its SuperNode running (its own session): stop that tree, by PID,

@@ -252,7 +252,7 @@ def _cmd_edge_run(args: argparse.Namespace) -> int:
             insecure=args.insecure,
             partition_id=args.partition, num_partitions=args.partitions, sae=args.sae or "", kms_url=args.kms_url or "",
             flower_retries=args.flower_retries, backoff_base_s=args.backoff_base, backoff_cap_s=args.backoff_cap,
-            stall_s=args.stall_timeout,
+            stall_s=args.stall_timeout, data=args.data, buffer_s=args.buffer, seed=args.seed,
         )
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"qfl edge run: {err}") from None
@@ -282,6 +282,11 @@ def _cmd_edge_status(args: argparse.Namespace) -> int:
           f"reconnects {status.get('reconnects', 0)}, SuperNode restarts {status.get('restarts', 0)}")
     if status.get("last_sit_out"):
         print(f"last sat out: round {status['last_sit_out']['round']}: {status['last_sit_out']['reason']}")
+    stream = status["stream"]
+    lease = stream["open_lease"]
+    print(f"stream {stream['source'] or '-'}: {stream['ingested_s']:.1f} s read, {stream['consumed_s']:.1f} s consumed "
+          f"in {stream['rounds_committed']} rounds, {stream['buffered_s']:.1f} s buffered"
+          + (f" (round {lease['round']} holds {lease['seconds']:.1f} s)" if lease else ""))
     keys = status.get("keys") or {}
     print(f"keys: SAE {keys.get('sae')} at {keys.get('kms_url') or '-'} (cert sha256 {keys.get('sae_cert_sha256') or '-'}), "
           f"key left on the link to the server: {status['key_left_bits']}")
@@ -535,6 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
     erun.add_argument("--backoff-cap", type=float, default=30.0, help="seconds")
     erun.add_argument("--stall-timeout", type=float, default=60.0,
                       help="seconds a SuperNode may stay unconnected without exiting before it is restarted")
+    erun.add_argument("--data", default="generated", metavar="SOURCE",
+                      help="what the node trains on: 'generated' (the synthetic stream, default), a folder watched "
+                           "for new .wav/.flac/.ogg files, a named pipe or '-' (stdin) of raw 16 kHz mono s16le PCM")
+    erun.add_argument("--buffer", type=float, default=300.0, metavar="SECONDS",
+                      help="stop reading the source while this much audio waits to be trained on (default 300)")
+    erun.add_argument("--seed", type=int, default=0, help="seed of the generated stream")
     erun.set_defaults(func=_cmd_edge_run)
     estatus = edge.add_parser("status", help="what a daemon is doing: connection, last round, reconnects, keys")
     estatus.add_argument("--state", default="edge-state", metavar="DIR")

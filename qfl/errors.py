@@ -20,7 +20,9 @@ the message is for people (the cause and the fix) and may be reworded.
     ├── ConfigError (ValueError)              qfl.config: an invalid configuration key or value
     ├── data (qfl.clients)
     │   ├── DatasetNotFound (FileNotFoundError)   a dataset's files are not where expected
-    │   └── PartitionError (ValueError)           an impossible split                     reason: PartitionReason
+    │   ├── PartitionError (ValueError)           an impossible split                     reason: PartitionReason
+    │   └── EdgeDataError (ValueError)            an edge daemon's --data source or its buffered stream
+    │                                                                                     reason: EdgeDataReason
     ├── compression (qfl.compression)
     │   ├── CodecError (ValueError)               a payload that cannot be decoded        reason: CodecReason
     │   ├── PayloadError (ValueError)             an update record with missing/foreign/non-finite arrays
@@ -64,6 +66,8 @@ __all__ = [
     "DeploymentError",
     "DeploymentReason",
     "DownlinkOutOfSync",
+    "EdgeDataError",
+    "EdgeDataReason",
     "KeyBudgetExceeded",
     "KeyExhausted",
     "KeyLayerError",
@@ -148,6 +152,23 @@ class PartitionReason(Enum):
 
 class PartitionError(ReasonedError[PartitionReason], ValueError):
     """The requested split is impossible (more clients than samples, ...)."""
+
+
+class EdgeDataReason(str, Enum):
+    """Why an edge daemon's data cannot be used (:attr:`EdgeDataError.reason`)."""
+
+    NO_SUCH_SOURCE = "no-such-source"  # --data names a path that does not exist
+    NOT_A_SOURCE = "not-a-source"  # --data names a path that is neither a folder nor a named pipe
+    NOT_ENOUGH_AUDIO = "not-enough-audio"  # a round found less than one batch of windows buffered
+
+
+class EdgeDataError(QflError, ValueError):
+    """An edge daemon's ``--data`` source cannot be used, or its stream holds too little audio for a round;
+    ``reason`` is an :class:`EdgeDataReason`, the message names the fix."""
+
+    def __init__(self, message: str, reason: EdgeDataReason) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 # --------------------------------------------------------------------------- compression

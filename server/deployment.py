@@ -87,6 +87,7 @@ class LocalDeployment:
     kms_bits_per_s: float = 2e6  # each simulated QKD link's key rate
     startup_timeout_s: float = 90.0
     node_kms_url: dict[int, str] = field(default_factory=dict)  # partition -> its own KMS address (tests: a proxy)
+    node_data: dict[int, str] = field(default_factory=dict)  # partition -> its daemon's --data (default: generated)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out).resolve()
@@ -223,7 +224,8 @@ class LocalDeployment:
         argv = [sys.executable, "-m", "qfl", "edge", "run", "--superlink", self.superlink_address,
                 "--certs", str(self.certs / NODES_DIR / client_sae(i)), "--state", str(self.daemon_state(i)),
                 "--partition", str(i), "--partitions", str(self.nodes), "--kms-url", self.node_kms_url.get(i, self.kms_url),
-                "--backoff-base", "0.5", "--backoff-cap", "5", "--stall-timeout", "30"]
+                "--backoff-base", "0.5", "--backoff-cap", "5", "--stall-timeout", "30",
+                "--data", self.node_data.get(i, "generated")]
         if not self.tls:
             argv.append("--insecure")
         return self.start(f"edge-{i}", argv)

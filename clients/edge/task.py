@@ -54,7 +54,7 @@ from qfl.seeds import task_seed
 
 from .costs import CostModel, build_cost_model, client_conditions
 from .encoder import CodecChannel, SplitEncoder
-from .frontend import LogMel
+from .frontend import SAMPLE_RATE, LogMel
 from .losses import HybridWeights
 from .mixture import STATE_NAMES, StreamingGMM
 from .splitter import (
@@ -187,6 +187,7 @@ class EdgeTask:
         self.cfg = cfg
         self.source = source_for(cfg)
         self.last_stats: StreamStats | None = None
+        self.last_mixture: dict[str, np.ndarray] = {}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: v.shape for k, v in self.initial_weights().items()}
@@ -204,16 +205,31 @@ class EdgeTask:
         gmm.load_state({k: weights[k] for k in STATE_NAMES})
         return encoder, gmm
 
+    @property
+    def window(self) -> int:
+        """Samples per window (``edge_window_s`` at 16 kHz)."""
+        return int(round(self.cfg.edge_window_s * SAMPLE_RATE))
+
     def local_update(
         self, weights: dict[str, np.ndarray], partition_id: int, num_partitions: int, server_round: int
     ) -> tuple[dict[str, np.ndarray], int, float]:
+        """Round r trains on windows ``(r−1)·W .. r·W−1`` of the configured source (a simulation's stream)."""
+        start = (server_round - 1) * self.cfg.edge_windows
+        waves, _ = self.source.windows(partition_id, num_partitions, start, self.cfg.edge_windows)
+        return self.train_on(weights, waves, partition_id, server_round, start)
+
+    def train_on(
+        self, weights: dict[str, np.ndarray], waves: np.ndarray, partition_id: int, server_round: int, first_window: int
+    ) -> tuple[dict[str, np.ndarray], int, float]:
+        """Train from ``weights`` on ``waves`` ``[windows, window]`` (stream windows ``first_window``.. in temporal
+        order; an edge daemon's leased windows, or :meth:`local_update`'s): (Δ, windows trained on, loss).
+        The device's mixture afterwards is :attr:`last_mixture`."""
         cfg = self.cfg
         seed = task_seed(cfg.seed, server_round, partition_id)
         torch.manual_seed(seed)
         encoder, gmm = self._load(weights, seed)
-        start = (server_round - 1) * cfg.edge_windows
-        waves, _ = self.source.windows(partition_id, num_partitions, start, cfg.edge_windows)
-        steps = cfg.edge_windows // cfg.edge_batch
+        start = first_window
+        steps = len(waves) // cfg.edge_batch
         load, mbps = client_conditions(cfg.seed, partition_id, steps, start=start // cfg.edge_batch)
         channel = CodecChannel(make_codec(cfg.edge_codec, cfg.edge_codec_params, seed=seed))
         stats = train_on_stream(
@@ -221,7 +237,8 @@ class EdgeTask:
             stream_training(cfg), seed, first_window=start,
         )
         self.last_stats = stats
-        local = {k: v.detach().numpy() for k, v in encoder.state_dict().items()} | gmm.state()
+        self.last_mixture = gmm.state()
+        local = {k: v.detach().numpy() for k, v in encoder.state_dict().items()} | self.last_mixture
         delta = {k: (local[k] - weights[k]).astype(np.float32) for k in weights}
         return delta, stats.windows, stats.loss
 
