@@ -36,7 +36,8 @@ ValueError`` handlers still catch it. ``qfl`` on the command line prints a
         ├── UntrustedValue (ValueError)           a client-sent value of wrong type or out of range
         ├── ResumeError (RuntimeError)            a run directory that cannot be resumed
         ├── NotEnoughNodes (RuntimeError)         too few nodes connected in time
-        └── KeyBudgetExceeded (RuntimeError)      key_policy=abort and a link cannot pay for the round
+        ├── KeyBudgetExceeded (RuntimeError)      key_policy=abort and a link cannot pay for the round
+        └── RunInterrupted                        Ctrl-C or SIGTERM stopped a run between rounds (exit 130)
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ __all__ = [
     "PayloadError",
     "QflError",
     "ResumeError",
+    "RunInterrupted",
     "SecAggError",
     "StoreCorrupt",
     "StoreOutdated",
@@ -211,3 +213,11 @@ class KeyBudgetExceeded(QflError, RuntimeError):
 
 class DeploymentError(QflError, RuntimeError):
     """A process of `qfl deploy local` (SuperLink, KMS, edge daemon, `flwr`) failed or did not come up in time."""
+
+
+class RunInterrupted(QflError):
+    """Ctrl-C or SIGTERM stopped a run between rounds; ``run_dir``'s checkpoint holds every complete round."""
+
+    def __init__(self, message: str, run_dir: Any = None) -> None:
+        super().__init__(message)
+        self.run_dir = run_dir
