@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from types import FrameType
 from typing import Any
 
@@ -48,10 +48,10 @@ def adopt_orphans() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def stop_children(timeout_s: float = 3.0, force: bool = False) -> list[int]:
-    """SIGTERM (``force``: SIGKILL) every descendant of this process, SIGKILL those still alive after
-    ``timeout_s``; return the PIDs it signalled."""
-    procs = {p.pid: p for p in descendants()}
+def stop_children(spare: Collection[int] = (), timeout_s: float = 3.0, force: bool = False) -> list[int]:
+    """SIGTERM (``force``: SIGKILL) every descendant of this process but those in ``spare`` (there before
+    the run), SIGKILL those still alive after ``timeout_s``; return the PIDs it signalled."""
+    procs = {p.pid: p for p in descendants() if p.pid not in spare}
     signalled = []
     for proc in procs.values():
         try:
@@ -83,6 +83,7 @@ class Interrupts:
         self.rounds_running = False
         self._previous: dict[int, Any] = {}
         self._watchdog: threading.Timer | None = None
+        self.spare = {p.pid for p in descendants()}  # processes from before the run are not the run's to stop
 
     def install(self) -> None:
         """Put the handlers in place (again: ``ray.init`` installs its own for SIGTERM)."""
@@ -115,8 +116,8 @@ class Interrupts:
 
     def exit_now(self, reason: str) -> None:
         """Kill every child process and exit 130 (the checkpoint holds the last complete round)."""
-        logging.getLogger("qfl").warning("%s; killing the child processes", reason)
-        stop_children(timeout_s=1.0, force=True)
+        logging.getLogger("qfl").info("%s; killing the child processes", reason)  # run.log; stderr below
+        stop_children(self.spare, timeout_s=1.0, force=True)
         sys.stderr.write(f"{reason}\n{self.goodbye()}\n")
         sys.stderr.flush()
         os._exit(EXIT_INTERRUPTED)

@@ -134,7 +134,8 @@ class ConsoleReporter:
             disable=not self.live,
         )
         self.progress.start()
-        self.task = self.progress.add_task("rounds", total=cfg.rounds, completed=first_round - 1, status="")
+        self.task = self.progress.add_task("rounds", total=cfg.rounds, completed=first_round - 1,
+                                           status="the first round also starts the client processes")
 
     def round(self, record: dict[str, Any]) -> None:
         columns = COLUMNS + (EDGE_COLUMNS if "split_hist" in record else ())

@@ -125,7 +125,7 @@ def run_simulation_job(
             console.stop_progress()
         t_stop = time.perf_counter()
         _stop_ray()
-        stopped = stop_children()
+        stopped = stop_children(interrupts.spare)
         log.info("Ray stopped in %.1f s", time.perf_counter() - t_stop)
         if stopped:
             log.info("stopped %s leftover child processes: %s", len(stopped), stopped)

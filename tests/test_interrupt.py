@@ -103,10 +103,13 @@ def test_restore_puts_back_the_previous_handlers():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_stop_children_ends_a_child_process():
+def test_stop_children_ends_the_runs_children_and_spares_older_ones():
+    older = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    handlers = Interrupts(notify=print, goodbye=str)  # the run starts: `older` is not its to stop
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
-        assert child.pid in stop_children(timeout_s=5)
-        assert child.wait(timeout=10) is not None
+        assert stop_children(handlers.spare, timeout_s=5) == [child.pid]
+        assert child.wait(timeout=10) is not None and older.poll() is None
     finally:
         child.kill()
+        older.kill()
