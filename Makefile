@@ -17,7 +17,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # torch: a CPU build the configured indexes already offer (`+cpu`: never the CUDA one; a local wheel
 # here, a mirror, a pip cache), else the CPU build from PyTorch's CPU index.
 $(STAMP): pyproject.toml constraints.txt
-	@echo "setup: .venv with the CPU build of torch and qfl's dependencies (a few minutes, about 2 GB) ..."
+	@echo "setup: .venv with the CPU build of torch and qfl's dependencies (a few minutes, about 2.2 GB) ..."
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH)+cpu" 2>/dev/null \
 		|| $(BIN)/python -m pip install --quiet --index-url $(TORCH_CPU_INDEX) "$(TORCH)"

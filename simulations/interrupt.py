@@ -39,13 +39,14 @@ def descendants() -> list[psutil.Process]:
         return []
 
 
-def adopt_orphans() -> None:
-    """Make this process the child subreaper of its descendants (Linux): a Ray worker whose raylet has
-    exited is re-parented here, not to init, so :func:`stop_children` still finds it. Elsewhere a no-op."""
+def adopt_orphans(on: bool = True) -> None:
+    """Make this process (``on=False``: no longer) the child subreaper of its descendants (Linux): a Ray
+    worker whose raylet has exited is re-parented here, not to init, so :func:`stop_children` still finds
+    it. Elsewhere a no-op."""
     if sys.platform.startswith("linux"):
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
 
 
 def stop_children(spare: Collection[int] = (), timeout_s: float = 3.0, force: bool = False) -> list[int]:

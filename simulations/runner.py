@@ -126,6 +126,7 @@ def run_simulation_job(
         t_stop = time.perf_counter()
         _stop_ray()
         stopped = stop_children(interrupts.spare)
+        adopt_orphans(False)
         log.info("Ray stopped in %.1f s", time.perf_counter() - t_stop)
         if stopped:
             log.info("stopped %s leftover child processes: %s", len(stopped), stopped)

@@ -89,3 +89,14 @@ def test_config_show_prints_the_resolved_config(capsys, tmp_path):
     text = capsys.readouterr().out
     assert build_config(tmp_path / "c.toml", ["clients=5"]).to_toml() == text
     assert main(["config", "show", "--set", "clients=1"]) == 2  # masked sums refuse one client
+
+
+def test_tensorboard_scalars_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    history = _fake_run(tmp_path / "a", [])
+    write_run_report(tmp_path / "a")
+    events = EventAccumulator(str(tmp_path / "a" / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("accuracy")] == pytest.approx([r["accuracy"] for r in history])
