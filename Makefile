@@ -34,7 +34,7 @@ constraints:
 
 # Prints each step with its rough duration (times: a 2-core machine; Ray's start-up grows with load).
 demo: $(STAMP)
-	@echo "demo: 20 rounds, 10 clients, masked sums over simulated QKD keys (about 1 minute: Ray starts in 10-60 s, then 1-2 s a round)"
+	@echo "demo: 20 rounds, 10 clients, masked sums over simulated QKD keys (1-2 minutes on an idle 2-core machine, several on a busy one: Ray starts in 10-60 s, round 1 also starts the clients, then seconds a round)"
 	$(BIN)/qfl run
 	@echo "demo: done; the run directory (runs/<timestamp>/) holds report.md, metrics.csv, run.log and the plots"
 

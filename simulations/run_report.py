@@ -225,7 +225,7 @@ def _totals(run: RunData) -> list[tuple[str, str]]:
         ("key bits left in the pools after the last round", "-" if key_left_bits(last) is None
          else f"{key_left_bits(last):,}"),
         ("uploads dropped", f"{sum(r['dropped'] for r in h)}"),
-        ("wall time of the rounds", f"{last.get('elapsed_s', 0.0):.1f} s (round 1 includes Ray's start-up)"),
+        ("wall time of the rounds", f"{last.get('elapsed_s', 0.0):.1f} s (round 1 includes starting the client processes)"),
     ]
 
 
