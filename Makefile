@@ -1,25 +1,42 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
-# Each creates .venv when it is missing: torch==2.13.0 first (a CPU build
-# that lies on this disk), then the project with its dev extras.
+# Each creates .venv when it is missing: the CPU build of torch first, then the project with its dev
+# extras at the versions in constraints.txt (what `make test` last passed with; `make constraints`
+# rewrites it from .venv).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qfl-installed
+TORCH  := torch==2.13.0
+# PyPI's Linux torch is the multi-GB CUDA build; PyTorch's own CPU index has the CPU build for every OS.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test test-deploy lint install clean fuzz bench-codecs bench-qkd bench-kms bench-secagg bench-quantum \
+.PHONY: demo test test-deploy lint install constraints clean fuzz bench-codecs bench-qkd bench-kms bench-secagg bench-quantum \
 	experiment-compression experiment-compression-100x experiment-key-budget experiment-quantum-mixed experiment-quantum-mixed-quick \
 	experiment-streamsplit
 
-$(STAMP): pyproject.toml
+# torch: a CPU build the configured indexes already offer (`+cpu`: never the CUDA one; a local wheel
+# here, a mirror, a pip cache), else the CPU build from PyTorch's CPU index.
+$(STAMP): pyproject.toml constraints.txt
+	@echo "setup: .venv with the CPU build of torch and qfl's dependencies (a few minutes, about 2.2 GB) ..."
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet "$(TORCH)+cpu" 2>/dev/null \
+		|| $(BIN)/python -m pip install --quiet --index-url $(TORCH_CPU_INDEX) "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# constraints.txt from the installed .venv (qfl itself left out; torch without its local +cpu label,
+# so that the same line holds for the CPU build on Linux and the only build on macOS).
+constraints:
+	echo "# Exact versions \`make\` installs (pip -c): rewrite with \`make constraints\` after changing dependencies." > constraints.txt
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^qfl[= ]' | sed 's/+cpu$$//' >> constraints.txt
+
+# Prints each step with its rough duration (times: a 2-core machine; Ray's start-up grows with load).
 demo: $(STAMP)
+	@echo "demo: 20 rounds, 10 clients, masked sums over simulated QKD keys (1-2 minutes on an idle 2-core machine, several on a busy one: Ray starts in 10-60 s, round 1 also starts the clients, then seconds a round)"
 	$(BIN)/qfl run
+	@echo "demo: done; the run directory (runs/<timestamp>/) holds report.md, metrics.csv, run.log and the plots"
 
 # ruff over the sources (config in pyproject.toml), then mypy over the package
 # as installed (`-p qfl` from the repo root follows the qfl/<folder> symlinks).

@@ -27,7 +27,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ray = [f"ray_address={args.ray_address}"] if args.ray_address is not None else []
         cfg = build_config(args.config, [*args.set, *ray])
         run_dir = Path(args.out) if args.out else default_run_dir()
-    run_simulation_job(cfg, run_dir, resume=bool(args.resume), verbose=args.verbose)
+    from qfl.errors import RunInterrupted
+    from qfl.simulations.interrupt import EXIT_INTERRUPTED
+    from qfl.simulations.runner import resume_hint
+
+    try:
+        run_simulation_job(cfg, run_dir, resume=bool(args.resume), verbose=args.verbose, quiet=args.quiet)
+    except RunInterrupted as err:
+        print(f"qfl run: {err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # before the first round: nothing was running that needs to finish
+        print(f"qfl run: interrupted; {resume_hint(run_dir)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 
@@ -424,21 +435,75 @@ def _cmd_kms_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_keys_help() -> str:
+    """Every config key with its default and meaning, from the schema (qfl.config.describe_keys)."""
+    from qfl.config import describe_keys
+
+    lines = ["config keys (--set KEY=VALUE, or KEY = VALUE in a --config TOML file; `qfl config show` prints them resolved):"]
+    concern = ""
+    for info in describe_keys():
+        if info.concern != concern:
+            concern = info.concern
+            lines += ["", f"  {concern}"]
+        choices = f" [{' | '.join(info.choices)}]" if info.choices else ""
+        lines.append(f"    {info.key} = {info.default}{choices}: {info.meaning}")
+    return "\n".join(lines)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from qfl.server.app import default_run_dir
+    from qfl.simulations.run_report import compare_runs, write_run_report
+
+    if len(args.run_dir) == 1 and not args.out:
+        print(f"report: {write_run_report(Path(args.run_dir[0]))}")
+        return 0
+    out = Path(args.out) if args.out else default_run_dir().with_name("compare-" + default_run_dir().name)
+    print(f"comparison: {compare_runs([Path(d) for d in args.run_dir], out)} (and its plots)")
+    return 0
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from qfl.config import build_config
+    from qfl.server.preflight import check_components
+
+    cfg = check_components(build_config(args.config, args.set))
+    print(cfg.to_toml(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qfl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a federated simulation (Flower simulation engine)")
-    run.add_argument("--config", metavar="FILE", help="TOML config file (keys: see docs/architecture.md)")
-    run.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="override one config key")
+    run = sub.add_parser("run", help="run a federated simulation (Flower simulation engine)",
+                         epilog=_config_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--config", metavar="FILE", help="TOML config file (keys: below)")
+    run.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="override one config key (below)")
     run.add_argument("--out", metavar="DIR", help="run directory (default runs/<timestamp>)")
-    run.add_argument("--resume", metavar="DIR", help="continue a killed run from its last complete round")
-    run.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
+    run.add_argument("--resume", metavar="DIR", help="continue an interrupted or killed run from its last complete round")
+    loud = run.add_mutually_exclusive_group()
+    loud.add_argument("--verbose", action="store_true", help="also show Flower's and Ray's logs (run.log gets DEBUG records)")
+    loud.add_argument("--quiet", action="store_true", help="show only errors and the final result line")
     run.add_argument(
         "--ray-address", metavar="HOST:PORT",
         help="run the clients on a running Ray cluster (its head's address; same as --set ray_address=...)",
     )
     run.set_defaults(func=_cmd_run)
+
+    report = sub.add_parser("report", help="rewrite a run's report.md, metrics.csv and plots, or overlay "
+                                           "several runs on the same axes")
+    report.add_argument("run_dir", metavar="RUN_DIR", nargs="+", help="directories written by `qfl run`")
+    report.add_argument("--out", metavar="DIR", help="where the comparison goes (default runs/compare-<timestamp>); "
+                                                     "with one RUN_DIR and no --out, its own report is rewritten")
+    report.set_defaults(func=_cmd_report)
+
+    config = sub.add_parser("config", help="the run configuration").add_subparsers(dest="config_command", required=True)
+    cshow = config.add_parser("show", help="print the resolved, checked config (defaults, then --config, then --set) "
+                                           "as TOML", epilog=_config_keys_help(),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    cshow.add_argument("--config", metavar="FILE", help="TOML config file")
+    cshow.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="override one config key")
+    cshow.set_defaults(func=_cmd_config_show)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     codecs = bench.add_parser("codecs", help="encode/decode time of every codec, as ratios to numpy.copyto")

@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Self, get_type_hints
+from typing import Any, Self, TypeVar, get_type_hints
 
 import tomli_w
 
 from qfl.errors import ConfigError
 
+_T = TypeVar("_T")
 _PARAM_TABLES = {"codec": "codec_params", "downlink_codec": "downlink_codec_params", "edge_codec": "edge_codec_params"}
 
 
@@ -114,6 +116,11 @@ def _is_host_port(address: str) -> bool:
     return bool(colon and host and port.isdigit() and 0 < int(port) < 65536)
 
 
+def _key(default: _T, meaning: str) -> _T:
+    """A config field and its one-line meaning, the one source of `qfl run --help` (:func:`describe_keys`)."""
+    return field(default=default, metadata={"help": meaning})
+
+
 def _need(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(message, key=key)
@@ -133,22 +140,22 @@ class _ConfigPart:
 class FederationConfig(_ConfigPart):
     """Rounds, sampling and the simulation engine."""
 
-    rounds: int = 20
-    clients: int = 10
-    fraction: float = 1.0  # share of clients sampled for training each round
-    seed: int = 0
-    fed_eval: bool = True  # also evaluate on a sample of clients' local data each round (as many as `fraction` trains)
-    timeout_s: float = 600.0  # how long the server waits for replies per round
-    # Largest 'num-examples' (averaging weight) the server accepts from one client
-    # whose partition size it does not know; a reply claiming more is dropped.
-    max_client_examples: int = 100_000
-    client_cpus: float = 1.0  # Ray CPUs per simulated client
-    # Where clients keep codec state (error-feedback residuals) between the rounds they train, as files
-    # (qfl.clients.state); empty = <run dir>/client-state in `qfl run`, the node's memory under `flwr run`.
-    client_state_dir: str = ""
-    # HOST:PORT of a running Ray cluster's head (`ray start --head --port=PORT`) to run the clients on;
-    # empty = a private Ray instance on this machine, stopped when the run ends.
-    ray_address: str = ""
+    rounds: int = _key(20, "federated rounds to run")
+    clients: int = _key(10, "simulated clients (one data partition each)")
+    fraction: float = _key(1.0, "share of clients sampled for training each round")
+    seed: int = _key(0, "seed of the partitions, sampling and model init (never of QKD key)")
+    fed_eval: bool = _key(True, "also evaluate on a sample of clients' local data each round (as many as `fraction` trains)")
+    timeout_s: float = _key(600.0, "how long the server waits for replies per round")
+    max_client_examples: int = _key(
+        100_000, "largest averaging weight ('num-examples') accepted from a client of unknown partition size; "
+        "a reply claiming more is dropped")
+    client_cpus: float = _key(1.0, "Ray CPUs per simulated client")
+    client_state_dir: str = _key(
+        "", "where clients keep codec state (error-feedback residuals) between the rounds they train, as files "
+        "(qfl.clients.state); empty = <run dir>/client-state in `qfl run`, the node's memory under `flwr run`")
+    ray_address: str = _key(
+        "", "HOST:PORT of a running Ray cluster's head (`ray start --head`) to run the clients on; "
+        "empty = a private Ray instance, stopped when the run ends")
 
     def check(self) -> None:
         super().check()
@@ -173,11 +180,11 @@ class FederationConfig(_ConfigPart):
 class DataConfig(_ConfigPart):
     """Which data, and how it is split between clients and held out."""
 
-    dataset: Dataset = Dataset.DIGITS
-    data_dir: str = "data"  # where MNIST / CIFAR-10 files are looked for
-    alpha: float | None = None  # Dirichlet concentration over labels; None = IID
-    test_fraction: float = 0.2  # held-out share of digits for central evaluation
-    local_val_fraction: float = 0.1  # share of each client's data kept for federated evaluation
+    dataset: Dataset = _key(Dataset.DIGITS, "what the clients learn; digits ships with scikit-learn")
+    data_dir: str = _key("data", "where MNIST / CIFAR-10 files are looked for")
+    alpha: float | None = _key(None, 'Dirichlet concentration over labels (smaller = more skew); "iid" or left out = IID')
+    test_fraction: float = _key(0.2, "held-out share of digits for central evaluation")
+    local_val_fraction: float = _key(0.1, "share of each client's data kept for federated evaluation")
 
     def check(self) -> None:
         super().check()
@@ -196,17 +203,17 @@ class DataConfig(_ConfigPart):
 class TrainingConfig(_ConfigPart):
     """The model, the clients' local SGD and the server's optimizer."""
 
-    model: Model = Model.CNN
-    local_epochs: int = 3
-    batch_size: int = 32
-    lr: float = 0.1  # client SGD learning rate
-    momentum: float = 0.9  # client SGD momentum
-    server_opt: ServerOptimizer = ServerOptimizer.FEDAVG
-    server_lr: float = 1.0
-    server_momentum: float = 0.9  # FedAvgM
-    adam_beta1: float = 0.9  # FedAdam
-    adam_beta2: float = 0.99
-    adam_tau: float = 1e-3
+    model: Model = _key(Model.CNN, "the model every client trains")
+    local_epochs: int = _key(3, "epochs of local SGD per round")
+    batch_size: int = _key(32, "client SGD batch size")
+    lr: float = _key(0.1, "client SGD learning rate")
+    momentum: float = _key(0.9, "client SGD momentum")
+    server_opt: ServerOptimizer = _key(ServerOptimizer.FEDAVG, "how the server applies the mean update")
+    server_lr: float = _key(1.0, "server learning rate (≈ 0.01 for fedadam)")
+    server_momentum: float = _key(0.9, "FedAvgM server momentum")
+    adam_beta1: float = _key(0.9, "FedAdam first-moment decay")
+    adam_beta2: float = _key(0.99, "FedAdam second-moment decay")
+    adam_tau: float = _key(1e-3, "FedAdam adaptivity (added to the root of the second moment)")
 
     def check(self) -> None:
         super().check()
@@ -229,14 +236,14 @@ class CodecConfig(_ConfigPart):
     """How updates travel up and the model travels down (codec names and parameters are checked by
     :func:`qfl.server.preflight.check_components`, which may import the codec registry)."""
 
-    codec: str = "qsgd"  # 4-bit QSGD by default (codec.bits); the demo's masked sums take it
-    codec_params: dict[str, Any] = field(default_factory=dict)
-    downlink_codec: str = "fp32"  # how the global model travels to clients (stateless codecs only in model mode)
-    downlink_codec_params: dict[str, Any] = field(default_factory=dict)
-    # model: the global model, encoded by downlink_codec, every round. delta: the change of the model
-    # against the clients' replica, which the server keeps (its error feedback); any codec
-    # (qfl.compression.downlink; security=none only)
-    downlink_mode: str = "model"
+    codec: str = _key("qsgd", "how clients encode their updates (codec.NAME sets its parameters; qsgd is 4-bit)")
+    codec_params: dict[str, Any] = field(default_factory=dict, metadata={"help": "codec.NAME keys: the codec's parameters"})
+    downlink_codec: str = _key("fp32", "how the global model travels to clients (stateless codecs only in model mode)")
+    downlink_codec_params: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "downlink_codec.NAME keys: the downlink codec's parameters"})
+    downlink_mode: str = _key(
+        "model", "model: the global model, encoded by downlink_codec, every round; delta: the model's change against "
+        "the clients' replica, which the server keeps as its error feedback; any codec (security=none only)")
 
     def check(self) -> None:
         super().check()
@@ -250,27 +257,24 @@ class CodecConfig(_ConfigPart):
 class SecurityConfig(_ConfigPart):
     """Secure aggregation (qfl.security.secagg) and where its keys come from."""
 
-    security: Security = Security.MASKED_SUM
-    key_policy: KeyPolicy = KeyPolicy.WAIT  # a link short of key: wait (simulated clock) | skip (leave clients out) | abort
-    key_source: KeySource = KeySource.STORE  # store (SQLite pools, simulations) | kms (ETSI GS QKD 014 service)
-    key_store: str = ""  # SQLite key store path; empty = <run dir>/keys.db
-    kms_url: str = ""  # https://host:port for key_source = "kms"
-    kms_certs: str = ""  # a `qfl certs` directory for key_source = "kms"
-    secure_clip: float = 0.25  # first round's shared clip bound |Δ| <= C of masked sums (adapted per tensor)
-    secure_min_clients: int = 2  # fewest surviving uploads a masked sum may reveal
-    # double (default): every upload also carries a Shamir-shared one-time self-mask, so a server that
-    # lies about who dropped still cannot unmask one update (Bonawitz et al. 2017). single: pair masks
-    # only, ~1/3 of the key, secure against an HONEST-BUT-CURIOUS server only (one that never asks
-    # for the pair masks of a client whose upload it received).
-    secure_masking: SecureMasking = SecureMasking.DOUBLE
-    secure_threshold: int = 0  # Shamir threshold t of the self-masks; 0 = a strict majority of each client's peers
-    # The masking graph (qfl.security.graph): sparse picks the least even degree k whose failure bound
-    # (a survivor short of peers, t colluding peers, a split of the honest survivors) is <= 2^-40 for the
-    # dropout and collusion rates below; secure_degree fixes k instead.
-    secure_graph: SecureGraph = SecureGraph.SPARSE
-    secure_degree: int = 0  # peers per client in the sparse graph (rounded up to even); 0 = chosen from the bound
-    secure_dropout: float = 0.1  # share of a round's clients expected to drop (sizes the sparse graph)
-    secure_corrupt: float = 0.05  # share of clients assumed to collude with the server (sizes thresholds and the graph)
+    security: Security = _key(Security.MASKED_SUM, "secure aggregation mode (docs/threat-model.md)")
+    key_policy: KeyPolicy = _key(KeyPolicy.WAIT, "a link short of key: wait (simulated clock) | skip (leave clients out) | abort")
+    key_source: KeySource = _key(KeySource.STORE, "store (SQLite pools, simulations) | kms (ETSI GS QKD 014 service)")
+    key_store: str = _key("", "SQLite key store path; empty = <run dir>/keys.db")
+    kms_url: str = _key("", 'https://host:port for key_source = "kms"')
+    kms_certs: str = _key("", 'a `qfl certs` directory for key_source = "kms"')
+    secure_clip: float = _key(0.25, "first round's shared clip bound |Δ| <= C of masked sums (adapted per tensor)")
+    secure_min_clients: int = _key(2, "fewest surviving uploads a masked sum may reveal")
+    secure_masking: SecureMasking = _key(
+        SecureMasking.DOUBLE, "double: Shamir-shared self-masks too, safe against a server that lies about "
+        "dropouts (Bonawitz et al. 2017); single: ~1/3 of the key, honest-but-curious server only")
+    secure_threshold: int = _key(0, "Shamir threshold t of the self-masks; 0 = a strict majority of each client's peers")
+    secure_graph: SecureGraph = _key(
+        SecureGraph.SPARSE, "masking graph (qfl.security.graph); sparse takes the least even degree whose "
+        "failure bound is <= 2^-40 at secure_dropout and secure_corrupt")
+    secure_degree: int = _key(0, "peers per client in the sparse graph (rounded up to even); 0 = chosen from the bound")
+    secure_dropout: float = _key(0.1, "share of a round's clients expected to drop (sizes the sparse graph)")
+    secure_corrupt: float = _key(0.05, "share of clients assumed to collude with the server (sizes thresholds and the graph)")
 
     def check(self) -> None:
         super().check()
@@ -293,14 +297,14 @@ class SecurityConfig(_ConfigPart):
 class QkdConfig(_ConfigPart):
     """The simulated QKD network (qfl.quantum.qkd.network); link specs are parsed by preflight."""
 
-    qkd_topology: QkdTopology = QkdTopology.MESH  # mesh (a link per pair) | star (the server relays; it can read relayed masks) | trusted
-    qkd_relays: int = 4  # trusted relay nodes of qkd_topology = "trusted" (each learns the keys it relays)
-    qkd_distance_km: float = 10.0  # fibre length of every direct link
-    qkd_links: str = ""  # per-link distances, e.g. "client-0~client-1=50, client-2~server=80"
-    qkd_eavesdropped: str = ""  # intercept-resend eavesdroppers, e.g. "client-1~client-2" or "client-0~server:0.5"
-    qkd_rate: float = 0.0  # secret-key bits/s of every link; 0 = the decoy-BB84 model at the distance
-    qkd_round_s: float = 1.0  # simulated seconds of key generation per round
-    qkd_check_pulses: int = 0  # pulses of a BB84 Monte-Carlo run that admits every link (0: only eavesdropped links)
+    qkd_topology: QkdTopology = _key(QkdTopology.MESH, "mesh (a link per pair) | star (the server relays; it can read relayed masks) | trusted")
+    qkd_relays: int = _key(4, 'trusted relay nodes of qkd_topology = "trusted" (each learns the keys it relays)')
+    qkd_distance_km: float = _key(10.0, "fibre length of every direct link")
+    qkd_links: str = _key("", 'per-link distances, e.g. "client-0~client-1=50, client-2~server=80"')
+    qkd_eavesdropped: str = _key("", 'intercept-resend eavesdroppers, e.g. "client-1~client-2" or "client-0~server:0.5"')
+    qkd_rate: float = _key(0.0, "secret-key bits/s of every link; 0 = the decoy-BB84 model at the distance")
+    qkd_round_s: float = _key(1.0, "simulated seconds of key generation per round")
+    qkd_check_pulses: int = _key(0, "pulses of a BB84 Monte-Carlo run that admits every link (0: only eavesdropped links)")
 
     def check(self) -> None:
         super().check()
@@ -315,16 +319,16 @@ class QkdConfig(_ConfigPart):
 class QuantumConfig(_ConfigPart):
     """Quantum clients (qfl.clients.quantum, which checks the combinations through preflight)."""
 
-    qubits: int = 4  # circuit width; quantum datasets have this many qubits
-    layers: int = 2  # variational layers
-    ansatz: str = "hardware-efficient"  # hardware-efficient | strongly-entangling
-    embedding: str = "angle"  # angle | amplitude | state (quantum data fed as states)
-    backend: str = "default"  # default (default.qubit, broadcast; fastest here) | lightning (adjoint) | qiskit (aer estimator)
-    shots: int = 0  # 0 = exact expectations
-    noise: float = 0.0  # depolarizing probability per layer (0 = noiseless)
-    quantum_samples: int = 400  # states generated for ntangled / magic (train + test)
-    data_qubits: int = 0  # qubits of the ntangled / magic states; 0 = qubits (a wider circuit adds |0> ancillas)
-    client_kinds: str = ""  # mixed federations, e.g. "quantum:1,classical:3" or "bell:1,classical:3" (partition order)
+    qubits: int = _key(4, "circuit width; quantum datasets have this many qubits")
+    layers: int = _key(2, "variational layers")
+    ansatz: str = _key("hardware-efficient", "hardware-efficient | strongly-entangling")
+    embedding: str = _key("angle", "angle | amplitude | state (quantum data fed as states)")
+    backend: str = _key("default", "default (default.qubit, broadcast; fastest here) | lightning (adjoint) | qiskit (aer estimator)")
+    shots: int = _key(0, "measurement shots per circuit; 0 = exact expectations")
+    noise: float = _key(0.0, "depolarizing probability per layer (0 = noiseless)")
+    quantum_samples: int = _key(400, "states generated for ntangled / magic (train + test)")
+    data_qubits: int = _key(0, "qubits of the ntangled / magic states; 0 = qubits (a wider circuit adds |0> ancillas)")
+    client_kinds: str = _key("", 'mixed federations, e.g. "quantum:1,classical:3" or "bell:1,classical:3" (in partition order)')
 
 
 @dataclass(frozen=True)
@@ -353,46 +357,46 @@ class RunConfig(QuantumConfig, QkdConfig, SecurityConfig, CodecConfig, TrainingC
         self.check_edge()
 
     # --- equal copy budgets on quantum datasets (issue 17; qfl.clients.quantum, qfl.quantum.ml.shadows) ---
-    # M: copies of every state that every client gets. A quantum client's circuit is estimated from M shots
-    # (overrides `shots`); a classical client measures its M copies in random Pauli bases (classical shadows);
-    # a bell client Bell-samples M/2 pairs of copies. 0 = unlimited copies: exact expectations for every kind.
-    copies: int = 0
-    shadow_model: str = "mlp"  # learner of classical (shadow) and bell (purity) clients: mlp (one hidden layer) | logreg
-    shadow_lr: float = 0.03  # classical and bell clients' Adam learning rate (the circuit's is `lr`)
+    copies: int = _key(
+        0, "copies M of every state each client gets: M shots for a quantum client (overrides shots), "
+        "M classical-shadow snapshots for a classical one, M/2 Bell samples of two copies for a bell one; "
+        "0 = unlimited (exact expectations)")
+    shadow_model: str = _key("mlp", "learner of classical (shadow) and bell (purity) clients: mlp (one hidden layer) | logreg")
+    shadow_lr: float = _key(0.03, "classical and bell clients' Adam learning rate (the circuit's is `lr`)")
 
     # -- edge clients: StreamSplit (qfl.clients.edge; used when model = "streamsplit") --------------------
-    edge_audio: str = ""  # "" = the seeded synthetic stream; a folder with one subfolder per class; or an ESC-50 style CSV
-    edge_classes: int = 10  # sound classes of the synthetic stream (2..10)
-    edge_window_s: float = 1.0  # seconds of 16 kHz audio per window
-    edge_mels: int = 64  # log-mel bins
-    edge_blocks: int = 6  # L, residual blocks of the splittable encoder (4..8); split points 0..L
-    edge_dim: int = 128  # embedding dimension d
-    edge_windows: int = 64  # windows each device streams (and trains on) per round
-    edge_batch: int = 8  # consecutive windows per on-device step
-    edge_negatives: EdgeNegatives = EdgeNegatives.VIRTUAL
-    edge_virtual_negatives: int = 256  # virtual negatives per anchor
-    edge_components: int = 64  # C, components of the streaming mixture
-    edge_gmm_rate: float = 0.01  # stepwise-EM rate of the mixture
-    edge_tau: float = 0.1  # InfoNCE temperature (and the negatives' component kernel width)
-    edge_lambda_sw: float = 0.1  # λ1, sliced-Wasserstein-to-uniform weight (0 = off)
-    edge_lambda_lap: float = 0.01  # λ2, temporal-Laplacian weight (0 = off)
-    edge_lr: float = 1e-3  # Adam learning rate on the device and server blocks
-    edge_split: EdgeSplit = EdgeSplit.ADAPTIVE
-    edge_split_k: int = 3  # the split point of edge_split = "static" (0 = server-centric, L = edge-only)
-    edge_codec: str = "qsgd"  # codec of the activations (and gradients) crossing the split
-    edge_codec_params: dict[str, Any] = field(default_factory=dict)  # edge_codec.NAME keys
-    edge_device_slowdown: float = 8.0  # edge core time / this machine's measured core time
-    edge_server_speedup: float = 4.0  # server time = measured time / this
-    edge_rtt_ms: float = 50.0  # network round-trip delay added to every window
-    edge_joule_per_flop: float = 1e-9  # linear energy model: device compute
-    edge_joule_per_byte: float = 7e-6  # linear energy model: bytes sent
-    edge_reward_alpha: float = 10.0  # splitter reward: α·fidelity − β·latency/T_max − η·energy/E_budget
-    edge_reward_beta: float = 5.0
-    edge_reward_eta: float = 3.0
-    edge_t_max_ms: float = 200.0
-    edge_e_budget_mj: float = 100.0
-    edge_ppo_iterations: int = 80  # PPO iterations (512 simulated decisions each) to train the splitter
-    edge_probe_windows: int = 600  # held-out windows of the linear probe (half fit, half scored)
+    edge_audio: str = _key("", '"" = the seeded synthetic stream; a folder with one subfolder per class; or an ESC-50 style CSV')
+    edge_classes: int = _key(10, "sound classes of the synthetic stream (2..10)")
+    edge_window_s: float = _key(1.0, "seconds of 16 kHz audio per window")
+    edge_mels: int = _key(64, "log-mel bins")
+    edge_blocks: int = _key(6, "L, residual blocks of the splittable encoder (4..8); split points 0..L")
+    edge_dim: int = _key(128, "embedding dimension d")
+    edge_windows: int = _key(64, "windows each device streams (and trains on) per round")
+    edge_batch: int = _key(8, "consecutive windows per on-device step")
+    edge_negatives: EdgeNegatives = _key(EdgeNegatives.VIRTUAL, "where the InfoNCE negatives come from")
+    edge_virtual_negatives: int = _key(256, "virtual negatives per anchor")
+    edge_components: int = _key(64, "C, components of the streaming mixture")
+    edge_gmm_rate: float = _key(0.01, "stepwise-EM rate of the mixture")
+    edge_tau: float = _key(0.1, "InfoNCE temperature (and the negatives' component kernel width)")
+    edge_lambda_sw: float = _key(0.1, "λ1, sliced-Wasserstein-to-uniform weight (0 = off)")
+    edge_lambda_lap: float = _key(0.01, "λ2, temporal-Laplacian weight (0 = off)")
+    edge_lr: float = _key(1e-3, "Adam learning rate on the device and server blocks")
+    edge_split: EdgeSplit = _key(EdgeSplit.ADAPTIVE, "how each window's split point k is chosen")
+    edge_split_k: int = _key(3, 'the split point of edge_split = "static" (0 = server-centric, L = edge-only)')
+    edge_codec: str = _key("qsgd", "codec of the activations (and gradients) crossing the split")
+    edge_codec_params: dict[str, Any] = field(default_factory=dict, metadata={"help": 'edge_codec.NAME keys: the edge codec\'s parameters'})
+    edge_device_slowdown: float = _key(8.0, "edge core time / this machine's measured core time")
+    edge_server_speedup: float = _key(4.0, "server time = measured time / this")
+    edge_rtt_ms: float = _key(50.0, "network round-trip delay added to every window")
+    edge_joule_per_flop: float = _key(1e-9, "linear energy model: device compute")
+    edge_joule_per_byte: float = _key(7e-6, "linear energy model: bytes sent")
+    edge_reward_alpha: float = _key(10.0, "splitter reward α·fidelity − β·latency/T_max − η·energy/E_budget: α")
+    edge_reward_beta: float = _key(5.0, "splitter reward: β, the latency weight")
+    edge_reward_eta: float = _key(3.0, "splitter reward: η, the energy weight")
+    edge_t_max_ms: float = _key(200.0, "splitter reward: T_max, the latency scale (ms)")
+    edge_e_budget_mj: float = _key(100.0, "splitter reward: E_budget, the energy scale (mJ)")
+    edge_ppo_iterations: int = _key(80, "PPO iterations (512 simulated decisions each) to train the splitter")
+    edge_probe_windows: int = _key(600, "held-out windows of the linear probe (half fit, half scored)")
 
     def check_edge(self) -> None:
         """The edge_* keys, each on its own (the codec name is checked by preflight)."""
@@ -419,9 +423,8 @@ class RunConfig(QuantumConfig, QkdConfig, SecurityConfig, CodecConfig, TrainingC
               f"edge_probe_windows must be >= 20 (half fit, half scored), got {self.edge_probe_windows}")
 
     # --- deployment (issue 16: edge daemons, `qfl deploy local`) ---
-    # Where the ServerApp of `flwr run` writes its run directory; empty = runs/<timestamp> in its working
-    # directory. A checkpoint already there is resumed (a run resubmitted after its SuperLink was lost).
-    run_dir: str = ""
+    run_dir: str = _key(
+        "", "run directory of `flwr run`'s ServerApp (empty = runs/<timestamp>); a checkpoint there is resumed")
 
     def to_flat(self) -> dict[str, Any]:
         """Flat key/value view (codec params as ``codec.NAME``), None values left out."""
@@ -446,8 +449,50 @@ class RunConfig(QuantumConfig, QkdConfig, SecurityConfig, CodecConfig, TrainingC
         return tomli_w.dumps(top)
 
 
+_RUN_OWN_KEYS = "Copy budgets on quantum datasets, edge clients (model = streamsplit) and deployment."
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name not in _PARAM_TABLES.values()}
 _TYPES = get_type_hints(RunConfig)
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One config key as `qfl run --help` lists it."""
+
+    key: str  # as written in a TOML file or --set (codec.NAME for a parameter table)
+    default: str  # the default as a TOML literal ("unset" where there is none)
+    meaning: str  # one line, from the field's metadata
+    choices: tuple[str, ...]  # the closed set of a Choice key; () for any other
+    concern: str  # the first line of the docstring of the dataclass that defines the key
+
+
+def _literal(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, Choice):
+        value = value.value
+    return tomli_w.dumps({"v": value}).partition("=")[2].strip()
+
+
+def describe_keys() -> list[KeyInfo]:
+    """Every config key with its default and meaning, grouped by concern, in schema order."""
+    rows = []
+    for part in reversed(RunConfig.__mro__):
+        if not (isinstance(part, type) and issubclass(part, _ConfigPart)) or part is _ConfigPart:
+            continue
+        concern = re.split(r" \(|\. ", " ".join((part.__doc__ or "").split()))[0].rstrip(".") + "."
+        concern = concern if part is not RunConfig else _RUN_OWN_KEYS
+        for f in dataclasses.fields(part):
+            if f.name not in part.__annotations__:
+                continue  # inherited: listed under the concern that defines it
+            kind = _TYPES[f.name]
+            choices = tuple(m.value for m in kind) if isinstance(kind, type) and issubclass(kind, Choice) else ()
+            if f.name in _PARAM_TABLES.values():
+                name = next(k for k, v in _PARAM_TABLES.items() if v == f.name) + ".NAME"
+                default = "{}"
+            else:
+                name, default = f.name, _literal(f.default)
+            rows.append(KeyInfo(name, default, f.metadata["help"], choices, concern))
+    return rows
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -455,6 +500,11 @@ def _coerce(key: str, value: Any) -> Any:
     if key == "alpha":
         if value is None or (isinstance(value, str) and value.lower() in ("none", "iid", "")):
             return None
+        if isinstance(value, str) or isinstance(value, bool):
+            raise ConfigError(
+                f"alpha must be a number > 0 (Dirichlet label skew, smaller = more skew) or 'iid', got {value!r}; "
+                "set e.g. alpha=0.5, or alpha=iid (the same as leaving it out) for IID shards", key=key,
+            )
         kind = float
     if isinstance(kind, type) and issubclass(kind, Choice):
         return kind.parse(key, value)

@@ -49,7 +49,8 @@ the message is for people (the cause and the fix) and may be reworded.
         ├── ResumeError (RuntimeError)            a run directory that cannot be resumed  reason: ResumeReason
         ├── NotEnoughNodes (RuntimeError)         too few nodes connected in time         connected, needed
         ├── KeyBudgetExceeded (RuntimeError)      key_policy=abort and a link cannot pay for the round
-        └── DeploymentError (RuntimeError)        a process of `qfl deploy local` failed  reason: DeploymentReason
+        ├── DeploymentError (RuntimeError)        a process of `qfl deploy local` failed  reason: DeploymentReason
+        └── RunInterrupted                        Ctrl-C or SIGTERM stopped a run between rounds (exit 130)
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ __all__ = [
     "ReasonedError",
     "ResumeError",
     "ResumeReason",
+    "RunInterrupted",
     "SecAggError",
     "SecAggReason",
     "StoreCorrupt",
@@ -358,3 +360,11 @@ class DeploymentReason(Enum):
 
 class DeploymentError(ReasonedError[DeploymentReason], RuntimeError):
     """A process of `qfl deploy local` (SuperLink, KMS, edge daemon, `flwr`) failed or did not come up in time."""
+
+
+class RunInterrupted(QflError):
+    """Ctrl-C or SIGTERM stopped a run between rounds; ``run_dir``'s checkpoint holds every complete round."""
+
+    def __init__(self, message: str, run_dir: Any = None) -> None:
+        super().__init__(message)
+        self.run_dir = run_dir

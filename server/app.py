@@ -9,8 +9,9 @@ already-resolved config, an output directory and a reporter.
 
 from __future__ import annotations
 
+import threading
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,11 @@ def default_run_dir() -> Path:
 
 
 def make_server_app(
-    cfg: RunConfig, run_dir: Path, reporter: Reporter | None = None, resume: bool = False, errors: list | None = None
+    cfg: RunConfig, run_dir: Path, reporter: Reporter | None = None, resume: bool = False, errors: list | None = None,
+    stop: threading.Event | None = None,
 ) -> ServerApp:
-    """A ServerApp running ``cfg`` into ``run_dir`` on the simulation engine; exceptions go to ``errors``.
+    """A ServerApp running ``cfg`` into ``run_dir`` on the simulation engine; exceptions go to ``errors``;
+    ``stop`` ends it after a round.
 
     Its clients share this machine, so they keep codec state in ``run_dir/client-state`` unless
     ``client_state_dir`` says otherwise."""
@@ -41,7 +44,7 @@ def make_server_app(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_federation(grid, cfg, run_dir, reporter, resume, client_state_dir=Path(run_dir) / "client-state")
+            run_federation(grid, cfg, run_dir, reporter, resume, stop, client_state_dir=Path(run_dir) / "client-state")
         except BaseException as err:  # the simulation engine would only log it
             if errors is None:
                 raise
@@ -76,7 +79,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """``flwr run``'s entry: ``run_dir`` (default runs/<timestamp>), resumed if it holds a checkpoint."""
     cfg = resolve_config(dict(context.run_config))
-    preflight(cfg)
+    for warning in preflight(cfg):
+        log(WARNING, "qfl: %s", warning)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir()
     resume = (run_dir / CHECKPOINT_NAME).is_file()
     if resume:

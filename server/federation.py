@@ -9,6 +9,8 @@ an uninterrupted run's.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ from .strategy import QflFedAvg, record_to_weights, weights_to_record
 CONFIG_NAME = "config.toml"
 METRICS_NAME = "metrics.json"
 SUMMARY_NAME = "summary.json"
+log = logging.getLogger("qfl.server")
 
 
 class Reporter(Protocol):
@@ -76,10 +79,13 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 def run_federation(
     grid: Grid, cfg: RunConfig, run_dir: Path, reporter: Reporter | None = None, resume: bool = False,
+    stop: threading.Event | None = None,
     client_state_dir: Path | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Run (or continue) ``cfg.rounds`` rounds on ``grid``; return the summary.
 
+    ``stop``: checked before each round; once set, the loop returns None after the round in flight,
+    with every complete round in the checkpoint (``qfl run --resume`` continues from there).
     ``client_state_dir``: where the clients keep codec state when ``cfg.client_state_dir`` is empty
     (a folder they can reach: simulations only; None = their memory, see qfl.clients.state)."""
     run_dir = Path(run_dir)
@@ -145,6 +151,9 @@ def run_federation(
     elapsed = history[-1]["elapsed_s"] if history else 0.0
 
     for rnd in range(first_round, cfg.rounds + 1):
+        if stop is not None and stop.is_set():
+            log.info("stopped before round %s of %s; the checkpoint holds round %s", rnd, cfg.rounds, rnd - 1)
+            break
         t0 = time.perf_counter()
         messages = strategy.configure_train(rnd, weights_to_record(weights), ConfigRecord(dict(flat_config)), grid)
         replies = list(grid.send_and_receive(messages, timeout=cfg.timeout_s))
@@ -183,6 +192,9 @@ def run_federation(
             "elapsed_s": elapsed,
         }
         history.append(record)
+        log.info("round %s: accuracy %.4f, loss %.4f, fed accuracy %s, uplink %s B, downlink %s B, key bits %s, "
+                 "dropped %s, %.2f s", rnd, accuracy, loss, record["fed_accuracy"], record["uplink_bytes"],
+                 record["downlink_bytes"], record["key_bits_used"], record["dropped"], wall)
         downlink_state = downlink.state_arrays() if downlink is not None else {}
         save_checkpoint(run_dir, Checkpoint(rnd, weights, optimizer.state_arrays(), history, downlink_state))
         atomic_write_json(run_dir / METRICS_NAME, history)
@@ -191,6 +203,8 @@ def run_federation(
 
     if budget is not None:
         budget.close()  # the last round's consumed key leaves the store's WAL
+    if len(history) < cfg.rounds:
+        return None
     summary = summarize(cfg, history, num_params, initial_acc, initial_loss)
     atomic_write_json(run_dir / SUMMARY_NAME, summary)
     if reporter:

@@ -28,8 +28,13 @@ def check_components(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def preflight(cfg: RunConfig) -> None:
-    """:func:`check_components`, then the dataset: files present, enough samples per client."""
+# Fewer validation examples than this per client (on average) make federated evaluation empty or noise.
+MIN_VALIDATION_EXAMPLES = 5
+
+
+def preflight(cfg: RunConfig) -> list[str]:
+    """:func:`check_components`, then the dataset: files present, enough samples per client.
+    Returns warnings: settings that run but give a result worse than the user likely expects."""
     from qfl.clients.tasks import task_for
 
     check_components(cfg)
@@ -43,6 +48,17 @@ def preflight(cfg: RunConfig) -> None:
         task.check_partition(cfg.clients)
     except ValueError as err:
         raise ConfigError(str(err), key="clients") from None
+    warnings = []
+    if cfg.fed_eval and cfg.model != "streamsplit":  # edge devices evaluate on their own streams
+        per_client = task.train_size() / cfg.clients * cfg.local_val_fraction
+        if per_client < MIN_VALIDATION_EXAMPLES:
+            warnings.append(
+                f"each client keeps about {per_client:.1f} validation examples (local_val_fraction="
+                f"{cfg.local_val_fraction} of ~{task.train_size() / cfg.clients:.0f}), fewer than "
+                f"{MIN_VALIDATION_EXAMPLES}: federated accuracy will be noisy or '-' (no client could evaluate); "
+                "raise local_val_fraction, use fewer clients, or set fed_eval=false"
+            )
+    return warnings
 
 
 def _check_codecs(cfg: RunConfig) -> None:
@@ -91,6 +107,15 @@ def _check_security(cfg: RunConfig) -> None:
                     f"qkd_eavesdropped fractions (the share of pulses Eve intercepts) must be in (0, 1], got {fraction}"
                 )
         if cfg.security in MASKED_MODES:
+            participants = max(1, round(cfg.fraction * cfg.clients))  # as the strategy samples a round
+            if participants < cfg.secure_min_clients:
+                key = "clients" if cfg.clients < cfg.secure_min_clients else "fraction"
+                raise ValueError(
+                    f"security={cfg.security} sums the uploads of {participants} client(s) per round "
+                    f"(clients={cfg.clients}, fraction={cfg.fraction}), fewer than secure_min_clients="
+                    f"{cfg.secure_min_clients}: the sum would reveal one update; sample at least "
+                    f"{cfg.secure_min_clients} clients per round, or set security=none"
+                )
             key = "codec"
             codec = make_summable_codec(cfg.codec, cfg.codec_params)  # ValueError naming the parameter or codecs
             bits = ring_bits(codec.ring_levels(), cfg.clients)

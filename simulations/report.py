@@ -1,5 +1,5 @@
-"""What a run shows and leaves behind: a live progress bar, a per-round table,
-and PNG plots (accuracy per round, cumulative uplink bytes per round)."""
+"""What a run shows on the terminal (a progress bar or one line per round, the per-round table), and the
+helpers every plot uses. The files a run leaves to read are :mod:`qfl.simulations.run_report`'s."""
 
 from __future__ import annotations
 
@@ -80,44 +80,28 @@ def save_png(fig: Any, path: Path) -> Path:
     return path
 
 
-def write_plots(run_dir: Path, history: list[dict[str, Any]]) -> list[Path]:
-    """accuracy.png and uplink.png in ``run_dir``; returns their paths."""
-    from matplotlib.ticker import MaxNLocator
-
-    plt = pyplot()
-    rounds = [r["round"] for r in history]
-    cumulative, total = [], 0
-    for r in history:
-        total += r["uplink_bytes"]
-        cumulative.append(total)
-    paths = []
-    for name, ys, label in (
-        ("accuracy.png", [r["accuracy"] for r in history], "test accuracy (central)"),
-        ("uplink.png", cumulative, "cumulative uplink bytes"),
-    ):
-        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
-        ax.plot(rounds, ys, marker="o")
-        ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        paths.append(save_png(fig, run_dir / name))
-    return paths
-
-
 class ConsoleReporter:
-    """Progress bar while rounds run; one table row per round; plots at the end."""
+    """What the terminal shows: a header, one line while Ray starts, then a progress bar (on a terminal)
+    or one line per round (to a file or pipe, never wrapped), the table and the result at the end.
+    ``quiet``: the result line only."""
 
-    def __init__(self, console: Console | None = None, live: bool = True) -> None:
-        self.console = console or Console(width=None if sys.stdout.isatty() else 140)
-        self.live = live and self.console.is_terminal
+    def __init__(self, console: Console | None = None, live: bool = True, quiet: bool = False) -> None:
+        tty = sys.stdout.isatty()
+        self.console = console or Console(width=None if tty else 1000, soft_wrap=not tty)
+        self.live = live and self.console.is_terminal and not quiet
+        self.quiet = quiet
         self.progress: Progress | None = None
         self.task: TaskID | None = None
         self.run_dir = Path(".")
 
-    def start(self, cfg: RunConfig, run_dir: Path, first_round: int) -> None:
-        self.run_dir = Path(run_dir)
+    def say(self, text: str) -> None:
+        """One line for the user (also while the progress bar runs)."""
+        (self.progress.console if self.progress is not None else self.console).print(text, highlight=False)
+
+    def announce(self, cfg: RunConfig, run_dir: Path, first_round: int) -> None:
+        """The run's settings and where it writes, before anything slow starts."""
+        if self.quiet:
+            return
         alpha = "IID" if cfg.alpha is None else f"Dirichlet alpha={cfg.alpha}"
         data = str(cfg.dataset)
         if cfg.model == "streamsplit":  # edge devices: each its own audio stream, activations through edge_codec
@@ -127,14 +111,19 @@ class ConsoleReporter:
             f"security={cfg.security}, server_opt={cfg.server_opt}, rounds {first_round}..{cfg.rounds} -> {run_dir}"
         )
         if cfg.security != "none":
+            from qfl.security.protection import topology_caveat
             from qfl.security.secagg import SECURITY_LEVELS
 
             topology = f", QKD {cfg.qkd_topology} at {cfg.qkd_distance_km:g} km" if cfg.key_source == "store" else ""
-            if cfg.qkd_topology == "star" and cfg.security in ("masked-sum", "expanded"):
-                topology += " (the server relays the pair keys, so it could read the masks)"
-            if cfg.qkd_topology == "trusted" and cfg.security in ("masked-sum", "expanded"):
-                topology += f" ({cfg.qkd_relays} trusted relays read the pair keys they relay: private only if none colludes)"
-            self.console.print(f"security: {SECURITY_LEVELS[cfg.security]}{topology}")
+            caveat = topology_caveat(cfg)
+            self.console.print(f"security: {SECURITY_LEVELS[cfg.security]}{topology}" + (f" ({caveat})" if caveat else ""))
+
+    def ray_starting(self, where: str) -> None:
+        if not self.quiet:
+            self.say(f"starting Ray ({where}); on a busy machine this takes up to a minute ...")
+
+    def start(self, cfg: RunConfig, run_dir: Path, first_round: int) -> None:
+        self.run_dir = Path(run_dir)
         self.progress = Progress(
             TextColumn("rounds"),
             BarColumn(),
@@ -145,21 +134,27 @@ class ConsoleReporter:
             disable=not self.live,
         )
         self.progress.start()
-        self.task = self.progress.add_task("rounds", total=cfg.rounds, completed=first_round - 1, status="")
+        self.task = self.progress.add_task("rounds", total=cfg.rounds, completed=first_round - 1,
+                                           status="the first round also starts the client processes")
 
     def round(self, record: dict[str, Any]) -> None:
         columns = COLUMNS + (EDGE_COLUMNS if "split_hist" in record else ())
         line = "  ".join(f"{h}={_cell(fmt, record.get(k))}" for k, h, fmt in columns)
         if self.progress is not None and self.task is not None:  # start() sets both
             self.progress.update(self.task, advance=1, status=f"acc {record['accuracy']:.3f}")
-            self.progress.console.print(line)
+            if not self.quiet:
+                self.progress.console.print(line, highlight=False)
 
-    def finish(self, summary: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    def stop_progress(self) -> None:
         if self.progress is not None:
             self.progress.stop()
-        self.console.print(round_table(history))
-        write_plots(self.run_dir, history)
+            self.progress = None
+
+    def finish(self, summary: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        self.stop_progress()
+        if not self.quiet:
+            self.console.print(round_table(history))
         self.console.print(
             f"final accuracy {summary['final_accuracy']:.4f}, uplink {summary['total_uplink_bytes']:,} B, "
-            f"{summary['wall_s']:.1f} s -> {self.run_dir}"
+            f"{summary['wall_s']:.1f} s -> {self.run_dir}", highlight=False
         )

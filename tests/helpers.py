@@ -61,6 +61,45 @@ def run_killed_after_round(out: Path, args: list[str], after_round: int, timeout
     return load_checkpoint(out).round
 
 
+def ctrl_c_after_round(out: Path, args: list[str], after_round: int, timeout: float) -> tuple[int, str, list[int]]:
+    """Start `qfl ARGS` (a run writing into OUT), and once OUT's checkpoint holds ``after_round`` send SIGINT to
+    its whole process group, as a terminal's Ctrl-C does. Return its exit status, its output, and the PIDs of
+    the processes it had started (Ray's GCS, raylet, workers) that are still alive after it exited."""
+    import time
+
+    import psutil
+
+    from qfl.server.checkpoint import load_checkpoint
+
+    log = out.with_name(out.name + ".out")
+    with log.open("w") as fh:
+        proc = subprocess.Popen(QFL + args, cwd=REPO, start_new_session=True, stdout=fh, stderr=subprocess.STDOUT)
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while not ((out / "checkpoint.npz").exists() and load_checkpoint(out).round >= after_round):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.05)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGINT)
+        status = proc.wait(timeout=timeout)
+        alive = []
+        for child in children:
+            try:
+                if child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(child.pid)
+            except psutil.NoSuchProcess:
+                pass
+        return status, log.read_text(), alive
+    finally:
+        kill_group(proc)
+        for child in children:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+
+
 def ring_codes(plan, delta, seed):
     """The codes and flags a client's masked upload carries before any mask, with its rounding drawn
     from rng(seed) as ``secagg.masked_upload`` draws it."""

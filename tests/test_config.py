@@ -67,6 +67,41 @@ def test_alpha_iid_spellings():
     assert resolve_config({"alpha": 1}).alpha == 1.0
 
 
+@pytest.mark.parametrize("value", ["abc", "true"])
+def test_a_bad_alpha_names_iid_as_the_alternative(value):
+    with pytest.raises(ConfigError) as err:
+        build_config(overrides=[f"alpha={value}"])
+    assert err.value.key == "alpha" and "'iid'" in str(err.value)
+
+
+def test_one_client_without_masking_is_allowed():
+    for overrides in (["clients=1", "security=none"], ["clients=1", "security=channel-pad"]):
+        assert check_components(build_config(overrides=overrides)).clients == 1
+
+
+def test_every_key_has_a_default_and_a_meaning_from_the_schema():
+    import dataclasses
+
+    from qfl.config import describe_keys
+
+    rows = describe_keys()
+    keys = {row.key for row in rows}
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    assert keys == (fields - {"codec_params", "downlink_codec_params", "edge_codec_params"}) | {
+        "codec.NAME", "downlink_codec.NAME", "edge_codec.NAME"}
+    assert all(row.meaning and row.default and row.concern for row in rows)
+    assert {row.key: row.default for row in rows}["rounds"] == str(RunConfig().rounds)
+    assert {row.key: row.choices for row in rows}["security"] == ("none", "masked-sum", "channel-pad", "expanded")
+
+
+def test_few_validation_examples_per_client_warn_but_run():
+    from qfl.server.preflight import preflight
+
+    assert preflight(build_config()) == []
+    assert len(preflight(build_config(overrides=["clients=300", "security=none"]))) == 1
+    assert preflight(build_config(overrides=["clients=300", "security=none", "fed_eval=false"])) == []
+
+
 def test_resolved_toml_round_trips(tmp_path):
     cfg = build_config(overrides=["alpha=0.3", "rounds=4", "server_opt=fedadam", "server_lr=0.01"])
     path = tmp_path / "config.toml"
@@ -118,6 +153,10 @@ def test_flwr_app_config_in_pyproject_is_valid():
         (["codec=fp32", "codec.bits=3"], "codec"),
         (["secure_clip=1e-40"], "secure_clip"),
         (["qkd_links=client-0~client-99=5"], "qkd_links"),
+        (["clients=1"], "clients"),  # a masked sum of one upload is that upload
+        (["clients=10", "fraction=0.1"], "fraction"),  # one client sampled per round
+        (["security=expanded", "clients=4", "fraction=0.1"], "fraction"),
+        (["secure_min_clients=5", "clients=4"], "clients"),
     ],
 )
 def test_component_errors_stop_before_any_round_naming_the_key(overrides, key):

@@ -1,5 +1,6 @@
 """`qfl run` end to end on the simulation engine, and its bad-input paths."""
 
+import csv
 import json
 
 import numpy as np
@@ -17,8 +18,12 @@ def test_qfl_run_writes_the_run_directory(tmp_path):
                       "--set", "security=none", "--set", "alpha=0.5", "--set", "server_opt=fedavgm",
                       "--set", "server_lr=0.5"])
     assert result.returncode == 0, result.stdout[-4000:]
-    for name in ("config.toml", "metrics.json", "summary.json", "checkpoint.npz", "accuracy.png", "uplink.png"):
+    for name in ("config.toml", "metrics.json", "summary.json", "checkpoint.npz", "run.log", "report.md", "metrics.csv",
+                 "accuracy.png", "loss.png", "traffic.png", "key.png"):
         assert (out / name).stat().st_size > 0, name
+    report = (out / "report.md").read_text()
+    assert all(f"({name})" in report for name in ("accuracy.png", "loss.png", "traffic.png", "key.png"))
+    assert "qfl.server: round 3:" in (out / "run.log").read_text()
     history = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in history] == [1, 2, 3]
     num_params = json.loads((out / "summary.json").read_text())["num_params"]
@@ -32,6 +37,11 @@ def test_qfl_run_writes_the_run_directory(tmp_path):
     assert history[-1]["accuracy"] > history[0]["accuracy"] or history[-1]["loss"] < history[0]["loss"]
     assert 'alpha = 0.5' in (out / "config.toml").read_text()
     assert "per-round results" in result.stdout
+    assert [line for line in result.stdout.splitlines() if line.startswith("round=")][2].startswith("round=3 ")
+    with (out / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["round"]) for r in rows] == [1, 2, 3]
+    assert [float(r["accuracy"]) for r in rows] == [r["accuracy"] for r in history]
 
 
 def test_unknown_key_fails_before_any_round(tmp_path):
