@@ -165,7 +165,7 @@ class KeyBudget:
         """End of the run: wipe unused taken keys, scrub the store's WAL, close this thread's connection."""
         if self.store is not None:
             self.store.expire_undelivered(time.time())
-            self.store.scrub()
+            self.store.scrub(idle=True)  # every round is over: a stray held-key file (a kill -9 before) goes too
             self.store.close()
 
     # -- admission -----------------------------------------------------------------------------

@@ -873,11 +873,14 @@ class KeyStore:
             "fingerprints": fingerprints,
         }
 
-    def scrub(self) -> None:
+    def scrub(self, idle: bool = False) -> None:
         """Checkpoint and truncate the WAL, so page images of deleted key material leave the WAL file;
-        wipe held-key files that no waiting key owns (left by a crash between a commit and its wipe)."""
+        wipe held-key files that no waiting key owns (left by a crash between a commit and its wipe).
+
+        A file younger than twice the busy timeout may belong to a transaction still open elsewhere, so it
+        is kept unless ``idle`` says no other process uses the store (the end of a run)."""
         self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        quiet_before = time.time() - 2 * self._busy_timeout_ms / 1000  # older than any open transaction
+        quiet_before = None if idle else time.time() - 2 * self._busy_timeout_ms / 1000
         with self._tx(write=False) as tx:
             waiting = {r[0] for r in tx._con.execute("SELECT key_id FROM keys WHERE state = ?", (STATE_DELIVERED,))}
         self.held.wipe([k for k in self.held.ids(older_than=quiet_before) if k not in waiting])
