@@ -147,6 +147,10 @@ def test_daemon_enrolled_refused_foreign_revoked_reconnect_and_sigterm(tmp_path:
         assert not is_running(orphan)
 
         dep.kill("superlink")  # SIGKILL
+        # Kept down until the node has seen the outage: a SuperLink back before the node's next request is
+        # never noticed (the node carries on with the restarted SuperLink's state), and nothing is recovered.
+        dep._wait("the enrolled daemon to see the SuperLink gone",
+                  lambda: _status(states["enrolled"]).get("connection") != "connected", ("edge-0",), WAIT_S)
         dep.start_superlink()  # same port and state database
         dep._wait("the enrolled daemon to reconnect", lambda: (s := _status(states["enrolled"])).get("reconnects", 0) >= 2
                   and s.get("connection") == "connected", ("superlink", "edge-0"), WAIT_S)
