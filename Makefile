@@ -44,8 +44,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check --quiet .
 	$(BIN)/mypy -p qfl --no-error-summary
 
+# Two workers (pytest-xdist): a file's tests stay together on one worker, and the loopback deployments
+# share one worker (tests/conftest.py), so at most one deployment and one other test run at a time.
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 # The loopback deployments alone (SuperLink, KMS and edge daemons as processes; also part of `make test`).
 test-deploy: $(STAMP)

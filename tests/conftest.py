@@ -14,3 +14,12 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def pytest_collection_modifyitems(config, items):
+    """Scheduling under ``pytest -n 2 --dist loadgroup`` (what ``make test`` runs): a file's tests stay on one
+    worker (module-scoped fixtures such as a whole deployment run once), and the loopback deployments share one
+    worker, so that no two of them compete for the cores at once."""
+    for item in items:
+        group = "deployment" if item.get_closest_marker("deployment") else item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
