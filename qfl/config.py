@@ -71,6 +71,11 @@ class SecureMasking(Choice):
     SINGLE = "single"  # pair masks only: safe against an honest-but-curious server only
 
 
+class SelfMask(Choice):
+    SEED = "seed"  # b_i = ChaCha20(32-byte seed); the seed is Shamir-shared: a share is 34 bytes
+    VECTOR = "vector"  # b_i drawn whole from the OS CSPRNG and Shamir-shared whole: a share is 17/16 of an upload
+
+
 class SecureGraph(Choice):
     SPARSE = "sparse"  # a Harary graph of degree k = O(log n) (Bell et al. 2020); the full graph when k >= n - 1
     FULL = "full"  # every pair of participants masks together (Bonawitz et al. 2017)
@@ -268,6 +273,9 @@ class SecurityConfig(_ConfigPart):
     secure_masking: SecureMasking = _key(
         SecureMasking.DOUBLE, "double: Shamir-shared self-masks too, safe against a server that lies about "
         "dropouts (Bonawitz et al. 2017); single: ~1/3 of the key, honest-but-curious server only")
+    secure_self_mask: SelfMask = _key(
+        SelfMask.SEED, "double masking's self-mask: seed (a ChaCha20 keystream from a 256-bit seed, the seed is what "
+        "is shared; shares of 34 B) | vector (drawn whole and shared whole; each share 17/16 of an upload)")
     secure_threshold: int = _key(0, "Shamir threshold t of the self-masks; 0 = a strict majority of each client's peers")
     secure_graph: SecureGraph = _key(
         SecureGraph.SPARSE, "masking graph (qfl.security.graph); sparse takes the least even degree whose "

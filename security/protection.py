@@ -37,7 +37,8 @@ def protection(cfg: RunConfig) -> list[tuple[str, str]]:
             rows.append((
                 "a server that lies about who dropped",
                 f"every single update, while fewer than 2t − d of a client's d masking peers collude with it "
-                f"(t is sized for secure_corrupt = {cfg.secure_corrupt} of the clients colluding){computational}",
+                f"(t is sized for secure_corrupt = {cfg.secure_corrupt} of the clients colluding){computational}"
+                + ("; self-masks are ChaCha20 keystreams of shared 256-bit seeds" if cfg.secure_self_mask == "seed" else ""),
             ))
         else:
             rows.append(("a server that lies about who dropped",

@@ -30,11 +30,14 @@ PRG). Client ``i`` uploads::
    Wegman–Carter keys, one per direction.
 2. *train*: client ``j`` fetches the keys of its lower peers by id
    (``dec_keys``), encodes Δ as codes ``q_j`` plus two flags per tensor, draws a
-   one-time self-mask ``b_j`` uniform on ``Z_{2^B}^m`` from the OS CSPRNG
-   (``secrets``; never from the run seed), adds it and the pair masks, packs
-   ``y_j`` at ``B`` bits and seals it with a Wegman–Carter tag under a fresh
-   16-byte key of link ``client-j~server``. It Shamir-shares ``b_j`` (its
-   packed bytes, as 16-bit chunks over GF(65537), :mod:`qfl.security.primitives.shamir`)
+   one-time self-mask ``b_j`` uniform on ``Z_{2^B}^m`` (:func:`self_mask_of`;
+   ``secure_self_mask``): by default the ChaCha20 keystream of a 32-byte seed
+   from the OS CSPRNG (``secrets``; never from the run seed), or (``vector``)
+   ``⌈m·B/8⌉`` bytes drawn straight from it. It adds ``b_j`` and the pair
+   masks, packs ``y_j`` at ``B`` bits and seals it with a Wegman–Carter tag
+   under a fresh 16-byte key of link ``client-j~server``. It Shamir-shares the
+   seed (or the packed ``b_j``), as 16-bit chunks over GF(65537)
+   (:mod:`qfl.security.primitives.shamir`),
    with threshold ``t`` to its peers (peer ``k`` gets the point ``k + 1``), and
    sends each share one-time-pad encrypted and MAC'ed under the pair key
    ``j~k`` along with the upload: the server relays shares it can neither read
@@ -67,8 +70,12 @@ single update with honest clients. With ``c`` of ``k``'s ``d`` peers colluding
 ``d − a ≥ t``, i.e. ``c ≥ 2t − d``: so each client's threshold is sized for
 ``c`` colluders, ``t = ⌊(d + c)/2⌋ + 1`` (:func:`qfl.security.graph.threshold`,
 ``c`` = :attr:`RoundPlan.colluders` from ``secure_corrupt``;
-``docs/threat-model.md``). ``t − 1`` shares are independent of ``b_k``
-(Shamir), so withheld or split requests leave ``b_k`` uniform.
+``docs/threat-model.md``). ``t − 1`` shares are independent of ``b_k``'s seed
+(Shamir), so withheld or split requests leave ``b_k`` uniform (seed: as
+pseudorandom as ChaCha20 under a 256-bit key, the generator the OS CSPRNG
+itself runs; vector: uniform outright). The seed is what makes double masking
+affordable: a share is 34 bytes, where a shared vector costs ``17/16`` of an
+upload per peer in uplink and twice that in pad key (``k`` times the update).
 
 Single masking (``secure_masking=single``): no self-mask and no shares; the
 unmask step runs only if someone dropped, and only for the pair masks with
@@ -90,10 +97,11 @@ holds for each neighbourhood with ``n − 1`` replaced by ``|N(i)|``.
 Key cost per round, ``n`` participants, ``m`` ring elements per upload
 (``m = Σ coords + 2·tensors``), ``M = ⌈m·B/8⌉``: ``n·k/2`` pair keys (``k``
 peers each; ``n(n−1)/2`` in the full graph) of
-``M + 2·⌈17·⌈M/2⌉/8⌉ + 32`` bytes (double; ``M`` single), plus 128 bits per
-sealed message on each client~server link (an upload and an unmask reply).
-The share pads make double masking cost about ``3.1×`` the key of single
-masking (``17/16`` of the mask per direction).
+``M + 2·34 + 32`` bytes (double with seeded self-masks; ``M + 2·⌈17·⌈M/2⌉/8⌉ + 32``
+with ``secure_self_mask=vector``; ``M`` single), plus 128 bits per sealed
+message on each client~server link (an upload and an unmask reply). Shared
+vectors make double masking cost about ``3.1×`` the key of single masking
+(``17/16`` of the mask per direction); seeds, 100 bytes a pair more.
 
 **expanded** — as masked-sum, but each pair key holds a 32-byte seed of
 ChaCha20 (``masking.expand_key``) whose keystream gives the pair mask and, in
@@ -152,6 +160,8 @@ SECURITY_LEVELS = {
 }
 MASKED_MODES = ("masked-sum", "expanded")
 MASKINGS = ("double", "single")
+SELF_MASKS = ("seed", "vector")
+SELF_MASK_SEED_BYTES = 32
 EXPANDED_KEY_BYTES = 32
 MAC_KEY_BYTES = mac.mac_key_bytes()
 TAG_BYTES = mac.MAC_TAG_BYTES
@@ -221,6 +231,7 @@ class RoundPlan:
     clips: tuple[float, ...]
     round_seed: int  # rand-k supports: tensor_seed(round_seed, name)
     masking: str = "double"
+    self_mask: str = "seed"  # what a double-masking client Shamir-shares: its self-mask's seed, or the mask itself
     min_threshold: int = 0
     degree: int = 0  # masking graph (qfl.security.graph): 0 = full, else the Harary degree k over graph_of
     colluders: int = 0  # colluding peers each client's threshold resists (qfl.security.graph.threshold)
@@ -301,13 +312,23 @@ class RoundPlan:
         """Bytes of a packed upload, of a pair mask and of a self-mask: ``⌈m·B/8⌉``."""
         return key_bytes_needed(self.elements(), self.ring_bits)
 
+    @property
+    def seeded(self) -> bool:
+        """Whether a self-mask is the ChaCha20 keystream of a 32-byte seed, and the seed is what is shared."""
+        return self.self_mask == "seed"
+
+    def secret_bytes(self) -> int:
+        """Bytes a client Shamir-shares: its self-mask's seed (32) or its packed self-mask (``M``)."""
+        return SELF_MASK_SEED_BYTES if self.seeded else self.upload_bytes()
+
     def share_chunks(self) -> int:
         """GF(65537) elements of one share of a self-mask."""
-        return shamir.chunk_count(self.upload_bytes())
+        return shamir.chunk_count(self.secret_bytes())
 
     def share_bytes(self) -> int:
-        """Bytes of one packed share (and of its one-time pad): ``⌈17·⌈M/2⌉/8⌉``."""
-        return shamir.share_bytes(self.upload_bytes())
+        """Bytes of one packed share (and of its one-time pad): ``⌈17·⌈X/2⌉/8⌉``, ``X`` = :meth:`secret_bytes`
+        (34 bytes for a seed, about ``17/16·M`` for a whole mask)."""
+        return shamir.share_bytes(self.secret_bytes())
 
     def key_layout(self) -> PairKeyLayout:
         """Key bytes one pair spends this round, by use."""
@@ -345,6 +366,8 @@ class RoundPlan:
             raise SecAggError(f"a masked round needs mode {' or '.join(MASKED_MODES)}, got {self.mode!r}", reason=SecAggReason.BAD_PLAN)
         if self.masking not in MASKINGS:
             raise SecAggError(f"unknown masking {self.masking!r}; choose one of {', '.join(MASKINGS)}", reason=SecAggReason.BAD_PLAN)
+        if self.self_mask not in SELF_MASKS:
+            raise SecAggError(f"unknown self-mask form {self.self_mask!r}; choose one of {', '.join(SELF_MASKS)}", reason=SecAggReason.BAD_PLAN)
         if len(set(self.participants)) != n or any(not 0 <= p < MAX_PARTICIPANTS for p in self.participants):
             raise SecAggError(f"participants must be distinct partition ids in [0, {MAX_PARTICIPANTS})", reason=SecAggReason.BAD_PLAN)
         if self.min_threshold < 0:
@@ -382,6 +405,7 @@ class RoundPlan:
             "clips": list(self.clips),
             "round-seed": str(self.round_seed),
             "masking": self.masking,
+            "self-mask": self.self_mask,
             "threshold": self.min_threshold,
             "degree": self.degree,
             "colluders": self.colluders,
@@ -406,6 +430,7 @@ class RoundPlan:
                 clips=tuple(as_float(c) for c in as_iterable(values["clips"])),
                 round_seed=as_int(values["round-seed"]),
                 masking=str(values["masking"]),
+                self_mask=str(values["self-mask"]),
                 min_threshold=as_int(values["threshold"]),
                 degree=as_int(values["degree"]),
                 colluders=as_int(values["colluders"]),
@@ -438,6 +463,7 @@ def make_plan(
         clips=tuple(float(clips[n]) for n in names),
         round_seed=int(round_seed),
         masking=cfg.secure_masking,
+        self_mask=cfg.secure_self_mask,
         min_threshold=cfg.secure_threshold,
         degree=(degree := round_degree(cfg, len(participants))),
         colluders=round_colluders(cfg, len(participants), degree),
@@ -565,18 +591,35 @@ def _share_message(plan: RoundPlan, sender: int, recipient: int, cipher: bytes |
     return _tag_message(plan.mode, "share", plan.round, sender, f"to-{int(recipient)}", cipher)
 
 
+def self_mask_of(plan: RoundPlan, me: int, secret: bytes) -> np.ndarray:
+    """``me``'s self-mask ``b_me`` (``m`` ring elements of ``B`` bits) from the secret its shares rebuild.
+
+    seed: ``b = ChaCha20(seed, nonce = round ‖ 2^63 + me)`` read as a mask
+    (:func:`mask_from_key`); the nonce is apart from every pair key's. vector:
+    the secret is the packed mask itself. Either way ``b`` is uniform on
+    ``(Z_{2^B})^m`` for a uniform secret; a seed makes it as strong as
+    ChaCha20 with a 256-bit key, the primitive the OS CSPRNG that draws a
+    vector is itself built on (Linux's getrandom).
+    """
+    stream = secret
+    if plan.seeded:
+        nonce = struct.pack("<IQ", plan.round & 0xFFFFFFFF, (1 << 63) | int(me))
+        stream = expand_key(secret, plan.upload_bytes(), nonce)
+    return mask_from_key(stream, plan.elements(), plan.ring_bits)
+
+
 def share_self_mask(
-    plan: RoundPlan, me: int, packed_mask: bytes, materials: Mapping[int, PairMaterial]
+    plan: RoundPlan, me: int, secret: bytes, materials: Mapping[int, PairMaterial]
 ) -> dict[int, SealedShare]:
-    """Shamir-share ``me``'s packed self-mask among its peers with threshold ``plan.threshold_of(me)``;
-    encrypt and MAC each share.
+    """Shamir-share ``me``'s self-mask secret (:meth:`RoundPlan.secret_bytes`: its seed or the packed
+    mask) among its peers with threshold ``plan.threshold_of(me)``; encrypt and MAC each share.
 
     Peer ``k`` gets the share at point ``k + 1``, XORed with the pad ``me→k``
     and tagged under the MAC key ``me→k`` (encrypt-then-MAC; the tag binds the
     mode, round, sender and recipient).
     """
     peers = plan.peers(me)
-    values = shamir.split(shamir.to_chunks(packed_mask), [p + 1 for p in peers], plan.threshold_of(me))
+    values = shamir.split(shamir.to_chunks(secret), [p + 1 for p in peers], plan.threshold_of(me))
     out = {}
     for peer in peers:
         cipher = xor_pad(shamir.pack_share(values[peer + 1]), materials[peer].pad_out)
@@ -605,8 +648,8 @@ def masked_upload(
 ) -> MaskedUpload:
     """Client ``me``'s upload: its codes and flags plus (double) a fresh self-mask plus its pair masks.
 
-    ``rng`` draws only the codes' stochastic rounding; the self-mask comes from
-    ``secrets`` and is forgotten once shared.
+    ``rng`` draws only the codes' stochastic rounding; the self-mask (or its
+    seed) comes from ``secrets`` and is forgotten once shared.
     """
     if me not in plan.participants:
         raise SecAggError(f"client {me} is not a participant of round {plan.round}", reason=SecAggReason.BAD_REQUEST)
@@ -620,8 +663,8 @@ def masked_upload(
     q = np.concatenate([*parts, np.asarray(flags, dtype=np.uint64)])
     shares: dict[int, SealedShare] = {}
     if plan.double:
-        self_mask = mask_from_key(secrets.token_bytes(plan.upload_bytes()), q.size, plan.ring_bits)  # uniform
-        shares = share_self_mask(plan, me, pack_ring(self_mask, plan.ring_bits), materials)
+        self_mask = self_mask_of(plan, me, secret := secrets.token_bytes(plan.secret_bytes()))  # uniform
+        shares = share_self_mask(plan, me, secret if plan.seeded else pack_ring(self_mask, plan.ring_bits), materials)
         q += self_mask  # uint64 wraps mod 2^64, a multiple of 2^B; masked_pack reduces mod 2^B
         del self_mask
     blob = masked_pack(q, me, {peer: materials[peer].mask for peer in peers}, plan.ring_bits)
@@ -893,7 +936,8 @@ def unmask_sum(
             if len(points) < t:
                 raise SecAggError(f"only {len(points)} of the {t} shares of client {k}'s self-mask arrived", reason=SecAggReason.TOO_FEW)
             try:
-                packed = shamir.from_chunks(shamir.combine(points, t), plan.upload_bytes())
+                secret = shamir.from_chunks(shamir.combine(points, t), plan.secret_bytes())
+                packed = pack_ring(self_mask_of(plan, k, secret), B) if plan.seeded else secret
                 add_packed(total, packed, B, subtract=True)
             except ValueError as err:
                 raise SecAggError(f"the self-mask of client {k} cannot be rebuilt: {err}", reason=SecAggReason.MALFORMED) from None

@@ -134,10 +134,14 @@ def test_a_share_packs_at_17_bits_and_rejects_values_outside_the_field():
 # --------------------------------------------------------------------------- honest rounds
 
 
-def test_double_masking_with_drops_and_a_failed_mac_sums_exactly_and_never_shares_the_failed(tmp_path):
+@pytest.mark.parametrize("self_mask", ["seed", "vector"])
+def test_double_masking_with_drops_and_a_failed_mac_sums_exactly_and_never_shares_the_failed(tmp_path, self_mask):
     n = 7
-    store, plan, keys, deltas, uploads = _round(tmp_path, n)
-    assert plan.threshold_of(0) == 4 and plan.double
+    store, plan, keys, deltas, uploads = _round(tmp_path, n, secure_self_mask=self_mask)
+    assert plan.threshold_of(0) == 4 and plan.double and plan.self_mask == self_mask
+    secret = 32 if self_mask == "seed" else plan.upload_bytes()
+    assert plan.share_bytes() == shamir.share_bytes(secret)
+    assert all(len(s.cipher) == plan.share_bytes() for u in uploads.values() for s in u.shares.values())
     # client 3's upload is tampered in transit: its seal fails, so it is dropped although it arrived
     key_id, tag = sa.seal(store, 3, plan.mode, "upload", plan.round, uploads[3].blob)
     bad = bytearray(uploads[3].blob)
@@ -260,12 +264,19 @@ def test_no_split_of_the_drop_lists_gives_both_masks_of_a_client(tmp_path):
                     assert shares < plan.threshold_of(j) or masks != set(peers), (told_survived, d_j)
 
 
-def test_a_split_lie_does_not_recover_the_update(tmp_path):
+def _rebuilt_self_mask(plan, j, shares, t):
+    """What the server subtracts for client j's self-mask after combining ``shares`` at threshold t."""
+    secret = shamir.from_chunks(shamir.combine(shares, t), plan.secret_bytes())
+    return pack_ring(sa.self_mask_of(plan, j, secret), plan.ring_bits)
+
+
+@pytest.mark.parametrize("self_mask", ["seed", "vector"])
+def test_a_split_lie_does_not_recover_the_update(tmp_path, self_mask):
     """Half of the peers told 0 survived, half told 0 dropped, and 0 asked to reveal its masks with the
     first half: 0 refuses (too few survivors), the server has 3 < t shares of b_0, and its best
     guess at q_0 is wrong."""
     n, j = 7, 0
-    _, plan, keys, deltas, uploads = _round(tmp_path, n)
+    _, plan, keys, deltas, uploads = _round(tmp_path, n, secure_self_mask=self_mask)
     survived, dropped_half = [1, 2, 3], [4, 5, 6]
     shares, masks = {}, {}
     for k in survived:  # S = {0, 1, 2, 3, 4}: 5 = t + 1 survivors, so k answers
@@ -282,14 +293,14 @@ def test_a_split_lie_does_not_recover_the_update(tmp_path):
     # the best the server can do: treat 3 shares as enough and skip the pair masks it lacks
     z = _unmasked_by_pair_masks(plan, uploads[j].blob, j, masks)
     try:
-        add_packed(z, shamir.from_chunks(shamir.combine(shares, 3), plan.upload_bytes()), plan.ring_bits, subtract=True)
+        add_packed(z, _rebuilt_self_mask(plan, j, shares, 3), plan.ring_bits, subtract=True)
     except ValueError:
         pass  # the "rebuilt" mask is not even a packed ring vector
     assert not np.array_equal(z, _codes(plan, deltas[j], j))
     # control: with a 4th share and ALL pair masks (which no honest client set hands out) q_0 would come out
     full = _answer(plan, keys, 4, list(range(n)), [], {x: uploads[x].shares[4] for x in range(n) if x != 4})
     shares[5] = full.share_of(plan, j)
-    b0 = shamir.from_chunks(shamir.combine(shares, plan.threshold_of(0)), plan.upload_bytes())
+    b0 = _rebuilt_self_mask(plan, j, shares, plan.threshold_of(0))
     every_mask = {k: sa.reveal_masks(plan, j, keys[j], [k]) for k in range(1, n)}
     z = _unmasked_by_pair_masks(plan, uploads[j].blob, j, every_mask)
     add_packed(z, b0, plan.ring_bits, subtract=True)
@@ -319,3 +330,19 @@ def test_a_tampered_share_is_caught_by_its_recipient(tmp_path, part):
     with pytest.raises(sa.SecAggError) as err:
         sa.open_share(plan, 0, 2, material, uploads[2].shares[1])
     assert err.value.reason is SecAggReason.BAD_MAC
+
+
+def test_the_self_mask_form_travels_with_the_plan_and_an_unknown_one_is_refused():
+    plan = _plan(5, secure_self_mask="vector")
+    assert sa.RoundPlan.from_config(plan.to_config()).self_mask == "vector"
+    values = {**_plan(5).to_config(), "self-mask": "zeros"}
+    with pytest.raises(sa.SecAggError) as err:
+        sa.RoundPlan.from_config(values)
+    assert err.value.reason is SecAggReason.BAD_PLAN
+
+
+def test_different_seeds_give_different_self_masks_spread_over_the_ring():
+    plan = _plan(3)
+    a, b = (sa.self_mask_of(plan, 0, os.urandom(32)) for _ in range(2))
+    assert not np.array_equal(a, b) and a.size == plan.elements()
+    assert len(np.unique(a)) > 0.9 * min(a.size, 1 << plan.ring_bits)

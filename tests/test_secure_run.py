@@ -99,7 +99,9 @@ def test_masked_sum_survives_dropouts_tampering_and_replay(tmp_path):
     assert first["clients"] == 10 and first["dropped"] == 0
     # double masking (the default): the key split by use adds up to the ledger in a round without faults
     split = first["key_bits_pair_masks"] + first["key_bits_share_pads"] + first["key_bits_macs"]
-    assert first["key_bits_share_pads"] > first["key_bits_pair_masks"] > 0 and split == first["key_bits_used"]
+    assert first["key_bits_pair_masks"] > 0 and split == first["key_bits_used"]
+    # seeded self-masks (the default): each of the 45 pairs pads two 34-byte shares of a 32-byte seed
+    assert first["key_bits_share_pads"] == 45 * 2 * 34 * 8
     # round 2: 30% dropped, their pair masks revealed by the 7 survivors (t = 5 shares of each
     # survivor's self-mask), the sum still opens
     assert second["clients"] == 7 and second["dropped"] == 3
