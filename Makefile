@@ -44,14 +44,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check --quiet .
 	$(BIN)/mypy -p qfl --no-error-summary
 
-# Two workers (pytest-xdist): a file's tests stay together on one worker, and the loopback deployments
-# share one worker (tests/conftest.py), so at most one deployment and one other test run at a time.
+# Two workers (pytest-xdist, loadgroup): a file's tests stay together on one worker, and the loopback deployments
+# share one worker (tests/conftest.py), so at most one deployment and one other test run at a time; the
+# deployments go first, the longest piece of work. pytest < 9.2 keeps the groups (tests/test_scheduling.py).
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
 
 # The loopback deployments alone (SuperLink, KMS and edge daemons as processes; also part of `make test`).
 test-deploy: $(STAMP)
-	$(BIN)/python -m pytest -q -m deployment tests/test_edge_daemon.py tests/test_deploy_faults.py tests/test_edge_resume.py
+	$(BIN)/python -m pytest -q -m deployment tests/test_deployment.py tests/test_edge_daemon.py tests/test_deploy_faults.py tests/test_edge_resume.py
 
 # Slower work, kept out of `make test`.
 # 10^5 hostile payloads against every decoder; exits 1 on any crash, hang or oversize allocation.

@@ -31,9 +31,12 @@ import tomllib
 import uuid
 from pathlib import Path
 
+import pytest
+
 APP_DIR = Path(__file__).resolve().parents[1]
 BIN_DIR = Path(sys.executable).parent  # the venv's bin/, where flwr's scripts live
 CONNECTION = "qfl-deployment-test"
+pytestmark = pytest.mark.deployment  # one loopback deployment at a time (tests/conftest.py)
 # Flower's SuperLink accepts --run-config keys only if [tool.flwr.app.config]
 # declares them; the resolved config.toml of the run is checked below.
 RUN_CONFIG = {"rounds": 2, "clients": 2, "fed_eval": True, "alpha": 1.0, "security": "masked-sum"}
