@@ -168,12 +168,16 @@ def plot_rows(rows: list[dict[str, Any]], path: Path) -> Path:
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for arm in ARMS:
+    for colour, arm in zip(("C0", "C1", "C2"), ARMS):  # one colour per arm in both panels
         mine = [r for r in rows if r["arm"] == arm]
         ns = [r["n"] for r in mine]
-        if arm != "none":
-            axes[0].plot(ns, [r["key_bits_per_client"] for r in mine], marker="o", label=arm)
-        axes[1].plot(ns, [r["uplink_bytes_per_client"] for r in mine], marker="o", label=arm)
+        planned = [r for r in mine if not r["measured"]]
+        for ax, key in ((axes[0], "key_bits_per_client"), (axes[1], "uplink_bytes_per_client")):
+            if ax is axes[0] and arm == "none":
+                continue
+            ax.plot(ns, [r[key] for r in mine], marker="o", color=colour, label=arm)
+            ax.plot([r["n"] for r in planned], [r[key] for r in planned], marker="o", linestyle="none",
+                    markerfacecolor="white", color=colour, label=f"{arm} (planned, not run)" if planned else None)
     for ax, title in zip(axes, ("key bits per client", "uplink bytes per client")):
         ax.set_xscale("log")
         ax.set_yscale("log")
