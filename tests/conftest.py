@@ -26,4 +26,3 @@ def pytest_collection_modifyitems(config, items):
         group = "deployment" if item.get_closest_marker("deployment") else item.nodeid.split("::", 1)[0]
         item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=lambda item: item.get_closest_marker("deployment") is None)  # stable: files keep their order
-
