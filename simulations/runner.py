@@ -26,6 +26,7 @@ from qfl.server.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from qfl.server.federation import CONFIG_NAME, SUMMARY_NAME, Reporter
 from qfl.server.preflight import preflight
 
+from .flower_polling import node_polling
 from .interrupt import Interrupts, adopt_orphans, stop_children
 from .report import ConsoleReporter
 from .runlog import RUN_LOG_NAME, start_run_log
@@ -112,13 +113,14 @@ def run_simulation_job(
             "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
             "init_args": {"logging_level": "ERROR", "log_to_driver": verbose, "include_dashboard": False},
         }
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=cfg.clients,
-            backend_config=backend_config,
-            verbose_logging=verbose,
-        )
+        with node_polling():  # Flower polls every registered node 10 times a second otherwise
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=cfg.clients,
+                backend_config=backend_config,
+                verbose_logging=verbose,
+            )
     finally:
         interrupts.rounds_running = False
         if console:
