@@ -44,7 +44,8 @@ def add_messages_to_queue(state: Any, queue: Queue[Any], nodes_mapping: Mapping[
 
 
 def _flower_loop() -> Any:
-    return _ORIGINAL.get("loop") or _vce_api().add_messages_to_queue
+    """Flower's own loop (the module attribute while no run has replaced it)."""
+    return _FLOWER.get("loop") or _vce_api().add_messages_to_queue
 
 
 def _vce_api() -> Any:
@@ -53,16 +54,19 @@ def _vce_api() -> Any:
     return vce_api
 
 
-_ORIGINAL: dict[str, Any] = {}
+_FLOWER: dict[str, Any] = {}
 
 
 @contextlib.contextmanager
 def node_polling() -> Iterator[None]:
-    """Run the simulation engine with :func:`add_messages_to_queue` in place of Flower's loop."""
+    """Run the simulation engine with :func:`add_messages_to_queue` in place of Flower's loop (nesting is safe:
+    each exit puts back what its entry found)."""
     vce_api = _vce_api()
-    _ORIGINAL["loop"] = vce_api.add_messages_to_queue
+    previous = vce_api.add_messages_to_queue
+    if previous is not add_messages_to_queue:
+        _FLOWER["loop"] = previous
     vce_api.add_messages_to_queue = add_messages_to_queue
     try:
         yield
     finally:
-        vce_api.add_messages_to_queue = _ORIGINAL.pop("loop")
+        vce_api.add_messages_to_queue = previous

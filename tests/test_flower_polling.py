@@ -45,4 +45,7 @@ def test_the_loop_is_flowers_again_after_the_run():
     flowers = vce_api.add_messages_to_queue
     with node_polling():
         assert vce_api.add_messages_to_queue is add_messages_to_queue
+        with node_polling():  # nested runs put back what they found
+            assert vce_api.add_messages_to_queue is add_messages_to_queue
+        assert vce_api.add_messages_to_queue is add_messages_to_queue
     assert vce_api.add_messages_to_queue is flowers
