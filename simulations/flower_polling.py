@@ -15,7 +15,10 @@ for the nodes that have an undelivered instruction, found in one pass over the
 store: O(n + m) a sweep, plus Flower's scan for each waiting node. Nodes are
 asked in the registration order, as Flower does. :func:`node_polling` installs
 it for the duration of a run and puts Flower's back afterwards; a link state
-without an in-memory store falls back to Flower's loop.
+without an in-memory store falls back to Flower's loop. One difference: Flower's
+sweep also re-checked instructions already handed out (deleting those past their
+TTL); this loop leaves them to the reply side, which checks each reply's
+instruction when the ServerApp pulls it.
 """
 
 from __future__ import annotations
