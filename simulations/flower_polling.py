@@ -35,7 +35,7 @@ def add_messages_to_queue(state: Any, queue: Queue[Any], nodes_mapping: Mapping[
     """Put each waiting node's next instruction in ``queue`` every 0.1 s until ``f_stop`` is set."""
     store = getattr(state, "message_ins_store", None)
     if not isinstance(store, dict):
-        return _flower_loop()(state, queue, nodes_mapping, f_stop)
+        return (_flowers_loop or _vce_api().add_messages_to_queue)(state, queue, nodes_mapping, f_stop)
     while not f_stop.is_set():
         waiting = {m.metadata.dst_node_id for m in list(store.values()) if m.metadata.delivered_at == ""}
         if waiting:
@@ -46,28 +46,24 @@ def add_messages_to_queue(state: Any, queue: Queue[Any], nodes_mapping: Mapping[
         f_stop.wait(0.1)
 
 
-def _flower_loop() -> Any:
-    """Flower's own loop (the module attribute while no run has replaced it)."""
-    return _FLOWER.get("loop") or _vce_api().add_messages_to_queue
-
-
 def _vce_api() -> Any:
     from flwr.server.superlink.fleet.vce import vce_api
 
     return vce_api
 
 
-_FLOWER: dict[str, Any] = {}
+_flowers_loop: Any = None  # Flower's own add_messages_to_queue, kept by node_polling for the fallback
 
 
 @contextlib.contextmanager
 def node_polling() -> Iterator[None]:
     """Run the simulation engine with :func:`add_messages_to_queue` in place of Flower's loop (nesting is safe:
     each exit puts back what its entry found)."""
+    global _flowers_loop
     vce_api = _vce_api()
     previous = vce_api.add_messages_to_queue
     if previous is not add_messages_to_queue:
-        _FLOWER["loop"] = previous
+        _flowers_loop = previous
     vce_api.add_messages_to_queue = add_messages_to_queue
     try:
         yield
