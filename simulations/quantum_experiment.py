@@ -29,7 +29,6 @@ logistic regression / MLP at each M.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ import numpy as np
 from qfl.clients.quantum import QuantumTask, kinds_of, tensors_of_kind
 from qfl.config import RunConfig, resolve_config
 from qfl.server.optimizers import make_server_optimizer, weighted_mean
+from qfl.simulations.stats import mean_ci95
 
 DEFAULTS: dict[str, Any] = {
     "model": "vqc",
@@ -94,21 +94,6 @@ def fedavg_by_calls(cfg: RunConfig) -> list[dict[str, Any]]:
         history.append({"round": rnd, "loss": loss, "accuracy": acc, "train_loss": train_loss})
     history[-1]["accuracy_by_kind"] = task.kind_accuracies(weights)
     return history
-
-
-# ----------------------------------------------------------------------------- statistics
-
-
-def mean_ci95(values: Iterable[float]) -> tuple[float, list[float]]:
-    """Mean and its 95% interval, mean ± t_{0.975, n−1}·s/√n (Student t; a single value gives a zero-width interval)."""
-    x = np.asarray(list(values), dtype=np.float64)
-    mean = float(x.mean())
-    if len(x) < 2:
-        return mean, [mean, mean]
-    from scipy.stats import t
-
-    half = float(t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
-    return mean, [mean - half, mean + half]
 
 
 def arm_name(quantum: int, clients: int, kind: str = "quantum") -> str:

@@ -5,8 +5,10 @@ the same seeds, in a federation of ``clients`` devices over ``rounds`` rounds
 (FedAvg of codec-encoded updates, the run's ``codec``):
 
 - **server-centric**: static k = 0. The device sends its input, the log-mel
-  frames, through ``edge_codec``; the server runs the whole encoder. (The
-  paper leaves its baseline's payload undefined; this is ours.)
+  frames, through ``edge_codec``, once per window; the server makes the
+  positive view from what it received and runs the whole encoder. (The paper
+  leaves its baseline's payload undefined; this is ours, the strongest we
+  know: every split point k ≥ 1 must send both views.)
 - **edge-only**: static k = L and no server loss (λ1 = λ2 = 0): the device
   trains alone and sends only its d-dim embedding.
 - **static-mid**: static k = ⌊L/2⌋.
@@ -18,9 +20,12 @@ that the Flower ClientApp runs (``qfl run`` with ``model = "streamsplit"``),
 without Ray, so the five methods × seeds fit the time budget; update bytes are
 counted from the codec payloads exactly as the strategy counts them.
 
-Per method: ``linear_probe_accuracy`` (final global encoder, held-out windows),
+Per method: ``linear_probe_accuracy`` (final global encoder, held-out windows;
+with its Student-t 95% interval over the seeds, and ``accuracy_delta_pts`` with
+``accuracy_delta_ci95``, the paired difference to server-centric seed by seed),
 ``uplink_bytes_per_hour`` (activation payloads that crossed the split per hour
-of audio per device; training sends two views per window, anchor and positive),
+of audio per device; a split k ≥ 1 sends two views per window, anchor and
+positive, server-centric one),
 ``model_uplink_bytes_per_hour`` (the encoder updates, the same for every method
 here because every device uploads the whole encoder, see the task's docstring),
 ``latency_ms_per_window`` and ``energy_mj_per_window`` (cost model at each
@@ -30,9 +35,11 @@ Also: the splitter in the simulator (mean reward, latency, energy and bytes of
 random, static, heuristic, PPO and the per-state oracle on held-out traces),
 the split chosen over a scripted trace (idle on a fast link, loaded, half
 loaded, half loaded on a slow link), the negatives comparison (virtual negatives at batch 8, in-batch
-at batch 8, in-batch at batch 256 as the upper bound; InfoNCE only, fp32
-channel at k = 0, the same number of steps: 256-window batches are random
-subsets of the same stream) and the server-loss ablation (each term on and off).
+at batch 8, in-batch at batch 256 as the intended upper bound; InfoNCE only, fp32
+channel at k = 0, the same number of steps, each step on fresh consecutive
+windows of the stream, so batch 256 sees 32× the audio; with ``quick`` the
+batch-256 arm runs on the first seed only) and the server-loss ablation (each
+term on and off).
 
 Writes ``streamsplit.json`` (one object per method), ``splitter.json``,
 ``negatives.json``, ``ablation.json``, ``streamsplit.md`` (all tables) and the
@@ -50,7 +57,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from qfl.clients.edge.costs import scripted_conditions, single_thread
 from qfl.clients.edge.encoder import CodecChannel
@@ -75,6 +81,7 @@ from qfl.seeds import round_seed, task_seed
 from qfl.server.optimizers import make_server_optimizer, weighted_mean
 
 from .report import pyplot, save_png
+from .stats import mean_ci95
 
 SECONDS_PER_HOUR = 3600.0
 
@@ -84,7 +91,7 @@ def base_config(seed: int, quick: bool, **overrides: Any) -> RunConfig:
         "model": "streamsplit", "seed": seed, "security": "none", "codec": "qsgd", "codec.bits": 8,
         "edge_codec": "qsgd", "edge_codec.bits": 4,
         "clients": 3 if quick else 4, "rounds": 3 if quick else 6, "edge_windows": 64 if quick else 96,
-        "edge_probe_windows": 600 if quick else 1000, "edge_ppo_iterations": 100 if quick else 200,
+        "edge_probe_windows": 1000 if quick else 2000, "edge_ppo_iterations": 100 if quick else 200,
     }
     values.update(overrides)
     return resolve_config(values)
@@ -155,8 +162,9 @@ def compare_methods(seeds: Sequence[int], quick: bool, stage: Callable[[str], No
     base = rows[0]
     for row in rows:
         row["uplink_reduction_pct"] = 100.0 * (1.0 - row["uplink_bytes_per_hour"] / base["uplink_bytes_per_hour"])
+        _, row["linear_probe_accuracy_ci95"] = mean_ci95(row["accuracy_by_seed"])
         paired = [100.0 * (a - b) for a, b in zip(row["accuracy_by_seed"], base["accuracy_by_seed"])]
-        row["accuracy_delta_pts"] = float(np.mean(paired))
+        row["accuracy_delta_pts"], row["accuracy_delta_ci95"] = mean_ci95(paired)
     return rows
 
 
@@ -192,51 +200,54 @@ def split_over_time(cfg: RunConfig, steps: int = 100) -> dict[str, list[float]]:
     }
 
 
-def _train_single_stream(cfg: RunConfig, windows: int, batch: int, weights: HybridWeights, shuffled: bool) -> float:
-    """Probe accuracy after ``windows // 8`` steps on device 0's stream (fp32 channel at k = 0)."""
-    steps = windows // 8
-    waves, _ = source_for(cfg).windows(0, 1, 0, windows)
+def _train_single_stream(cfg: RunConfig, steps: int, batch: int, weights: HybridWeights) -> float:
+    """Probe accuracy after ``steps`` steps on device 0's stream (fp32 channel at k = 0), step i on the
+    consecutive windows i·batch .. (i+1)·batch − 1: every step sees fresh audio."""
+    waves, _ = source_for(cfg).windows(0, 1, 0, steps * batch)
     logmel = to_logmel(cfg, waves)
     encoder = build_encoder(cfg)
     settings = replace(stream_training(cfg), batch=batch, loss_weights=weights)
     trainer = SplitTrainer(encoder, build_mixture(cfg, cfg.seed), CodecChannel(make_codec("fp32")), settings, cfg.seed)
-    rng = np.random.default_rng([cfg.seed, 77])
     for step in range(steps):
-        if shuffled:
-            idx = torch.from_numpy(rng.choice(windows, size=batch, replace=False))
-            trainer.step(logmel[idx], 0)
-        else:
-            trainer.step(logmel[step * 8 : step * 8 + batch], 0)
+        trainer.step(logmel[step * batch : (step + 1) * batch], 0)
     probe_x, probe_y = probe_set(cfg)
     return linear_probe(embed(encoder, probe_x), probe_y, seed=cfg.seed)[1]
 
 
-def negatives_comparison(seeds: Sequence[int], quick: bool, windows: int) -> list[dict[str, Any]]:
-    arms = [("virtual, batch 8", "virtual", 8, False), ("in-batch, batch 8", "in-batch", 8, False),
-            ("in-batch, batch 256 (upper bound)", "in-batch", 256, True)]
-    rows = []
-    for label, negatives, batch, shuffled in arms:
+def negatives_comparison(seeds: Sequence[int], quick: bool, steps: int) -> list[dict[str, Any]]:
+    """Virtual against in-batch negatives (InfoNCE only), ``steps`` steps each; Δ paired with in-batch at batch 8."""
+    arms = [("virtual, batch 8", "virtual", 8), ("in-batch, batch 8", "in-batch", 8),
+            ("in-batch, batch 256 (intended upper bound)", "in-batch", 256)]
+    rows: list[dict[str, Any]] = []
+    for label, negatives, batch in arms:
+        arm_seeds = list(seeds[:1]) if quick and batch > 8 else list(seeds)
         accs = [
-            _train_single_stream(base_config(seed, quick, edge_negatives=negatives), windows, batch,
-                                 HybridWeights(1.0, 0.0, 0.0), shuffled)
-            for seed in seeds
+            _train_single_stream(base_config(seed, quick, edge_negatives=negatives), steps, batch,
+                                 HybridWeights(1.0, 0.0, 0.0))
+            for seed in arm_seeds
         ]
-        rows.append({"negatives": label, "batch": batch, "linear_probe_accuracy": float(np.mean(accs)),
-                     "accuracy_by_seed": accs, "steps": windows // 8, "seeds": list(seeds)})
+        mean, ci = mean_ci95(accs)
+        rows.append({"negatives": label, "batch": batch, "linear_probe_accuracy": mean, "linear_probe_accuracy_ci95": ci,
+                     "accuracy_by_seed": accs, "steps": steps, "windows": steps * batch, "seeds": arm_seeds})
+    reference = rows[1]["accuracy_by_seed"]
+    for row in rows:
+        paired = [100.0 * (a - b) for a, b in zip(row["accuracy_by_seed"], reference)]
+        row["delta_vs_in_batch_8_pts"], row["delta_vs_in_batch_8_ci95"] = mean_ci95(paired)
     return rows
 
 
-def ablation(seeds: Sequence[int], quick: bool, windows: int) -> list[dict[str, Any]]:
+def ablation(seeds: Sequence[int], quick: bool, steps: int) -> list[dict[str, Any]]:
     arms = [("hybrid (task + SW + Laplacian)", 0.1, 0.01), ("task + SW", 0.1, 0.0), ("task + Laplacian", 0.0, 0.01),
             ("task only", 0.0, 0.0)]
     rows = []
     for label, sw, lap in arms:
         accs = [
-            _train_single_stream(base_config(seed, quick), windows, 8, HybridWeights(1.0, sw, lap), False)
+            _train_single_stream(base_config(seed, quick), steps, 8, HybridWeights(1.0, sw, lap))
             for seed in seeds
         ]
-        rows.append({"server_loss": label, "lambda_sw": sw, "lambda_lap": lap,
-                     "linear_probe_accuracy": float(np.mean(accs)), "accuracy_by_seed": accs, "seeds": list(seeds)})
+        mean, ci = mean_ci95(accs)
+        rows.append({"server_loss": label, "lambda_sw": sw, "lambda_lap": lap, "linear_probe_accuracy": mean,
+                     "linear_probe_accuracy_ci95": ci, "accuracy_by_seed": accs, "steps": steps, "seeds": list(seeds)})
     return rows
 
 
@@ -247,7 +258,7 @@ def run_streamsplit_experiment(out: Path, seeds: Sequence[int] = (0,), quick: bo
     if not seeds:
         raise ValueError("the streamsplit experiment needs at least one seed")
     started = time.perf_counter()
-    windows = 384 if quick else 1024  # stream windows of the ablation (and the negatives arms: 256 when quick)
+    steps = 96 if quick else 192  # on-device steps of the negatives arms and the ablation
 
     def stage(name: str) -> None:
         print(f"streamsplit experiment: {name} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
@@ -258,9 +269,9 @@ def run_streamsplit_experiment(out: Path, seeds: Sequence[int] = (0,), quick: bo
         timeline = split_over_time(cfg)
         stage("splitter trained and compared")
         rows = compare_methods(seeds, quick, stage)
-        negatives = negatives_comparison(seeds, quick, 256 if quick else windows)
+        negatives = negatives_comparison(seeds, quick, steps)
         stage("negatives compared")
-        ablations = ablation(seeds, quick, windows)
+        ablations = ablation(seeds, quick, steps)
         stage("ablation done")
     atomic_write_json(out / "streamsplit.json", rows)
     atomic_write_json(out / "splitter.json", {**splitter, "split_over_time": timeline})
@@ -275,18 +286,23 @@ def run_streamsplit_experiment(out: Path, seeds: Sequence[int] = (0,), quick: bo
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| method | probe acc | Δ acc vs server-centric (pts) | uplink B/h (split) | uplink vs server-centric "
-        "| model B/h | ms/window | mJ/window | split hist k=0..L |",
+        "| method | probe acc [95% CI] | Δ acc vs server-centric, pts [95% CI, paired] | uplink B/h (split) "
+        "| uplink vs server-centric | model B/h | ms/window | mJ/window | split hist k=0..L |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['linear_probe_accuracy']:.4f} | {r['accuracy_delta_pts']:+.2f} "
+            f"| {r['method']} | {r['linear_probe_accuracy']:.4f} {_interval(r['linear_probe_accuracy_ci95'], '.3f')} "
+            f"| {r['accuracy_delta_pts']:+.2f} {_interval(r['accuracy_delta_ci95'], '+.2f')} "
             f"| {r['uplink_bytes_per_hour']:,.0f} | {-r['uplink_reduction_pct']:+.1f}% "
             f"| {r['model_uplink_bytes_per_hour']:,.0f} | {r['latency_ms_per_window']:.1f} "
             f"| {r['energy_mj_per_window']:.2f} | {' '.join(str(h) for h in r['split_hist'])} |"
         )
     return "\n".join(lines)
+
+
+def _interval(ci: Sequence[float], spec: str) -> str:
+    return f"[{ci[0]:{spec}}, {ci[1]:{spec}}]"
 
 
 def format_report(
@@ -299,9 +315,10 @@ def format_report(
         f"{cfg.rounds} rounds × {cfg.edge_windows} windows of {cfg.edge_window_s:g} s; activations "
         f"{cfg.edge_codec} {cfg.edge_codec_params}; {wall_s:.0f} s wall).",
         "",
-        "Server-centric sends the log-mel frames through the same codec. Uplink B/h counts the activation "
-        "payloads of both training views (anchor and positive) per device-hour of audio; model B/h is the "
-        "encoder update, uploaded whole by every method in this simulation.",
+        "Server-centric sends the log-mel frames through the same codec, once per window (the server makes the "
+        "positive view). A split k ≥ 1 sends both training views (anchor and positive). Uplink B/h counts "
+        "these activation payloads per device-hour of audio; model B/h is the encoder update, uploaded "
+        "whole by every method in this simulation. Intervals: Student t over the seeds.",
         "",
         format_rows(rows),
         "",
@@ -317,15 +334,19 @@ def format_report(
               "|---:|---:|---:|---:|---:|"]
     for c in splitter["cost_by_k"]:
         parts.append(f"| {c['k']} | {c['bytes']} | {c['fidelity']:.4f} | {c['device_ms_idle']:.1f} | {c['energy_mj']:.2f} |")
-    parts += ["", "Negatives (InfoNCE only, the same number of steps):", "", "| negatives | probe acc | by seed |",
-              "|---|---:|---|"]
+    parts += ["", f"Negatives (InfoNCE only, {negatives[0]['steps']} steps each on fresh stream windows):", "",
+              "| negatives | windows seen | probe acc [95% CI] | Δ vs in-batch b8, pts [95% CI, paired] | by seed |",
+              "|---|---:|---:|---:|---|"]
     for r in negatives:
-        parts.append(f"| {r['negatives']} | {r['linear_probe_accuracy']:.4f} | "
+        parts.append(f"| {r['negatives']} | {r['windows']:,} | {r['linear_probe_accuracy']:.4f} "
+                     f"{_interval(r['linear_probe_accuracy_ci95'], '.3f')} | {r['delta_vs_in_batch_8_pts']:+.2f} "
+                     f"{_interval(r['delta_vs_in_batch_8_ci95'], '+.2f')} | "
                      f"{' '.join(f'{a:.3f}' for a in r['accuracy_by_seed'])} |")
-    parts += ["", "Server-loss ablation (virtual negatives, batch 8):", "", "| server loss | probe acc | by seed |",
-              "|---|---:|---|"]
+    parts += ["", f"Server-loss ablation (virtual negatives, batch 8, {ablations[0]['steps']} steps):", "",
+              "| server loss | probe acc [95% CI] | by seed |", "|---|---:|---|"]
     for r in ablations:
-        parts.append(f"| {r['server_loss']} | {r['linear_probe_accuracy']:.4f} | "
+        parts.append(f"| {r['server_loss']} | {r['linear_probe_accuracy']:.4f} "
+                     f"{_interval(r['linear_probe_accuracy_ci95'], '.3f')} | "
                      f"{' '.join(f'{a:.3f}' for a in r['accuracy_by_seed'])} |")
     return "\n".join(parts)
 

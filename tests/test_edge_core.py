@@ -28,7 +28,7 @@ from qfl.clients.edge.splitter import (
     train_ppo,
 )
 from qfl.clients.edge.stream import FileStream, SyntheticStream, audio_folder_items, esc50_items
-from qfl.clients.edge.trainer import StreamTraining, train_on_stream
+from qfl.clients.edge.trainer import SplitTrainer, StreamTraining, train_on_stream
 from qfl.compression import make_codec
 from qfl.errors import DatasetNotFound
 
@@ -305,3 +305,34 @@ def test_train_on_stream_learns_counts_and_updates_the_mixture():
     assert channel.traffic.up > 0 and channel.traffic.down > 0
     assert float(gmm.seen) == 32 and np.isfinite(stats.loss)
     assert any(not torch.equal(before[n], p) for n, p in encoder.named_parameters() if n.startswith("stem."))
+
+
+def test_server_centric_sends_each_window_once_and_split_points_send_both_views():
+    x = _logmel(8)
+    sent_windows = {}
+    for k in (0, 2):
+        channel = CodecChannel(make_codec("fp16"))
+        trainer = SplitTrainer(SplitEncoder(**TINY, seed=0), StreamingGMM(8, 16, seed=0), channel,
+                               StreamTraining(batch=8, negatives="in-batch"), seed=0)
+        trainer.step(x, k)
+        sent_windows[k] = channel.traffic.windows
+        if k == 0:  # the input, once: the server augments what it received
+            assert channel.traffic.up == sum(len(make_codec("fp16").encode(w.numpy())) for w in x)
+            assert channel.traffic.down == 0
+    assert sent_windows == {0: 8, 2: 16}
+
+
+def test_the_mixture_is_seeded_from_recent_anchors_before_its_negatives_are_used():
+    gmm = StreamingGMM(8, 16, seed=0)
+    trainer = SplitTrainer(SplitEncoder(**TINY, seed=0), gmm, CodecChannel(make_codec("fp32")),
+                           StreamTraining(batch=4, cold_start=2, virtual_negatives=16), seed=0)
+    assert trainer.seed_after == 8  # max(cold_start, C)
+    random_means = gmm.means.clone()
+    trainer.step(_logmel(4), 2)  # 4 windows seen: not yet seeded
+    assert float(gmm.seen) == 4
+    assert float(torch.cdist(gmm.means, trainer.history).min(dim=1).values.max()) > 1e-2
+    trainer.step(_logmel(4), 2)  # 8 windows seen: seeded from the 8 anchors kept in the history
+    history = trainer.history
+    assert len(history) == 8 and not torch.allclose(gmm.means, random_means)
+    distance = torch.cdist(gmm.means, history).min(dim=1).values
+    assert float(distance.max()) < 1e-4  # every mean sits on one of the anchors

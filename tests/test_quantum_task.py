@@ -265,7 +265,7 @@ def test_mixed_federation_experiment_writes_the_issue_17_outputs(tmp_path):
 
 
 def test_mean_ci95_matches_student_t():
-    from qfl.simulations.quantum_experiment import mean_ci95
+    from qfl.simulations.stats import mean_ci95
 
     mean, (lo, hi) = mean_ci95([0.5, 0.6, 0.7])
     assert mean == pytest.approx(0.6) and hi - mean == pytest.approx(4.302653 * 0.1 / np.sqrt(3), rel=1e-5)

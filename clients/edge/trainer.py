@@ -10,7 +10,10 @@ in time) and, for every batch,
 2. makes the positive view (Gaussian noise of std 0.01 on the log-mel frames plus a
    mask of up to 10 mel bins) and runs stem + blocks 1..k on anchor and positive
    **on the device**;
-3. sends both through the codec channel (each window its own payload; bytes counted);
+3. sends both through the codec channel (each window its own payload; bytes counted).
+   At k = 0 (server-centric) the device sends each window once, and the server
+   makes the positive view from what it received: the strongest server-centric
+   baseline, half the bytes of sending both views;
 4. runs blocks k+1..L and the head **on the server side**. In this simulation the
    server side runs in the client's own process (the Flower ClientApp), on a
    per-device copy of the server blocks whose update is averaged with the
@@ -22,8 +25,12 @@ in time) and, for every batch,
    through the channel (gradient bytes counted as downlink), into the device blocks;
 6. updates the mixture with the batch's anchors (stepwise EM).
 
-The first ``cold_start`` windows a mixture has seen use in-batch negatives: a
-mixture that has seen nothing has nothing to sample from.
+A fresh mixture has nothing to sample from. Until it has seen max(``cold_start``, C)
+windows the device uses in-batch negatives; at that point its means are seeded
+from the recent anchors (farthest-point seeding, :meth:`StreamingGMM.initialise_from`),
+and from then on the negatives are virtual. Without the seeding, stepwise EM at
+rate 0.01 needs hundreds of steps to move the randomly placed components onto
+the embeddings, and the early virtual negatives are random points on the sphere.
 
 Latency and energy per window come from the :class:`~qfl.clients.edge.costs.CostModel`
 at the state's load and bandwidth.
@@ -107,13 +114,18 @@ class SplitTrainer:
         """One training step on the batch ``x`` ``[B, 1, mels, frames]`` split at ``k``; returns the loss."""
         s, encoder, gmm = self.settings, self.encoder, self.gmm
         encoder.train()
-        positive = augment(x, self.generator, s.noise_std, s.max_mask_bins)
-        sent = encoder.device_forward(torch.cat([x, positive]), k)
-        z = encoder.server_forward(self.channel(sent, k), k)
+        if k == 0:  # server-centric: the device sends its input once and the server makes the positive view
+            received = self.channel(x, 0)
+            positive = augment(received, self.generator, s.noise_std, s.max_mask_bins)
+            z = encoder.server_forward(torch.cat([received, positive]), 0)
+        else:  # the device runs blocks 1..k on both views and sends both
+            positive = augment(x, self.generator, s.noise_std, s.max_mask_bins)
+            sent = encoder.device_forward(torch.cat([x, positive]), k)
+            z = encoder.server_forward(self.channel(sent, k), k)
         z = torch.nn.functional.normalize(z, dim=-1)  # at k = L the codec's rounding leaves the sphere
         anchor, pos = z[: len(x)], z[len(x) :]
         negatives = None
-        if s.negatives == "virtual" and float(gmm.seen) >= s.cold_start:
+        if s.negatives == "virtual" and float(gmm.seen) >= self.seed_after:
             negatives = gmm.virtual_negatives(anchor, s.virtual_negatives, s.tau)[0]
         loss, _ = hybrid_loss(
             anchor, pos, negatives, self.history, s.loss_weights, s.tau, s.projections, s.neighbours, self.generator
@@ -123,10 +135,18 @@ class SplitTrainer:
         self.optimizer.step()
         with torch.no_grad():
             detached = anchor.detach()
-            gmm.update(detached)
-            self.uncertainty = float(gmm.uncertainty(detached).mean())
             self.history = torch.cat([self.history, detached])[-s.history :]
+            seen_before = float(gmm.seen)
+            gmm.update(detached)
+            if seen_before < self.seed_after <= float(gmm.seen) and len(self.history) >= gmm.components:
+                gmm.initialise_from(self.history)
+            self.uncertainty = float(gmm.uncertainty(detached).mean())
         return float(loss.detach())
+
+    @property
+    def seed_after(self) -> int:
+        """Windows a mixture must have seen before it is seeded from the recent anchors and sampled from."""
+        return max(self.settings.cold_start, self.gmm.components)
 
 
 def train_on_stream(
