@@ -33,8 +33,8 @@ device's injected load and bandwidth), ``split_hist``.
 
 Also: the splitter in the simulator (mean reward, latency, energy and bytes of
 random, static, heuristic, PPO and the per-state oracle on held-out traces),
-the split chosen over a scripted trace (idle on a fast link, loaded, half
-loaded, half loaded on a slow link), the negatives comparison (virtual negatives at batch 8, in-batch
+the split chosen over a scripted trace (idle on a fast link, loaded on it,
+loaded on a slow link, idle on it), the negatives comparison (virtual negatives at batch 8, in-batch
 at batch 8, in-batch at batch 256 as the intended upper bound; InfoNCE only, fp32
 channel at k = 0, the same number of steps, each step on fresh consecutive
 windows of the stream, so batch 256 sees 32× the audio; with ``quick`` the
@@ -190,13 +190,14 @@ def splitter_comparison(cfg: RunConfig) -> dict[str, Any]:
 
 
 def split_over_time(cfg: RunConfig, steps: int = 100) -> dict[str, list[float]]:
-    """The adaptive and heuristic choices over the scripted load/bandwidth trace (uncertainty at log C / 2)."""
+    """The adaptive, heuristic and oracle choices over the scripted load/bandwidth trace (uncertainty at log C / 2)."""
     load, mbps = scripted_conditions(steps)
     log_c = math.log(cfg.edge_components)
     s = states(np.full(steps, 0.5 * log_c), log_c, load, mbps)
     return {
         "load": load.tolist(), "mbps": mbps.tolist(),
         "streamsplit": policy_for(cfg)(s).tolist(), "heuristic": heuristic_policy(cfg.edge_blocks)(s).tolist(),
+        "oracle": oracle_policy(simulator_for(cfg))(s).tolist(),
     }
 
 
@@ -369,6 +370,7 @@ def _plot(out: Path, rows: list[dict[str, Any]], timeline: dict[str, list[float]
     steps = np.arange(len(timeline["load"]))
     top.step(steps, timeline["streamsplit"], where="post", label="streamsplit (PPO)")
     top.step(steps, timeline["heuristic"], where="post", label="heuristic", alpha=0.7)
+    top.step(steps, timeline["oracle"], where="post", label="oracle (knows the cost model)", linestyle=":", color="k")
     top.set_ylabel("split point k")
     top.set_ylim(-0.3, depth + 0.3)
     top.legend(fontsize=8)
@@ -379,7 +381,7 @@ def _plot(out: Path, rows: list[dict[str, Any]], timeline: dict[str, list[float]
     twin.plot(steps, timeline["mbps"], label="uplink Mbit/s", color="tab:green")
     twin.set_yscale("log")
     twin.set_ylabel("uplink Mbit/s")
-    bottom.set_xlabel("decision step (scripted: idle/fast link, loaded, half loaded, half loaded/slow link)")
+    bottom.set_xlabel("decision step (scripted: idle/fast link, loaded/fast, loaded/slow link, idle/slow)")
     bottom.legend(loc="upper left", fontsize=8)
     twin.legend(loc="upper right", fontsize=8)
     fig.tight_layout()

@@ -171,9 +171,10 @@ def client_conditions(seed: int, client: int, steps: int, start: int = 0) -> tup
 
 
 def scripted_conditions(steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Four phases of (CPU load, Mbit/s): (0.1, 8) idle on a fast link, (0.9, 8) loaded, (0.5, 8) half loaded,
-    then (0.5, 0.5): the same load on a slow link."""
+    """Four phases of (CPU load, Mbit/s): (0.1, 8) idle on a fast link, (0.85, 8) loaded on the fast link,
+    (0.85, 0.25) loaded on a slow link, (0.1, 0.25) idle on the slow link. Phases 1→2 change only the load,
+    2→3 only the bandwidth."""
     phase = np.minimum(np.arange(steps) * 4 // max(steps, 1), 3)
-    load = np.array([0.1, 0.9, 0.5, 0.5])[phase]
-    bw = np.array([8.0, 8.0, 8.0, 0.5])[phase]
+    load = np.array([0.1, 0.85, 0.85, 0.1])[phase]
+    bw = np.array([8.0, 8.0, 0.25, 0.25])[phase]
     return load.astype(float), bw.astype(float)
