@@ -403,6 +403,9 @@ class RunConfig(QuantumConfig, QkdConfig, SecurityConfig, CodecConfig, TrainingC
     edge_reward_eta: float = _key(3.0, "splitter reward: η, the energy weight")
     edge_t_max_ms: float = _key(200.0, "splitter reward: T_max, the latency scale (ms)")
     edge_e_budget_mj: float = _key(100.0, "splitter reward: E_budget, the energy scale (mJ)")
+    edge_reward_zeta: float = _key(0.0, "splitter reward: ζ, a price on uplink bytes beyond their latency and energy "
+                                        "(0 = the paper's reward)")
+    edge_b_budget_bytes: float = _key(1000.0, "splitter reward: B_budget, the uplink scale (bytes per window)")
     edge_ppo_iterations: int = _key(80, "PPO iterations (512 simulated decisions each) to train the splitter")
     edge_probe_windows: int = _key(600, "held-out windows of the linear probe (half fit, half scored)")
 
@@ -413,11 +416,11 @@ class RunConfig(QuantumConfig, QkdConfig, SecurityConfig, CodecConfig, TrainingC
         for key in positive_ints:
             _need(getattr(self, key) >= 1, key, f"{key} must be >= 1, got {getattr(self, key)}")
         positive_floats = ("edge_window_s", "edge_gmm_rate", "edge_tau", "edge_lr", "edge_device_slowdown",
-                           "edge_server_speedup", "edge_t_max_ms", "edge_e_budget_mj")
+                           "edge_server_speedup", "edge_t_max_ms", "edge_e_budget_mj", "edge_b_budget_bytes")
         for key in positive_floats:
             _need(getattr(self, key) > 0, key, f"{key} must be > 0, got {getattr(self, key)}")
         for key in ("edge_lambda_sw", "edge_lambda_lap", "edge_rtt_ms", "edge_joule_per_flop", "edge_joule_per_byte",
-                    "edge_reward_alpha", "edge_reward_beta", "edge_reward_eta"):
+                    "edge_reward_alpha", "edge_reward_beta", "edge_reward_eta", "edge_reward_zeta"):
             _need(getattr(self, key) >= 0, key, f"{key} must be >= 0, got {getattr(self, key)}")
         _need(4 <= self.edge_blocks <= 8, "edge_blocks", f"edge_blocks must be in [4, 8], got {self.edge_blocks}")
         _need(0 <= self.edge_split_k <= self.edge_blocks, "edge_split_k",

@@ -13,7 +13,9 @@ the same seeds, in a federation of ``clients`` devices over ``rounds`` rounds
   trains alone and sends only its d-dim embedding.
 - **static-mid**: static k = ⌊L/2⌋.
 - **heuristic**: k = clip(⌊L·(0.6·(1 − load) + 0.4·b)⌋, 1, L − 1).
-- **streamsplit**: the PPO splitter (adaptive), trained in the cost simulator.
+- **streamsplit**: the PPO splitter (adaptive), trained in the cost simulator on the paper's reward.
+- **streamsplit, uplink price ζ**: the same with the reward's price on uplink bytes
+  (``edge_reward_zeta`` = 0.3, 0.5, 1): the frontier between bytes and the rest.
 
 The federation is driven in-process through the same :class:`~qfl.clients.edge.task.EdgeTask`
 that the Flower ClientApp runs (``qfl run`` with ``model = "streamsplit"``),
@@ -84,6 +86,7 @@ from .report import pyplot, save_png
 from .stats import mean_ci95
 
 SECONDS_PER_HOUR = 3600.0
+UPLINK_PRICES = (0.3, 0.5, 1.0)  # ζ of the extra streamsplit arms: the frontier of the reward's uplink price
 
 
 def base_config(seed: int, quick: bool, **overrides: Any) -> RunConfig:
@@ -104,6 +107,7 @@ def methods(depth: int) -> list[tuple[str, dict[str, Any]]]:
         ("static-mid", {"edge_split": "static", "edge_split_k": depth // 2}),
         ("heuristic", {"edge_split": "heuristic"}),
         ("streamsplit", {"edge_split": "adaptive"}),
+        *[(f"streamsplit, uplink price ζ={z:g}", {"edge_split": "adaptive", "edge_reward_zeta": z}) for z in UPLINK_PRICES],
     ]
 
 

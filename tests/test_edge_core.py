@@ -22,6 +22,7 @@ from qfl.clients.edge.mixture import StreamingGMM
 from qfl.clients.edge.splitter import (
     RewardWeights,
     SplitSimulator,
+    oracle_policy,
     random_policy,
     states,
     static_policy,
@@ -280,6 +281,19 @@ def test_ppo_policy_beats_random_in_the_simulator():
     # it adapts: a loaded CPU on a fast link sends work to the server, an idle CPU on a slow link keeps it
     loaded_fast, idle_slow = states(np.array([2.0, 2.0]), math.log(64), np.array([0.9, 0.1]), np.array([8.0, 0.5]))
     assert net.greedy(loaded_fast[None])[0] < net.greedy(idle_slow[None])[0]
+
+
+def test_an_uplink_price_costs_bytes_and_moves_the_oracle_to_the_smallest_payload():
+    costs, log_c = _toy_costs(), math.log(64)
+    free = SplitSimulator(costs, RewardWeights(), log_c)
+    priced = SplitSimulator(costs, RewardWeights(zeta=2.0, b_budget_bytes=1000.0), log_c)
+    k, load, mbps = np.arange(5), np.full(5, 0.3), np.full(5, 2.0)
+    np.testing.assert_allclose(free.reward(k, load, mbps) - priced.reward(k, load, mbps),
+                               2.0 * np.array(costs.bytes_by_k) / 1000.0)
+    s = states(np.full(4, 2.0), log_c, np.array([0.1, 0.5, 0.9, 0.3]), np.array([8.0, 8.0, 8.0, 0.5]))
+    sent_free, sent_priced = (np.array(costs.bytes_by_k)[oracle_policy(sim)(s)] for sim in (free, priced))
+    assert (sent_priced <= sent_free).all() and sent_priced.sum() < sent_free.sum()
+    assert (oracle_policy(priced)(s)[[0, 1, 3]] == 4).all()  # the 100-byte embedding unless the CPU is loaded
 
 
 def test_costs_follow_load_and_bandwidth():

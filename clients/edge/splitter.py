@@ -3,10 +3,12 @@
 State s = (U / log C, CPU load, bandwidth), bandwidth as log2(Mbit/s / 0.25) / 6 ∈ [0, 1] for 0.25–16 Mbit/s.
 Action: k ∈ {0..L}. Reward (weights from the config, defaults after the reference code):
 
-    r = α·A(k) − β·latency(k, load, bw)/T_max − η·energy(k)/E_budget
+    r = α·A(k) − β·latency(k, load, bw)/T_max − η·energy(k)/E_budget − ζ·bytes(k)/B_budget
 
 with α = 10, β = 5, η = 3, T_max = 200 ms, E_budget = 100 mJ, A(k) the measured embedding
-fidelity at k and latency/energy from :class:`~qfl.clients.edge.costs.CostModel`.
+fidelity at k and latency/energy from :class:`~qfl.clients.edge.costs.CostModel`. The last
+term is qfl's, off by default (ζ = 0, the paper's reward): a price on the uplink itself, for
+a metered or shared link, with B_budget = 1000 B per window.
 
 :class:`SplitSimulator` plays episodes of ``horizon`` decisions, with uncertainties
 drawn from ``uncertainties`` (measured on the stream; uniform on [0, log C] if none).
@@ -50,6 +52,8 @@ class RewardWeights:
     eta: float = 3.0
     t_max_ms: float = 200.0
     e_budget_mj: float = 100.0
+    zeta: float = 0.0
+    b_budget_bytes: float = 1000.0
 
 
 def bandwidth_feature(mbps: np.ndarray | float) -> np.ndarray:
@@ -95,6 +99,7 @@ class SplitSimulator:
             w.alpha * self._fidelity[k]
             - w.beta * self.latency(k, load, mbps) / w.t_max_ms
             - w.eta * self.energy(k) / w.e_budget_mj
+            - w.zeta * self._bits[k] / (8.0 * w.b_budget_bytes)
         )
 
     def episodes(self, count: int, first_client: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

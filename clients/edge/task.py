@@ -148,7 +148,7 @@ def _cost_model(audio, classes, window_s, seed, mels, blocks, dim, codec, params
 
 def reward_weights(cfg: RunConfig) -> RewardWeights:
     return RewardWeights(cfg.edge_reward_alpha, cfg.edge_reward_beta, cfg.edge_reward_eta, cfg.edge_t_max_ms,
-                         cfg.edge_e_budget_mj)
+                         cfg.edge_e_budget_mj, cfg.edge_reward_zeta, cfg.edge_b_budget_bytes)
 
 
 def simulator_for(cfg: RunConfig) -> SplitSimulator:
