@@ -358,14 +358,16 @@ def format_report(
 
 def _plot(out: Path, rows: list[dict[str, Any]], timeline: dict[str, list[float]], depth: int) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
     for r in rows:
-        ax.scatter(r["uplink_bytes_per_hour"], r["linear_probe_accuracy"], s=40)
-        ax.annotate(r["method"], (r["uplink_bytes_per_hour"], r["linear_probe_accuracy"]), fontsize=8,
+        low, high = r["linear_probe_accuracy_ci95"]
+        acc = r["linear_probe_accuracy"]
+        ax.errorbar(r["uplink_bytes_per_hour"], acc, yerr=[[acc - low], [high - acc]], fmt="o", capsize=3)
+        ax.annotate(r["method"].replace("uplink price ", ""), (r["uplink_bytes_per_hour"], acc), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("split uplink bytes per device-hour")
-    ax.set_ylabel("linear-probe accuracy")
+    ax.set_ylabel("linear-probe accuracy (95% CI over seeds)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_png(fig, out / "accuracy_vs_bytes.png")
