@@ -1,6 +1,7 @@
 """`qfl experiment streamsplit`: split strategies, negatives and the hybrid loss on the same audio streams.
 
-Five methods train the same encoder on the same synthetic device streams with
+Eight methods (the five strategies below, and the PPO splitter under three
+uplink prices) train the same encoder on the same synthetic device streams with
 the same seeds, in a federation of ``clients`` devices over ``rounds`` rounds
 (FedAvg of codec-encoded updates, the run's ``codec``):
 
@@ -19,7 +20,7 @@ the same seeds, in a federation of ``clients`` devices over ``rounds`` rounds
 
 The federation is driven in-process through the same :class:`~qfl.clients.edge.task.EdgeTask`
 that the Flower ClientApp runs (``qfl run`` with ``model = "streamsplit"``),
-without Ray, so the five methods × seeds fit the time budget; update bytes are
+without Ray, so the eight methods × seeds fit the time budget; update bytes are
 counted from the codec payloads exactly as the strategy counts them.
 
 Per method: ``linear_probe_accuracy`` (final global encoder, held-out windows;
