@@ -133,7 +133,7 @@ def format_table(rows: list[dict]) -> str:
 
 TORCH_CODECS = [("fp16", "fp16", {}), ("bf16", "bf16", {}), ("sign", "sign", {}),
                 ("qsgd-4bit", "qsgd", {"bits": 4, "bucket": 512}), ("qsgd-1bit", "qsgd", {"bits": 1, "bucket": 512})]
-# the fused Triton encoders (compression/triton_kernels.py), timed on CUDA devices when triton is installed
+# the fused Triton encoders and decoders (compression/triton_kernels.py), timed on CUDA devices with triton
 TRITON_CODECS = [("sign (triton)", "sign", {}), ("qsgd-4bit (triton)", "qsgd", {"bits": 4, "bucket": 512}),
                  ("qsgd-1bit (triton)", "qsgd", {"bits": 1, "bucket": 512}), ("ternary (triton)", "ternary", {})]
 
@@ -153,8 +153,8 @@ def _triton_encoders() -> Any:
 
 def bench_codecs_torch(device: str = "cuda", size: int = 1 << 24, repeats: int = 5, seed: int = 0) -> list[dict]:
     """The torch kernels (``compression/torch_kernels.py``) on ``device``, and on a CUDA device
-    with triton installed the fused Triton encoders too (``compression/triton_kernels.py``, rows
-    ``"… (triton)"``; decode rows time the torch decoders).
+    with triton installed the fused Triton encoders and decoders too (``compression/triton_kernels.py``,
+    rows ``"… (triton)"``).
 
     ``encode_*``/``decode_*`` fields time the on-device kernels (payload body
     left on the device), as ratios to ``dst.copy_(x)`` on the same device;
@@ -198,9 +198,9 @@ def bench_codecs_torch(device: str = "cuda", size: int = 1 << 24, repeats: int =
             }
             encode = fused[name]
             decode = {
-                "sign": lambda body: tk.decode_sign(body, size),
-                "qsgd": lambda body: tk.decode_qsgd(body, size),
-                "ternary": lambda body: tk.decode_ternary(body, size),
+                "sign": lambda body: tt.decode_sign(body, size),
+                "qsgd": lambda body: tt.decode_qsgd(body, size),
+                "ternary": lambda body: tt.decode_ternary(body, size),
             }[name]
         elif name == "qsgd":
             encode = lambda p=params: tk.encode_qsgd(x, p["bits"], p["bucket"], gen)  # noqa: E731

@@ -1,4 +1,4 @@
-"""Fused Triton encoders for sign, qsgd and ternary: one kernel each, payloads byte-identical to the CPU codecs.
+"""Fused Triton codecs for sign, qsgd and ternary: one kernel each way, bytes identical to the CPU codecs'.
 
 ``torch_kernels.py`` builds each payload from a chain of eager torch ops (its
 bit packing alone expands every bit into a byte). Here each encoder is one
@@ -26,6 +26,22 @@ Triton kernel that reads x once from memory and writes the packed body:
   each. Byte-identical to :class:`~.quantizers.TernaryCodec` for finite
   inputs with a normal (not subnormal) scale.
 
+The fused decoders write each coordinate's float32 from its packed bits in one
+pass (one program per block of coordinates, the block's bytes read once):
+
+- :func:`decode_sign`: the pattern of ±scale, ``((bit ⊕ 1) << 31) | scale``,
+  as :meth:`~.quantizers.SignCodec.decode`.
+- :func:`decode_qsgd`: ``k·Δ − m`` with Δ = m·float32(2/s) per bucket (and
+  ``(k·float32(2/s) − 1)·m`` where Δ overflows or m is subnormal), in float32
+  without fused multiply-adds, as :meth:`~.quantizers.QsgdCodec.dequantize`.
+- :func:`decode_ternary`: ``(code − 1)·m``; the invalid code 3 (the CPU
+  codec refuses it) decodes to NaN, which the server's non-finite check rejects.
+
+All three are bit-identical to the CPU codecs' decoders on their valid
+payloads. They check the body's length; the qsgd decoder does not look for
+negative scales (a host sync): decode untrusted payloads with the CPU codecs,
+which refuse them, or check ``scales >= 0`` first.
+
 Importing this module needs ``triton`` (``pip install triton``). On a machine
 without a GPU the kernels run under Triton's interpreter (set
 ``TRITON_INTERPRET=1`` before the import), which is how the tests check the
@@ -36,6 +52,7 @@ bytes on CPU torch; the speed figures need a CUDA device (``qfl bench codecs
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import numpy as np
 import torch
@@ -215,6 +232,101 @@ def encode_ternary(x: torch.Tensor, key: int) -> torch.Tensor:
         _ternary_kernel[(triton.cdiv(packed.numel(), _OUT_CHUNK),)](flat, packed, n, value, _as_u64(key),
                                                                       OUT_CHUNK=_OUT_CHUNK)
     return torch.cat([scale.reshape(1).view(torch.uint8), packed])
+
+
+@triton.jit
+def _sign_decode_kernel(packed_ptr, scale_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    j = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+    byte = tl.load(packed_ptr + j, mask=j < (n + 7) // 8, other=0).to(tl.uint32)
+    bit = (byte[:, None] >> tl.arange(0, 8)[None, :].to(tl.uint32)) & 1
+    pattern = ((bit ^ 1) << 31) | tl.load(scale_ptr).to(tl.uint32, bitcast=True)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.reshape(pattern, (BLOCK,)).to(tl.float32, bitcast=True), mask=offs < n)
+
+
+def decode_sign(body: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` float32 values from a sign body (float32 scale, then the sign bits), on ``body``'s device."""
+    return _decode_scaled("sign", _sign_decode_kernel, body, count, bits=1)
+
+
+def _decode_scaled(name: str, kernel: Any, body: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+    """Run a decoder ``kernel`` on a body of one float32 scale and ``bits``-bit codes."""
+    _expect_length(name, body, 4 + (count * bits + 7) // 8)
+    scale = body[:4].clone().view(torch.float32)
+    out = torch.empty(count, dtype=torch.float32, device=body.device)
+    if count:
+        kernel[(triton.cdiv(count, _SIGN_BLOCK),)](body[4:], scale, out, count, BLOCK=_SIGN_BLOCK)
+    return out
+
+
+@triton.jit
+def _unpack(packed_ptr, i, inside, BITS: tl.constexpr):
+    """The ``BITS``-bit field of coordinate ``i`` in a little-endian bit stream (it may span two bytes)."""
+    p = i.to(tl.int64) * BITS
+    lo = tl.load(packed_ptr + p // 8, mask=inside, other=0).to(tl.int32)
+    if 8 % BITS == 0:  # a field never spans two bytes
+        return (lo >> (p % 8).to(tl.int32)) & ((1 << BITS) - 1)
+    hi = tl.load(packed_ptr + p // 8 + 1, mask=inside & ((p % 8 + BITS) > 8), other=0).to(tl.int32)
+    return ((lo | (hi << 8)) >> (p % 8).to(tl.int32)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _qsgd_decode_kernel(packed_ptr, scales_ptr, out_ptr, n, bucket, ratio,
+                        BITS: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = i < n
+    k = _unpack(packed_ptr, i, inside, BITS).to(tl.float32)
+    m = tl.load(scales_ptr + i // bucket, mask=inside, other=1.0)
+    step = m * ratio
+    plain = k * step - m  # no FMA: the kernel is compiled with enable_fp_fusion=False
+    awkward = (m == m) & (m < float("inf")) & ((step == float("inf")) | (m < 1.1754943508222875e-38))
+    tl.store(out_ptr + i, tl.where(awkward, (k * ratio - 1.0) * m, plain), mask=inside)
+
+
+def decode_qsgd(body: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` float32 values from a qsgd body (bits, bucket, float32 scales, packed indices)."""
+    if body.numel() < 5:
+        raise ValueError(f"a qsgd body holds at least 5 bytes of parameters, got {body.numel()}")
+    bits, bucket = struct.unpack("<BI", bytes(body[:5].cpu().tolist()))
+    if not 1 <= bits <= 8 or bucket < 1:
+        raise ValueError(f"qsgd body has bits={bits}, bucket={bucket}; need bits in 1..8, bucket >= 1")
+    nb = -(-count // bucket)
+    _expect_length("qsgd", body, 5 + 4 * nb + (count * bits + 7) // 8)
+    scales = body[5 : 5 + 4 * nb].clone().view(torch.float32)  # unaligned in the body: copied (n/bucket floats)
+    out = torch.empty(count, dtype=torch.float32, device=body.device)
+    if count:
+        ratio = float(np.float32(2 / ((1 << bits) - 1)))
+        _qsgd_decode_kernel[(triton.cdiv(count, _SIGN_BLOCK),)](
+            body[5 + 4 * nb :], scales, out, count, bucket, ratio, BITS=bits, BLOCK=_SIGN_BLOCK,
+            enable_fp_fusion=False,
+        )
+    return out
+
+
+@triton.jit
+def _ternary_decode_kernel(packed_ptr, scale_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    j = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+    byte = tl.load(packed_ptr + j, mask=j < (n + 3) // 4, other=0).to(tl.int32)
+    code = (byte[:, None] >> (2 * tl.arange(0, 4))[None, :]) & 3
+    value = (code.to(tl.float32) - 1.0) * tl.load(scale_ptr)
+    value = tl.where(code == 3, float("nan"), value)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.reshape(value, (BLOCK,)), mask=offs < n)
+
+
+def decode_ternary(body: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` float32 values ``(code − 1)·m`` from a ternary body (float32 m, then 2-bit codes)."""
+    return _decode_scaled("ternary", _ternary_decode_kernel, body, count, bits=2)
+
+
+def _expect_length(name: str, body: torch.Tensor, expected: int) -> None:
+    if body.dtype != torch.uint8 or body.dim() != 1 or body.numel() != expected:
+        raise ValueError(
+            f"a {name} body for this many values is {expected} uint8 bytes; got {body.numel()} of {body.dtype} "
+            f"(a truncated or foreign payload: decode it with the CPU codec for a precise error)"
+        )
 
 
 def _as_u64(key: int) -> int:

@@ -24,7 +24,9 @@ from qfl.compression.quantizers import QsgdCodec, SignCodec, TernaryCodec  # noq
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the interpreter evaluates (s/2)/m in numpy: an all-zero bucket divides by zero there, as the CPU codec does
-pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+# (3e38 below: k·Δ overflows to inf in the CPU decoder and, identically, in the fused one)
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning",
+                                        "ignore:overflow encountered:RuntimeWarning")
 
 
 def _x(n: int, seed: int = 0) -> np.ndarray:
@@ -89,3 +91,58 @@ def test_the_cuda_bench_adds_the_fused_rows_only_where_they_can_run():
     from qfl.benchmarks.codecs import _triton_encoders
 
     assert (_triton_encoders() is not None) == torch.cuda.is_available()
+
+
+def _same_floats(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit for bit (so −0.0 ≠ +0.0 and NaN patterns count)."""
+    return a.shape == b.shape and np.array_equal(a.astype(np.float32).view(np.uint32), b.view(np.uint32))
+
+
+@pytest.mark.parametrize("n", [1, 13, 1000, 2051])
+def test_fused_sign_decoder_is_the_cpu_codecs_bit_for_bit(n):
+    x = _x(n, seed=n)
+    payload = SignCodec().encode(x)
+    body = torch.frombuffer(bytearray(payload[len(payload) - 4 - (n + 7) // 8 :]), dtype=torch.uint8).to(DEVICE)
+    assert _same_floats(tt.decode_sign(body, n).cpu().numpy(), SignCodec().decode(payload))
+
+
+@pytest.mark.parametrize("bits, bucket, n", [(4, 512, 1300), (1, 64, 700), (2, 4, 61), (3, 8, 120), (8, 7, 100),
+                                             (5, 16, 64), (7, 3, 50), (6, 1000, 2051)])
+def test_fused_qsgd_decoder_is_the_cpu_codecs_bit_for_bit(bits, bucket, n):
+    x = _x(n, seed=bits)
+    x[40:40 + bucket] = 0.0  # an all-zero bucket (scale 0)
+    x[-1] = 3e38  # a bucket whose step 2m/s overflows float32 (bits = 1) or is close to it
+    codec = QsgdCodec(bits, bucket, seed=bits)
+    payload = codec.encode(x)
+    size = 5 + 4 * -(-n // bucket) + (n * bits + 7) // 8
+    body = torch.frombuffer(bytearray(payload[len(payload) - size :]), dtype=torch.uint8).to(DEVICE)
+    assert _same_floats(tt.decode_qsgd(body, n).cpu().numpy(), codec.decode(payload))
+
+
+def test_fused_qsgd_decoder_handles_subnormal_scales_as_the_cpu_codec():
+    x = np.array([1e-39, -5e-40, 0.0, 2e-39] * 8, np.float32)  # subnormal bucket maxima
+    codec = QsgdCodec(4, 8, seed=3)
+    payload = codec.encode(x)
+    size = 5 + 4 * 4 + 16
+    body = torch.frombuffer(bytearray(payload[len(payload) - size :]), dtype=torch.uint8).to(DEVICE)
+    assert _same_floats(tt.decode_qsgd(body, x.size).cpu().numpy(), codec.decode(payload))
+
+
+@pytest.mark.parametrize("n", [1, 6, 999])
+def test_fused_ternary_decoder_is_the_cpu_codecs_bit_for_bit_and_marks_code_3(n):
+    x = _x(n, seed=n)
+    codec = TernaryCodec(seed=4)
+    payload = codec.encode(x)
+    body = torch.frombuffer(bytearray(payload[len(payload) - 4 - (n + 3) // 4 :]), dtype=torch.uint8).to(DEVICE)
+    assert _same_floats(tt.decode_ternary(body, n).cpu().numpy(), codec.decode(payload))
+    corrupt = body.clone()
+    corrupt[4] |= 0b11  # coordinate 0 gets the invalid code 3
+    assert np.isnan(tt.decode_ternary(corrupt, n).cpu().numpy()[0])
+
+
+@pytest.mark.parametrize("decode, size", [(tt.decode_sign, 4 + 2), (tt.decode_ternary, 4 + 3)])
+def test_fused_decoders_refuse_a_body_of_the_wrong_length(decode, size):
+    with pytest.raises(ValueError, match="truncated or foreign"):
+        decode(torch.zeros(size - 1, dtype=torch.uint8, device=DEVICE), 10)
+    with pytest.raises(ValueError, match="bits=9"):
+        tt.decode_qsgd(torch.tensor([9, 8, 0, 0, 0], dtype=torch.uint8, device=DEVICE), 10)
