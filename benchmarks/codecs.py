@@ -135,7 +135,8 @@ TORCH_CODECS = [("fp16", "fp16", {}), ("bf16", "bf16", {}), ("sign", "sign", {})
                 ("qsgd-4bit", "qsgd", {"bits": 4, "bucket": 512}), ("qsgd-1bit", "qsgd", {"bits": 1, "bucket": 512})]
 # the fused Triton encoders and decoders (compression/triton_kernels.py), timed on CUDA devices with triton
 TRITON_CODECS = [("sign (triton)", "sign", {}), ("qsgd-4bit (triton)", "qsgd", {"bits": 4, "bucket": 512}),
-                 ("qsgd-1bit (triton)", "qsgd", {"bits": 1, "bucket": 512}), ("ternary (triton)", "ternary", {})]
+                 ("qsgd-1bit (triton)", "qsgd", {"bits": 1, "bucket": 512}), ("ternary (triton)", "ternary", {}),
+                 ("topk-1% (triton)", "topk", {"ratio": 0.01}), ("stc-1% (triton)", "stc", {"ratio": 0.01})]
 
 
 def _triton_encoders() -> Any:
@@ -195,12 +196,16 @@ def bench_codecs_torch(device: str = "cuda", size: int = 1 << 24, repeats: int =
                 "sign": lambda: tt.encode_sign(x),
                 "qsgd": lambda p=params: tt.encode_qsgd(x, p["bits"], p["bucket"], 0x5EED),
                 "ternary": lambda: tt.encode_ternary(x, 0x5EED),
+                "topk": lambda p=params: tt.encode_topk(x, p["ratio"]),
+                "stc": lambda p=params: tt.encode_stc(x, p["ratio"]),
             }
             encode = fused[name]
             decode = {
                 "sign": lambda body: tt.decode_sign(body, size),
                 "qsgd": lambda body: tt.decode_qsgd(body, size),
                 "ternary": lambda body: tt.decode_ternary(body, size),
+                "topk": lambda body: tt.decode_topk(body, size),
+                "stc": lambda body: tt.decode_stc(body, size),
             }[name]
         elif name == "qsgd":
             encode = lambda p=params: tk.encode_qsgd(x, p["bits"], p["bucket"], gen)  # noqa: E731

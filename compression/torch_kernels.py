@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .quantizers import Bf16Codec, Fp16Codec, QsgdCodec, SignCodec, TernaryCodec
+from .sparsify import STCCodec, TopKCodec
 from .wire import pack_header
 
 _FP16_MAX = 65504.0
@@ -123,7 +124,7 @@ def decode_ternary(body: torch.Tensor, count: int) -> torch.Tensor:
 
 
 CODEC_IDS = {"fp16": Fp16Codec.codec_id, "bf16": Bf16Codec.codec_id, "sign": SignCodec.codec_id, "qsgd": QsgdCodec.codec_id,
-             "ternary": TernaryCodec.codec_id}
+             "ternary": TernaryCodec.codec_id, "topk": TopKCodec.codec_id, "stc": STCCodec.codec_id}
 
 
 def to_payload(name: str, x: torch.Tensor, body: torch.Tensor) -> bytes:

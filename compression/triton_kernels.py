@@ -1,4 +1,7 @@
-"""Fused Triton codecs for sign, qsgd and ternary: one kernel each way, bytes identical to the CPU codecs'.
+"""GPU codecs: fused Triton kernels for sign, qsgd and ternary, threshold selection for top-k and STC.
+
+Payloads are the CPU codecs' byte for byte, with two stated exceptions: sign's float32 scale
+(summed in another order) and, rarely, STC's μ (:func:`encode_stc`).
 
 ``torch_kernels.py`` builds each payload from a chain of eager torch ops (its
 bit packing alone expands every bit into a byte). Here each encoder is one
@@ -37,7 +40,16 @@ pass (one program per block of coordinates, the block's bytes read once):
 - :func:`decode_ternary`: ``(code − 1)·m``; the invalid code 3 (the CPU
   codec refuses it) decodes to NaN, which the server's non-finite check rejects.
 
-All three are bit-identical to the CPU codecs' decoders on their valid
+Top-k and STC (:func:`encode_topk`, :func:`encode_stc`) select their support
+with :func:`top_k_support`: radix selection of the threshold in three
+histogram passes over x, then an order-keeping compaction (no sort; ties keep
+the lowest positions, as on the CPU). The positions are Rice-coded on the
+device (:func:`_rice_code`, the :mod:`~.golomb` layout: unary parts, then the
+remainders), and :func:`decode_topk` / :func:`decode_stc` read them back
+there. The coded stream is k·(b + ~2.4) bits, small beside x, so these steps
+are torch ops rather than kernels.
+
+The three fused decoders are bit-identical to the CPU codecs' decoders on their valid
 payloads. They check the body's length; the qsgd decoder does not look for
 negative scales (a host sync): decode untrusted payloads with the CPU codecs,
 which refuse them, or check ``scales >= 0`` first.
@@ -51,6 +63,7 @@ bytes on CPU torch; the speed figures need a CUDA device (``qfl bench codecs
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any
 
@@ -59,9 +72,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .golomb import MAX_RICE_PARAMETER
+from .sparsify import support_size
+from .torch_kernels import pack_bits, unpack_bits
+
 _GOLDEN = 0x9E3779B97F4A7C15
 _MAGIC = 1.5 * 2.0**23  # as quantizers._MAGIC: float32 sums in [2**23, 2**24) are integers
 _SIGN_BLOCK = 1024  # coordinates per program of the sign kernel (128 output bytes)
+_FP16_MAX = 65504.0
 _CHUNK = 1024  # coordinates per step of the qsgd bucket-max loop
 _OUT_CHUNK = 256  # output bytes per step of the packing loops
 
@@ -319,6 +337,218 @@ def _ternary_decode_kernel(packed_ptr, scale_ptr, out_ptr, n, BLOCK: tl.constexp
 def decode_ternary(body: torch.Tensor, count: int) -> torch.Tensor:
     """``count`` float32 values ``(code − 1)·m`` from a ternary body (float32 m, then 2-bit codes)."""
     return _decode_scaled("ternary", _ternary_decode_kernel, body, count, bits=2)
+
+
+# ------------------------------------------------------------------ top-k and STC: threshold selection
+
+_RADIX_PASSES = ((31, 20, 11), (20, 10, 10), (10, 0, 10))  # (prefix shift, shift, bits): |x|'s 31 bits, top first
+
+
+@triton.jit
+def _magnitude_key(x):
+    """|x|'s float32 pattern as int32 (monotone in |x|); every NaN the one value just above inf."""
+    key = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    return tl.where(key > 0x7F800000, 0x7F800001, key)
+
+
+@triton.jit
+def _radix_hist_kernel(x_ptr, hist_ptr, n, prefix, PREFIX_SHIFT: tl.constexpr, SHIFT: tl.constexpr,
+                       BINS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    key = _magnitude_key(tl.load(x_ptr + offs, mask=inside, other=0.0))
+    match = inside & ((key >> PREFIX_SHIFT) == prefix)
+    counts = tl.histogram((key >> SHIFT) & (BINS - 1), BINS, mask=match)
+    tl.atomic_add(hist_ptr + tl.arange(0, BINS), counts)
+
+
+@triton.jit
+def _threshold_counts_kernel(x_ptr, above_ptr, ties_ptr, n, threshold, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    key = _magnitude_key(tl.load(x_ptr + offs, mask=inside, other=0.0))
+    tl.store(above_ptr + pid, tl.sum((inside & (key > threshold)).to(tl.int64), axis=0))
+    tl.store(ties_ptr + pid, tl.sum((inside & (key == threshold)).to(tl.int64), axis=0))
+
+
+@triton.jit
+def _compact_kernel(x_ptr, idx_ptr, start_ptr, tie_start_ptr, n, threshold, ties_kept, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    key = _magnitude_key(tl.load(x_ptr + offs, mask=inside, other=0.0))
+    tie = (inside & (key == threshold)).to(tl.int64)
+    tie_rank = tl.load(tie_start_ptr + pid) + tl.cumsum(tie, axis=0) - 1  # among all ties, in index order
+    keep = (inside & (key > threshold)) | ((tie == 1) & (tie_rank < ties_kept))
+    slot = tl.load(start_ptr + pid) + tl.cumsum(keep.to(tl.int64), axis=0) - 1
+    tl.store(idx_ptr + slot, offs, mask=keep)
+
+
+def top_k_support(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted int64 positions of the ``k`` largest |x| on ``x``'s device, as :func:`~.sparsify.top_k_positions`
+    (ties at the threshold keep the lowest positions).
+
+    Radix selection of the threshold T = the k-th largest |x|'s float32 pattern:
+    three histogram passes over x (11, 10 and 10 bits of the pattern, each pass
+    counting only the coordinates that share the bits found so far), then one
+    pass that counts, per block, the coordinates above T and equal to T, and one
+    that writes the kept positions in index order (block offsets from prefix sums).
+    Five reads of x and no sort; three small host syncs (one per histogram).
+    NaNs rank above every number, as on the CPU (which coordinates among several
+    NaNs are kept may differ from the CPU codec's).
+    """
+    flat = x.reshape(-1).contiguous().float()
+    n = flat.numel()
+    if not 0 <= k <= n:
+        raise ValueError(f"k = {k} positions of a tensor of {n} values")
+    if k == n:
+        return torch.arange(n, dtype=torch.int64, device=flat.device)
+    if k == 0:
+        return torch.zeros(0, dtype=torch.int64, device=flat.device)
+    grid = triton.cdiv(n, _SIGN_BLOCK)
+    prefix, rank, above = 0, k, 0  # rank: T is the rank-th largest among those sharing prefix
+    for prefix_shift, shift, bits in _RADIX_PASSES:
+        hist = torch.zeros(1 << bits, dtype=torch.int32, device=flat.device)
+        _radix_hist_kernel[(grid,)](flat, hist, n, prefix, PREFIX_SHIFT=prefix_shift, SHIFT=shift, BINS=1 << bits,
+                                    BLOCK=_SIGN_BLOCK)
+        from_top = hist.flip(0).to(torch.int64).cumsum(0).cpu().numpy()
+        j = int(np.searchsorted(from_top, rank))  # the first bin (from the top) that reaches the rank
+        higher = int(from_top[j - 1]) if j else 0
+        rank -= higher
+        above += higher
+        prefix = (prefix << bits) | ((1 << bits) - 1 - j)
+    threshold, ties_kept = prefix, k - above
+    counts_above = torch.empty(grid, dtype=torch.int64, device=flat.device)
+    counts_ties = torch.empty(grid, dtype=torch.int64, device=flat.device)
+    _threshold_counts_kernel[(grid,)](flat, counts_above, counts_ties, n, threshold, BLOCK=_SIGN_BLOCK)
+    tie_start = counts_ties.cumsum(0) - counts_ties
+    kept = counts_above + (ties_kept - tie_start).clamp(0).minimum(counts_ties)
+    start = kept.cumsum(0) - kept
+    idx = torch.empty(k, dtype=torch.int64, device=flat.device)
+    _compact_kernel[(grid,)](flat, idx, start, tie_start, n, threshold, ties_kept, BLOCK=_SIGN_BLOCK)
+    return idx
+
+
+def _rice_code(gaps: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(b, bytes) of :func:`~.golomb.rice_encode` with :func:`~.golomb.best_rice_parameter`'s b, on the device:
+    the unary terminators and the remainder bits are set by scattered adds of distinct powers of two."""
+    count = gaps.numel()
+    device = gaps.device
+    total = int(gaps.sum())
+    mean = total / count
+    guess = 0 if mean * math.log(2) <= 1.0 else int(math.floor(math.log2(mean * math.log(2))))
+    candidates = sorted({min(max(guess + delta, 0), MAX_RICE_PARAMETER) for delta in (-1, 0, 1, 2)})
+    costs = torch.stack([(gaps >> b).sum() for b in candidates]).cpu().tolist()
+    b = min(candidates, key=lambda c: (costs[candidates.index(c)] + count * (1 + c), c))
+    terminators = (gaps >> b).add_(1).cumsum(0).sub_(1)
+    unary_bits = int(terminators[-1]) + 1
+    out = torch.zeros((unary_bits + count * b + 7) // 8, dtype=torch.int32, device=device)
+    out.index_add_(0, terminators // 8, 128 >> (terminators % 8).to(torch.int32))
+    if b:
+        shifts = torch.arange(b - 1, -1, -1, device=device)
+        bits = ((gaps[:, None] >> shifts[None, :]) & 1).reshape(-1)
+        position = unary_bits + torch.arange(count * b, device=device)
+        out.index_add_(0, position // 8, (bits << (7 - position % 8)).to(torch.int32))
+    return b, out.to(torch.uint8)
+
+
+def _support_fields(x: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """(flat x, sorted top-k positions, Rice parameter, Rice-coded gaps) for ``ratio`` of the coordinates."""
+    flat = x.reshape(-1).contiguous().float()
+    k = support_size(ratio, flat.numel())
+    idx = top_k_support(flat, k)
+    if not k:
+        return flat, idx, 0, torch.zeros(0, dtype=torch.uint8, device=flat.device)
+    gaps = idx.diff(prepend=idx.new_full((1,), -1)) - 1
+    b, coded = _rice_code(gaps)
+    return flat, idx, b, coded
+
+
+def encode_topk(x: torch.Tensor, ratio: float, values: str = "fp16") -> torch.Tensor:
+    """The topk payload body (k, Rice parameter, Rice-coded gaps, kept values) as uint8 on ``x``'s device,
+    byte-identical to ``TopKCodec(ratio, values)``'s for finite x."""
+    if values not in ("fp16", "fp32"):
+        raise ValueError(f"topk values must be 'fp16' or 'fp32', got {values!r}")
+    flat, idx, b, coded = _support_fields(x, ratio)
+    kept = flat[idx]
+    if values == "fp16":
+        kept = torch.where(kept.isfinite(), kept.clamp(-_FP16_MAX, _FP16_MAX), kept).to(torch.float16)
+    fields = torch.tensor(list(struct.pack("<IB", idx.numel(), b)), dtype=torch.uint8, device=flat.device)
+    return torch.cat([fields, coded, kept.view(torch.uint8)])
+
+
+def encode_stc(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The stc payload body (k, Rice parameter, μ, Rice-coded gaps, sign bits) as uint8 on ``x``'s device.
+
+    μ is the mean |kept| summed in float64 and rounded to float32, as the CPU
+    codec; the two float64 sums may differ in their last bit (a different
+    summation order), which changes μ's float32 only when the mean lies within
+    that bit of a float32 rounding boundary.
+    """
+    flat, idx, b, coded = _support_fields(x, ratio)
+    kept = flat[idx]
+    mu = kept.double().abs().mean().float() if idx.numel() else flat.new_zeros(())
+    fields = torch.tensor(list(struct.pack("<IB", idx.numel(), b)), dtype=torch.uint8, device=flat.device)
+    signs = pack_bits(torch.signbit(kept).to(torch.uint8), 1)
+    return torch.cat([fields, mu.reshape(1).view(torch.uint8), coded, signs])
+
+
+def _rice_positions(name: str, coded: torch.Tensor, b: int, k: int, n: int) -> torch.Tensor:
+    """Sorted positions from Rice-coded gaps (:func:`_rice_code`'s layout) with torch ops on the device.
+
+    The stream is k·(b + ~2.4) bits, small beside the tensor: its bits are
+    unpacked (MSB first), the first k ones are the unary terminators, the
+    remainders follow. ValueError if the stream is too short, has bytes or bits
+    beyond its last value, or its positions run past ``n``."""
+    if b > MAX_RICE_PARAMETER:
+        raise ValueError(f"{name} body has Rice parameter {b}; at most {MAX_RICE_PARAMETER} is valid")
+    bits = ((coded[:, None] >> torch.arange(7, -1, -1, device=coded.device)) & 1).reshape(-1)
+    terminators = torch.nonzero(bits).reshape(-1)[:k]
+    if terminators.numel() < k:
+        raise ValueError(f"{name} body is truncated: {terminators.numel()} of {k} Rice terminators")
+    unary_bits = int(terminators[-1]) + 1
+    if (unary_bits + k * b + 7) // 8 != coded.numel() or bits[unary_bits + k * b :].any():
+        raise ValueError(f"{name} body's Rice stream does not end where its {k} values do (a corrupt payload)")
+    quotients = terminators.diff(prepend=terminators.new_full((1,), -1)) - 1
+    gaps = quotients << b
+    if b:
+        weights = 1 << torch.arange(b - 1, -1, -1, device=coded.device)
+        gaps |= (bits[unary_bits : unary_bits + k * b].reshape(k, b) * weights).sum(1)
+    positions = (gaps + 1).cumsum(0) - 1
+    if int(positions[-1]) >= n:
+        raise ValueError(f"{name} positions run past the end of the {n}-element tensor")
+    return positions
+
+
+def decode_topk(body: torch.Tensor, count: int, values: str = "fp16") -> torch.Tensor:
+    """``count`` float32 values from a topk body, zeros off the support, on ``body``'s device."""
+    width = {"fp16": 2, "fp32": 4}[values]
+    k, b = struct.unpack("<IB", bytes(body[:5].cpu().tolist()))
+    out = torch.zeros(count, dtype=torch.float32, device=body.device)
+    if not k:
+        return out
+    if body.numel() < 5 + k * width:
+        raise ValueError(f"topk body of {body.numel()} bytes is too short for {k} {values} values")
+    kept = body[body.numel() - k * width :].clone().view(torch.float16 if width == 2 else torch.float32)
+    out[_rice_positions("topk", body[5 : body.numel() - k * width], b, k, count)] = kept.float()
+    return out
+
+
+def decode_stc(body: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` float32 values ±μ on the support, zeros elsewhere, from an stc body."""
+    k, b = struct.unpack("<IB", bytes(body[:5].cpu().tolist()))
+    out = torch.zeros(count, dtype=torch.float32, device=body.device)
+    if not k:
+        return out
+    sign_bytes = (k + 7) // 8
+    if body.numel() < 9 + sign_bytes:
+        raise ValueError(f"stc body of {body.numel()} bytes is too short for {k} sign bits")
+    mu = body[5:9].clone().view(torch.float32)
+    negative = unpack_bits(body[body.numel() - sign_bytes :], 1, k).bool()
+    positions = _rice_positions("stc", body[9 : body.numel() - sign_bytes], b, k, count)
+    out[positions] = torch.where(negative, -mu, mu)
+    return out
 
 
 def _expect_length(name: str, body: torch.Tensor, expected: int) -> None:

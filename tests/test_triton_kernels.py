@@ -146,3 +146,76 @@ def test_fused_decoders_refuse_a_body_of_the_wrong_length(decode, size):
         decode(torch.zeros(size - 1, dtype=torch.uint8, device=DEVICE), 10)
     with pytest.raises(ValueError, match="bits=9"):
         tt.decode_qsgd(torch.tensor([9, 8, 0, 0, 0], dtype=torch.uint8, device=DEVICE), 10)
+
+
+def _sparse_x(n: int, seed: int) -> np.ndarray:
+    """Normal values with ties at several magnitudes (so the threshold often falls on a tie) and signed zeros."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n).astype(np.float32)
+    x[rng.integers(0, n, n // 5)] = rng.choice(np.float32([0.5, -0.5, 1.25, -2.0, 0.0, -0.0]), n // 5)
+    return x
+
+
+@pytest.mark.parametrize("n, k", [(1, 1), (10, 3), (1000, 1), (1000, 30), (3000, 90), (2051, 2050), (5000, 1000),
+                                  (4096, 4096)])
+def test_gpu_threshold_selection_keeps_the_cpu_codecs_positions(n, k):
+    from qfl.compression.sparsify import top_k_positions
+
+    x = _sparse_x(n, seed=n + k)
+    got = tt.top_k_support(torch.from_numpy(x).to(DEVICE), k).cpu().numpy()
+    assert np.array_equal(got, top_k_positions(x, k))
+
+
+def test_gpu_threshold_selection_takes_the_lowest_positions_of_a_tie():
+    x = np.float32([1, 3, 3, 3, 2, 3, 3])
+    assert tt.top_k_support(torch.from_numpy(x).to(DEVICE), 3).cpu().tolist() == [1, 2, 3]
+    assert tt.top_k_support(torch.from_numpy(np.zeros(9, np.float32)).to(DEVICE), 4).cpu().tolist() == [0, 1, 2, 3]
+
+
+def test_gpu_threshold_selection_ranks_nan_and_inf_first():
+    x = np.float32([1.0, np.inf, 2.0, np.nan, -np.inf, 5.0])
+    assert tt.top_k_support(torch.from_numpy(x).to(DEVICE), 3).cpu().tolist() == [1, 3, 4]
+
+
+@pytest.mark.parametrize("ratio, n, values", [(0.03, 3000, "fp16"), (0.01, 5000, "fp32"), (0.5, 77, "fp16"),
+                                              (1.0, 9, "fp32"), (0.001, 20000, "fp16")])
+def test_gpu_topk_payload_is_the_cpu_codecs_byte_for_byte(ratio, n, values):
+    from qfl.compression.sparsify import TopKCodec
+
+    x = _sparse_x(n, seed=3)
+    x[7] = 1e6  # clipped to fp16's largest finite value
+    body = tt.encode_topk(torch.from_numpy(x).to(DEVICE), ratio, values).cpu().numpy().tobytes()
+    reference = TopKCodec(ratio, values).encode(x)
+    assert body == reference[len(reference) - len(body):]
+    decoded = tt.decode_topk(torch.frombuffer(bytearray(body), dtype=torch.uint8).to(DEVICE), n, values)
+    assert _same_floats(decoded.cpu().numpy(), TopKCodec(ratio, values).decode(reference))
+
+
+@pytest.mark.parametrize("ratio, n", [(0.03, 3000), (0.01, 20000), (0.3, 101), (1.0, 16)])
+def test_gpu_stc_payload_is_the_cpu_codecs_byte_for_byte(ratio, n):
+    from qfl.compression.sparsify import STCCodec
+
+    x = _sparse_x(n, seed=5)
+    body = tt.encode_stc(torch.from_numpy(x).to(DEVICE), ratio).cpu().numpy().tobytes()
+    reference = STCCodec(ratio).encode(x)
+    assert body == reference[len(reference) - len(body):]
+    decoded = tt.decode_stc(torch.frombuffer(bytearray(body), dtype=torch.uint8).to(DEVICE), n)
+    assert _same_floats(decoded.cpu().numpy(), STCCodec(ratio).decode(reference))
+
+
+def test_gpu_sparse_decoders_refuse_corrupt_rice_streams():
+    x = _sparse_x(500, seed=1)
+    body = tt.encode_stc(torch.from_numpy(x).to(DEVICE), 0.05)
+    with pytest.raises(ValueError, match="Rice"):
+        tt.decode_stc(torch.cat([body[:9], body[9:].new_zeros(body.numel() - 9)]), 500)  # no terminators
+    with pytest.raises(ValueError, match="run past the end"):
+        tt.decode_stc(body, 100)  # positions beyond a shorter tensor
+
+
+def test_the_benchs_fused_sparse_rows_send_the_cpu_codecs_payloads():
+    from qfl.compression.sparsify import STCCodec, TopKCodec
+
+    x = _sparse_x(4000, seed=9)
+    t = torch.from_numpy(x).to(DEVICE)
+    assert tk.to_payload("topk", t, tt.encode_topk(t, 0.01)) == TopKCodec(0.01).encode(x)
+    assert tk.to_payload("stc", t, tt.encode_stc(t, 0.01)) == STCCodec(0.01).encode(x)
