@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping, MutableMapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
 
 from qfl.errors import PayloadError, PayloadReason
 
 from .codec import Codec, CodecError, EncodeContext
+
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord
+# flwr is imported where a record is built: the codecs and their GPU kernels import with numpy and torch alone
+# (the GPU bench, ../shared/gpu/bench_codecs_gpu.sh, runs where flwr is not installed).
 
 PAYLOAD_STYPE = "qfl.codec/v1"
 
@@ -37,6 +42,8 @@ def encode_update(
     ``round_seed`` is shared by all clients of the round; ``states`` holds this
     client's per-tensor codec state and is updated in place (stateful codecs).
     """
+    from flwr.app import Array, ArrayRecord
+
     record = ArrayRecord()
     for name, tensor in update.items():
         state = states.setdefault(name, {}) if states is not None else {}

@@ -71,3 +71,20 @@ def test_torch_bench_runs_on_cpu_torch():
     assert all(r["encode_gbps"] > 0 and r["encode_to_host_gbps"] > 0 for r in rows)
     sign = next(r for r in rows if r["codec"] == "sign")
     assert 1.0 <= sign["bits_per_param"] < 1.1
+
+
+def test_the_gpu_bench_imports_and_runs_with_torch_and_numpy_alone():
+    """../shared/gpu/bench_codecs_gpu.sh runs on CUDA machines without flwr or zstandard installed."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "for name in ('flwr', 'zstandard'): sys.modules[name] = None  # as if not installed\n"
+        "from qfl.benchmarks.codecs import bench_codecs_torch\n"
+        "rows = bench_codecs_torch('cpu', size=1 << 12, repeats=1)\n"
+        "print(len(rows))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.strip()) >= 5
