@@ -36,6 +36,7 @@ from qfl.files import atomic_write_bytes, atomic_write_json
 
 from .report import pyplot, save_png
 from .runner import run_simulation_job
+from .stats import mean_ci95
 
 CLIENTS = 20
 
@@ -138,6 +139,7 @@ def run_compression_experiment(
         paired = [100 * (a - b) for a, b in zip(r["accuracy_by_seed"], base["accuracy_by_seed"])] if base else None
         r["delta_by_seed_pts"] = paired
         r["accuracy_delta_pts"] = sum(paired) / len(paired) if paired else None
+        r["accuracy_delta_ci95"] = mean_ci95(paired)[1] if paired else None
     atomic_write_json(out / "compression.json", rows)
     atomic_write_bytes(out / "compression.md", (format_rows(rows) + "\n").encode())
     _plot(out, rows)
@@ -146,7 +148,7 @@ def run_compression_experiment(
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     several = any(len(r["seeds"]) > 1 for r in rows)
-    by_seed = " | Δ by seed (pts)" if several else ""
+    by_seed = " | 95% CI (pts, paired) | Δ by seed (pts)" if several else ""
 
     def times(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}×"
@@ -154,13 +156,15 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| codec (up/down) | final acc | best acc | uplink bytes | downlink bytes | bits/param up | bits/param down "
         "| up × | down × | total × | Δ acc (pts)" + by_seed + " |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:" + ("|---:" if several else "") + "|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:" + ("|---:|---:" if several else "") + "|",
     ]
     for r in rows:
         delta = "-" if r["accuracy_delta_pts"] is None else f"{r['accuracy_delta_pts']:+.1f}"
         spread = ""
         if several:
-            spread = " | " + ("-" if r["delta_by_seed_pts"] is None else " ".join(f"{d:+.1f}" for d in r["delta_by_seed_pts"]))
+            ci = r.get("accuracy_delta_ci95")
+            spread = " | " + ("-" if ci is None else f"[{ci[0]:+.1f}, {ci[1]:+.1f}]")
+            spread += " | " + ("-" if r["delta_by_seed_pts"] is None else " ".join(f"{d:+.1f}" for d in r["delta_by_seed_pts"]))
         lines.append(
             f"| {r['arm']} | {r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | {r['total_uplink_bytes']:,.0f} "
             f"| {r['total_downlink_bytes']:,.0f} | {r['bits_per_param_up']:.3f} | {r['bits_per_param_down']:.3f} "

@@ -33,13 +33,13 @@ def test_every_arm_label_is_unique():
     assert len(labels) == len(set(labels))
 
 
-def test_the_shipped_100x_config_is_the_experiment_arm():
+def test_the_shipped_100x_config_is_the_experiment_arm_at_60_rounds():
     from qfl.config import load_config_file, resolve_config
     from qfl.simulations.experiments import CLIENTS
 
     shipped = resolve_config(load_config_file("simulations/configs/compression-100x.toml"))
     (arm,) = [a for a in COMPRESSION_ARMS if a.label == "stc-3%+down-stc-3%"]
-    values = {"clients": CLIENTS, "alpha": 0.5, "rounds": 30, "codec": arm.codec, "seed": 0, "security": "none",
+    values = {"clients": CLIENTS, "alpha": 0.5, "rounds": 60, "codec": arm.codec, "seed": 0, "security": "none",
               **{f"codec.{k}": v for k, v in arm.params.items()}, **arm.downlink}
     assert resolve_config(values) == shipped
 
@@ -50,8 +50,8 @@ def test_the_table_shows_each_seeds_paired_delta_when_there_are_several():
     row = {"arm": "stc-3%", "seeds": [0, 1], "final_accuracy": 0.9, "best_accuracy": 0.92, "total_uplink_bytes": 10.0,
            "total_downlink_bytes": 20.0, "bits_per_param_up": 0.2, "bits_per_param_down": 0.3,
            "uplink_reduction": 100.0, "downlink_reduction": 50.0, "total_reduction": 66.7,
-           "accuracy_delta_pts": -1.5, "delta_by_seed_pts": [-1.0, -2.0]}
+           "accuracy_delta_pts": -1.5, "accuracy_delta_ci95": [-7.85, 4.85], "delta_by_seed_pts": [-1.0, -2.0]}
     table = format_rows([row]).splitlines()
-    assert table[0].endswith("| Δ acc (pts) | Δ by seed (pts) |")
-    assert table[2].endswith("| 100.0× | 50.0× | 66.7× | -1.5 | -1.0 -2.0 |")
+    assert table[0].endswith("| Δ acc (pts) | 95% CI (pts, paired) | Δ by seed (pts) |")
+    assert table[2].endswith("| 100.0× | 50.0× | 66.7× | -1.5 | [-7.8, +4.8] | -1.0 -2.0 |")
     assert "by seed" not in format_rows([{**row, "seeds": [0]}])
