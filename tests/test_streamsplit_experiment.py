@@ -9,10 +9,12 @@ from qfl.simulations.streamsplit import format_report, format_rows, negatives_co
 
 def test_negatives_arms_see_fresh_windows_and_pair_with_in_batch_8():
     rows = negatives_comparison([0, 1], quick=True, steps=2)
-    virtual, in_batch, large = rows
-    assert [r["batch"] for r in rows] == [8, 8, 256]
-    assert [r["windows"] for r in rows] == [16, 16, 512]  # every step its own windows: 2 × batch
-    assert virtual["seeds"] == in_batch["seeds"] == [0, 1] and large["seeds"] == [0]  # quick: batch 256 on seed 0
+    virtual, in_batch, large, shuffled = rows
+    assert [r["batch"] for r in rows] == [8, 8, 256, 256]
+    assert [r["shuffled"] for r in rows] == [False, False, False, True]
+    assert [r["windows"] for r in rows] == [16, 16, 512, 512]  # every step its own windows: 2 × batch
+    assert virtual["seeds"] == in_batch["seeds"] == [0, 1]
+    assert large["seeds"] == shuffled["seeds"] == [0]  # quick: batch 256 on seed 0
     assert in_batch["delta_vs_in_batch_8_pts"] == 0.0
     paired = [100 * (a - b) for a, b in zip(virtual["accuracy_by_seed"], in_batch["accuracy_by_seed"])]
     assert virtual["delta_vs_in_batch_8_pts"] == pytest.approx(np.mean(paired))
