@@ -22,7 +22,7 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from qfl.clients.tasks import ClientTask, task_for
-from qfl.compression import make_codec
+from qfl.compression import encode_update, make_codec, payload_bytes
 from qfl.compression.downlink import DownlinkReplica, make_downlink_codec
 from qfl.config import RunConfig, resolve_config
 from qfl.errors import ResumeError, ResumeReason
@@ -182,6 +182,7 @@ def run_federation(
             "eval_downlink_bytes": strategy.eval_downlink_bytes,
             "bits_per_param_up": 8.0 * as_int(train["uplink-bytes"]) / (num_params * uploads) if uploads else None,
             "key_bits_used": as_int(train["key-bits-used"]),
+            "uploads": uploads,
             "clients": as_int(train["clients"]),
             "sampled": as_int(train["sampled"]),
             "dropped": as_int(train["dropped"]),
@@ -206,6 +207,7 @@ def run_federation(
     if len(history) < cfg.rounds:
         return None
     summary = summarize(cfg, history, num_params, initial_acc, initial_loss)
+    summary.update(fp32_comparison(summary, history, payload_bytes(encode_update(weights, make_codec("fp32")))))
     atomic_write_json(run_dir / SUMMARY_NAME, summary)
     if reporter:
         reporter.finish(summary, history)
@@ -268,6 +270,21 @@ def summarize(
         "qkd_clock_s": last.get("qkd_clock_s"),
         "wall_s": last.get("elapsed_s", 0.0),
         **(_edge_summary(history) if cfg.model == "streamsplit" else {}),
+    }
+
+
+def fp32_comparison(summary: dict[str, Any], history: list[dict[str, Any]], fp32_message_bytes: int) -> dict[str, Any]:
+    """What the same rounds would have sent in fp32 both ways (one fp32 model per upload and per sampled
+    client; rounds of older metrics without ``uploads`` count the accepted clients), and the reductions: fp32 bytes over the bytes sent (1.0 for an fp32 run; None where nothing was sent)."""
+    up = fp32_message_bytes * sum(r.get("uploads", r.get("clients", 0)) for r in history)
+    down = fp32_message_bytes * sum(r.get("sampled", 0) for r in history)
+    sent_up, sent_down = summary["total_uplink_bytes"], summary["total_downlink_bytes"]
+    return {
+        "fp32_uplink_bytes": up,
+        "fp32_downlink_bytes": down,
+        "uplink_reduction_vs_fp32": up / sent_up if sent_up else None,
+        "downlink_reduction_vs_fp32": down / sent_down if sent_down else None,
+        "total_reduction_vs_fp32": (up + down) / (sent_up + sent_down) if sent_up + sent_down else None,
     }
 
 

@@ -158,3 +158,10 @@ class ConsoleReporter:
             f"final accuracy {summary['final_accuracy']:.4f}, uplink {summary['total_uplink_bytes']:,} B, "
             f"{summary['wall_s']:.1f} s -> {self.run_dir}", highlight=False
         )
+        if summary.get("total_reduction_vs_fp32") and summary.get("codec") != "fp32":
+            self.console.print(
+                f"against fp32 both ways: uplink {summary['uplink_reduction_vs_fp32']:.1f}× less, downlink "
+                f"{summary['downlink_reduction_vs_fp32']:.1f}× less, total {summary['total_reduction_vs_fp32']:.1f}× "
+                f"({summary['total_uplink_bytes'] + summary['total_downlink_bytes']:,} B against "
+                f"{summary['fp32_uplink_bytes'] + summary['fp32_downlink_bytes']:,} B)", highlight=False
+            )

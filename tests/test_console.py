@@ -62,3 +62,26 @@ def test_quiet_prints_the_result_line_only(tmp_path):
     reporter.round(RECORD)
     reporter.finish(SUMMARY, [RECORD])
     assert out.getvalue().splitlines() == [f"final accuracy 0.5000, uplink 1,000,000,000 B, 1.0 s -> {tmp_path}"]
+
+
+def test_a_compressed_run_ends_with_its_reduction_against_fp32_both_ways(tmp_path):
+    from qfl.server.federation import fp32_comparison
+
+    history = [{"uploads": 4, "clients": 3, "sampled": 5}, {"uploads": 5, "clients": 5, "sampled": 5}]
+    summary = {**SUMMARY, "codec": "stc", "total_uplink_bytes": 900, "total_downlink_bytes": 500}
+    figures = fp32_comparison(summary, history, fp32_message_bytes=1000)
+    assert figures == {"fp32_uplink_bytes": 9000, "fp32_downlink_bytes": 10000, "uplink_reduction_vs_fp32": 10.0,
+                       "downlink_reduction_vs_fp32": 20.0, "total_reduction_vs_fp32": 19000 / 1400}
+    reporter, out = _reporter(quiet=True)
+    reporter.finish({**summary, **figures}, [RECORD])
+    assert out.getvalue().splitlines()[-1] == (
+        "against fp32 both ways: uplink 10.0× less, downlink 20.0× less, total 13.6× (1,400 B against 19,000 B)"
+    )
+
+
+def test_the_fp32_reference_message_is_what_an_fp32_client_sends():
+    from qfl.compression import encode_update, make_codec, payload_bytes
+    from qfl.server.federation import CentralEvaluator
+
+    weights = CentralEvaluator(build_config(overrides=["rounds=1"])).initial_weights()
+    assert payload_bytes(encode_update(weights, make_codec("fp32"))) == 153_240  # the experiment's fp32 arm, per message
