@@ -68,18 +68,22 @@ def best_rice_parameter(values: np.ndarray) -> int:
     v = _as_uint64(values)
     if v.size == 0:
         return 0
-    mean = float(v.mean(dtype=np.float64))
-    if mean * math.log(2) <= 1.0:
-        guess = 0
-    else:
-        guess = int(math.floor(math.log2(mean * math.log(2))))
-    candidates = sorted({min(max(guess + delta, 0), MAX_RICE_PARAMETER) for delta in (-1, 0, 1, 2)})
-    n = v.size
+    candidates = rice_parameter_candidates(float(v.mean(dtype=np.float64)))
+    quotient_bits = [float((v >> np.uint64(k)).sum(dtype=np.float64)) for k in candidates]
+    return cheapest_rice_parameter(candidates, quotient_bits, v.size)
 
-    def cost(k: int) -> float:
-        return float((v >> np.uint64(k)).sum(dtype=np.float64)) + n * (1 + k)
 
-    return min(candidates, key=lambda k: (cost(k), k))
+def rice_parameter_candidates(mean: float) -> list[int]:
+    """The parameters worth costing for values of mean ``mean``: ⌊log2(mean·ln 2)⌋ (0 when mean·ln 2 ≤ 1)
+    and its neighbours −1, +1, +2, within [0, 63], sorted."""
+    guess = 0 if mean * math.log(2) <= 1.0 else int(math.floor(math.log2(mean * math.log(2))))
+    return sorted({min(max(guess + delta, 0), MAX_RICE_PARAMETER) for delta in (-1, 0, 1, 2)})
+
+
+def cheapest_rice_parameter(candidates: list[int], quotient_bits: list[float], count: int) -> int:
+    """The candidate k with the fewest bits, Σ(v >> k) + count·(1 + k) (``quotient_bits[i]`` = Σ(v >> candidates[i]));
+    ties go to the smaller k."""
+    return min(zip(candidates, quotient_bits), key=lambda c: (c[1] + count * (1 + c[0]), c[0]))[0]
 
 
 def rice_bits(values: np.ndarray, k: int) -> int:

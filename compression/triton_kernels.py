@@ -63,7 +63,6 @@ bytes on CPU torch; the speed figures need a CUDA device (``qfl bench codecs
 
 from __future__ import annotations
 
-import math
 import struct
 from typing import Any
 
@@ -72,14 +71,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .golomb import MAX_RICE_PARAMETER
+from .golomb import MAX_RICE_PARAMETER, cheapest_rice_parameter, rice_parameter_candidates
 from .sparsify import support_size
-from .torch_kernels import pack_bits, unpack_bits
+from .torch_kernels import encode_fp16, pack_bits, unpack_bits
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _MAGIC = 1.5 * 2.0**23  # as quantizers._MAGIC: float32 sums in [2**23, 2**24) are integers
 _SIGN_BLOCK = 1024  # coordinates per program of the sign kernel (128 output bytes)
-_FP16_MAX = 65504.0
 _CHUNK = 1024  # coordinates per step of the qsgd bucket-max loop
 _OUT_CHUNK = 256  # output bytes per step of the packing loops
 
@@ -435,12 +433,8 @@ def _rice_code(gaps: torch.Tensor) -> tuple[int, torch.Tensor]:
     the unary terminators and the remainder bits are set by scattered adds of distinct powers of two."""
     count = gaps.numel()
     device = gaps.device
-    total = int(gaps.sum())
-    mean = total / count
-    guess = 0 if mean * math.log(2) <= 1.0 else int(math.floor(math.log2(mean * math.log(2))))
-    candidates = sorted({min(max(guess + delta, 0), MAX_RICE_PARAMETER) for delta in (-1, 0, 1, 2)})
-    costs = torch.stack([(gaps >> b).sum() for b in candidates]).cpu().tolist()
-    b = min(candidates, key=lambda c: (costs[candidates.index(c)] + count * (1 + c), c))
+    candidates = rice_parameter_candidates(int(gaps.sum()) / count)
+    b = cheapest_rice_parameter(candidates, torch.stack([(gaps >> c).sum() for c in candidates]).tolist(), count)
     terminators = (gaps >> b).add_(1).cumsum(0).sub_(1)
     unary_bits = int(terminators[-1]) + 1
     out = torch.zeros((unary_bits + count * b + 7) // 8, dtype=torch.int32, device=device)
@@ -472,10 +466,9 @@ def encode_topk(x: torch.Tensor, ratio: float, values: str = "fp16") -> torch.Te
         raise ValueError(f"topk values must be 'fp16' or 'fp32', got {values!r}")
     flat, idx, b, coded = _support_fields(x, ratio)
     kept = flat[idx]
-    if values == "fp16":
-        kept = torch.where(kept.isfinite(), kept.clamp(-_FP16_MAX, _FP16_MAX), kept).to(torch.float16)
+    kept_bytes = encode_fp16(kept) if values == "fp16" else kept.view(torch.uint8)  # fp16: clipped as the CPU codec
     fields = torch.tensor(list(struct.pack("<IB", idx.numel(), b)), dtype=torch.uint8, device=flat.device)
-    return torch.cat([fields, coded, kept.view(torch.uint8)])
+    return torch.cat([fields, coded, kept_bytes])
 
 
 def encode_stc(x: torch.Tensor, ratio: float) -> torch.Tensor:

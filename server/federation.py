@@ -206,8 +206,8 @@ def run_federation(
         budget.close()  # the last round's consumed key leaves the store's WAL
     if len(history) < cfg.rounds:
         return None
-    summary = summarize(cfg, history, num_params, initial_acc, initial_loss)
-    summary.update(fp32_comparison(summary, history, payload_bytes(encode_update(weights, make_codec("fp32")))))
+    fp32_message_bytes = payload_bytes(encode_update(weights, make_codec("fp32")))
+    summary = summarize(cfg, history, num_params, initial_acc, initial_loss, fp32_message_bytes)
     atomic_write_json(run_dir / SUMMARY_NAME, summary)
     if reporter:
         reporter.finish(summary, history)
@@ -245,10 +245,11 @@ def _masked_record(strategy: SecureFedAvg) -> dict[str, Any]:
 
 
 def summarize(
-    cfg: RunConfig, history: list[dict[str, Any]], num_params: int, initial_acc: float, initial_loss: float
+    cfg: RunConfig, history: list[dict[str, Any]], num_params: int, initial_acc: float, initial_loss: float,
+    fp32_message_bytes: int,
 ) -> dict[str, Any]:
     last = history[-1] if history else {}
-    return {
+    summary = {
         "rounds": len(history),
         "clients": cfg.clients,
         "model": cfg.model,
@@ -271,6 +272,7 @@ def summarize(
         "wall_s": last.get("elapsed_s", 0.0),
         **(_edge_summary(history) if cfg.model == "streamsplit" else {}),
     }
+    return {**summary, **fp32_comparison(summary, history, fp32_message_bytes)}
 
 
 def fp32_comparison(summary: dict[str, Any], history: list[dict[str, Any]], fp32_message_bytes: int) -> dict[str, Any]:
