@@ -476,6 +476,8 @@ class Bf16Codec(Codec):
 _QSGD_PARAMS = struct.Struct("<BI")  # bits, bucket
 _MAGIC = 1.5 * 2.0**23  # float32 sums in [2**23, 2**24) are integers: adding it rounds
 _SMALL_SCALE = np.float32(1e-30)  # bucket scales above it have a finite s/2m (s < 256)
+# bucket scales above it may overflow k·Δ (≤ s·Δ ≈ 2m): the decoder uses (k·2/s − 1)·m there
+QSGD_HUGE_SCALE = np.float32(np.finfo(np.float32).max / 4)
 
 
 def _f32_clip(clip: float) -> np.float32:
@@ -498,7 +500,9 @@ class QsgdCodec(Codec):
     s = 2**bits − 1 and Δ = 2m/s (zero is not a grid point unless m = 0;
     bits=1 is a stochastic sign scaled by m). Coordinate i, at grid position
     t = (xᵢ + m)/Δ ∈ [0, s], is sent as k = ⌊t⌋ + 1 with probability t − ⌊t⌋
-    and as ⌊t⌋ otherwise; the decoder returns k·Δ − m. So
+    and as ⌊t⌋ otherwise; the decoder returns k·Δ − m (for m subnormal or
+    above float32 max/4, where k·Δ could lose its precision or overflow:
+    (k·2/s − 1)·m clipped to [−m, m]). So
 
         E[x̂ᵢ] = xᵢ,    Var[x̂ᵢ] = Δ²·f(1 − f) ≤ Δ²/4 = m²/s²,   f = t − ⌊t⌋,
 
@@ -770,11 +774,11 @@ class QsgdCodec(Codec):
         ratio = np.float32(2 / ((1 << bits) - 1))
         with np.errstate(over="ignore", invalid="ignore"):
             steps = scales * ratio  # Δ = 2m/s
-        # Δ overflows (m > float32 max·s/2) or is subnormal: (k·2/s − 1)·m for those buckets
-        awkward = np.isfinite(scales) & (np.isinf(steps) | (scales < np.finfo(np.float32).tiny))
+        # k·Δ may overflow (m > float32 max/4) or Δ is subnormal: clip((k·2/s − 1)·m, −m, m) for those buckets
+        awkward = np.isfinite(scales) & ((scales > QSGD_HUGE_SCALE) | (scales < np.finfo(np.float32).tiny))
         out = np.empty(n, np.float32)
         idx = np.empty(min(n, cls._block_length(bucket)), np.uint8)
-        with np.errstate(invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):  # the awkward buckets are redone below
             for lo, hi, pieces in cls._blocks(n, bucket):
                 k = idx[: hi - lo]
                 _unpack_into(packed[lo * bits // 8 : packed_size(hi, bits)], bits, k)
@@ -786,7 +790,9 @@ class QsgdCodec(Codec):
                     odd = awkward[first : first + rows]
                     if odd.any():
                         kv = k[start - lo : stop - lo].reshape(rows, -1)[odd] * ratio - np.float32(1)
-                        view[odd] = kv * scales[first : first + rows, None][odd]
+                        mv = scales[first : first + rows, None][odd]
+                        v = kv * mv  # k·2/s − 1 may round above 1: clip to [−m, m] (keeping −0.0)
+                        view[odd] = np.where(v > mv, mv, np.where(v < -mv, -mv, v))
         return out
 
 

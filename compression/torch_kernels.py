@@ -25,7 +25,7 @@ import struct
 import numpy as np
 import torch
 
-from .quantizers import Bf16Codec, Fp16Codec, QsgdCodec, SignCodec, TernaryCodec
+from .quantizers import QSGD_HUGE_SCALE, Bf16Codec, Fp16Codec, QsgdCodec, SignCodec, TernaryCodec
 from .sparsify import STCCodec, TopKCodec
 from .wire import pack_header
 
@@ -108,13 +108,19 @@ def decode_sign(body: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def decode_qsgd(body: torch.Tensor, count: int) -> torch.Tensor:
+    """k·Δ − m per bucket, Δ = m·fl(2/s); as QsgdCodec.dequantize, a subnormal m or one above
+    float32 max/4 takes (k·2/s − 1)·m clipped to [−m, m]. Equal to the CPU codec up to FMA contraction."""
     bits, bucket = struct.unpack("<BI", bytes(body[:5].cpu().tolist()))
-    s = (1 << bits) - 1
+    ratio = float(np.float32(2 / ((1 << bits) - 1)))
     nb = -(-count // bucket)
-    m = body[5 : 5 + 4 * nb].clone().view(torch.float32)
+    m = body[5 : 5 + 4 * nb].clone().view(torch.float32)[:, None]
     k = unpack_bits(body[5 + 4 * nb :], bits, count).to(torch.float32)
     k = torch.nn.functional.pad(k, (0, nb * bucket - count)).reshape(nb, bucket)
-    return (k * (2 * m / s)[:, None] - m[:, None]).reshape(-1)[:count]
+    plain = k * (m * ratio) - m
+    awkward = torch.isfinite(m) & ((m > float(QSGD_HUGE_SCALE)) | (m < torch.finfo(torch.float32).tiny))
+    v = (k * ratio - 1) * m
+    odd = torch.where(v > m, m, torch.where(v < -m, -m, v))
+    return torch.where(awkward, odd, plain).reshape(-1)[:count]
 
 
 def decode_ternary(body: torch.Tensor, count: int) -> torch.Tensor:

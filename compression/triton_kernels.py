@@ -296,8 +296,11 @@ def _qsgd_decode_kernel(packed_ptr, scales_ptr, out_ptr, n, bucket, ratio,
     m = tl.load(scales_ptr + i // bucket, mask=inside, other=1.0)
     step = m * ratio
     plain = k * step - m  # no FMA: the kernel is compiled with enable_fp_fusion=False
-    awkward = (m == m) & (m < float("inf")) & ((step == float("inf")) | (m < 1.1754943508222875e-38))
-    tl.store(out_ptr + i, tl.where(awkward, (k * ratio - 1.0) * m, plain), mask=inside)
+    # as QsgdCodec.dequantize: m subnormal or above float32 max/4 takes clip((k·2/s − 1)·m, −m, m)
+    awkward = (m == m) & (m < float("inf")) & ((m > 8.5070586659632215e37) | (m < 1.1754943508222875e-38))
+    v = (k * ratio - 1.0) * m
+    odd = tl.where(v > m, m, tl.where(v < -m, -m, v))
+    tl.store(out_ptr + i, tl.where(awkward, odd, plain), mask=inside)
 
 
 def decode_qsgd(body: torch.Tensor, count: int) -> torch.Tensor:

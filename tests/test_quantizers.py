@@ -240,6 +240,13 @@ def test_qsgd_extreme_scales():
     huge = np.array([3e38, -3e38, 1e38], np.float32)  # 2m/s overflows float32 for bits=1
     y = QsgdCodec(bits=1, seed=0).decode(QsgdCodec(bits=1, seed=0).encode(huge))
     assert np.all(np.isfinite(y)) and set(np.abs(y).tolist()) == {float(np.float32(3e38))}
+    # m > float32 max/2: k·Δ overflows at the top index for every bits, not only bits=1
+    for bits in range(1, 9):
+        codec = QsgdCodec(bits=bits, bucket=4, seed=bits)
+        x = np.array([3e38, -3e38, 1e38, np.finfo(np.float32).max, 2e38, -1e38, 0.0, 1e37], np.float32)
+        y = codec.decode(codec.encode(x))
+        m = np.repeat([np.float32(np.finfo(np.float32).max), np.float32(2e38)], 4)
+        assert np.all(np.isfinite(y)) and np.all(np.abs(y) <= m), (bits, y)
 
 
 # ---------------------------------------------------- deterministic codecs

@@ -9,6 +9,7 @@ import torch
 from qfl.compression import make_codec
 from qfl.compression import torch_kernels as tk
 from qfl.compression.bitpack import pack_bits
+from qfl.compression.quantizers import QsgdCodec
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -88,3 +89,16 @@ def test_the_gpu_bench_imports_and_runs_with_torch_and_numpy_alone():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.strip()) >= 5
+
+
+def test_torch_qsgd_decoder_matches_the_cpu_codec_on_extreme_scales():
+    # buckets of 4: huge (k·Δ would overflow), ordinary, zero and subnormal maxima
+    x = np.array([3e38, -3e38, 1e38, 2e37, 1.0, -0.5, 0.25, 0.0, 0, 0, 0, 0, 1e-39, -5e-40, 0.0, 2e-39], np.float32)
+    for bits in (1, 3, 4, 8):
+        codec = QsgdCodec(bits, 4, seed=bits)
+        payload = codec.encode(x)
+        size = 5 + 4 * 4 + (x.size * bits + 7) // 8
+        body = torch.frombuffer(bytearray(payload[len(payload) - size :]), dtype=torch.uint8)
+        decoded = tk.decode_qsgd(body, x.size).numpy()
+        assert np.all(np.isfinite(decoded))
+        assert np.array_equal(decoded.view(np.uint32), codec.decode(payload).view(np.uint32)), bits

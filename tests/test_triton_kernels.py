@@ -119,6 +119,17 @@ def test_fused_qsgd_decoder_is_the_cpu_codecs_bit_for_bit(bits, bucket, n):
     assert _same_floats(tt.decode_qsgd(body, n).cpu().numpy(), codec.decode(payload))
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_fused_qsgd_decoder_handles_huge_scales_as_the_cpu_codec(bits):
+    x = np.array([3e38, -3e38, 1e38, np.finfo(np.float32).max, 2e38, -1e38, 0.0, 9e37] * 4, np.float32)
+    codec = QsgdCodec(bits, 4, seed=bits)
+    payload = codec.encode(x)
+    size = 5 + 4 * 8 + (x.size * bits + 7) // 8
+    body = torch.frombuffer(bytearray(payload[len(payload) - size :]), dtype=torch.uint8).to(DEVICE)
+    decoded = tt.decode_qsgd(body, x.size).cpu().numpy()
+    assert np.all(np.isfinite(decoded)) and _same_floats(decoded, codec.decode(payload))
+
+
 def test_fused_qsgd_decoder_handles_subnormal_scales_as_the_cpu_codec():
     x = np.array([1e-39, -5e-40, 0.0, 2e-39] * 8, np.float32)  # subnormal bucket maxima
     codec = QsgdCodec(4, 8, seed=3)
