@@ -253,7 +253,8 @@ def summarize(
         "rounds": len(history),
         "clients": cfg.clients,
         "model": cfg.model,
-        "dataset": cfg.dataset,
+        # the edge task streams audio: its own source, not the image/quantum ``dataset`` key
+        "dataset": (cfg.edge_audio or "synthetic-audio") if cfg.model == "streamsplit" else cfg.dataset,
         "codec": cfg.codec,
         "security": cfg.security,
         "security_level": SECURITY_LEVELS[cfg.security],

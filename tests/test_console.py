@@ -85,3 +85,13 @@ def test_the_fp32_reference_message_is_what_an_fp32_client_sends():
 
     weights = CentralEvaluator(build_config(overrides=["rounds=1"])).initial_weights()
     assert payload_bytes(encode_update(weights, make_codec("fp32"))) == 153_240  # the experiment's fp32 arm, per message
+
+
+def test_an_edge_runs_summary_names_its_audio_source_not_the_image_dataset():
+    from qfl.server.federation import summarize
+
+    edge = build_config(overrides=["model=streamsplit", "rounds=1"])
+    assert summarize(edge, [], 10, 0.1, 2.0, 40)["dataset"] == "synthetic-audio"
+    folder = build_config(overrides=["model=streamsplit", "edge_audio=/data/esc50.csv", "rounds=1"])
+    assert summarize(folder, [], 10, 0.1, 2.0, 40)["dataset"] == "/data/esc50.csv"
+    assert summarize(build_config(overrides=["rounds=1"]), [], 10, 0.1, 2.0, 40)["dataset"] == "digits"
