@@ -82,6 +82,7 @@ from qfl.records import as_int
 
 from .edge.ingest import GENERATED, Ingest, describe, open_source
 from .edge.spool import STATE_DB, StreamSpool
+from .secure import parse_pins
 
 LOG_FILE = "edge.log"
 NODE_KEY = "node.key"
@@ -131,9 +132,11 @@ class EdgeConfig:
     buffer_s: float = 300.0  # ingest pauses while this many seconds of audio wait to be trained on
     seed: int = 0  # the generated stream's seed
     settle_s: float = 1.0  # a folder's new file is read once unchanged this long
+    pins: tuple[str, ...] = ()  # --pin KEY=VALUE: the least protection this node takes part under (secure.NodePins)
 
     def __post_init__(self) -> None:
         describe(self.data)  # EdgeDataError (a ValueError) for a --data that names no source
+        parse_pins(self.pins)  # ValueError naming a pin that is not one
         if self.buffer_s <= 0:
             raise ValueError(f"--buffer must be positive seconds of audio, got {self.buffer_s}")
         if not 0 <= self.partition_id < self.num_partitions:
@@ -483,6 +486,8 @@ class EdgeDaemon:
             node_config.append(f'{KMS_URL_KEY}="{cfg.kms_url}"')
         if cfg.certs is not None:
             node_config.append(f'{KMS_CERTS_KEY}="{cfg.certs.resolve()}"')
+        for key, value in parse_pins(cfg.pins).items():  # TOML values: a share unquoted, a form quoted
+            node_config.append(f"{key}={value}" if isinstance(value, float) else f'{key}="{value}"')
         if cfg.insecure or cfg.certs is None:
             tls = ["--insecure"]
         else:

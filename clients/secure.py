@@ -36,13 +36,19 @@ a run):
 Every key is taken from the run's key source (``key_source``: the SQLite pools
 of a simulation, or the KMS).
 
-The masking form (``secure_masking``) comes with the server's plan. A node
-whose operator does not trust the server to keep double masking sets
-``secure-masking="double"`` in its node config; it then refuses single-masking
-plans.
+The round's protection (masking form, self-mask form, masking graph,
+colluder allowance) comes with the server's plan, so a lying server could ask
+for less. A node whose operator does not trust it pins what it requires in its
+node config (:class:`NodePins`; ``qfl edge run --pin KEY=VALUE``) and refuses
+any weaker plan before it takes a key: ``secure-masking="double"``,
+``secure-self-mask="vector"``, ``secure-corrupt=γ`` (with
+``secure-dropout=δ``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import (
@@ -60,8 +66,9 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
-from qfl.config import RunConfig, resolve_config
+from qfl.config import RunConfig, SecureMasking, SelfMask, resolve_config
 from qfl.records import as_int, as_iterable
+from qfl.security.graph import colluding_peers, sparse_degree
 from qfl.security.keys.source import KeySource
 from qfl.security.keys.sources import KeySourceConfig, open_key_source
 from qfl.security.secagg import (
@@ -86,7 +93,11 @@ KEYS_STATE = "secagg-keys"
 PLAN_STATE = "secagg-plan"
 LOG_STATE = "secagg-log"
 PADDED_SUFFIX = "+pad"
-PIN_MASKING = "secure-masking"  # node config key: "double" refuses single-masking plans
+PIN_MASKING = "secure-masking"  # node config keys of NodePins
+PIN_SELF_MASK = "secure-self-mask"
+PIN_CORRUPT = "secure-corrupt"
+PIN_DROPOUT = "secure-dropout"
+PIN_KEYS = (PIN_MASKING, PIN_SELF_MASK, PIN_CORRUPT, PIN_DROPOUT)
 # the query messages of qfl.server.secure's workflow (the same strings as there)
 HELLO, SETUP, REVEAL = "query.secagg_hello", "query.secagg_setup", "query.secagg_reveal"
 RAW_DELTA = "delta"  # the train handler's reply record under a masked mode: Δ as float32, never sent
@@ -129,12 +140,112 @@ def _set_log(context: Context, uploaded: int, answered: int) -> None:
     context.state[LOG_STATE] = ConfigRecord({"uploaded": int(uploaded), "answered": int(answered)})
 
 
+@dataclass(frozen=True)
+class NodePins:
+    """The least protection a node takes part under, whatever the server's plan asks (its node config).
+
+    - ``masking`` (``secure-masking``): ``"double"`` refuses single-masking
+      plans, which only an honest server keeps private.
+    - ``self_mask`` (``secure-self-mask``): ``"vector"`` refuses seed
+      self-masks (a ChaCha20 keystream: computational, not one-time-pad)
+      and single-masking plans.
+    - ``corrupt`` = γ (``secure-corrupt``): the share of clients this node
+      assumes collude with the server. For a round of n participants the plan
+      must use the full graph or a degree k ≥ ``sparse_degree(n, δ, γ)`` (the
+      least even degree whose failure bound is ≤ 2⁻⁴⁰, δ = ``secure-dropout``,
+      default 0.1), and thresholds sized for at least the colluding peers γ
+      implies there (⌊γ·n⌋ in the full graph, the 2⁻⁴⁰/n quantile of a
+      neighbourhood's in a sparse one), so t = ⌊(d + c)/2⌋ + 1 cannot be
+      lowered by sending c = 0 or a thin graph.
+    """
+
+    masking: str | None = None
+    self_mask: str | None = None
+    corrupt: float | None = None
+    dropout: float = 0.1
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, object]) -> NodePins:
+        """The pins of a node config; SecAggError (SETUP) naming the key for a value that cannot be a pin."""
+        def text(key: str, allowed: tuple[str, ...]) -> str | None:
+            value = node_config.get(key)
+            if value is None:
+                return None
+            if str(value) not in allowed:
+                raise SecAggError(f"this node's {key}={value!r} is not a pin: use one of {', '.join(allowed)}",
+                                  reason=SecAggReason.SETUP)
+            return str(value)
+
+        def share(key: str) -> float | None:
+            value = node_config.get(key)
+            if value is None:
+                return None
+            try:
+                number = float(str(value))
+            except ValueError:
+                number = float("nan")
+            if not 0 <= number < 1:
+                raise SecAggError(f"this node's {key}={value!r} must be a share in [0, 1), e.g. {key}=0.05",
+                                  reason=SecAggReason.SETUP)
+            return number
+
+        dropout = share(PIN_DROPOUT)
+        return cls(masking=text(PIN_MASKING, tuple(SecureMasking)), self_mask=text(PIN_SELF_MASK, tuple(SelfMask)),
+                   corrupt=share(PIN_CORRUPT), dropout=0.1 if dropout is None else dropout)
+
+    def check(self, plan: RoundPlan) -> None:
+        """SecAggError (SETUP) naming what ``plan`` lacks against these pins; nothing if it meets them."""
+        def refuse(what: str) -> SecAggError:
+            return SecAggError(f"this node refuses round {plan.round}: {what}", reason=SecAggReason.SETUP)
+
+        if self.masking is not None and plan.masking != self.masking:
+            raise refuse(f"it pins {PIN_MASKING}={self.masking}; the server asked for {str(plan.masking)!r}")
+        if self.self_mask is not None and not plan.double:  # a self-mask pin asks for double masking too
+            raise refuse(f"it pins {PIN_SELF_MASK}={self.self_mask} (double masking); the server asked for "
+                         f"{str(plan.masking)!r} masking")
+        if self.self_mask is not None and plan.self_mask != self.self_mask:
+            raise refuse(f"it pins {PIN_SELF_MASK}={self.self_mask}; the server asked for {str(plan.self_mask)!r}")
+        if self.corrupt is None:
+            return
+        n = len(plan.participants)
+        least = sparse_degree(n, self.dropout, self.corrupt)
+        least += least % 2
+        if plan.degree and (least >= n - 1 or plan.degree < least):
+            need = "the full graph" if least >= n - 1 else f"degree >= {least}"
+            raise refuse(f"it pins {PIN_CORRUPT}={self.corrupt}, which needs {need} for {n} clients; "
+                         f"the server asked for degree {plan.degree}")
+        colluders = int(self.corrupt * n) if plan.degree == 0 else colluding_peers(plan.degree, n, self.corrupt)
+        if plan.colluders < colluders:
+            raise refuse(f"it pins {PIN_CORRUPT}={self.corrupt}, which means {colluders} colluding peers for "
+                         f"this graph; the server's thresholds resist {plan.colluders}")
+
+
+def parse_pins(items: Sequence[str]) -> dict[str, str | float]:
+    """``KEY=VALUE`` pins (``qfl edge run --pin``) as node config values, checked as :class:`NodePins` does;
+    ValueError naming the item otherwise."""
+    pins: dict[str, str | float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip().strip("\"'")
+        if not sep or key not in PIN_KEYS:
+            raise ValueError(f"--pin {item!r}: expected KEY=VALUE with KEY one of {', '.join(PIN_KEYS)}")
+        pins[key] = float(value) if key in (PIN_CORRUPT, PIN_DROPOUT) and _is_number(value) else value
+    NodePins.from_node_config(pins)
+    return pins
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _plan(msg: Message, context: Context) -> RoundPlan:
-    """The plan a setup or train message carries, checked, and refused if the node pins double masking."""
+    """The plan a setup or train message carries, checked, and refused if it is weaker than the node pins."""
     plan = RoundPlan.from_config(msg.content["secagg"])
-    pinned = context.node_config.get(PIN_MASKING)
-    if pinned is not None and str(pinned) != plan.masking:
-        raise SecAggError(f"this node pins secure_masking={pinned}; the server asked for {plan.masking!r}", reason=SecAggReason.SETUP)
+    NodePins.from_node_config(context.node_config).check(plan)
     return plan
 
 

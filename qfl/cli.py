@@ -263,7 +263,7 @@ def _cmd_edge_run(args: argparse.Namespace) -> int:
             insecure=args.insecure,
             partition_id=args.partition, num_partitions=args.partitions, sae=args.sae or "", kms_url=args.kms_url or "",
             flower_retries=args.flower_retries, backoff_base_s=args.backoff_base, backoff_cap_s=args.backoff_cap,
-            stall_s=args.stall_timeout, data=args.data, buffer_s=args.buffer, seed=args.seed,
+            stall_s=args.stall_timeout, data=args.data, buffer_s=args.buffer, seed=args.seed, pins=tuple(args.pin),
         )
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"qfl edge run: {err}") from None
@@ -611,6 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
     erun.add_argument("--buffer", type=float, default=300.0, metavar="SECONDS",
                       help="stop reading the source while this much audio waits to be trained on (default 300)")
     erun.add_argument("--seed", type=int, default=0, help="seed of the generated stream")
+    erun.add_argument("--pin", action="append", default=[], metavar="KEY=VALUE",
+                      help="refuse rounds weaker than this, whatever the server asks (repeatable): "
+                           "secure-masking=double, secure-self-mask=vector, secure-corrupt=γ, secure-dropout=δ "
+                           "(docs/threat-model.md)")
     erun.set_defaults(func=_cmd_edge_run)
     estatus = edge.add_parser("status", help="what a daemon is doing: connection, last round, reconnects, keys")
     estatus.add_argument("--state", default="edge-state", metavar="DIR")

@@ -296,7 +296,7 @@ class SecAggReason(Enum):
     TOO_FEW = "too few peers, survivors or shares to unmask"
     NO_KEYS = "the pair keys or the key store the round needs are missing"
     REFUSED = "the other side answered with an error"
-    SETUP = "the node is not set up for it (no secagg_mod, no partition-id, no key store, another masking pinned)"
+    SETUP = "the node is not set up for it (no secagg_mod, no partition-id, no key store, a plan weaker than the node pins)"
 
 
 class SecAggError(ReasonedError[SecAggReason], ValueError):

@@ -104,6 +104,22 @@ def test_edge_config_needs_a_bundle(tmp_path: Path) -> None:
         EdgeConfig(superlink="127.0.0.1:1", state_dir=tmp_path, insecure=True, partition_id=2, num_partitions=2)
 
 
+def test_a_daemons_pins_reach_its_node_config_as_flower_parses_it(tmp_path: Path) -> None:
+    from flwr.common.config import parse_config_args
+
+    from qfl.clients.daemon import EdgeDaemon
+    from qfl.clients.secure import NodePins
+
+    pins = ("secure-masking=double", "secure-self-mask=vector", "secure-corrupt=0.05")
+    cfg = EdgeConfig(superlink="127.0.0.1:1", state_dir=tmp_path, insecure=True, pins=pins)
+    command = EdgeDaemon(cfg).command(runtime_port=1)
+    node_config = parse_config_args([command[command.index("--node-config") + 1]])
+    assert NodePins.from_node_config(node_config) == NodePins(masking="double", self_mask="vector", corrupt=0.05)
+    for bad in ("secure-masking=triple", "secure-corrupt=many", "secure-colluders=3", "secure-masking"):
+        with pytest.raises(ValueError, match="secure-"):
+            EdgeConfig(superlink="127.0.0.1:1", state_dir=tmp_path, insecure=True, pins=(bad,))
+
+
 def _status(path: Path) -> dict:
     try:
         return read_status(path)

@@ -466,3 +466,19 @@ def test_the_client_app_routes_the_workflow_queries_to_its_mod(task_identity):
     with pytest.raises(SecAggError) as err:
         client_secure._answered_by_mod(Message(RecordDict({}), dst_node_id=100, message_type=HELLO), context)
     assert err.value.reason is SecAggReason.SETUP  # the message says: install secagg_mod
+
+
+def test_a_pinned_node_refuses_the_setup_before_it_takes_a_key(tmp_path, task_identity):
+    # the node pins double masking (clients/secure.py NodePins); a lying server asks it for single
+    strategy, flat, budget = _strategy(tmp_path, secure_masking="single")
+    grid = FakeGrid(N)
+    pinned = grid.contexts[100]
+    grid.contexts[100] = Context(run_id=1, node_id=100, node_config={**pinned.node_config, "secure-masking": "double"},
+                                 state=RecordDict(), run_config={})
+    new, metrics = _round(strategy, flat, grid)
+    assert metrics["clients"] == N - 1 and new is not None
+    assert [(d.pid, d.reason) for d in strategy.drops] == [(0, DropReason.SETUP_FAILED)]
+    assert len(grid.contexts[100].state) == 0  # no pair key taken, nothing stored
+    assert 0 in _sent(grid, SETUP) and 0 not in _sent(grid, MessageType.TRAIN)
+    expected = _mean(range(1, N))
+    assert all(np.abs(new[k] - expected[k]).max() < 1e-6 for k in SHAPES)
