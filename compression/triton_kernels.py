@@ -26,8 +26,9 @@ Triton kernel that reads x once from memory and writes the packed body:
 - :func:`encode_ternary`: scale m = max |x| (a first reduction kernel), then
   code 1 + sign(x)·b, b = [r < 1 + |x|/m] with the codec's 23-bit uniforms
   (lane i//2 of the key's SplitMix64 stream, 32-bit half i mod 2), 2 bits
-  each. Byte-identical to :class:`~.quantizers.TernaryCodec` for finite
-  inputs with a normal (not subnormal) scale.
+  each (|x|/m as |x|·(1/m), or |x|/m where 1/m overflows for a subnormal m,
+  as the CPU codec). Byte-identical to :class:`~.quantizers.TernaryCodec` for
+  finite inputs.
 
 The fused decoders write each coordinate's float32 from its packed bits in one
 pass (one program per block of coordinates, the block's bytes read once):
@@ -35,8 +36,8 @@ pass (one program per block of coordinates, the block's bytes read once):
 - :func:`decode_sign`: the pattern of ±scale, ``((bit ⊕ 1) << 31) | scale``,
   as :meth:`~.quantizers.SignCodec.decode`.
 - :func:`decode_qsgd`: ``k·Δ − m`` with Δ = m·float32(2/s) per bucket (and
-  ``(k·float32(2/s) − 1)·m`` where Δ overflows or m is subnormal), in float32
-  without fused multiply-adds, as :meth:`~.quantizers.QsgdCodec.dequantize`.
+  ``(k·float32(2/s) − 1)·m`` clipped to [−m, m] where m > float32 max/4 or m
+  is subnormal), as :meth:`~.quantizers.QsgdCodec.dequantize`.
 - :func:`decode_ternary`: ``(code − 1)·m``; the invalid code 3 (the CPU
   codec refuses it) decodes to NaN, which the server's non-finite check rejects.
 
@@ -48,6 +49,13 @@ device (:func:`_rice_code`, the :mod:`~.golomb` layout: unary parts, then the
 remainders), and :func:`decode_topk` / :func:`decode_stc` read them back
 there. The coded stream is k·(b + ~2.4) bits, small beside x, so these steps
 are torch ops rather than kernels.
+
+Every kernel whose float arithmetic must equal numpy's (the qsgd and ternary
+encoders, the qsgd decoder) is launched with ``enable_fp_fusion=False``: an
+FMA rounds a·b + c once where numpy rounds twice, and Triton's interpreter (the
+CPU tests) never fuses, so only the compiled kernel would differ.
+``python -m qfl.benchmarks.triton_compile`` compiles every launch for sm_90
+without a GPU and counts the FMAs in the PTX (none).
 
 The three fused decoders are bit-identical to the CPU codecs' decoders on their valid
 payloads. They check the body's length; the qsgd decoder does not look for
@@ -193,7 +201,7 @@ def encode_qsgd(x: torch.Tensor, bits: int, bucket: int, key: int) -> torch.Tens
     packed = torch.empty((n * bits + 7) // 8, dtype=torch.uint8, device=flat.device)
     if n:
         _qsgd_kernel[(nb,)](flat, scales, packed, n, bucket, _as_u64(key),
-                            BITS=bits, CHUNK=_CHUNK, OUT_CHUNK=_OUT_CHUNK)
+                            BITS=bits, CHUNK=_CHUNK, OUT_CHUNK=_OUT_CHUNK, enable_fp_fusion=False)
     params = torch.tensor(list(struct.pack("<BI", bits, bucket)), dtype=torch.uint8, device=flat.device)
     return torch.cat([params, scales.view(torch.uint8), packed])
 
@@ -209,12 +217,14 @@ def _absmax_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
 def _ternary_kernel(x_ptr, packed_ptr, n, scale, key, OUT_CHUNK: tl.constexpr):
     j = tl.program_id(0) * OUT_CHUNK + tl.arange(0, OUT_CHUNK)
     inv = tl.math.div_rn(tl.full((OUT_CHUNK,), 1.0, tl.float32), tl.zeros((OUT_CHUNK,), tl.float32) + scale)
+    finite = inv < float("inf")  # 1/s overflows for a subnormal s: the CPU codec then divides by s
     byte = tl.zeros((OUT_CHUNK,), tl.int32)
     for t in tl.static_range(4):
         i = j * 4 + t
         valid = i < n
         x = tl.load(x_ptr + i, mask=valid, other=0.0)
-        p = tl.abs(x) * inv + 1.0
+        # two roundings, as numpy (the kernel is compiled with enable_fp_fusion=False: no FMA)
+        p = tl.where(finite, tl.abs(x) * inv, tl.math.div_rn(tl.abs(x), tl.zeros((OUT_CHUNK,), tl.float32) + scale)) + 1.0
         lane = (i // 2).to(tl.uint64)
         half = (_splitmix(key, lane) >> ((i % 2).to(tl.uint64) * 32)).to(tl.uint32)  # truncates to the low 32 bits
         r = ((half >> 9) | 0x3F800000).to(tl.float32, bitcast=True)
@@ -246,7 +256,7 @@ def encode_ternary(x: torch.Tensor, key: int) -> torch.Tensor:
     value = float(scale)  # the one host sync: the kernel takes the scale as an argument
     if 0 < value < float("inf"):
         _ternary_kernel[(triton.cdiv(packed.numel(), _OUT_CHUNK),)](flat, packed, n, value, _as_u64(key),
-                                                                      OUT_CHUNK=_OUT_CHUNK)
+                                                                      OUT_CHUNK=_OUT_CHUNK, enable_fp_fusion=False)
     return torch.cat([scale.reshape(1).view(torch.uint8), packed])
 
 

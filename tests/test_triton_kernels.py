@@ -73,6 +73,14 @@ def test_ternary_payload_is_the_cpu_codecs_byte_for_byte(n):
     assert body.cpu().numpy().tobytes() == reference[len(reference) - body.numel():]
 
 
+def test_ternary_payload_with_a_subnormal_scale_is_the_cpu_codecs():
+    # 1/s overflows: the CPU codec divides by s instead (an earlier kernel kept every nonzero coordinate)
+    x = np.array([1e-39, -5e-40, 2e-39, 0.0, 1.5e-39, -2e-39, 3e-40, 1e-40] * 16, np.float32)
+    body = tt.encode_ternary(torch.from_numpy(x).to(DEVICE), tt.first_key(4))
+    reference = TernaryCodec(seed=4).encode(x)
+    assert body.cpu().numpy().tobytes() == reference[len(reference) - body.numel():]
+
+
 def test_ternary_of_zeros_sends_code_one_everywhere():
     x = np.zeros(7, np.float32)
     body = tt.encode_ternary(torch.from_numpy(x).to(DEVICE), 5).cpu().numpy().tobytes()
