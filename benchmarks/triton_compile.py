@@ -8,8 +8,9 @@ check does: it records the launches the public functions make on small
 inputs (under ``TRITON_INTERPRET=1``, in a child process), then compiles each
 distinct launch (kernel, argument types, constexprs, options) for
 ``GPUTarget("cuda", arch, 32)`` with the PTX assembler bundled in the triton
-wheel, to a cubin. It reports per launch the PTX size, the global loads and
-stores, and the fused multiply-adds (``fma``): the qsgd decoder is compiled with
+wheel, to a cubin. It reports per launch the PTX size, the global loads
+(and how many are 64/128-bit vector loads) and stores, and the fused
+multiply-adds (``fma``): the qsgd decoder is compiled with
 ``enable_fp_fusion=False`` because its bytes equal the CPU codec's only when
 k·Δ − m rounds twice, so its PTX must hold none.
 
@@ -33,12 +34,14 @@ RECORD_FLAG = "--record"
 
 def record_launches() -> list[dict[str, Any]]:
     """Run the fused codecs on small CPU tensors under the interpreter and return each distinct launch:
-    kernel name, argument types (Triton's names: ``*fp32``, ``i32``, ``u64`` ...), constexprs, options."""
+    kernel name, argument types (Triton's names: ``*fp32``, ``i32``, ``u64`` ...), the arguments the JIT
+    would mark 16-byte aligned, constexprs, options."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("record_launches runs under TRITON_INTERPRET=1 (see main)")
     import torch
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
     from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import mangle_type
 
     from qfl.compression import triton_kernels as tt
 
@@ -49,24 +52,37 @@ def record_launches() -> list[dict[str, Any]]:
         params = list(inspect.signature(self.fn).parameters)
         constexprs = {name: kwargs[name] for name in params if name in kwargs}
         options = {name: value for name, value in kwargs.items() if name not in params}
-        types = {name: mangle_type(arg) for name, arg in zip(params, args)}
-        launch = {"kernel": self.fn.__name__, "types": types, "constexprs": constexprs, "options": options}
+        # as the JIT specialises: an int 1 becomes a constexpr; a pointer or int divisible by 16 gets
+        # tt.divisibility = 16 ("D"), which is what lets the compiler emit vector loads
+        types, aligned = {}, []
+        for name, arg in zip(params, args):
+            kind, attr = native_specialize_impl(BaseBackend, arg, False, True, True)
+            if kind == "constexpr":
+                constexprs[name] = attr
+                continue
+            types[name] = kind
+            if attr == "D":
+                aligned.append(name)
+        launch = {"kernel": self.fn.__name__, "types": types, "aligned": aligned, "constexprs": constexprs,
+                  "options": options}
         launches.setdefault(json.dumps(launch, sort_keys=True), launch)
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     InterpretedFunction.run = recording
     try:
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(5000, generator=gen)
         keys = (7, 2**40 + 3, 2**64 - 5)  # the key argument specialises as i32, i64 and u64
-        tt.decode_sign(tt.encode_sign(x)[:], x.numel())
-        for key in keys:
-            for bits in (1, 2, 3, 4, 8):
-                tt.decode_qsgd(tt.encode_qsgd(x, bits, 512, key), x.numel())
-            tt.decode_ternary(tt.encode_ternary(x, key), x.numel())
-        for values in ("fp16", "fp32"):
-            tt.decode_topk(tt.encode_topk(x, 0.01, values), x.numel(), values)
-        tt.decode_stc(tt.encode_stc(x, 0.01), x.numel())
+        # 2^14 values: sizes divisible by 16, as a large model tensor's (the JIT then lets masked loads
+        # vectorise); 5,000: a ragged size, another specialisation
+        for x in (torch.randn(2**14, generator=gen), torch.randn(5000, generator=gen)):
+            tt.decode_sign(tt.encode_sign(x), x.numel())
+            for key in keys:
+                for bits in (1, 2, 3, 4, 8):
+                    tt.decode_qsgd(tt.encode_qsgd(x, bits, 512, key), x.numel())
+                tt.decode_ternary(tt.encode_ternary(x, key), x.numel())
+            for values in ("fp16", "fp32"):
+                tt.decode_topk(tt.encode_topk(x, 0.01, values), x.numel(), values)
+            tt.decode_stc(tt.encode_stc(x, 0.01), x.numel())
     finally:
         InterpretedFunction.run = original
     return list(launches.values())
@@ -84,7 +100,8 @@ def compile_launch(launch: dict[str, Any], arch: int) -> dict[str, Any]:
     params = list(inspect.signature(kernel.fn).parameters)
     signature = {name: launch["types"].get(name, "constexpr") for name in params}
     constexprs = {(params.index(name),): value for name, value in launch["constexprs"].items()}
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    attrs = {(params.index(name),): [["tt.divisibility", 16]] for name in launch.get("aligned", [])}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=launch["options"])
     ptx = compiled.asm["ptx"]
     instructions = [line.strip() for line in ptx.splitlines() if line.strip() and not line.strip().startswith(("//", "."))]
@@ -95,6 +112,8 @@ def compile_launch(launch: dict[str, Any], arch: int) -> dict[str, Any]:
         "ptx_instructions": len(instructions),
         "global_loads": sum(1 for i in instructions if re.match(r"(@%p\d+ )?ld\.global", i)),
         "global_stores": sum(1 for i in instructions if re.match(r"(@%p\d+ )?st\.global", i)),
+        # 64- and 128-bit accesses: what a kernel needs to come near the memory's bandwidth
+        "vector_loads": sum(1 for i in instructions if re.match(r"(@%p\d+ )?ld\.global(\.\w+)*\.v[24]", i)),
         "fma": sum(1 for i in instructions if re.search(r"\bfma\.", i)),
     }
 
@@ -119,12 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results))
         return 0
-    print(f"| kernel (sm_{args.arch}) | argument types | constexprs | PTX instr | ld.global | st.global | fma | cubin B |")
+    print(f"| kernel (sm_{args.arch}) | argument types | constexprs | PTX instr | ld.global (vector) | st.global "
+          "| fma | cubin B |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in results:
         types = ", ".join(r["types"].values())
         consts = ", ".join(f"{k}={v}" for k, v in {**r["constexprs"], **r["options"]}.items())
-        print(f"| {r['kernel']} | {types} | {consts} | {r['ptx_instructions']} | {r['global_loads']} "
+        print(f"| {r['kernel']} | {types} | {consts} | {r['ptx_instructions']} | {r['global_loads']} ({r['vector_loads']}) "
               f"| {r['global_stores']} | {r['fma']} | {r['cubin_bytes']:,} |")
     return 0
 

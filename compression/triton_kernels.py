@@ -5,25 +5,30 @@ Payloads are the CPU codecs' byte for byte, with two stated exceptions: sign's f
 
 ``torch_kernels.py`` builds each payload from a chain of eager torch ops (its
 bit packing alone expands every bit into a byte). Here each encoder is one
-Triton kernel that reads x once from memory and writes the packed body:
+Triton kernel that reads x once from memory and writes the packed body
+(ternary: after a max reduction):
 
 - :func:`encode_sign`: per block of 8·G coordinates, the G bytes of sign bits
   (1 = x ≥ 0, little-endian bit order) and the block's Σ|x| (float32); the
   scale is Σ|x|/d over the blocks' partial sums (a tiny second reduction).
   Bits: byte-identical to :class:`~.quantizers.SignCodec`; the float32 scale
   differs from its float64 sum by float32 rounding only.
-- :func:`encode_qsgd`: one program per bucket: the bucket's max |x| (m), then
-  for every output byte the 8 bits it holds, each recomputed from its
-  coordinate (index k = ⌊x·(s/2)/m + r + s/2 − 1/2⌋ clipped to [0, s],
-  s = 2^bits − 1, formed in float32 exactly as :class:`~.quantizers.QsgdCodec`
-  does, with its magic-number rounding), r the codec's own 16-bit uniforms:
-  SplitMix64 lane i//4 of the call's 64-bit ``key``, 16-bit cell i mod 4,
-  r = 1 + (j + 1/2)/2¹⁶ on [1, 2). A coordinate's k is recomputed for every
-  byte its bits reach (8/bits times for bits in {1, 2, 4, 8}; the bucket is
-  in cache). Byte-identical to ``QsgdCodec(bits, bucket, seed)`` whose first
-  key is ``key`` (:func:`first_key`), for finite inputs; needs
-  bucket·bits ≡ 0 (mod 8) so that each bucket owns whole bytes.
-- :func:`encode_ternary`: scale m = max |x| (a first reduction kernel), then
+- :func:`encode_qsgd`: one program per bucket: the bucket's max |x| (m), the
+  index of each coordinate (k = ⌊x·(s/2)/m + r + s/2 − 1/2⌋ clipped to
+  [0, s], s = 2^bits − 1, formed in float32 exactly as
+  :class:`~.quantizers.QsgdCodec` does, with its magic-number rounding), r
+  the codec's own 16-bit uniforms: SplitMix64 lane i//4 of the call's 64-bit
+  ``key``, 16-bit cell i mod 4, r = 1 + (j + 1/2)/2¹⁶ on [1, 2), and the
+  packed bytes. For bits in {1, 2, 4, 8} and a power-of-two bucket of
+  64..4096 (the default 512) the bucket is one register tile, read once
+  (:func:`_qsgd_tile_kernel`); otherwise the bucket is walked in chunks and
+  each output byte's fields are gathered. Byte-identical to
+  ``QsgdCodec(bits, bucket, seed)`` whose first key is ``key``
+  (:func:`first_key`), for finite inputs; needs bucket·bits ≡ 0 (mod 8) so
+  that each bucket owns whole bytes.
+- :func:`encode_ternary`: scale m = max |x| (a first reduction kernel: the
+  codec's one scale per tensor needs it before any code), then, per block of
+  consecutive coordinates read once,
   code 1 + sign(x)·b, b = [r < 1 + |x|/m] with the codec's 23-bit uniforms
   (lane i//2 of the key's SplitMix64 stream, 32-bit half i mod 2), 2 bits
   each (|x|/m as |x|·(1/m), or |x|/m where 1/m overflows for a subnormal m,
@@ -182,6 +187,33 @@ def _qsgd_kernel(x_ptr, scales_ptr, packed_ptr, n, bucket, key,
         tl.store(packed_ptr + j, byte.to(tl.uint8), mask=j < last_byte)
 
 
+@triton.jit
+def _qsgd_tile_kernel(x_ptr, scales_ptr, packed_ptr, n, key, BITS: tl.constexpr, BUCKET: tl.constexpr):
+    """One bucket per program, read once: its max |x|, every index, and the packed bytes from registers."""
+    b = tl.program_id(0)
+    i = b * BUCKET + tl.arange(0, BUCKET)
+    inside = i < n
+    x = tl.load(x_ptr + i, mask=inside, other=0.0)
+    scale = tl.max(tl.where(inside, tl.abs(x), 0.0), axis=0)
+    # an all-zero bucket: the CPU codec writes numpy's max(max x, −min x), i.e. −min x (−0.0 for +0s)
+    scale = tl.where(scale == 0.0, -tl.min(tl.where(inside, x, float("inf")), axis=0), scale)
+    tl.store(scales_ptr + b, scale)
+    S: tl.constexpr = (1 << BITS) - 1
+    a = tl.math.div_rn(tl.full((BUCKET,), S / 2, tl.float32), tl.zeros((BUCKET,), tl.float32) + scale)
+    k = tl.where(inside, _qsgd_index(x, i, scale, a, key, S), 0)
+    PER: tl.constexpr = 8 // BITS  # fields per byte, the first in the low bits
+    fields = tl.reshape(k, (BUCKET // PER, PER))
+    byte = tl.sum(fields << (tl.arange(0, PER) * BITS)[None, :], axis=1)
+    j = b * (BUCKET // PER) + tl.arange(0, BUCKET // PER)
+    tl.store(packed_ptr + j, byte.to(tl.uint8), mask=j < (n * BITS + 7) // 8)
+
+
+def _tiles(bits: int, bucket: int) -> bool:
+    """Whether :func:`_qsgd_tile_kernel` takes this layout: fields that never span bytes, a power-of-two
+    bucket of 64..4096 coordinates (one register tile per program)."""
+    return bits in (1, 2, 4, 8) and 64 <= bucket <= 4096 and bucket & (bucket - 1) == 0
+
+
 def encode_qsgd(x: torch.Tensor, bits: int, bucket: int, key: int) -> torch.Tensor:
     """The qsgd payload body (bits, bucket, float32 scale per bucket, packed indices) as uint8 on ``x``'s device.
 
@@ -199,7 +231,10 @@ def encode_qsgd(x: torch.Tensor, bits: int, bucket: int, key: int) -> torch.Tens
     nb = -(-n // bucket)
     scales = torch.empty(nb, dtype=torch.float32, device=flat.device)
     packed = torch.empty((n * bits + 7) // 8, dtype=torch.uint8, device=flat.device)
-    if n:
+    if n and _tiles(bits, bucket):
+        _qsgd_tile_kernel[(nb,)](flat, scales, packed, n, _as_u64(key), BITS=bits, BUCKET=bucket,
+                                 enable_fp_fusion=False)
+    elif n:  # any other layout: the bucket in chunks, each output byte's bits gathered
         _qsgd_kernel[(nb,)](flat, scales, packed, n, bucket, _as_u64(key),
                             BITS=bits, CHUNK=_CHUNK, OUT_CHUNK=_OUT_CHUNK, enable_fp_fusion=False)
     params = torch.tensor(list(struct.pack("<BI", bits, bucket)), dtype=torch.uint8, device=flat.device)
@@ -214,23 +249,23 @@ def _absmax_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _ternary_kernel(x_ptr, packed_ptr, n, scale, key, OUT_CHUNK: tl.constexpr):
-    j = tl.program_id(0) * OUT_CHUNK + tl.arange(0, OUT_CHUNK)
-    inv = tl.math.div_rn(tl.full((OUT_CHUNK,), 1.0, tl.float32), tl.zeros((OUT_CHUNK,), tl.float32) + scale)
-    finite = inv < float("inf")  # 1/s overflows for a subnormal s: the CPU codec then divides by s
-    byte = tl.zeros((OUT_CHUNK,), tl.int32)
-    for t in tl.static_range(4):
-        i = j * 4 + t
-        valid = i < n
-        x = tl.load(x_ptr + i, mask=valid, other=0.0)
-        # two roundings, as numpy (the kernel is compiled with enable_fp_fusion=False: no FMA)
-        p = tl.where(finite, tl.abs(x) * inv, tl.math.div_rn(tl.abs(x), tl.zeros((OUT_CHUNK,), tl.float32) + scale)) + 1.0
-        lane = (i // 2).to(tl.uint64)
-        half = (_splitmix(key, lane) >> ((i % 2).to(tl.uint64) * 32)).to(tl.uint32)  # truncates to the low 32 bits
-        r = ((half >> 9) | 0x3F800000).to(tl.float32, bitcast=True)
-        keep = (r < p).to(tl.int32)
-        code = (1 + keep) ^ ((keep & (x < 0.0).to(tl.int32)) << 1)
-        byte = byte | tl.where(valid, code << (2 * t), 0)
+def _ternary_kernel(x_ptr, packed_ptr, n, scale, key, BLOCK: tl.constexpr):
+    """BLOCK consecutive coordinates per program, read once; four 2-bit codes a byte, the first in the low bits."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = i < n
+    x = tl.load(x_ptr + i, mask=valid, other=0.0)
+    s = tl.zeros((BLOCK,), tl.float32) + scale
+    inv = tl.math.div_rn(tl.full((BLOCK,), 1.0, tl.float32), s)
+    # |x|/s as |x|·(1/s), or |x|/s where 1/s overflows (a subnormal s), then + 1: two roundings, as numpy
+    # (the kernel is compiled with enable_fp_fusion=False: no FMA)
+    p = tl.where(inv < float("inf"), tl.abs(x) * inv, tl.math.div_rn(tl.abs(x), s)) + 1.0
+    lane = (i // 2).to(tl.uint64)
+    half = (_splitmix(key, lane) >> ((i % 2).to(tl.uint64) * 32)).to(tl.uint32)  # truncates to the low 32 bits
+    r = ((half >> 9) | 0x3F800000).to(tl.float32, bitcast=True)
+    keep = (r < p).to(tl.int32)
+    code = tl.where(valid, (1 + keep) ^ ((keep & (x < 0.0).to(tl.int32)) << 1), 0)
+    byte = tl.sum(tl.reshape(code, (BLOCK // 4, 4)) << (tl.arange(0, 4) * 2)[None, :], axis=1)
+    j = tl.program_id(0) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
     tl.store(packed_ptr + j, byte.to(tl.uint8), mask=j < (n + 3) // 4)
 
 
@@ -255,8 +290,7 @@ def encode_ternary(x: torch.Tensor, key: int) -> torch.Tensor:
         scale = -flat.min()
     value = float(scale)  # the one host sync: the kernel takes the scale as an argument
     if 0 < value < float("inf"):
-        _ternary_kernel[(triton.cdiv(packed.numel(), _OUT_CHUNK),)](flat, packed, n, value, _as_u64(key),
-                                                                      OUT_CHUNK=_OUT_CHUNK, enable_fp_fusion=False)
+        _ternary_kernel[(grid,)](flat, packed, n, value, _as_u64(key), BLOCK=_SIGN_BLOCK, enable_fp_fusion=False)
     return torch.cat([scale.reshape(1).view(torch.uint8), packed])
 
 

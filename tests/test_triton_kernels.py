@@ -49,13 +49,25 @@ def test_sign_bits_are_byte_identical_and_the_scale_close(n):
 
 
 @pytest.mark.parametrize("bits, bucket, n", [(4, 512, 1300), (1, 64, 700), (2, 4, 61), (3, 8, 120), (8, 7, 100),
-                                             (5, 16, 64)])
+                                             (5, 16, 64), (2, 256, 1000), (8, 1024, 3000), (1, 4096, 9000),
+                                             (4, 128, 128)])
 def test_qsgd_payload_is_the_cpu_codecs_byte_for_byte(bits, bucket, n):
+    # power-of-two buckets of 64..4096 and bits in {1, 2, 4, 8} take the one-read tile kernel, the rest the chunked one
     x = _x(n, seed=bits)
     x[40:40 + bucket] = 0.0  # an all-zero bucket (scale 0)
     seed = 11 + bits
     body = tt.encode_qsgd(torch.from_numpy(x).to(DEVICE), bits, bucket, tt.first_key(seed))
     assert _payload("qsgd", x, body) == QsgdCodec(bits, bucket, seed=seed).encode(x)
+
+
+@pytest.mark.parametrize("bits, bucket", [(4, 256), (3, 8)])  # the tile kernel and the chunked one
+def test_qsgd_zero_buckets_and_a_ragged_tail_are_the_cpu_codecs(bits, bucket):
+    x = np.zeros(3 * bucket + 5, np.float32)
+    x[bucket : 2 * bucket] = _x(bucket, seed=1)
+    x[2 * bucket : 3 * bucket] = -0.0  # scale −min x = +0.0 as numpy's max(max x, −min x)
+    x[-5:] = [1e-3, -2e-3, 0.0, 5e-4, -0.0]
+    body = tt.encode_qsgd(torch.from_numpy(x).to(DEVICE), bits, bucket, tt.first_key(3))
+    assert _payload("qsgd", x, body) == QsgdCodec(bits, bucket, seed=3).encode(x)
 
 
 def test_qsgd_refuses_buckets_that_do_not_own_whole_bytes():
