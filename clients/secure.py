@@ -68,7 +68,6 @@ from flwr.common.constant import ErrorCode
 
 from qfl.config import RunConfig, SecureMasking, SelfMask, resolve_config
 from qfl.records import as_int, as_iterable
-from qfl.security.graph import colluding_peers, sparse_degree
 from qfl.security.keys.source import KeySource
 from qfl.security.keys.sources import KeySourceConfig, open_key_source
 from qfl.security.secagg import (
@@ -81,7 +80,9 @@ from qfl.security.secagg import (
     answer_unmask,
     check_unmask_request,
     client_sae,
+    colluders_for,
     fetch_pair_keys,
+    least_degree,
     masked_upload,
     pad_and_seal,
     seal,
@@ -151,12 +152,13 @@ class NodePins:
       and single-masking plans.
     - ``corrupt`` = γ (``secure-corrupt``): the share of clients this node
       assumes collude with the server. For a round of n participants the plan
-      must use the full graph or a degree k ≥ ``sparse_degree(n, δ, γ)`` (the
+      must use the full graph or a degree k ≥ ``least_degree(n, δ, γ)`` (the
       least even degree whose failure bound is ≤ 2⁻⁴⁰, δ = ``secure-dropout``,
-      default 0.1), and thresholds sized for at least the colluding peers γ
-      implies there (⌊γ·n⌋ in the full graph, the 2⁻⁴⁰/n quantile of a
+      default 0.1), and thresholds sized for at least ``colluders_for(γ, n, k)``
+      colluding peers (⌊γ·n⌋ in the full graph, the 2⁻⁴⁰/n quantile of a
       neighbourhood's in a sparse one), so t = ⌊(d + c)/2⌋ + 1 cannot be
-      lowered by sending c = 0 or a thin graph.
+      lowered by sending c = 0 or a thin graph. These are the functions an
+      honest server sizes its plan with (qfl.security.secagg).
     """
 
     masking: str | None = None
@@ -208,13 +210,12 @@ class NodePins:
         if self.corrupt is None:
             return
         n = len(plan.participants)
-        least = sparse_degree(n, self.dropout, self.corrupt)
-        least += least % 2
-        if plan.degree and (least >= n - 1 or plan.degree < least):
-            need = "the full graph" if least >= n - 1 else f"degree >= {least}"
+        least = least_degree(n, self.dropout, self.corrupt)
+        if plan.degree and (least == 0 or plan.degree < least):
+            need = "the full graph" if least == 0 else f"degree >= {least}"
             raise refuse(f"it pins {PIN_CORRUPT}={self.corrupt}, which needs {need} for {n} clients; "
                          f"the server asked for degree {plan.degree}")
-        colluders = int(self.corrupt * n) if plan.degree == 0 else colluding_peers(plan.degree, n, self.corrupt)
+        colluders = colluders_for(self.corrupt, n, plan.degree)
         if plan.colluders < colluders:
             raise refuse(f"it pins {PIN_CORRUPT}={self.corrupt}, which means {colluders} colluding peers for "
                          f"this graph; the server's thresholds resist {plan.colluders}")

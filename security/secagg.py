@@ -472,18 +472,34 @@ def make_plan(
 
 
 def round_colluders(cfg, participants: int, degree: int) -> int:
-    """Colluding peers the round's thresholds resist: ``⌊γ·n⌋`` in the full graph (any colluder may be a
-    peer), the ``2^−σ/n`` quantile of a neighbourhood's colluders in a sparse one (γ = ``secure_corrupt``)."""
+    """Colluding peers the round's thresholds resist, for γ = ``secure_corrupt`` (:func:`colluders_for`)."""
+    return colluders_for(cfg.secure_corrupt, participants, degree)
+
+
+def colluders_for(corrupt: float, participants: int, degree: int) -> int:
+    """Colluding peers a threshold must resist when a share γ = ``corrupt`` of clients collude: ``⌊γ·n⌋`` in
+    the full graph (``degree`` 0: any colluder may be a peer), the ``2^−σ/n`` quantile of a neighbourhood's
+    colluders in a sparse one."""
     if degree == 0:
-        return int(cfg.secure_corrupt * participants)
-    return colluding_peers(degree, participants, cfg.secure_corrupt)
+        return int(corrupt * participants)
+    return colluding_peers(degree, participants, corrupt)
 
 
 def round_degree(cfg, participants: int) -> int:
-    """The masking graph's degree for a round of ``participants``: 0 (full) or an even ``k < n − 1``."""
+    """The masking graph's degree for a round of ``participants``: 0 (full) or an even ``k < n − 1``
+    (``secure_degree``, or :func:`least_degree` for ``secure_dropout`` and ``secure_corrupt``)."""
     if cfg.secure_graph == "full":
         return 0
-    k = cfg.secure_degree or sparse_degree(participants, cfg.secure_dropout, cfg.secure_corrupt)
+    if not cfg.secure_degree:
+        return least_degree(participants, cfg.secure_dropout, cfg.secure_corrupt)
+    k = cfg.secure_degree + cfg.secure_degree % 2
+    return 0 if k >= participants - 1 else k
+
+
+def least_degree(participants: int, dropout: float, corrupt: float) -> int:
+    """The least even degree ``k < n − 1`` whose failure bound at (δ, γ) is ``≤ 2^−σ``; 0 (the full graph)
+    if none is (:func:`~qfl.security.graph.sparse_degree`)."""
+    k = sparse_degree(participants, dropout, corrupt)
     k += k % 2
     return 0 if k >= participants - 1 else k
 
