@@ -33,6 +33,10 @@ def test_every_fused_kernel_compiles_for_sm90_without_fused_multiply_adds():
     assert [r["kernel"] for r in results if r["fma"]] == []
     # the qsgd key specialises as i32, i64 and u64 (the SplitMix64 key); each compiles
     assert {r["types"]["key"] for r in results if r["kernel"] == "_qsgd_kernel"} == {"i32", "i64", "u64"}
+    # at a size divisible by 16 (the JIT marks n aligned) the encoders read x with vector loads only
+    for name in ("_sign_kernel", "_qsgd_tile_kernel", "_ternary_kernel", "_absmax_kernel"):
+        aligned = [r for r in results if r["kernel"] == name and "n" in r["aligned"] and "x_ptr" in r["aligned"]]
+        assert aligned and all(r["global_loads"] == r["vector_loads"] > 0 for r in aligned), name
     # not vacuous: with fusion left on, the qsgd decoder's k·Δ − m becomes an FMA
     decoder = next(r for r in results if r["kernel"] == "_qsgd_decode_kernel")
     launch = {k: decoder[k] for k in ("kernel", "types", "constexprs")} | {"options": {}}
