@@ -42,7 +42,9 @@ pass (one program per block of coordinates, the block's bytes read once):
   as :meth:`~.quantizers.SignCodec.decode`.
 - :func:`decode_qsgd`: ``k·Δ − m`` with Δ = m·float32(2/s) per bucket (and
   ``(k·float32(2/s) − 1)·m`` clipped to [−m, m] where m > float32 max/4 or m
-  is subnormal), as :meth:`~.quantizers.QsgdCodec.dequantize`.
+  is subnormal), as :meth:`~.quantizers.QsgdCodec.dequantize`; one bucket
+  per program for the layouts the encoder tiles (its bytes and scale read
+  once), else a block of coordinates, each field and scale gathered.
 - :func:`decode_ternary`: ``(code − 1)·m``; the invalid code 3 (the CPU
   codec refuses it) decodes to NaN, which the server's non-finite check rejects.
 
@@ -332,19 +334,36 @@ def _unpack(packed_ptr, i, inside, BITS: tl.constexpr):
 
 
 @triton.jit
+def _qsgd_value(k, m, ratio):
+    """k·Δ − m, Δ = m·ratio (no FMA: the kernels are compiled with enable_fp_fusion=False); as
+    QsgdCodec.dequantize, m subnormal or above float32 max/4 takes clip((k·ratio − 1)·m, −m, m)."""
+    plain = k * (m * ratio) - m
+    awkward = (m == m) & (m < float("inf")) & ((m > 8.5070586659632215e37) | (m < 1.1754943508222875e-38))
+    v = (k * ratio - 1.0) * m
+    return tl.where(awkward, tl.where(v > m, m, tl.where(v < -m, -m, v)), plain)
+
+
+@triton.jit
 def _qsgd_decode_kernel(packed_ptr, scales_ptr, out_ptr, n, bucket, ratio,
                         BITS: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = i < n
     k = _unpack(packed_ptr, i, inside, BITS).to(tl.float32)
     m = tl.load(scales_ptr + i // bucket, mask=inside, other=1.0)
-    step = m * ratio
-    plain = k * step - m  # no FMA: the kernel is compiled with enable_fp_fusion=False
-    # as QsgdCodec.dequantize: m subnormal or above float32 max/4 takes clip((k·2/s − 1)·m, −m, m)
-    awkward = (m == m) & (m < float("inf")) & ((m > 8.5070586659632215e37) | (m < 1.1754943508222875e-38))
-    v = (k * ratio - 1.0) * m
-    odd = tl.where(v > m, m, tl.where(v < -m, -m, v))
-    tl.store(out_ptr + i, tl.where(awkward, odd, plain), mask=inside)
+    tl.store(out_ptr + i, _qsgd_value(k, m, ratio), mask=inside)
+
+
+@triton.jit
+def _qsgd_tile_decode_kernel(packed_ptr, scales_ptr, out_ptr, n, ratio, BITS: tl.constexpr, BUCKET: tl.constexpr):
+    """One bucket per program (the layouts of :func:`_tiles`): its bytes and scale read once, its floats written."""
+    b = tl.program_id(0)
+    PER: tl.constexpr = 8 // BITS
+    j = b * (BUCKET // PER) + tl.arange(0, BUCKET // PER)
+    byte = tl.load(packed_ptr + j, mask=j < (n * BITS + 7) // 8, other=0).to(tl.int32)
+    k = tl.reshape((byte[:, None] >> (tl.arange(0, PER) * BITS)[None, :]) & ((1 << BITS) - 1), (BUCKET,))
+    m = tl.zeros((BUCKET,), tl.float32) + tl.load(scales_ptr + b)
+    i = b * BUCKET + tl.arange(0, BUCKET)
+    tl.store(out_ptr + i, _qsgd_value(k.to(tl.float32), m, ratio), mask=i < n)
 
 
 def decode_qsgd(body: torch.Tensor, count: int) -> torch.Tensor:
@@ -358,8 +377,11 @@ def decode_qsgd(body: torch.Tensor, count: int) -> torch.Tensor:
     _expect_length("qsgd", body, 5 + 4 * nb + (count * bits + 7) // 8)
     scales = body[5 : 5 + 4 * nb].clone().view(torch.float32)  # unaligned in the body: copied (n/bucket floats)
     out = torch.empty(count, dtype=torch.float32, device=body.device)
-    if count:
-        ratio = float(np.float32(2 / ((1 << bits) - 1)))
+    ratio = float(np.float32(2 / ((1 << bits) - 1)))
+    if count and _tiles(bits, bucket):
+        _qsgd_tile_decode_kernel[(nb,)](body[5 + 4 * nb :], scales, out, count, ratio, BITS=bits, BUCKET=bucket,
+                                        enable_fp_fusion=False)
+    elif count:
         _qsgd_decode_kernel[(triton.cdiv(count, _SIGN_BLOCK),)](
             body[5 + 4 * nb :], scales, out, count, bucket, ratio, BITS=bits, BLOCK=_SIGN_BLOCK,
             enable_fp_fusion=False,

@@ -127,7 +127,8 @@ def test_fused_sign_decoder_is_the_cpu_codecs_bit_for_bit(n):
 
 
 @pytest.mark.parametrize("bits, bucket, n", [(4, 512, 1300), (1, 64, 700), (2, 4, 61), (3, 8, 120), (8, 7, 100),
-                                             (5, 16, 64), (7, 3, 50), (6, 1000, 2051)])
+                                             (5, 16, 64), (7, 3, 50), (6, 1000, 2051), (2, 256, 1000),
+                                             (8, 1024, 3000), (1, 4096, 9000)])
 def test_fused_qsgd_decoder_is_the_cpu_codecs_bit_for_bit(bits, bucket, n):
     x = _x(n, seed=bits)
     x[40:40 + bucket] = 0.0  # an all-zero bucket (scale 0)
@@ -139,12 +140,14 @@ def test_fused_qsgd_decoder_is_the_cpu_codecs_bit_for_bit(bits, bucket, n):
     assert _same_floats(tt.decode_qsgd(body, n).cpu().numpy(), codec.decode(payload))
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
-def test_fused_qsgd_decoder_handles_huge_scales_as_the_cpu_codec(bits):
-    x = np.array([3e38, -3e38, 1e38, np.finfo(np.float32).max, 2e38, -1e38, 0.0, 9e37] * 4, np.float32)
-    codec = QsgdCodec(bits, 4, seed=bits)
+@pytest.mark.parametrize("bits, bucket", [(1, 4), (2, 4), (4, 4), (8, 4), (4, 64), (1, 64)])
+def test_fused_qsgd_decoder_handles_huge_scales_as_the_cpu_codec(bits, bucket):
+    x = np.array([3e38, -3e38, 1e38, np.finfo(np.float32).max, 2e38, -1e38, 0.0, 9e37] * 32, np.float32)
+    x[64:128] *= 1e-30  # ordinary buckets beside the huge ones, and subnormal ones
+    x[128:192] = np.linspace(-1e-39, 2e-39, 64, dtype=np.float32)
+    codec = QsgdCodec(bits, bucket, seed=bits)
     payload = codec.encode(x)
-    size = 5 + 4 * 8 + (x.size * bits + 7) // 8
+    size = 5 + 4 * -(-x.size // bucket) + (x.size * bits + 7) // 8
     body = torch.frombuffer(bytearray(payload[len(payload) - size :]), dtype=torch.uint8).to(DEVICE)
     decoded = tt.decode_qsgd(body, x.size).cpu().numpy()
     assert np.all(np.isfinite(decoded)) and _same_floats(decoded, codec.decode(payload))
