@@ -39,7 +39,7 @@ def record_launches() -> list[dict[str, Any]]:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("record_launches runs under TRITON_INTERPRET=1 (see main)")
     import torch
-    from triton._C.libtriton import native_specialize_impl
+    from triton._C.libtriton import native_specialize_impl  # the JIT's own rule (a private API of triton 3.x)
     from triton.backends.compiler import BaseBackend
     from triton.runtime.interpreter import InterpretedFunction
 
