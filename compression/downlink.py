@@ -62,9 +62,11 @@ def make_downlink_codec(name: str, params: Mapping[str, Any], mode: str, seed: i
 
     ``mode = "model"``: ``make_codec(name, params)``, which must be stateless.
     ``mode = "delta"``: the codec without error feedback (the replica is the
-    downlink's residual), so sparsifiers and sign work here. Raises ValueError
-    naming the fix on an unknown mode, a stateful codec in model mode, or
-    ``feedback`` / DGC options in delta mode.
+    downlink's residual), so sparsifiers and sign work here; it must be
+    contractive (``traits.contractive``), as any codec under error feedback.
+    Raises ValueError naming the fix on an unknown mode, a stateful codec in
+    model mode, ``feedback`` / DGC options in delta mode, or a non-contractive
+    codec (qsgd, ternary, randk) in delta mode.
     """
     if mode not in DOWNLINK_MODES:
         raise ValueError(f"downlink_mode must be one of {', '.join(DOWNLINK_MODES)}, got {mode!r}")
@@ -84,7 +86,15 @@ def make_downlink_codec(name: str, params: Mapping[str, Any], mode: str, seed: i
             "remove downlink_codec.feedback"
         )
     params["feedback"] = False  # DGC options are then refused by make_codec, naming the key
-    return make_codec(name, params, seed)
+    codec = make_codec(name, params, seed)
+    if not codec.traits.contractive:
+        raise ValueError(
+            f"downlink_mode=delta is error feedback (the replica carries what the codec held back), which needs a "
+            f"contractive codec, ||C(x) − x|| < ||x||; {name!r} is unbiased but not contractive (its noise can exceed "
+            "the change itself, and the residual then grows: STC-3% up with a ternary+zstd delta down diverged to "
+            "chance on 3 of 3 seeds); use stc, topk, sign, fp16 or bf16 for downlink_codec"
+        )
+    return codec
 
 
 def weights_digest(weights: Mapping[str, np.ndarray]) -> str:

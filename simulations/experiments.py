@@ -81,7 +81,6 @@ COMPRESSION_ARMS: list[Arm] = [
     Arm("stc-1%+down-stc-1%", "stc", {"ratio": 0.01}, _delta_down("stc", ratio=0.01)),
     Arm("stc-3%+dgc+down-stc-3%", "stc", {"ratio": 0.03, **DGC}, _delta_down("stc", ratio=0.03)),
     Arm("topk-3%+dgc+down-stc-3%", "topk", {"ratio": 0.03, **DGC}, _delta_down("stc", ratio=0.03)),
-    Arm("stc-3%+down-ternary+zstd", "stc", {"ratio": 0.03}, _delta_down("ternary", entropy="zstd")),
     Arm("stc-5%+down-stc-5%", "stc", {"ratio": 0.05}, _delta_down("stc", ratio=0.05)),
     # toward the uplink-alone stretch (≥ 300×): a sparser uplink under the shipped STC-3% downlink
     Arm("stc-1%+down-stc-3%", "stc", {"ratio": 0.01}, _delta_down("stc", ratio=0.03)),
