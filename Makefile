@@ -78,10 +78,11 @@ experiment-compression: $(STAMP)
 	$(BIN)/qfl experiment compression --seeds 3 --out runs/experiment-compression
 
 # The two-way arms against fp32 (3 seeds): the README's 100× figure and its frontier plot.
-# ~11 min: fp32 against the shipped two-way setting, 5 seeds × 60 rounds (compression-100x.toml)
+# ~17 min: fp32 against the shipped two-way setting (compression-100x.toml) and the same without
+# DGC's options, 5 seeds × 60 rounds
 experiment-compression-100x: $(STAMP)
 	$(BIN)/qfl experiment compression --seeds 5 --rounds 60 --out runs/experiment-compression-100x \
-		--arm fp32 --arm 'stc-3%+down-stc-3%'
+		--arm fp32 --arm 'stc-3%+down-stc-3%' --arm 'stc-3%+dgc+down-stc-3%'
 
 experiment-key-budget: $(STAMP)
 	$(BIN)/qfl experiment key-budget --out runs/experiment-key-budget

@@ -38,7 +38,7 @@ def test_the_shipped_100x_config_is_the_experiment_arm_at_60_rounds():
     from qfl.simulations.experiments import CLIENTS
 
     shipped = resolve_config(load_config_file("simulations/configs/compression-100x.toml"))
-    (arm,) = [a for a in COMPRESSION_ARMS if a.label == "stc-3%+down-stc-3%"]
+    (arm,) = [a for a in COMPRESSION_ARMS if a.label == "stc-3%+dgc+down-stc-3%"]
     values = {"clients": CLIENTS, "alpha": 0.5, "rounds": 60, "codec": arm.codec, "seed": 0, "security": "none",
               **{f"codec.{k}": v for k, v in arm.params.items()}, **arm.downlink}
     assert resolve_config(values) == shipped
