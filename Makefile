@@ -77,7 +77,7 @@ bench-quantum: $(STAMP)
 experiment-compression: $(STAMP)
 	$(BIN)/qfl experiment compression --seeds 3 --out runs/experiment-compression
 
-# The two-way arms against fp32 (3 seeds): the README's 100× figure and its frontier plot.
+# The two-way arms against fp32: the README's 100× figure and its plot (the 60-round frontier of every codec: README).
 # ~17 min: fp32 against the shipped two-way setting (compression-100x.toml) and the same without
 # DGC's options, 5 seeds × 60 rounds
 experiment-compression-100x: $(STAMP)
