@@ -164,7 +164,7 @@ class NodePins:
     masking: str | None = None
     self_mask: str | None = None
     corrupt: float | None = None
-    dropout: float = 0.1
+    dropout: float = RunConfig.secure_dropout  # the run config's default δ
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object]) -> NodePins:
@@ -193,7 +193,7 @@ class NodePins:
 
         dropout = share(PIN_DROPOUT)
         return cls(masking=text(PIN_MASKING, tuple(SecureMasking)), self_mask=text(PIN_SELF_MASK, tuple(SelfMask)),
-                   corrupt=share(PIN_CORRUPT), dropout=0.1 if dropout is None else dropout)
+                   corrupt=share(PIN_CORRUPT), dropout=cls.dropout if dropout is None else dropout)
 
     def check(self, plan: RoundPlan) -> None:
         """SecAggError (SETUP) naming what ``plan`` lacks against these pins; nothing if it meets them."""

@@ -87,12 +87,16 @@ import triton
 import triton.language as tl
 
 from .golomb import MAX_RICE_PARAMETER, cheapest_rice_parameter, rice_parameter_candidates
+from .quantizers import QSGD_HUGE_SCALE
 from .sparsify import support_size
 from .torch_kernels import encode_fp16, pack_bits, unpack_bits
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _MAGIC = 1.5 * 2.0**23  # as quantizers._MAGIC: float32 sums in [2**23, 2**24) are integers
 _SIGN_BLOCK = 1024  # coordinates per program of the sign kernel (128 output bytes)
+# QsgdCodec.dequantize's bounds of an ordinary bucket scale, as kernel constants
+_QSGD_HUGE = tl.constexpr(float(QSGD_HUGE_SCALE))
+_F32_TINY = tl.constexpr(float(np.finfo(np.float32).tiny))
 _CHUNK = 1024  # coordinates per step of the qsgd bucket-max loop
 _OUT_CHUNK = 256  # output bytes per step of the packing loops
 
@@ -338,7 +342,7 @@ def _qsgd_value(k, m, ratio):
     """k·Δ − m, Δ = m·ratio (no FMA: the kernels are compiled with enable_fp_fusion=False); as
     QsgdCodec.dequantize, m subnormal or above float32 max/4 takes clip((k·ratio − 1)·m, −m, m)."""
     plain = k * (m * ratio) - m
-    awkward = (m == m) & (m < float("inf")) & ((m > 8.5070586659632215e37) | (m < 1.1754943508222875e-38))
+    awkward = (m == m) & (m < float("inf")) & ((m > _QSGD_HUGE) | (m < _F32_TINY))
     v = (k * ratio - 1.0) * m
     return tl.where(awkward, tl.where(v > m, m, tl.where(v < -m, -m, v)), plain)
 
